@@ -1,0 +1,211 @@
+"""The one catalogue of metrics: name, type, unit, help, labels, buckets.
+
+The aggregator takes histogram buckets from here, the exporter builds every
+family from here, and ``docs/metrics.md`` is generated from here
+(``python -m schemas.catalogue > docs/metrics.md``). A metric name is written
+once, in this file; code refers to the module constants.
+
+Names and semantics follow the PRD (``metrics-prd.md``). Where the PRD's
+choice is weak we keep its metric and add a better one next to it, flagged
+``extension`` with the reason in ``note``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+import msgspec
+
+MetricType = Literal["counter", "gauge", "histogram", "stateset"]
+
+DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+STORAGE_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+OFFSET_RESET_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Metric(msgspec.Struct, frozen=True):
+    name: str
+    type: MetricType
+    unit: str
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+    section: str = ""
+    extension: bool = False
+    note: str = ""
+
+    @property
+    def family_name(self) -> str:
+        """Name handed to prometheus_client, which appends ``_total`` to counters itself."""
+        if self.type == "counter":
+            return self.name.removesuffix("_total")
+        return self.name
+
+    @property
+    def om_unit(self) -> str:
+        """OpenMetrics UNIT, only where the name ends with it (the strict parser demands so)."""
+        return self.unit if self.family_name.endswith("_" + self.unit) else ""
+
+
+CATALOGUE: list[Metric] = []
+
+
+def _m(*args, **kwargs) -> Metric:
+    metric = Metric(*args, **kwargs)
+    CATALOGUE.append(metric)
+    return metric
+
+
+# 1. Consumer lag
+S1 = "1. Consumer lag"
+LAG_RECORDS = _m(
+    "kafka_backup_lag_records", "gauge", "records",
+    "Records behind the high watermark: high watermark minus the durably committed offset",
+    ("topic", "partition", "backup_id"), section=S1)
+LAG_BYTES = _m(
+    "kafka_backup_lag_bytes", "gauge", "bytes",
+    "Approximate bytes behind: lag in records times the partition's average record size over the last hour",
+    ("topic", "partition", "backup_id"), section=S1)
+LAG_SECONDS = _m(
+    "kafka_backup_lag_seconds", "gauge", "seconds",
+    "Timestamp of the newest fetched record minus timestamp of the newest backed-up record (0 when caught up)",
+    ("topic", "partition", "backup_id"), section=S1)
+LAG_RECORDS_MAX = _m(
+    "kafka_backup_lag_records_max", "gauge", "records",
+    "Maximum lag in records across the backup's partitions", ("backup_id",), section=S1)
+
+# 2. Throughput
+S2 = "2. Throughput"
+THROUGHPUT_RECORDS = _m(
+    "kafka_backup_throughput_records_per_sec", "gauge", "records/s",
+    "Records consumed per second over the rolling window", ("backup_id", "topic"), section=S2,
+    note="A rate kept in a gauge; prefer rate(kafka_backup_consumed_records_total[1m]).")
+THROUGHPUT_BYTES = _m(
+    "kafka_backup_throughput_bytes_per_sec", "gauge", "bytes/s",
+    "Key plus value bytes consumed per second over the rolling window", ("backup_id", "topic"), section=S2,
+    note="A rate kept in a gauge; prefer rate(kafka_backup_consumed_bytes_total[1m]).")
+FETCH_RATE = _m(
+    "kafka_backup_fetch_rate", "gauge", "fetches/s",
+    "Consumer poll calls per second over the rolling window", ("backup_id",), section=S2,
+    note="A rate kept in a gauge; prefer rate(kafka_backup_fetches_total[1m]).")
+RECORDS_TOTAL = _m(
+    "kafka_backup_records_total", "counter", "records",
+    "Records durably backed up (segment and checkpoint written), counted once per offset range",
+    ("backup_id",), section=S2)
+BYTES_TOTAL = _m(
+    "kafka_backup_bytes_total", "counter", "bytes",
+    "Key plus value bytes of the records durably backed up", ("backup_id",), section=S2)
+CONSUMED_RECORDS_TOTAL = _m(
+    "kafka_backup_consumed_records_total", "counter", "records",
+    "Records fetched from the source, including re-fetches after a restart", ("backup_id", "topic"),
+    section=S2, extension=True,
+    note="Counter behind the throughput gauge: Prometheus computes any rate window from it exactly.")
+CONSUMED_BYTES_TOTAL = _m(
+    "kafka_backup_consumed_bytes_total", "counter", "bytes",
+    "Key plus value bytes fetched from the source", ("backup_id", "topic"), section=S2, extension=True,
+    note="Counter behind the bytes throughput gauge.")
+FETCHES_TOTAL = _m(
+    "kafka_backup_fetches_total", "counter", "fetches",
+    "Consumer poll calls", ("backup_id",), section=S2, extension=True,
+    note="Counter behind kafka_backup_fetch_rate.")
+
+# 3. Operation durations
+S3 = "3. Operation durations"
+BACKUP_DURATION = _m(
+    "kafka_backup_duration_seconds", "histogram", "seconds",
+    "Backup run duration, observed once per run when it ends", ("backup_id", "status"),
+    DURATION_BUCKETS, section=S3)
+
+# 4. Storage I/O
+S4 = "4. Storage I/O"
+STORAGE_WRITE_LATENCY = _m(
+    "kafka_backup_storage_write_latency_seconds", "histogram", "seconds",
+    "Storage write latency from request to response", ("backend", "operation"),
+    STORAGE_LATENCY_BUCKETS, section=S4)
+STORAGE_READ_LATENCY = _m(
+    "kafka_backup_storage_read_latency_seconds", "histogram", "seconds",
+    "Storage read latency from request to response", ("backend", "operation"),
+    STORAGE_LATENCY_BUCKETS, section=S4)
+STORAGE_WRITE_BYTES = _m(
+    "kafka_backup_storage_write_bytes_total", "counter", "bytes",
+    "Bytes written to storage (segments, checkpoints, manifests)", ("backend", "backup_id"), section=S4)
+STORAGE_READ_BYTES = _m(
+    "kafka_backup_storage_read_bytes_total", "counter", "bytes",
+    "Bytes read from storage", ("backend", "backup_id"), section=S4)
+STORAGE_ERRORS = _m(
+    "kafka_backup_storage_errors_total", "counter", "errors",
+    "Storage operation failures by type (timeout, auth, not_found, quota, unknown)",
+    ("backend", "error_type"), section=S4)
+
+# 5. Compression
+S5 = "5. Compression"
+COMPRESSION_RATIO = _m(
+    "kafka_backup_compression_ratio", "gauge", "ratio",
+    "Uncompressed over compressed segment bytes, cumulative (4.5 means 4.5x smaller)",
+    ("algorithm", "backup_id"), section=S5,
+    note="Derived; for a ratio over a window use rate() of the two byte counters.")
+COMPRESSED_BYTES = _m(
+    "kafka_backup_compressed_bytes_total", "counter", "bytes",
+    "Segment bytes after compression: the stored objects' sizes", ("algorithm", "backup_id"), section=S5)
+UNCOMPRESSED_BYTES = _m(
+    "kafka_backup_uncompressed_bytes_total", "counter", "bytes",
+    "Encoded segment bytes before compression", ("algorithm", "backup_id"), section=S5)
+
+# 6. Errors and health
+S6 = "6. Errors and health"
+ERRORS_TOTAL = _m(
+    "kafka_backup_errors_total", "counter", "errors",
+    "Errors by category (broker_connection, consumer_timeout, deserialization, storage_io, codec, offset_invalid)",
+    ("backup_id", "error_type"), section=S6)
+RETRIES_TOTAL = _m(
+    "kafka_backup_retries_total", "counter", "retries",
+    "Retried operations (fetch, commit, write)", ("backup_id", "operation"), section=S6)
+LAST_SUCCESSFUL_COMMIT = _m(
+    "kafka_backup_last_successful_commit", "gauge", "timestamp",
+    "Unix time of the last successful offset commit", ("backup_id", "topic", "partition"), section=S6,
+    note="Alert on time() - kafka_backup_last_successful_commit to catch stalled backups.")
+REBALANCES_TOTAL = _m(
+    "kafka_backup_consumer_rebalance_total", "counter", "rebalances",
+    "Consumer group rebalances (partition assignments) seen by the backup's workers", ("backup_id",),
+    section=S6, note="PRD name kept; this counter's samples end in _total as OpenMetrics requires.")
+TELEMETRY_DROPPED = _m(
+    "kafka_backup_telemetry_dropped_events_total", "counter", "events",
+    "Telemetry events a worker could not deliver (buffer full or delivery timed out)",
+    ("kind", "job_id"), section=S6, extension=True,
+    note="Makes telemetry loss visible: a non-zero value means other counters of this job may be low.")
+
+
+def render_markdown() -> str:
+    """docs/metrics.md, generated: never edit the file by hand."""
+    out = [
+        "# Metrics reference",
+        "",
+        "<!-- Generated by `python -m schemas.catalogue > docs/metrics.md`; do not edit. -->",
+        "",
+        "Every metric the exporter serves, from the catalogue in `schemas/catalogue.py`.",
+        "Counters are shown with their sample name (`_total`); histograms expose",
+        "`_bucket`, `_sum` and `_count` samples. Metrics marked *extension* are not in",
+        "the PRD: they are added next to a PRD metric whose design is weak, and the",
+        "note says why.",
+        "",
+    ]
+    section = None
+    for m in CATALOGUE:
+        if m.section != section:
+            section = m.section
+            out += [f"## {section}", "", "| Metric | Type | Unit | Labels | Buckets | Description |",
+                    "|---|---|---|---|---|---|"]
+        labels = ", ".join(f"`{label}`" for label in m.labels) or "—"
+        buckets = ", ".join(f"{b:g}" for b in m.buckets) or "—"
+        desc = m.help + (f". *Note:* {m.note}" if m.note else "")
+        name = f"`{m.name}`" + (" *(extension)*" if m.extension else "")
+        out.append(f"| {name} | {m.type} | {m.unit} | {labels} | {buckets} | {desc} |")
+        nxt = CATALOGUE.index(m) + 1
+        if nxt == len(CATALOGUE) or CATALOGUE[nxt].section != section:
+            out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_markdown())

@@ -1,0 +1,163 @@
+"""Configuration: one YAML file (the PRD's ``metrics:`` section plus ours), every key also a flag.
+
+Precedence: built-in defaults < YAML file < command-line flags. Unknown keys
+and bad values are rejected with one line that names the field
+(``backup.compression``) and the flag that sets it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from schemas import topics
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Compression = Literal["zstd", "lz4", "snappy", "gzip", "none"]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: Port = 8080
+    path: str = "/metrics"
+    update_interval_ms: Positive = 500  # the exporter re-renders at most this often
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = ""  # source cluster for workers; telemetry cluster for aggregate/exporter
+    telemetry_bootstrap_servers: str = ""  # workers only: defaults to bootstrap_servers
+
+
+class TelemetryConfig(_Section):
+    topic: str = topics.TELEMETRY_TOPIC
+    partitions: Positive = topics.TELEMETRY_PARTITIONS
+    replication_factor: Positive = 1
+    retention_ms: Annotated[int, msgspec.Meta(ge=-1)] = topics.TELEMETRY_RETENTION_MS
+    buffer_max_events: Positive = 100_000
+    delivery_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 300_000
+
+
+class BackupConfig(_Section):
+    backup_id: str = ""
+    topics: list[str] = []
+    storage: str = ""  # file:///dir or s3://bucket/prefix
+    s3_endpoint_url: str = ""
+    compression: Compression = "zstd"
+    continuous: bool = False
+    instance_id: str = ""  # static group member id; defaults to backup_id@hostname
+    poll_interval_ms: Positive = 500
+    flush_interval_ms: Positive = 5000
+    segment_max_records: Positive = 50_000
+    segment_max_bytes: Positive = 16 * 1024 * 1024
+
+
+class AggregatorConfig(_Section):
+    app_id: str = topics.AGGREGATOR_APP_ID
+    instance_id: str = ""  # static group member id; defaults to app_id@hostname
+    throughput_window_s: Positive = 60
+
+
+class Config(_Section):
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    backup: BackupConfig = msgspec.field(default_factory=BackupConfig)
+    aggregator: AggregatorConfig = msgspec.field(default_factory=AggregatorConfig)
+
+
+class ConfigError(Exception):
+    """A user mistake in configuration: printed as one line, exit status 2."""
+
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def flag_for(path: str) -> str:
+    return "--" + path.replace(".", "-").replace("_", "-")
+
+
+def _path_of(err: msgspec.ValidationError) -> tuple[str, str]:
+    """Turn msgspec's "... - at `$.backup.compression`" into ("backup.compression", "...")."""
+    text = str(err)
+    m = re.search(r"^(.*?)(?: - at `\$\.?([^`]*)`)?$", text)
+    message, where = (m.group(1), m.group(2) or "") if m else (text, "")
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", message)
+    if unknown:
+        where = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+        message = "unknown key"
+    return where, message
+
+
+def _validate(raw: dict[str, Any]) -> Config:
+    try:
+        return msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as err:
+        where, message = _path_of(err)
+        if message == "unknown key":
+            section = where.split(".")[0]
+            valid = _keys_of(section)
+            raise ConfigError(f"{where}: unknown key; valid keys here: {', '.join(valid)}") from None
+        raise ConfigError(f"{where}: {message} (set it in the YAML file or with {flag_for(where)})") from None
+
+
+def _keys_of(section: str) -> list[str]:
+    fields = msgspec.structs.fields(Config)
+    for f in fields:
+        if f.name == section:
+            return [g.name for g in msgspec.structs.fields(f.type)]
+    return [f.name for f in fields]
+
+
+def all_keys() -> list[tuple[str, Any]]:
+    """Every ``section.key`` with its default, for generating flags."""
+    out = []
+    for section in msgspec.structs.fields(Config):
+        for f in msgspec.structs.fields(section.type):
+            default = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
+            out.append((f"{section.name}.{f.name}", default))
+    return out
+
+
+def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file, then ``overrides`` ({"backup.topics": [...]}), validated once."""
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh)
+        except OSError as err:
+            raise ConfigError(f"--config: cannot read {path}: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"--config: {path}{where} is not valid YAML") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping of sections (metrics:, kafka:, ...)")
+        raw = loaded
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: must be a mapping of keys")
+        target[key] = value
+    return _validate(raw)
+
+
+def require_safe_id(field: str, value: str) -> None:
+    """Job ids become label values, group ids and storage paths: keep them boring."""
+    if not SAFE_ID.match(value or ""):
+        raise ConfigError(
+            f"{field}: {value!r} is not a safe id; use 1-200 letters, digits, '.', '_' or '-' "
+            f"starting with a letter or digit ({flag_for(field)})"
+        )

@@ -1,0 +1,198 @@
+"""Telemetry events: the contract between workers (emit) and the aggregator (fold).
+
+Every event is a msgspec Struct in one tagged union, encoded as msgpack. The
+envelope fields on :class:`Event` are what make an at-least-once log usable as
+a source of truth:
+
+* ``v``        schema version of the writer, so readers can skip what they do
+               not understand instead of misreading it;
+* ``instance`` the emitting worker process (unique per process start);
+* ``seq``      a per-instance sequence number, strictly increasing, so a
+               reader can drop duplicates and replays with one integer per
+               instance;
+* ``ts``       event time (epoch seconds) taken by the worker, never the
+               aggregator's clock, so a replay computes the same values.
+
+Events are keyed by ``kind:job`` (see :func:`event_key`) so all events of one
+job land in one partition, in order.
+
+Evolution rules (see docs/events.md): new fields are optional with defaults;
+new event types get new tags; a reader skips unknown tags and counts them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+JobKind = Literal["backup", "restore", "offset_reset"]
+Status = Literal["success", "failure"]
+Direction = Literal["write", "read"]
+
+
+class Event(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    """Envelope shared by every event."""
+
+    v: int = SCHEMA_VERSION
+    instance: str
+    seq: int
+    ts: float
+    kind: JobKind = "backup"
+    job: str
+
+
+class JobStarted(Event, tag="job_started"):
+    """A run of a job began. ``mode`` is ``one-shot`` or ``continuous``."""
+
+    mode: str = "one-shot"
+    topics: list[str] = []
+    backend: str = ""
+    compression: str = ""
+    backup_id: str = ""  # for restores: the backup being restored
+    total_records: int | None = None  # for restores: records to restore in this run
+
+
+class JobEnded(Event, tag="job_ended"):
+    """A run ended; ``duration_s`` is measured by the worker's monotonic clock."""
+
+    status: Status
+    duration_s: float
+    reason: str = ""
+
+
+class PartitionProgress(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One partition's position, sent every poll cycle.
+
+    ``committed`` is the next offset that is durably stored (segment and
+    checkpoint written), the same offset the worker commits to the group.
+    Timestamps are record timestamps in epoch milliseconds.
+    """
+
+    topic: str
+    partition: int
+    committed: int
+    high_watermark: int
+    newest_stored_ts: int | None = None
+    newest_available_ts: int | None = None
+
+
+class TopicConsumed(msgspec.Struct, array_like=True):
+    """Records and key+value bytes fetched from one topic since the last Progress."""
+
+    topic: str
+    records: int
+    bytes: int
+
+
+class Progress(Event, tag="progress"):
+    """One per poll cycle, carrying every assigned partition (few, dense events)."""
+
+    partitions: list[PartitionProgress] = []
+    consumed: list[TopicConsumed] = []
+    fetches: int = 0
+
+
+class SegmentStored(Event, tag="segment_stored"):
+    """A segment and the checkpoint naming it are durable: these records are backed up.
+
+    ``bytes`` is key plus value bytes of the records; ``uncompressed_bytes``
+    the encoded segment before compression; ``stored_bytes`` the object's size.
+    The offset range lets the aggregator count each range once even when the
+    same segment is reported twice.
+    """
+
+    topic: str
+    partition: int
+    start_offset: int
+    end_offset: int  # exclusive: the next offset to back up
+    records: int
+    bytes: int
+    uncompressed_bytes: int
+    stored_bytes: int
+    algorithm: str
+    min_ts: int | None = None
+    max_ts: int | None = None
+
+
+class StorageOp(Event, tag="storage_op"):
+    """One successful storage call, timed from request to response."""
+
+    backend: str
+    operation: str  # segment | manifest | checkpoint
+    direction: Direction
+    latency_s: float
+    bytes: int
+
+
+class ErrorRaised(Event, tag="error"):
+    """A classified failure. ``backend`` and ``storage_error`` are set for storage failures."""
+
+    error_type: str
+    transient: bool
+    operation: str = ""
+    backend: str = ""
+    storage_error: str = ""
+    message: str = ""
+
+
+class Retry(Event, tag="retry"):
+    operation: str  # fetch | commit | write | read | produce
+
+
+class Rebalance(Event, tag="rebalance"):
+    assigned: list[str] = []  # "topic/partition"
+    revoked: list[str] = []
+
+
+class TopicPartitionOffset(msgspec.Struct, array_like=True):
+    topic: str
+    partition: int
+    offset: int
+
+
+class OffsetsCommitted(Event, tag="offsets_committed"):
+    """The group commit succeeded for these offsets (at ``ts``)."""
+
+    offsets: list[TopicPartitionOffset] = []
+
+
+class TelemetryDropped(Event, tag="telemetry_dropped"):
+    """Cumulative count of events this instance could not deliver; max() is idempotent."""
+
+    total: int
+
+
+AnyEvent = (
+    JobStarted
+    | JobEnded
+    | Progress
+    | SegmentStored
+    | StorageOp
+    | ErrorRaised
+    | Retry
+    | Rebalance
+    | OffsetsCommitted
+    | TelemetryDropped
+)
+
+EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyEvent)
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes) -> AnyEvent:
+    """Decode one event; raises ``msgspec.DecodeError``/``ValidationError`` on bad input."""
+    return _decoder.decode(data)
+
+
+def event_key(kind: str, job: str) -> str:
+    """Partition and table key: all events of one job stay in order together."""
+    return f"{kind}:{job}"

@@ -1,0 +1,113 @@
+"""Aggregated state of one job: the value of the aggregator's table.
+
+The aggregator folds events into a :class:`JobState` per ``kind:job`` key and
+writes it, msgpack-encoded, to its table; the table's compacted changelog is
+the *state topic* that the exporter reads. Keeping it here (the contract)
+rather than in ``streams/`` lets the exporter decode it without importing the
+aggregator.
+
+The dedup high-water marks (``seen``) and the per-partition coverage
+(``PartitionState.stored_next_offset``) live in the same value as the counters
+they guard, so one changelog record always carries both: after a crash the
+restored table can never hold a counter that includes an event while its
+high-water mark does not (or the reverse).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+STATE_VERSION = 1
+
+
+class Histogram(msgspec.Struct, array_like=True):
+    """Non-cumulative bucket counts (len(buckets) + 1, the last is +Inf), sum and count."""
+
+    counts: list[int]
+    sum: float = 0.0
+    count: int = 0
+
+    @classmethod
+    def empty(cls, buckets: tuple[float, ...]) -> Histogram:
+        return cls(counts=[0] * (len(buckets) + 1))
+
+    def observe(self, value: float, buckets: tuple[float, ...]) -> None:
+        i = 0
+        while i < len(buckets) and value > buckets[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+
+class SizeSample(msgspec.Struct, array_like=True):
+    """Records and bytes backed up in one minute (epoch minute), for the 1 h average record size."""
+
+    minute: int
+    records: int
+    bytes: int
+
+
+class PartitionState(msgspec.Struct, omit_defaults=True):
+    topic: str
+    partition: int
+    committed: int = -1
+    high_watermark: int = -1
+    newest_stored_ts: int | None = None
+    newest_available_ts: int | None = None
+    stored_next_offset: int = 0  # coverage: offsets below this are counted in records_total
+    records: int = 0
+    bytes: int = 0
+    last_commit_ts: float | None = None
+    sizes: list[SizeSample] = []
+
+
+class RateSample(msgspec.Struct, array_like=True):
+    """What was consumed in one second (epoch second) of event time."""
+
+    second: int
+    topic: str
+    records: int
+    bytes: int
+    fetches: int = 0
+
+
+class JobState(msgspec.Struct, omit_defaults=True):
+    kind: str
+    job: str
+    v: int = STATE_VERSION
+    backup_id: str = ""
+    status: str = "running"  # running | success | failure
+    mode: str = ""
+    started_ts: float | None = None
+    ended_ts: float | None = None
+    last_event_ts: float = 0.0
+    runs: int = 0
+    records: int = 0
+    bytes: int = 0
+    fetches: int = 0
+    consumed: dict[str, list[int]] = {}  # topic -> [records, bytes]
+    partitions: dict[str, PartitionState] = {}  # "topic/partition"
+    rates: list[RateSample] = []
+    durations: dict[str, Histogram] = {}  # status
+    storage_latency: dict[str, Histogram] = {}  # "direction|backend|operation"
+    storage_bytes: dict[str, int] = {}  # "direction|backend"
+    storage_errors: dict[str, int] = {}  # "backend|error_type"
+    compression: dict[str, list[int]] = {}  # algorithm -> [compressed, uncompressed]
+    errors: dict[str, int] = {}
+    retries: dict[str, int] = {}
+    rebalances: int = 0
+    dropped: dict[str, int] = {}  # instance -> cumulative dropped events
+    seen: dict[str, list[float]] = {}  # instance -> [highest seq, last event ts]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(JobState)
+
+
+def encode_state(state: JobState) -> bytes:
+    return _encoder.encode(state)
+
+
+def decode_state(data: bytes) -> JobState:
+    return _decoder.decode(data)
