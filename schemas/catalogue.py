@@ -175,6 +175,12 @@ TELEMETRY_DROPPED = _m(
     ("kind", "job_id"), section=S6, extension=True,
     note="Makes telemetry loss visible: a non-zero value means other counters of this job may be low.")
 
+TELEMETRY_INVALID = _m(
+    "kafka_backup_telemetry_invalid_events_total", "counter", "events",
+    "Telemetry records the aggregator skipped: not our msgpack, unknown type, future version, bad key or values",
+    ("reason",), section=S6, extension=True,
+    note="Skipped events never change other aggregates; this counter makes them visible.")
+
 
 def render_markdown() -> str:
     """docs/metrics.md, generated: never edit the file by hand."""

@@ -188,9 +188,45 @@ def encode(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
-def decode(data: bytes) -> AnyEvent:
-    """Decode one event; raises ``msgspec.DecodeError``/``ValidationError`` on bad input."""
-    return _decoder.decode(data)
+class InvalidEvent(ValueError):
+    """A telemetry record that cannot be used; ``reason`` becomes a metric label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class _Envelope(msgspec.Struct):
+    type: str = ""
+    v: int = 0
+
+
+_KNOWN_TAGS = frozenset(t.__struct_config__.tag for t in EVENT_TYPES)
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+
+
+def decode(data: bytes | None) -> AnyEvent:
+    """Decode one event, or raise :class:`InvalidEvent` with a reason.
+
+    Reasons: ``malformed`` (not msgpack of our shape), ``unknown_type`` (a tag
+    this reader does not know, e.g. written by a newer worker),
+    ``future_version`` (an incompatible schema version), ``invalid_field``
+    (a known type with a field of the wrong type or missing).
+    """
+    if not data:
+        raise InvalidEvent("malformed", "empty record")
+    try:
+        env = _envelope_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        raise InvalidEvent("malformed", str(err)) from None
+    if env.v > SCHEMA_VERSION:
+        raise InvalidEvent("future_version", f"v={env.v}")
+    if env.type not in _KNOWN_TAGS:
+        raise InvalidEvent("unknown_type", env.type or "(none)")
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        raise InvalidEvent("invalid_field", str(err)) from None
 
 
 def event_key(kind: str, job: str) -> str:

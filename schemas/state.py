@@ -101,8 +101,24 @@ class JobState(msgspec.Struct, omit_defaults=True):
     seen: dict[str, list[float]] = {}  # instance -> [highest seq, last event ts]
 
 
+class PipelineState(msgspec.Struct, omit_defaults=True):
+    """Aggregator-side counts for one telemetry partition: events it had to skip, by reason."""
+
+    partition: int
+    invalid: dict[str, int] = {}
+
+
+PIPELINE_PREFIX = "pipeline:"
+
+
+def pipeline_key(partition: int) -> str:
+    """Table key for a telemetry partition's own counters (one writer per partition, no conflicts)."""
+    return f"{PIPELINE_PREFIX}{partition}"
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(JobState)
+_pipeline_decoder = msgspec.msgpack.Decoder(PipelineState)
 
 
 def encode_state(state: JobState) -> bytes:
@@ -111,3 +127,7 @@ def encode_state(state: JobState) -> bytes:
 
 def decode_state(data: bytes) -> JobState:
     return _decoder.decode(data)
+
+
+def decode_pipeline(data: bytes) -> PipelineState:
+    return _pipeline_decoder.decode(data)

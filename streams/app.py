@@ -1,0 +1,100 @@
+"""The Faust aggregator: telemetry topic in, one state value per job out.
+
+Kept thin on purpose: Faust moves raw bytes between the telemetry topic and
+the ``jobs`` table (whose compacted changelog is the exporter's state topic);
+``streams.fold`` decides what each event means.
+
+Choices forced by measurements (see docs/architecture.md): memory store with
+no standby replicas (standbys double-counted), agent concurrency 1 (offset
+commit bug above 1), static membership (a killed member otherwise holds its
+partitions forever on the dev broker), web server off (no ``/table/`` views).
+The app is built by a function rather than at import time because its broker,
+id and partition count come from the configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import faust
+
+from schemas import events as ev
+from schemas.config import Config
+from schemas.kafka_admin import ensure_telemetry_topic
+from schemas.state import (
+    PipelineState,
+    decode_pipeline,
+    decode_state,
+    encode_state,
+    pipeline_key,
+)
+from schemas.topics import STATE_TABLE
+from streams import fold
+
+log = logging.getLogger("kafka_backup.aggregator")
+
+RAW = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+
+def create_app(cfg: Config) -> faust.App:
+    bootstrap = cfg.kafka.bootstrap_servers
+    instance = cfg.aggregator.instance_id or f"{cfg.aggregator.app_id}@{socket.gethostname()}"
+    app = faust.App(
+        cfg.aggregator.app_id,
+        broker=",".join(f"kafka://{b}" for b in bootstrap.split(",")),
+        store="memory://",
+        web_enabled=False,
+        consumer_group_instance_id=instance,
+        topic_partitions=cfg.telemetry.partitions,
+        topic_replication_factor=cfg.telemetry.replication_factor,
+        table_standby_replicas=0,
+        producer_linger=0.05,
+        stream_wait_empty=False,
+    )
+    settings = fold.Settings(throughput_window_s=cfg.aggregator.throughput_window_s)
+    topic = app.topic(cfg.telemetry.topic, schema=RAW, partitions=cfg.telemetry.partitions)
+    table = app.Table(STATE_TABLE, default=None, schema=RAW, partitions=cfg.telemetry.partitions)
+
+    def skip(partition: int, reason: str, detail: object) -> None:
+        key = pipeline_key(partition).encode()
+        raw = table.get(key)
+        state = decode_pipeline(raw) if raw else PipelineState(partition=partition)
+        state.invalid[reason] = state.invalid.get(reason, 0) + 1
+        table[key] = encode_state(state)
+        log.warning("skipped telemetry record on partition %d: %s (%s)", partition, reason, detail)
+
+    def handle(key: bytes | None, value: bytes | None, partition: int, record_ts: float | None) -> None:
+        try:
+            event = ev.decode(value)
+            fold.check(event, record_ts)
+            if key is None or key.decode("utf-8", "replace") != ev.event_key(event.kind, event.job):
+                raise ev.InvalidEvent("bad_key", repr(key))
+        except ev.InvalidEvent as err:
+            skip(partition, err.reason, err)
+            return
+        table_key = key
+        raw = table.get(table_key)
+        new = fold.apply(decode_state(raw) if raw else None, event, settings)
+        if new is not None:
+            table[table_key] = encode_state(new)
+
+    @app.agent(topic, concurrency=1)
+    async def aggregate(stream):
+        async for event in stream.events():
+            msg = event.message
+            ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
+            try:
+                handle(event.key, event.value, msg.partition, ts)
+            except Exception as err:  # never let one record kill the agent (Faust would skip it)
+                skip(msg.partition, "internal_error", repr(err))
+
+    return app
+
+
+def run(cfg: Config, loglevel: str = "WARNING") -> None:
+    """Run the aggregator in the foreground until SIGINT/SIGTERM (graceful LeaveGroup on exit)."""
+    ensure_telemetry_topic(cfg.kafka.bootstrap_servers, cfg.telemetry)
+    app = create_app(cfg)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
