@@ -1,0 +1,1 @@
+"""The kafka-backup command line: composition root wiring the stages together."""

@@ -1,0 +1,173 @@
+"""``kafka-backup``: one console script, one subcommand per process role.
+
+Every configuration key is a flag (``--section-key``), generated from
+``schemas.config``; the short names of the command-line contract
+(``--bootstrap-servers``, ``--topics``, ``--port`` ...) are aliases of those.
+User mistakes print one line and exit 2; a failed backup exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from schemas.config import Config, ConfigError, all_keys, flag_for, load, require_safe_id
+
+ENV_BOOTSTRAP = "KAFKA_BOOTSTRAP_SERVERS"
+
+# contract flag -> config key, per subcommand
+ALIASES: dict[str, dict[str, str]] = {
+    "backup": {
+        "--bootstrap-servers": "kafka.bootstrap_servers",
+        "--telemetry-bootstrap-servers": "kafka.telemetry_bootstrap_servers",
+        "--topics": "backup.topics",
+        "--backup-id": "backup.backup_id",
+        "--storage": "backup.storage",
+        "--s3-endpoint-url": "backup.s3_endpoint_url",
+        "--compression": "backup.compression",
+        "--instance-id": "backup.instance_id",
+    },
+    "aggregate": {"--bootstrap-servers": "kafka.bootstrap_servers", "--app-id": "aggregator.app_id",
+                  "--instance-id": "aggregator.instance_id"},
+    "exporter": {"--bootstrap-servers": "kafka.bootstrap_servers", "--bind": "metrics.bind",
+                 "--port": "metrics.port", "--app-id": "aggregator.app_id"},
+}
+
+
+def _list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML configuration file (flags override it)")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    aliases = ALIASES.get(command, {})
+    by_key: dict[str, list[str]] = {}
+    for flag, key in aliases.items():
+        by_key.setdefault(key, []).append(flag)
+    group = p.add_argument_group("configuration keys (each also settable in the YAML file)")
+    for key, default in all_keys():
+        flags = [*by_key.get(key, []), flag_for(key)]
+        kwargs: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "metavar": "V"}
+        if isinstance(default, list):
+            kwargs["type"] = _list
+            kwargs["metavar"] = "A,B"
+        group.add_argument(*dict.fromkeys(flags), help=f"{key} (default: {default!r})", **kwargs)
+    if command == "backup":
+        p.add_argument("--continuous", dest="backup.continuous", action="store_const", const=True,
+                       default=argparse.SUPPRESS, help="keep backing up until stopped (default: one-shot)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kafka-backup", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("dev-broker", help="run the embedded test broker (noida-db) in the foreground")
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--data-dir", default=None, help="keep the broker's data here (default: a temp dir)")
+    for name, help_ in [("backup", "back up topics to storage, publishing telemetry"),
+                        ("aggregate", "run the Faust aggregator over the telemetry topic"),
+                        ("exporter", "serve the aggregated state as Prometheus metrics")]:
+        _add_config_flags(sub.add_parser(name, help=help_), name)
+    p = sub.add_parser("up", help="broker + demo workload + backup + aggregator + exporter, until Ctrl-C")
+    _add_config_flags(p, "up")
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    cfg = load(getattr(args, "config", None), overrides)
+    if not cfg.kafka.bootstrap_servers and os.environ.get(ENV_BOOTSTRAP):
+        cfg.kafka.bootstrap_servers = os.environ[ENV_BOOTSTRAP]
+    return cfg
+
+
+def _require_bootstrap(cfg: Config) -> None:
+    if not cfg.kafka.bootstrap_servers:
+        raise ConfigError(f"kafka.bootstrap_servers: not set; use --bootstrap-servers HOST:PORT or {ENV_BOOTSTRAP}")
+
+
+def cmd_backup(cfg: Config) -> int:
+    from producers.backup import run_backup
+    from producers.storage import Storage, open_backend
+
+    _require_bootstrap(cfg)
+    require_safe_id("backup.backup_id", cfg.backup.backup_id)
+    if not cfg.backup.topics:
+        raise ConfigError("backup.topics: no topics given; use --topics t1,t2")
+    storage = Storage(open_backend(cfg.backup.storage, cfg.backup.s3_endpoint_url))
+    return run_backup(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers, cfg.backup,
+                      cfg.telemetry, storage)
+
+
+def cmd_aggregate(cfg: Config, loglevel: str) -> int:
+    from streams.app import run
+
+    _require_bootstrap(cfg)
+    require_safe_id("aggregator.app_id", cfg.aggregator.app_id)
+    run(cfg, loglevel)
+    return 0
+
+
+def cmd_exporter(cfg: Config) -> int:
+    from exporter.main import run
+
+    _require_bootstrap(cfg)
+    run(cfg)
+    return 0
+
+
+def cmd_dev_broker(port: int, data_dir: str | None) -> int:
+    import signal
+    import threading
+
+    from cli.devbroker import DevBroker
+
+    broker = DevBroker(port=port, data_dir=data_dir).start()
+    print(f"dev-broker: Kafka on {broker.bootstrap} (Ctrl-C stops it)", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(0.5) and broker.proc.poll() is None:
+        pass
+    broker.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "dev-broker":
+            return cmd_dev_broker(args.port, args.data_dir)
+        cfg = config_from(args)
+        if args.command == "backup":
+            return cmd_backup(cfg)
+        if args.command == "aggregate":
+            return cmd_aggregate(cfg, args.log_level)
+        if args.command == "exporter":
+            return cmd_exporter(cfg)
+        if args.command == "up":
+            from cli.up import run_up
+
+            return run_up(cfg)
+    except ConfigError as err:
+        print(f"kafka-backup {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # a failed run: one line, the details are in the log above
+        from producers.backup import BackupFailed
+
+        if isinstance(err, BackupFailed):
+            print(f"kafka-backup {args.command}: failed: {err}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

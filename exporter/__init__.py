@@ -1,0 +1,1 @@
+"""Stage 4: serve the aggregator's per-job state as Prometheus metrics, computing nothing but presentation."""

@@ -1,0 +1,393 @@
+"""Turning a snapshot of the state topic into metric families, at scrape time.
+
+The aggregator stores facts (counters, watermarks, per-second samples); what
+depends on "now" (rolling-window rates, the last hour's record size) is
+derived here, so a stale state value never freezes a rate. Every family comes
+from its catalogue entry, so names, help, labels, units and buckets cannot
+drift from ``docs/metrics.md``. A catalogue entry without a builder below is
+skipped, which lets others add metrics to the catalogue before the exporter
+knows them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from schemas import catalogue as cat
+from schemas.state import Histogram, JobState, PartitionState, PipelineState
+
+log = logging.getLogger("kafka_backup.exporter")
+
+# Mirrors of streams.fold constants: the exporter reads the state contract without importing the
+# aggregator (a unit test keeps them equal).
+FETCHES_TOPIC = ""
+SIZE_WINDOW_MINUTES = 60
+
+Sample = tuple  # (label values, value) or (label values, buckets, sum)
+Builder = Callable[["View"], Iterable[Sample]]
+
+
+@dataclass
+class View:
+    """One scrape's inputs: every builder sees the same snapshot and the same "now"."""
+
+    now: float
+    window: int
+    jobs: list[JobState] = field(default_factory=list)
+    pipelines: list[PipelineState] = field(default_factory=list)
+
+    @property
+    def backups(self) -> list[JobState]:
+        return [j for j in self.jobs if j.kind == "backup"]
+
+
+def make_view(snapshot: Mapping[str, Any], now: float, window: int) -> View:
+    view = View(now=now, window=window)
+    for _, value in sorted(snapshot.items()):
+        if isinstance(value, JobState):
+            view.jobs.append(value)
+        elif isinstance(value, PipelineState):
+            view.pipelines.append(value)
+    return view
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _summed(pairs: Iterable[tuple[tuple[str, ...], float]]) -> Iterator[Sample]:
+    """Merge samples that share a label set: two jobs may map to one (e.g. restores of one backup)."""
+    totals: dict[tuple[str, ...], float] = {}
+    for labels, value in pairs:
+        totals[labels] = totals.get(labels, 0) + value
+    return iter(totals.items())
+
+
+def cumulative(counts: list[int], buckets: tuple[float, ...]) -> list[tuple[str, int]]:
+    """State keeps per-bucket counts (cheap to merge); the exposition wants running totals."""
+    les = [floatToGoString(b) for b in buckets] + ["+Inf"]
+    out, running = [], 0
+    for le, n in zip(les, counts, strict=True):
+        running += n
+        out.append((le, running))
+    return out
+
+
+def _fits(h: Histogram, metric: cat.Metric) -> bool:
+    """A histogram written with other buckets (catalogue changed) cannot be exposed correctly."""
+    return len(h.counts) == len(metric.buckets) + 1
+
+
+def _merge(acc: dict[tuple[str, ...], list], labels: tuple[str, ...], h: Histogram) -> None:
+    slot = acc.setdefault(labels, [[0] * len(h.counts), 0.0])
+    slot[0] = [a + b for a, b in zip(slot[0], h.counts, strict=True)]
+    slot[1] += h.sum
+
+
+def partition_lag(p: PartitionState) -> int | None:
+    """None until the high watermark is known; coverage counts as committed even before a commit."""
+    if p.high_watermark < 0:
+        return None
+    return max(0, p.high_watermark - max(p.committed, p.stored_next_offset, 0))
+
+
+def avg_record_size(p: PartitionState, now: float) -> float:
+    """The last hour's average (PRD), else the lifetime average, else 0."""
+    horizon = int(now // 60) - SIZE_WINDOW_MINUTES
+    recent = [x for x in p.sizes if x.minute > horizon]
+    records = sum(x.records for x in recent)
+    if records:
+        return sum(x.bytes for x in recent) / records
+    return p.bytes / p.records if p.records else 0.0
+
+
+def lag_seconds(p: PartitionState, lag: int) -> float | None:
+    """Record-time distance; unknown (None) while lagging without both timestamps."""
+    if lag == 0:
+        return 0.0
+    if p.newest_stored_ts is None or p.newest_available_ts is None:
+        return None
+    return max(0.0, (p.newest_available_ts - p.newest_stored_ts) / 1000)
+
+
+def rate_divisor(s: JobState, view: View) -> float:
+    """A job younger than the window would otherwise show a rate diluted by time it did not run."""
+    if s.started_ts is None:
+        return float(view.window)
+    return max(1.0, min(float(view.window), view.now - s.started_ts))
+
+
+def _recent_rates(s: JobState, view: View):
+    horizon = view.now - view.window
+    return [r for r in s.rates if r.second > horizon]
+
+
+def _lagging(view: View) -> Iterator[tuple[JobState, PartitionState, int]]:
+    for s in view.backups:
+        for p in s.partitions.values():
+            lag = partition_lag(p)
+            if lag is not None:
+                yield s, p, lag
+
+
+def _tp(s: JobState, p: PartitionState) -> tuple[str, str, str]:
+    return (p.topic, str(p.partition), s.job)
+
+
+def reader_id(s: JobState) -> str:
+    """Storage traffic is labelled by the backup it belongs to: restores read someone else's."""
+    if s.kind != "backup" and s.backup_id:
+        return s.backup_id
+    return s.job
+
+
+# ---- 1. lag ---------------------------------------------------------------------------------
+
+
+def _lag_records(view: View) -> Iterator[Sample]:
+    for s, p, lag in _lagging(view):
+        yield _tp(s, p), lag
+
+
+def _lag_bytes(view: View) -> Iterator[Sample]:
+    for s, p, lag in _lagging(view):
+        yield _tp(s, p), lag * avg_record_size(p, view.now)
+
+
+def _lag_seconds(view: View) -> Iterator[Sample]:
+    for s, p, lag in _lagging(view):
+        seconds = lag_seconds(p, lag)
+        if seconds is not None:
+            yield _tp(s, p), seconds
+
+
+def _lag_records_max(view: View) -> Iterator[Sample]:
+    worst: dict[str, int] = {}
+    for s, _, lag in _lagging(view):
+        worst[s.job] = max(worst.get(s.job, 0), lag)
+    for job, lag in worst.items():
+        yield (job,), lag
+
+
+# ---- 2. throughput --------------------------------------------------------------------------
+
+
+def _throughput(index: int) -> Builder:
+    def build(view: View) -> Iterator[Sample]:
+        for s in view.backups:
+            recent = _recent_rates(s, view)
+            divisor = rate_divisor(s, view)
+            for topic in s.consumed:
+                total = sum((r.records, r.bytes)[index] for r in recent if r.topic == topic)
+                yield (s.job, topic), total / divisor
+
+    return build
+
+
+def _fetch_rate(view: View) -> Iterator[Sample]:
+    for s in view.backups:
+        total = sum(r.fetches for r in _recent_rates(s, view) if r.topic == FETCHES_TOPIC)
+        yield (s.job,), total / rate_divisor(s, view)
+
+
+def _records_total(view: View) -> Iterator[Sample]:
+    return (((s.job,), s.records) for s in view.backups)
+
+
+def _bytes_total(view: View) -> Iterator[Sample]:
+    return (((s.job,), s.bytes) for s in view.backups)
+
+
+def _consumed(index: int) -> Builder:
+    def build(view: View) -> Iterator[Sample]:
+        for s in view.backups:
+            for topic, totals in s.consumed.items():
+                yield (s.job, topic), totals[index]
+
+    return build
+
+
+def _fetches_total(view: View) -> Iterator[Sample]:
+    return (((s.job,), s.fetches) for s in view.backups)
+
+
+# ---- 3. durations ---------------------------------------------------------------------------
+
+
+def _duration(view: View) -> Iterator[Sample]:
+    metric = cat.BACKUP_DURATION
+    for s in view.backups:
+        for status, h in s.durations.items():
+            if _fits(h, metric):
+                yield (s.job, status), cumulative(h.counts, metric.buckets), h.sum
+
+
+# ---- 4. storage -----------------------------------------------------------------------------
+
+
+def _storage_latency(direction: str, metric: cat.Metric) -> Builder:
+    def build(view: View) -> Iterator[Sample]:
+        acc: dict[tuple[str, ...], list] = {}
+        for s in view.jobs:
+            for key, h in s.storage_latency.items():
+                parts = key.split("|", 2)
+                if len(parts) == 3 and parts[0] == direction and _fits(h, metric):
+                    _merge(acc, (parts[1], parts[2]), h)
+        for labels, (counts, total) in acc.items():
+            yield labels, cumulative(counts, metric.buckets), total
+
+    return build
+
+
+def _storage_bytes(direction: str) -> Builder:
+    def pairs(view: View) -> Iterator[tuple[tuple[str, ...], float]]:
+        for s in view.jobs:
+            for key, n in s.storage_bytes.items():
+                parts = key.split("|", 1)
+                if len(parts) == 2 and parts[0] == direction:
+                    yield (parts[1], reader_id(s)), n
+
+    return lambda view: _summed(pairs(view))
+
+
+def _storage_errors(view: View) -> Iterator[Sample]:
+    def pairs() -> Iterator[tuple[tuple[str, ...], float]]:
+        for s in view.jobs:
+            for key, n in s.storage_errors.items():
+                parts = key.split("|", 1)
+                if len(parts) == 2:
+                    yield (parts[0], parts[1]), n
+
+    return _summed(pairs())
+
+
+# ---- 5. compression -------------------------------------------------------------------------
+
+
+def _compression_ratio(view: View) -> Iterator[Sample]:
+    for s in view.backups:
+        for alg, (compressed, uncompressed) in s.compression.items():
+            if compressed:
+                yield (alg, s.job), uncompressed / compressed
+
+
+def _compression_bytes(index: int) -> Builder:
+    def build(view: View) -> Iterator[Sample]:
+        for s in view.backups:
+            for alg, pair in s.compression.items():
+                yield (alg, s.job), pair[index]
+
+    return build
+
+
+# ---- 6. errors and health -------------------------------------------------------------------
+
+
+def _by_key(attr: str) -> Builder:
+    """Backup counters kept as ``{label: n}`` dicts (errors by type, retries by operation)."""
+
+    def build(view: View) -> Iterator[Sample]:
+        for s in view.backups:
+            for key, n in getattr(s, attr).items():
+                yield (s.job, key), n
+
+    return build
+
+
+def _last_commit(view: View) -> Iterator[Sample]:
+    for s in view.backups:
+        for p in s.partitions.values():
+            if p.last_commit_ts is not None:
+                yield (s.job, p.topic, str(p.partition)), p.last_commit_ts
+
+
+def _rebalances(view: View) -> Iterator[Sample]:
+    return (((s.job,), s.rebalances) for s in view.backups)
+
+
+def _dropped(view: View) -> Iterator[Sample]:
+    return (((s.kind, s.job), sum(s.dropped.values())) for s in view.jobs)
+
+
+def _invalid(view: View) -> Iterator[Sample]:
+    return _summed(((reason,), n) for p in view.pipelines for reason, n in p.invalid.items())
+
+
+BUILDERS: dict[cat.Metric, Builder] = {
+    cat.LAG_RECORDS: _lag_records,
+    cat.LAG_BYTES: _lag_bytes,
+    cat.LAG_SECONDS: _lag_seconds,
+    cat.LAG_RECORDS_MAX: _lag_records_max,
+    cat.THROUGHPUT_RECORDS: _throughput(0),
+    cat.THROUGHPUT_BYTES: _throughput(1),
+    cat.FETCH_RATE: _fetch_rate,
+    cat.RECORDS_TOTAL: _records_total,
+    cat.BYTES_TOTAL: _bytes_total,
+    cat.CONSUMED_RECORDS_TOTAL: _consumed(0),
+    cat.CONSUMED_BYTES_TOTAL: _consumed(1),
+    cat.FETCHES_TOTAL: _fetches_total,
+    cat.BACKUP_DURATION: _duration,
+    cat.STORAGE_WRITE_LATENCY: _storage_latency("write", cat.STORAGE_WRITE_LATENCY),
+    cat.STORAGE_READ_LATENCY: _storage_latency("read", cat.STORAGE_READ_LATENCY),
+    cat.STORAGE_WRITE_BYTES: _storage_bytes("write"),
+    cat.STORAGE_READ_BYTES: _storage_bytes("read"),
+    cat.STORAGE_ERRORS: _storage_errors,
+    cat.COMPRESSION_RATIO: _compression_ratio,
+    cat.COMPRESSED_BYTES: _compression_bytes(0),
+    cat.UNCOMPRESSED_BYTES: _compression_bytes(1),
+    cat.ERRORS_TOTAL: _by_key("errors"),
+    cat.RETRIES_TOTAL: _by_key("retries"),
+    cat.LAST_SUCCESSFUL_COMMIT: _last_commit,
+    cat.REBALANCES_TOTAL: _rebalances,
+    cat.TELEMETRY_DROPPED: _dropped,
+    cat.TELEMETRY_INVALID: _invalid,
+}
+
+_FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+
+
+def new_family(m: cat.Metric):
+    return _FAMILIES[m.type](m.family_name, m.help, labels=m.labels, unit=m.om_unit)
+
+
+class StateCollector(Collector):
+    """Rebuilt on every collect: the snapshot is the only state, so there is nothing to keep in sync."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], Mapping[str, Any]],
+        throughput_window_s: int = 60,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._snapshot = snapshot
+        self._window = throughput_window_s
+        self._clock = clock
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator:
+        view = make_view(self._snapshot(), self._clock(), self._window)
+        for m in cat.CATALOGUE:
+            builder = BUILDERS.get(m)
+            if builder is not None and m.type in _FAMILIES:
+                yield self._build(m, builder, view)
+
+    @staticmethod
+    def _build(m: cat.Metric, builder: Builder, view: View):
+        """One malformed state value must cost its family's samples, not the whole scrape."""
+        family = new_family(m)
+        try:
+            for sample in builder(view):
+                family.add_metric(*sample)
+        except Exception:
+            log.exception("cannot build %s", m.name)
+            return new_family(m)
+        return family

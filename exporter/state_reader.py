@@ -1,0 +1,167 @@
+"""Keeping a local copy of the state topic: the latest value of every job key.
+
+The state topic is a compacted changelog, so reading it from the beginning and
+keeping the last value per key rebuilds the aggregator's table exactly. Partitions
+are assigned, not subscribed: a consumer group would split the topic between
+exporter replicas (each would see some jobs only) and its commits would mean
+nothing, since every start must re-read everything anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any
+
+import msgspec
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from schemas.state import PIPELINE_PREFIX, decode_pipeline, decode_state
+from schemas.topics import state_topic
+
+log = logging.getLogger("kafka_backup.exporter")
+
+RETRY_S = 1.0
+POLL_S = 0.5
+BATCH = 500
+METADATA_TIMEOUT_S = 5.0
+
+
+class CatchUp:
+    """Which partitions are still behind the end they had when reading started.
+
+    "Ready" means the copy is at least as new as the table was at start-up, so
+    the first scrapes do not show half-restored counters. A partition is done
+    when its next offset reaches that end or the broker reports end-of-partition
+    (which also covers ends made of transaction markers or compacted-away records).
+    """
+
+    def __init__(self, ends: dict[int, int], positions: dict[int, int]) -> None:
+        self._pending = {p: end for p, end in ends.items() if end > positions.get(p, 0)}
+
+    def advance(self, partition: int, next_offset: int) -> None:
+        end = self._pending.get(partition)
+        if end is not None and next_offset >= end:
+            del self._pending[partition]
+
+    def eof(self, partition: int) -> None:
+        self._pending.pop(partition, None)
+
+    @property
+    def done(self) -> bool:
+        return not self._pending
+
+
+class StateReader:
+    """A background thread mirroring the state topic into a dict; call :meth:`start` once."""
+
+    def __init__(self, bootstrap_servers: str, app_id: str) -> None:
+        self.topic = state_topic(app_id)
+        self.ready = threading.Event()
+        self.undecodable = 0
+        self._values: dict[str, Any] = {}
+        self._positions: dict[int, int] = {}  # partition -> next offset to read, kept across reconnects
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._conf = {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": f"kafka-backup-exporter-{uuid.uuid4().hex}",  # required by librdkafka; never committed
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "logger": log,
+        }
+        self._thread = threading.Thread(target=self._run, name="state-reader", daemon=True)
+
+    def start(self) -> StateReader:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Shallow copy: values are replaced, never mutated, so sharing them is safe."""
+        with self._lock:
+            return dict(self._values)
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        """Fold one changelog record into the copy; a bad record is counted, never fatal."""
+        with self._lock:
+            if key is None:
+                self.undecodable += 1
+                return
+            name = key.decode("utf-8", "replace")
+            if value is None:
+                self._values.pop(name, None)
+                return
+            try:
+                self._values[name] = decode_pipeline(value) if name.startswith(PIPELINE_PREFIX) else (
+                    decode_state(value))
+            except msgspec.DecodeError as err:
+                self.undecodable += 1
+                log.warning("skipping undecodable state value for %s: %s", name, err)
+
+    # ---- consumer thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        consumer = Consumer(self._conf)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._session(consumer)
+                except KafkaException as err:
+                    log.warning("state topic %s: %s; retrying", self.topic, err)
+                    self._stop.wait(RETRY_S)
+        finally:
+            consumer.close()
+
+    def _session(self, consumer: Consumer) -> None:
+        """Assign every partition (resuming where a failed session stopped) and read until stopped."""
+        partitions = self._wait_for_topic(consumer)
+        if partitions is None:
+            return
+        catch_up = CatchUp(self._ends(consumer, partitions), self._positions)
+        consumer.assign(
+            [TopicPartition(self.topic, p, self._positions.get(p, OFFSET_BEGINNING)) for p in partitions]
+        )
+        while not self._stop.is_set():
+            if catch_up.done:
+                self.ready.set()
+            for msg in consumer.consume(BATCH, POLL_S):
+                self._handle(msg, catch_up)
+
+    def _wait_for_topic(self, consumer: Consumer) -> list[int] | None:
+        """The aggregator creates the topic on its first write; until then there is nothing to read."""
+        while not self._stop.is_set():
+            metadata = consumer.list_topics(self.topic, timeout=METADATA_TIMEOUT_S)
+            meta = metadata.topics.get(self.topic)
+            if meta is not None and meta.error is None and meta.partitions:
+                return sorted(meta.partitions)
+            self._stop.wait(RETRY_S)
+        return None
+
+    def _ends(self, consumer: Consumer, partitions: list[int]) -> dict[int, int]:
+        ends = {}
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(self.topic, p), timeout=METADATA_TIMEOUT_S, cached=False)
+            ends[p] = high if high > low else 0
+        return ends
+
+    def _handle(self, msg: Any, catch_up: CatchUp) -> None:
+        err = msg.error()
+        if err is None:
+            self.apply(msg.key(), msg.value())
+            self._positions[msg.partition()] = msg.offset() + 1
+            catch_up.advance(msg.partition(), msg.offset() + 1)
+        elif err.code() == KafkaError._PARTITION_EOF:
+            catch_up.eof(msg.partition())
+        elif err.fatal():
+            raise KafkaException(err)
+        else:
+            log.warning("state topic %s: %s", self.topic, err)

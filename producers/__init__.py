@@ -1,0 +1,1 @@
+"""Stage 2: backup and restore workers, and the telemetry they emit."""

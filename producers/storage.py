@@ -1,0 +1,248 @@
+"""Storage backends (filesystem, S3) and the timing wrapper that reports every call.
+
+Backends only move bytes and raise :class:`StorageError` with a PRD error type
+(timeout, auth, not_found, quota, unknown). :class:`Storage` wraps one backend
+to time each call from request to response, retry transient failures, and
+report it all through a callback, so the workers' code never measures by hand.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from schemas.config import ConfigError
+
+TRANSIENT = frozenset({"timeout", "quota", "unknown"})
+
+
+class StorageError(Exception):
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+    @property
+    def transient(self) -> bool:
+        return self.error_type in TRANSIENT
+
+
+class FileBackend:
+    """Local or mounted filesystem; writes are atomic (temp file, fsync, rename) so a crash never leaves half a segment."""
+
+    name = "filesystem"
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *key.split("/"))
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        except OSError as err:
+            raise _classify_os(err, key) from None
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as fh:
+                return fh.read()
+        except OSError as err:
+            raise _classify_os(err, key) from None
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for f in files:
+                if not f.startswith(".tmp-"):
+                    rel = os.path.relpath(os.path.join(dirpath, f), self.root)
+                    out.append(rel.replace(os.sep, "/"))
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+
+
+def _classify_os(err: OSError, key: str) -> StorageError:
+    kind = {
+        errno.ENOENT: "not_found",
+        errno.EACCES: "auth",
+        errno.EPERM: "auth",
+        errno.ENOSPC: "quota",
+        errno.EDQUOT: "quota",
+        errno.ETIMEDOUT: "timeout",
+    }.get(err.errno or 0, "unknown")
+    return StorageError(kind, f"{key}: {err.strerror or err}")
+
+
+class S3Backend:
+    """Any S3 API (AWS, MinIO, GCS interoperability) through boto3."""
+
+    name = "s3"
+
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        # boto3's own retries would hide retries from our metrics: we retry, and count, ourselves.
+        self.client = boto3.client(
+            "s3", endpoint_url=endpoint_url or None,
+            config=BotoConfig(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=10, read_timeout=60),
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call(self.client.put_object, key, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get(self, key: str) -> bytes:
+        resp = self._call(self.client.get_object, key, Bucket=self.bucket, Key=self._key(key))
+        return resp["Body"].read()
+
+    def list(self, prefix: str) -> list[str]:
+        out = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                out += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+        except Exception as err:
+            raise _classify_boto(err, prefix) from None
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        self._call(self.client.delete_object, key, Bucket=self.bucket, Key=self._key(key))
+
+    def _call(self, fn: Callable, key: str, **kwargs):
+        try:
+            return fn(**kwargs)
+        except Exception as err:
+            raise _classify_boto(err, key) from None
+
+
+def _classify_boto(err: Exception, key: str) -> StorageError:
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(err, (ConnectTimeoutError, ReadTimeoutError)):
+        return StorageError("timeout", f"{key}: {err}")
+    if isinstance(err, EndpointConnectionError):
+        return StorageError("unknown", f"{key}: {err}")
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        kind = (
+            "not_found" if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound")
+            else "auth" if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken")
+            else "quota" if code in ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "503")
+            else "timeout" if code in ("RequestTimeout", "RequestTimeTooSkewed")
+            else "unknown"
+        )
+        return StorageError(kind, f"{key}: {code} {err.response.get('Error', {}).get('Message', '')}".strip())
+    return StorageError("unknown", f"{key}: {err}")
+
+
+def open_backend(url: str, s3_endpoint_url: str = "") -> FileBackend | S3Backend:
+    """``file:///dir`` (or a plain path) or ``s3://bucket/prefix``."""
+    if not url:
+        raise ConfigError("backup.storage: no storage given; use --storage file:///dir or s3://bucket/prefix")
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else url
+        if parsed.scheme == "file" and parsed.netloc:
+            raise ConfigError(f"backup.storage: {url!r} has a host; write file:///absolute/path (three slashes)")
+        return FileBackend(path)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ConfigError(f"backup.storage: {url!r} names no bucket; write s3://bucket/prefix")
+        return S3Backend(parsed.netloc, parsed.path, s3_endpoint_url or None)
+    raise ConfigError(f"backup.storage: unsupported scheme {parsed.scheme!r}; use file:// or s3://")
+
+
+@dataclass
+class OpReport:
+    """What :class:`Storage` tells its listener about one call."""
+
+    direction: str  # write | read
+    operation: str  # segment | manifest | checkpoint
+    latency_s: float
+    nbytes: int
+    error: StorageError | None = None
+    retrying: bool = False
+
+
+class Storage:
+    """A backend plus timing, retries of transient errors, and reports of every attempt."""
+
+    def __init__(self, backend: FileBackend | S3Backend, listener: Callable[[OpReport], None] | None = None,
+                 retries: int = 3, backoff_s: float = 0.2) -> None:
+        self.backend = backend
+        self.listener = listener or (lambda report: None)
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def put(self, key: str, data: bytes, operation: str) -> None:
+        self._attempt("write", operation, lambda: self.backend.put(key, data), lambda _: len(data))
+
+    def get(self, key: str, operation: str) -> bytes:
+        return self._attempt("read", operation, lambda: self.backend.get(key), len)
+
+    def get_optional(self, key: str, operation: str) -> bytes | None:
+        """A read where absence is an answer, not an error (e.g. the first run's checkpoint)."""
+        try:
+            return self.backend.get(key)
+        except StorageError as err:
+            if err.error_type == "not_found":
+                return None
+            raise
+
+    def list(self, prefix: str) -> list[str]:
+        return self.backend.list(prefix)
+
+    def _attempt(self, direction: str, operation: str, call: Callable, size: Callable):
+        attempt = 0
+        while True:
+            start = time.perf_counter()
+            try:
+                result = call()
+            except StorageError as err:
+                retrying = err.transient and attempt < self.retries
+                self.listener(OpReport(direction, operation, time.perf_counter() - start, 0, err, retrying))
+                if not retrying:
+                    raise
+                attempt += 1
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                continue
+            self.listener(OpReport(direction, operation, time.perf_counter() - start, size(result)))
+            return result

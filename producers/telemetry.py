@@ -1,0 +1,131 @@
+"""The telemetry emitter: events out to Kafka without ever blocking the backup.
+
+``produce()`` only enqueues into librdkafka's bounded queue and returns; when
+the queue is full (telemetry cluster down for long) the event is dropped, the
+drop counted, and the count itself reported as a :class:`TelemetryDropped`
+event as soon as delivery works again, so loss is visible in the metrics
+(``kafka_backup_telemetry_dropped_events_total``) and in the worker's log.
+
+Idempotence is on (no duplicates from producer retries, order kept per
+partition), and every event of a job carries the same key, so one job's events
+stay in order in one partition.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+
+from confluent_kafka import KafkaError, Producer
+
+from schemas import events as ev
+from schemas.config import TelemetryConfig
+from schemas.kafka_admin import client_config, ensure_telemetry_topic
+
+log = logging.getLogger("kafka_backup.telemetry")
+
+DROP_REPORT_INTERVAL_S = 5.0
+
+
+def new_instance_id() -> str:
+    """Unique per process start: sequence numbers restart at 0 with each instance."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Emitter:
+    def __init__(self, bootstrap_servers: str, tcfg: TelemetryConfig, kind: str, job: str,
+                 instance: str | None = None) -> None:
+        self.topic = tcfg.topic
+        self.kind = kind
+        self.job = job
+        self.key = ev.event_key(kind, job).encode()
+        self.instance = instance or new_instance_id()
+        self.seq = 0
+        self.dropped = 0
+        self.delivered = 0
+        self._reported_dropped = 0
+        self._last_drop_report = 0.0
+        try:
+            ensure_telemetry_topic(bootstrap_servers, tcfg)
+        except Exception as err:  # the backup must not depend on the telemetry cluster being up
+            log.warning("telemetry: could not check topic %s on %s (%s); events stay buffered",
+                        tcfg.topic, bootstrap_servers, err)
+        self._producer = Producer(client_config(
+            bootstrap_servers,
+            **{
+                "enable.idempotence": True,
+                "queue.buffering.max.messages": tcfg.buffer_max_events,
+                "message.timeout.ms": tcfg.delivery_timeout_ms,
+                "linger.ms": 50,
+                "compression.type": "lz4",
+                "error_cb": self._on_error,
+            },
+        ))
+
+    def emit(self, event_type: type[ev.Event], **fields) -> None:
+        self.seq += 1
+        event = event_type(instance=self.instance, seq=self.seq, ts=time.time(), kind=self.kind, job=self.job,
+                           **fields)
+        self._send(ev.encode(event))
+
+    def _send(self, payload: bytes) -> None:
+        try:
+            self._producer.produce(self.topic, payload, self.key, on_delivery=self._on_delivery)
+        except BufferError:
+            self._drop(1, "buffer full")
+        except Exception as err:
+            self._drop(1, str(err))
+        self._producer.poll(0)
+        self._maybe_report_drops()
+
+    def _on_delivery(self, err: KafkaError | None, msg) -> None:
+        if err is None:
+            self.delivered += 1
+        else:
+            self._drop(1, err.str())
+
+    def _on_error(self, err: KafkaError) -> None:
+        log.debug("telemetry producer: %s", err.str())
+
+    def _drop(self, n: int, why: str) -> None:
+        if self.dropped == self._reported_dropped:
+            log.warning("telemetry: dropping events (%s); the count is reported in "
+                        "kafka_backup_telemetry_dropped_events_total", why)
+        self.dropped += n
+
+    def _maybe_report_drops(self, force: bool = False) -> None:
+        if self.dropped == self._reported_dropped:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_drop_report < DROP_REPORT_INTERVAL_S:
+            return
+        if len(self._producer) > 0 and not force:
+            return  # still backed up: the report would only join the queue; try again later
+        self._last_drop_report = now
+        total = self.dropped
+        self.seq += 1
+        event = ev.TelemetryDropped(instance=self.instance, seq=self.seq, ts=time.time(), kind=self.kind,
+                                    job=self.job, total=total)
+        try:
+            self._producer.produce(self.topic, ev.encode(event), self.key, on_delivery=self._on_delivery)
+            self._reported_dropped = total
+            log.warning("telemetry: %d events dropped so far by instance %s", total, self.instance)
+        except BufferError:
+            pass
+
+    def poll(self) -> None:
+        """Serve delivery callbacks; called from the worker's loop, never blocks."""
+        self._producer.poll(0)
+        self._maybe_report_drops()
+
+    def close(self, timeout: float = 30.0) -> int:
+        """Deliver what is buffered (bounded wait); return the number of events lost."""
+        self._producer.flush(timeout)
+        self._maybe_report_drops(force=True)
+        remaining = self._producer.flush(timeout)
+        if remaining:
+            log.warning("telemetry: %d events still undelivered at exit; they are lost", remaining)
+        return self.dropped + remaining
