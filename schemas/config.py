@@ -82,6 +82,10 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 def flag_for(path: str) -> str:
+    """``backup.compression`` -> ``--backup-compression``; ``backup.backup_id`` -> ``--backup-id``."""
+    section, _, key = path.partition(".")
+    if key.startswith(section + "_"):
+        return "--" + key.replace("_", "-")
     return "--" + path.replace(".", "-").replace("_", "-")
 
 

@@ -53,7 +53,8 @@ def create_app(cfg: Config) -> faust.App:
         stream_wait_empty=False,
     )
     settings = fold.Settings(throughput_window_s=cfg.aggregator.throughput_window_s)
-    topic = app.topic(cfg.telemetry.topic, schema=RAW, partitions=cfg.telemetry.partitions)
+    topic = app.topic(cfg.telemetry.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                      value_serializer="raw", partitions=cfg.telemetry.partitions)
     table = app.Table(STATE_TABLE, default=None, schema=RAW, partitions=cfg.telemetry.partitions)
 
     def skip(partition: int, reason: str, detail: object) -> None:

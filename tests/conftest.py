@@ -1,0 +1,244 @@
+"""Shared fixtures: a real broker process, and helpers to run the pipeline's real processes.
+
+The broker is noida-db started as a subprocess on a free loopback port, unless
+``KAFKA_BOOTSTRAP_SERVERS`` names a real cluster. Every test uses its own
+topics, backup ids and aggregator application id, so tests share one broker
+without seeing each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
+
+from cli.devbroker import DevBroker, free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """Bootstrap address of a running Kafka-protocol broker."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    with DevBroker(log_path=os.path.join(tempfile.gettempdir(), "kafka-backup-test-broker.log")) as b:
+        yield b.bootstrap
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(name, partitions, 1)])[name].result(15)
+
+
+@dataclass
+class Produced:
+    """Ground truth of what a test produced, computed on the producing side."""
+
+    records: dict[int, int] = field(default_factory=dict)  # partition -> count
+    bytes: dict[int, int] = field(default_factory=dict)  # partition -> key+value bytes
+
+    @property
+    def total_records(self) -> int:
+        return sum(self.records.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
+def produce(bootstrap: str, topic: str, partitions: int, n: int, seed: int = 0,
+            truth: Produced | None = None) -> Produced:
+    """Produce n records round-robin with varied keys, values and headers; return the truth."""
+    truth = truth or Produced()
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for i in range(n):
+        part = i % partitions
+        key = f"key-{seed}-{i}".encode() if i % 5 else None
+        value = (f"value-{seed}-{i}-" + "x" * ((i * 7) % 120)).encode()
+        p.produce(topic, value=value, key=key, partition=part, headers=[("h", str(i).encode())],
+                  timestamp=1_700_000_000_000 + i)
+        truth.records[part] = truth.records.get(part, 0) + 1
+        truth.bytes[part] = truth.bytes.get(part, 0) + len(key or b"") + len(value)
+    assert p.flush(30) == 0
+    return truth
+
+
+def watermarks(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("wm")})
+    try:
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
+    finally:
+        c.close()
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {tp.partition: tp.offset for tp in tps}
+    finally:
+        c.close()
+
+
+def cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60, interval: float = 0.5, what: str = ""):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as err:  # not ready yet: keep the last error for the message
+            last = err
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}")
+
+
+class Samples(dict):
+    """{(name, frozenset(labels.items())): value} with a friendly getter."""
+
+    def get_value(self, name: str, **labels) -> float | None:
+        return self.get((name, frozenset((k, str(v)) for k, v in labels.items())))
+
+    def matching(self, name: str, **labels) -> dict:
+        want = {(k, str(v)) for k, v in labels.items()}
+        return {k: v for k, v in self.items() if k[0] == name and want <= k[1]}
+
+
+def parse_prometheus(text: str) -> Samples:
+    out = Samples()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+class Proc:
+    def __init__(self, args: list[str], log_path: str) -> None:
+        self.args = args
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Proc:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", *self.args], cwd=ROOT, stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc and self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as fh:
+            return fh.read()[-4000:]
+
+
+class Pipeline:
+    """A real aggregator process and a real exporter process on one telemetry cluster."""
+
+    def __init__(self, bootstrap: str, tmp: str, app_id: str | None = None) -> None:
+        self.bootstrap = bootstrap
+        self.app_id = app_id or unique("agg")
+        self.port = free_port()
+        self.tmp = tmp
+        self.aggregator = Proc(["aggregate", "--bootstrap-servers", bootstrap, "--app-id", self.app_id,
+                                "--instance-id", f"{self.app_id}-1", "--log-level", "INFO"],
+                               os.path.join(tmp, f"{self.app_id}-aggregator.log"))
+        self.exporter = Proc(["exporter", "--bootstrap-servers", bootstrap, "--app-id", self.app_id,
+                              "--port", str(self.port), "--metrics-update-interval-ms", "100"],
+                             os.path.join(tmp, f"{self.app_id}-exporter.log"))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Pipeline:
+        self.aggregator.start()
+        self.exporter.start()
+        wait_for(lambda: self.health() == 200, 60, what="exporter /health")
+        return self
+
+    def stop(self) -> None:
+        self.exporter.stop()
+        self.aggregator.stop()
+
+    def health(self) -> int:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    def scrape_text(self, accept: str | None = None) -> tuple[str, str]:
+        req = urllib.request.Request(self.url + "/metrics", headers={"Accept": accept} if accept else {})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.read().decode(), r.headers.get("Content-Type", "")
+
+    def scrape(self) -> Samples:
+        return parse_prometheus(self.scrape_text()[0])
+
+    def wait_value(self, name: str, expected: float, timeout: float = 60, **labels) -> Samples:
+        def check():
+            s = self.scrape()
+            return s if s.get_value(name, **labels) == expected else None
+
+        try:
+            return wait_for(check, timeout, what=f"{name}{labels} == {expected}")
+        except AssertionError:
+            got = self.scrape().get_value(name, **labels)
+            raise AssertionError(
+                f"{name}{labels}: expected {expected}, got {got}\n--- aggregator log ---\n{self.aggregator.log()}"
+                f"\n--- exporter log ---\n{self.exporter.log()}") from None
+
+
+@pytest.fixture
+def pipeline_factory(broker, tmp_path):
+    made: list[Pipeline] = []
+
+    def make(app_id: str | None = None) -> Pipeline:
+        p = Pipeline(broker, str(tmp_path), app_id)
+        made.append(p)
+        return p.start()
+
+    yield make
+    for p in made:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_pipeline(broker, tmp_path_factory):
+    """One aggregator and exporter for tests that only add their own backup ids."""
+    p = Pipeline(broker, str(tmp_path_factory.mktemp("pipeline"))).start()
+    yield p
+    p.stop()
