@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from schemas import catalogue as cat
-from schemas.state import Histogram, JobState, PartitionState, PipelineState
+from schemas.state import Histogram, JobState, PartitionState, PipelineState, RateSample
 
 log = logging.getLogger("kafka_backup.exporter")
 
@@ -124,7 +124,7 @@ def rate_divisor(s: JobState, view: View) -> float:
     return max(1.0, min(float(view.window), view.now - s.started_ts))
 
 
-def _recent_rates(s: JobState, view: View):
+def _recent_rates(s: JobState, view: View) -> list[RateSample]:
     horizon = view.now - view.window
     return [r for r in s.rates if r.second > horizon]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -21,11 +22,34 @@ from schemas.state import PIPELINE_PREFIX, decode_pipeline, decode_state
 from schemas.topics import state_topic
 
 log = logging.getLogger("kafka_backup.exporter")
+rdkafka_log = logging.getLogger("kafka_backup.exporter.rdkafka")
 
 RETRY_S = 1.0
 POLL_S = 0.5
 BATCH = 500
 METADATA_TIMEOUT_S = 5.0
+
+
+class RepeatFilter(logging.Filter):
+    """librdkafka logs a failed connect many times a second while the broker is down; once a minute is plenty."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        super().__init__()
+        self._every = every_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        text = record.getMessage()
+        if now - self._last.get(text, -self._every) < self._every:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[text] = now
+        return True
+
+
+rdkafka_log.addFilter(RepeatFilter())
 
 
 class CatchUp:
@@ -71,7 +95,7 @@ class StateReader:
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
-            "logger": log,
+            "logger": rdkafka_log,
         }
         self._thread = threading.Thread(target=self._run, name="state-reader", daemon=True)
 
@@ -116,6 +140,9 @@ class StateReader:
                     self._session(consumer)
                 except KafkaException as err:
                     log.warning("state topic %s: %s; retrying", self.topic, err)
+                    self._stop.wait(RETRY_S)
+                except Exception:
+                    log.exception("state topic %s: unexpected failure; retrying", self.topic)
                     self._stop.wait(RETRY_S)
         finally:
             consumer.close()

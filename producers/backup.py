@@ -104,6 +104,7 @@ class BackupWorker:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
+                "enable.partition.eof": not bcfg.continuous,
                 "error_cb": self._on_kafka_error,
                 **({"group.instance.id": bcfg.instance_id or f"{self.id}@{socket.gethostname()}"}
                    if bcfg.continuous else {}),
@@ -225,8 +226,6 @@ class BackupWorker:
             self.fetches += 1
             for msg in batch:
                 self._take(msg)
-            if not batch and not self.cfg.continuous:
-                self._sync_positions()
             self._flush_due()
             self.emitter.poll()
             if time.monotonic() >= next_progress:
@@ -236,7 +235,9 @@ class BackupWorker:
     def _take(self, msg) -> None:
         err = msg.error()
         if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
+            if err.code() == KafkaError._PARTITION_EOF:
+                self._reached_end(msg)
+            else:
                 self._on_kafka_error(err)
             return
         work = self.parts.get(f"{msg.topic()}/{msg.partition()}")
@@ -258,13 +259,11 @@ class BackupWorker:
         counts[0] += 1
         counts[1] += rec.size
 
-    def _sync_positions(self) -> None:
-        """Idle one-shot partitions: take the fetch position, which steps over transaction markers."""
-        waiting = [TopicPartition(w.topic, w.partition) for w in self.parts.values() if not w.done()]
-        for tp in self.consumer.position(waiting) if waiting else []:
-            work = self.parts[f"{tp.topic}/{tp.partition}"]
-            if tp.offset >= 0:
-                work.position = max(work.position, min(tp.offset, work.target or tp.offset))
+    def _reached_end(self, msg) -> None:
+        """All records up to the end were delivered: the position steps over transaction markers too."""
+        work = self.parts.get(f"{msg.topic()}/{msg.partition()}")
+        if work is not None and work.target is not None:
+            work.position = max(work.position, min(msg.offset(), work.target))
 
     def _flush_due(self) -> None:
         now = time.monotonic()

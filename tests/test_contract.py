@@ -1,0 +1,71 @@
+"""The contract's own guarantees: generated docs current, names unique, config errors one line."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from schemas import catalogue as cat
+from schemas.config import ConfigError, load
+from tests.conftest import ROOT, cli
+
+
+def test_metrics_reference_is_generated_and_current():
+    with open(os.path.join(ROOT, "docs", "metrics.md"), encoding="utf-8") as fh:
+        on_disk = fh.read()
+    assert on_disk == cat.render_markdown(), "docs/metrics.md is stale: python -m schemas.catalogue > docs/metrics.md"
+
+
+def test_catalogue_names_are_unique_and_well_formed():
+    names = [m.name for m in cat.CATALOGUE]
+    assert len(names) == len(set(names))
+    for m in cat.CATALOGUE:
+        assert m.name.startswith(("kafka_backup_", "kafka_restore_", "kafka_offset_reset_"))
+        assert (m.type == "counter") == m.name.endswith("_total") or m.name == cat.REBALANCES_TOTAL.name
+        assert not m.family_name.endswith("_total"), "prometheus_client would emit _total_total"
+        assert bool(m.buckets) == (m.type == "histogram")
+        assert list(m.buckets) == sorted(m.buckets)
+
+
+def test_prd_buckets_are_kept():
+    assert cat.BACKUP_DURATION.buckets == (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+    assert cat.STORAGE_WRITE_LATENCY.buckets == (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def test_yaml_file_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("metrics:\n  port: 9100\n  path: /m\nbackup:\n  compression: lz4\n")
+    cfg = load(str(path), {"metrics.port": "9200"})
+    assert (cfg.metrics.port, cfg.metrics.path, cfg.backup.compression) == (9200, "/m", "lz4")
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("metrics:\n  prot: 1\n", "metrics.prot: unknown key"),
+    ("metrics:\n  port: -3\n", "metrics.port: Expected `int` >= 0"),
+    ("backup:\n  compression: brotli\n", "backup.compression: Invalid enum value 'brotli'"),
+    ("[1, 2]\n", "must hold a mapping"),
+    ("metrics: [\n", "is not valid YAML"),
+])
+def test_bad_config_is_one_line_naming_the_field(tmp_path, yaml_text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load(str(path))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["backup", "--bootstrap-servers", "127.0.0.1:1", "--topics", "t", "--backup-id", "a/b",
+      "--storage", "file:///tmp/x"], "backup.backup_id: 'a/b' is not a safe id"),
+    (["backup", "--bootstrap-servers", "127.0.0.1:1", "--backup-id", "ok", "--storage", "file:///tmp/x"],
+     "backup.topics: no topics given"),
+    (["exporter", "--bootstrap-servers", "127.0.0.1:1", "--port", "70000"], "metrics.port: Expected `int` <= 65535"),
+    (["aggregate"], "kafka.bootstrap_servers: not set"),
+    (["backup", "--config", "/nonexistent.yaml"], "--config: cannot read /nonexistent.yaml"),
+])
+def test_cli_user_mistakes_exit_2_with_one_line(args, needle):
+    r = cli(*args, env={"KAFKA_BOOTSTRAP_SERVERS": ""})
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
