@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -141,6 +140,7 @@ class BackupWorker:
             self._start()
             self._loop()
             self._flush_all()
+            log.info("stopping with %s", self._summary())
             status = "success"
         except (BackupFailed, ConfigError) as err:
             reason = str(err)
@@ -188,8 +188,10 @@ class BackupWorker:
                 work = self._load_partition(topic, p)
                 low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
                 work.target = work.high_watermark = high
-                work.position = max(work.next_offset, low)
-                resume = work.next_offset if work.checkpoint.segments else OFFSET_BEGINNING
+                # An explicit offset, not OFFSET_BEGINNING: resolving "beginning" raced with
+                # fresh data on the dev broker and could land at the end, skipping records.
+                resume = work.next_offset if work.checkpoint.segments else low
+                work.position = resume
                 assignment.append(TopicPartition(topic, p, resume))
         self.consumer.assign(assignment)
 
@@ -205,7 +207,11 @@ class BackupWorker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             work = self._load_partition(tp.topic, tp.partition)
-            tp.offset = work.next_offset if work.next_offset > 0 else OFFSET_BEGINNING
+            if work.checkpoint.segments:
+                tp.offset = work.next_offset
+            else:
+                low, _high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+                tp.offset = low
         consumer.assign(partitions)
         self.emitter.emit(ev.Rebalance, assigned=[f"{tp.topic}/{tp.partition}" for tp in partitions])
 
@@ -216,6 +222,7 @@ class BackupWorker:
         self.emitter.emit(ev.Rebalance, revoked=[f"{tp.topic}/{tp.partition}" for tp in partitions])
 
     def _loop(self) -> None:
+        log.info("backing up %s", {w.tp: (w.next_offset, w.target) for w in self.parts.values()})
         poll_s = self.cfg.poll_interval_ms / 1000
         next_progress = time.monotonic() + poll_s
         while not self.stopping:
@@ -254,6 +261,8 @@ class BackupWorker:
         work.buffer.append(rec)
         work.buffer_bytes += rec.size
         work.position = rec.offset + 1
+        if len(work.buffer) >= self.cfg.segment_max_records or work.buffer_bytes >= self.cfg.segment_max_bytes:
+            self._flush(work)
         work.newest_available_ts = max(work.newest_available_ts or 0, ts)
         counts = self.consumed.setdefault(work.topic, [0, 0])
         counts[0] += 1
@@ -271,11 +280,12 @@ class BackupWorker:
         for work in list(self.parts.values()):
             if not work.buffer:
                 continue
-            if (len(work.buffer) >= self.cfg.segment_max_records
-                    or work.buffer_bytes >= self.cfg.segment_max_bytes
-                    or now - work.buffer_since >= flush_s
+            if (now - work.buffer_since >= flush_s
                     or (work.target is not None and work.position >= work.target)):
                 self._flush(work)
+
+    def _summary(self) -> str:
+        return ", ".join(f"{w.tp} at {w.next_offset}" for w in self.parts.values())
 
     def _flush_all(self) -> None:
         for work in list(self.parts.values()):

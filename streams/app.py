@@ -34,8 +34,6 @@ from streams import fold
 
 log = logging.getLogger("kafka_backup.aggregator")
 
-RAW = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-
 
 def create_app(cfg: Config) -> faust.App:
     bootstrap = cfg.kafka.bootstrap_servers
@@ -55,7 +53,10 @@ def create_app(cfg: Config) -> faust.App:
     settings = fold.Settings(throughput_window_s=cfg.aggregator.throughput_window_s)
     topic = app.topic(cfg.telemetry.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                       value_serializer="raw", partitions=cfg.telemetry.partitions)
-    table = app.Table(STATE_TABLE, default=None, schema=RAW, partitions=cfg.telemetry.partitions)
+    # key_type/value_type bytes make Faust pick the raw serializer for the changelog too; a
+    # Schema alone is not used when recovering, and recovery then fails to decode.
+    table = app.Table(STATE_TABLE, default=None, key_type=bytes, value_type=bytes,
+                      partitions=cfg.telemetry.partitions)
 
     def skip(partition: int, reason: str, detail: object) -> None:
         key = pipeline_key(partition).encode()

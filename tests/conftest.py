@@ -51,6 +51,7 @@ def create_topic(bootstrap: str, name: str, partitions: int) -> None:
 class Produced:
     """Ground truth of what a test produced, computed on the producing side."""
 
+    base_ts: int = 0  # record i has timestamp base_ts + i (ms)
     records: dict[int, int] = field(default_factory=dict)  # partition -> count
     bytes: dict[int, int] = field(default_factory=dict)  # partition -> key+value bytes
 
@@ -66,14 +67,15 @@ class Produced:
 def produce(bootstrap: str, topic: str, partitions: int, n: int, seed: int = 0,
             truth: Produced | None = None) -> Produced:
     """Produce n records round-robin with varied keys, values and headers; return the truth."""
-    truth = truth or Produced()
+    # Recent timestamps: records older than the topic's retention.ms would be deleted at once.
+    truth = truth or Produced(base_ts=int(time.time() * 1000) - 3_600_000)
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     for i in range(n):
         part = i % partitions
         key = f"key-{seed}-{i}".encode() if i % 5 else None
         value = (f"value-{seed}-{i}-" + "x" * ((i * 7) % 120)).encode()
         p.produce(topic, value=value, key=key, partition=part, headers=[("h", str(i).encode())],
-                  timestamp=1_700_000_000_000 + i)
+                  timestamp=truth.base_ts + i)
         truth.records[part] = truth.records.get(part, 0) + 1
         truth.bytes[part] = truth.bytes.get(part, 0) + len(key or b"") + len(value)
     assert p.flush(30) == 0
