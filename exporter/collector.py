@@ -22,14 +22,17 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from schemas import catalogue as cat
-from schemas.state import Histogram, JobState, PartitionState, PipelineState, RateSample
+from schemas.state import (
+    FETCHES_TOPIC,
+    SIZE_WINDOW_MINUTES,
+    Histogram,
+    JobState,
+    PartitionState,
+    PipelineState,
+    RateSample,
+)
 
 log = logging.getLogger("kafka_backup.exporter")
-
-# Mirrors of streams.fold constants: the exporter reads the state contract without importing the
-# aggregator (a unit test keeps them equal).
-FETCHES_TOPIC = ""
-SIZE_WINDOW_MINUTES = 60
 
 Sample = tuple  # (label values, value) or (label values, buckets, sum)
 Builder = Callable[["View"], Iterable[Sample]]
@@ -47,6 +50,10 @@ class View:
     @property
     def backups(self) -> list[JobState]:
         return [j for j in self.jobs if j.kind == "backup"]
+
+    @property
+    def restores(self) -> list[JobState]:
+        return [j for j in self.jobs if j.kind == "restore"]
 
 
 def make_view(snapshot: Mapping[str, Any], now: float, window: int) -> View:
@@ -221,12 +228,21 @@ def _fetches_total(view: View) -> Iterator[Sample]:
 # ---- 3. durations ---------------------------------------------------------------------------
 
 
-def _duration(view: View) -> Iterator[Sample]:
-    metric = cat.BACKUP_DURATION
-    for s in view.backups:
-        for status, h in s.durations.items():
-            if _fits(h, metric):
-                yield (s.job, status), cumulative(h.counts, metric.buckets), h.sum
+def _duration(kind: str, metric: cat.Metric, label: Callable[[JobState], str]) -> Builder:
+    """Per job kind; restores are labelled by the backup they read, so runs of several merge."""
+
+    def build(view: View) -> Iterator[Sample]:
+        acc: dict[tuple[str, ...], list] = {}
+        for s in view.jobs:
+            if s.kind != kind:
+                continue
+            for status, h in s.durations.items():
+                if _fits(h, metric):
+                    _merge(acc, (label(s), status), h)
+        for labels, (counts, total) in acc.items():
+            yield labels, cumulative(counts, metric.buckets), total
+
+    return build
 
 
 # ---- 4. storage -----------------------------------------------------------------------------
@@ -320,6 +336,42 @@ def _invalid(view: View) -> Iterator[Sample]:
     return _summed(((reason,), n) for p in view.pipelines for reason, n in p.invalid.items())
 
 
+# ---- 7. restore -----------------------------------------------------------------------------
+
+
+def restore_rate(s: JobState, view: View) -> float:
+    """Records acknowledged per second over the window (restores keep them under FETCHES_TOPIC)."""
+    return sum(r.records for r in _recent_rates(s, view) if r.topic == FETCHES_TOPIC) / rate_divisor(s, view)
+
+
+def restore_eta(s: JobState, view: View) -> float:
+    """Remaining over measured throughput; NaN, never a guess, while no throughput is measured."""
+    remaining = max(0, (s.total_records or 0) - s.restored_total)
+    if remaining == 0:
+        return 0.0
+    rate = restore_rate(s, view) if s.status == "running" else 0.0
+    return remaining / rate if rate > 0 else float("nan")
+
+
+def _restore_progress(view: View) -> Iterator[Sample]:
+    for s in view.restores:
+        if s.total_records is not None:
+            pct = 100.0 if s.total_records == 0 else min(100.0, 100.0 * s.restored_total / s.total_records)
+            yield (s.job, s.backup_id), pct
+
+
+def _restore_eta(view: View) -> Iterator[Sample]:
+    return (((s.job,), restore_eta(s, view)) for s in view.restores if s.total_records is not None)
+
+
+def _restore_throughput(view: View) -> Iterator[Sample]:
+    return (((s.job,), restore_rate(s, view)) for s in view.restores)
+
+
+def _restore_records(view: View) -> Iterator[Sample]:
+    return (((s.job,), s.records) for s in view.restores)
+
+
 BUILDERS: dict[cat.Metric, Builder] = {
     cat.LAG_RECORDS: _lag_records,
     cat.LAG_BYTES: _lag_bytes,
@@ -333,7 +385,9 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.CONSUMED_RECORDS_TOTAL: _consumed(0),
     cat.CONSUMED_BYTES_TOTAL: _consumed(1),
     cat.FETCHES_TOTAL: _fetches_total,
-    cat.BACKUP_DURATION: _duration,
+    cat.BACKUP_DURATION: _duration("backup", cat.BACKUP_DURATION, lambda s: s.job),
+    cat.RESTORE_DURATION: _duration("restore", cat.RESTORE_DURATION, lambda s: s.backup_id or s.job),
+    cat.OFFSET_RESET_DURATION: _duration("offset_reset", cat.OFFSET_RESET_DURATION, lambda s: s.job),
     cat.STORAGE_WRITE_LATENCY: _storage_latency("write", cat.STORAGE_WRITE_LATENCY),
     cat.STORAGE_READ_LATENCY: _storage_latency("read", cat.STORAGE_READ_LATENCY),
     cat.STORAGE_WRITE_BYTES: _storage_bytes("write"),
@@ -348,6 +402,10 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.REBALANCES_TOTAL: _rebalances,
     cat.TELEMETRY_DROPPED: _dropped,
     cat.TELEMETRY_INVALID: _invalid,
+    cat.RESTORE_PROGRESS: _restore_progress,
+    cat.RESTORE_ETA: _restore_eta,
+    cat.RESTORE_THROUGHPUT: _restore_throughput,
+    cat.RESTORE_RECORDS_TOTAL: _restore_records,
 }
 
 _FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}

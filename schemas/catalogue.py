@@ -117,6 +117,15 @@ BACKUP_DURATION = _m(
     "Backup run duration, observed once per run when it ends", ("backup_id", "status"),
     DURATION_BUCKETS, section=S3)
 
+RESTORE_DURATION = _m(
+    "kafka_restore_duration_seconds", "histogram", "seconds",
+    "Restore run duration, observed once per run when it ends", ("backup_id", "status"),
+    DURATION_BUCKETS, section=S3)
+OFFSET_RESET_DURATION = _m(
+    "kafka_offset_reset_duration_seconds", "histogram", "seconds",
+    "Offset reset duration per consumer group", ("consumer_group", "status"),
+    OFFSET_RESET_BUCKETS, section=S3)
+
 # 4. Storage I/O
 S4 = "4. Storage I/O"
 STORAGE_WRITE_LATENCY = _m(
@@ -180,6 +189,25 @@ TELEMETRY_INVALID = _m(
     "Telemetry records the aggregator skipped: not our msgpack, unknown type, future version, bad key or values",
     ("reason",), section=S6, extension=True,
     note="Skipped events never change other aggregates; this counter makes them visible.")
+
+# 7. Restore
+S7 = "7. Restore"
+RESTORE_PROGRESS = _m(
+    "kafka_restore_progress_percent", "gauge", "percent",
+    "Records restored over records in the restore's scope (backup and time window), times 100",
+    ("restore_id", "backup_id"), section=S7)
+RESTORE_ETA = _m(
+    "kafka_restore_eta_seconds", "gauge", "seconds",
+    "Remaining records over the throughput of the rolling window; NaN while throughput is unknown",
+    ("restore_id",), section=S7,
+    note="Never a made-up number: NaN until a rate was measured; 0 once the restore is complete.")
+RESTORE_THROUGHPUT = _m(
+    "kafka_restore_throughput_records_per_sec", "gauge", "records/s",
+    "Records acknowledged by the target cluster per second over the rolling window", ("restore_id",), section=S7,
+    note="A rate kept in a gauge; prefer rate(kafka_restore_records_total[1m]).")
+RESTORE_RECORDS_TOTAL = _m(
+    "kafka_restore_records_total", "counter", "records",
+    "Records restored (produced and acknowledged by the target cluster)", ("restore_id",), section=S7)
 
 
 def render_markdown() -> str:

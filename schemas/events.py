@@ -52,7 +52,8 @@ class JobStarted(Event, tag="job_started"):
     backend: str = ""
     compression: str = ""
     backup_id: str = ""  # for restores: the backup being restored
-    total_records: int | None = None  # for restores: records to restore in this run
+    total_records: int | None = None  # for restores: records in the restore's scope (whole window, all runs)
+    restored_total: int = 0  # for restores: records already restored by earlier runs (resumed)
 
 
 class JobEnded(Event, tag="job_ended"):
@@ -159,6 +160,20 @@ class OffsetsCommitted(Event, tag="offsets_committed"):
     offsets: list[TopicPartitionOffset] = []
 
 
+class RestoreProgress(Event, tag="restore_progress"):
+    """Sent after each produced batch is acknowledged by the target cluster.
+
+    ``records`` is what this batch added (counted once per event, so duplicates
+    of the event change nothing); ``restored_total`` is the restore's cumulative
+    count including earlier runs resumed from the checkpoint, for the
+    percentage.
+    """
+
+    records: int
+    restored_total: int
+    bytes: int = 0
+
+
 class TelemetryDropped(Event, tag="telemetry_dropped"):
     """Cumulative count of events this instance could not deliver; max() is idempotent."""
 
@@ -175,6 +190,7 @@ AnyEvent = (
     | Retry
     | Rebalance
     | OffsetsCommitted
+    | RestoreProgress
     | TelemetryDropped
 )
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import msgspec
 
 STATE_VERSION = 1
+FETCHES_TOPIC = ""  # RateSample.topic of samples that count polls (backups) or produced records (restores)
+SIZE_WINDOW_MINUTES = 60  # average record size for lag_bytes: the PRD's rolling hour
 
 
 class Histogram(msgspec.Struct, array_like=True):
@@ -97,6 +99,8 @@ class JobState(msgspec.Struct, omit_defaults=True):
     errors: dict[str, int] = {}
     retries: dict[str, int] = {}
     rebalances: int = 0
+    total_records: int | None = None  # restore: records in scope
+    restored_total: int = 0  # restore: cumulative, including resumed runs
     dropped: dict[str, int] = {}  # instance -> cumulative dropped events
     seen: dict[str, list[float]] = {}  # instance -> [highest seq, last event ts]
 

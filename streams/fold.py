@@ -18,11 +18,17 @@ from __future__ import annotations
 
 from schemas import catalogue as cat
 from schemas import events as ev
-from schemas.state import Histogram, JobState, PartitionState, RateSample, SizeSample
+from schemas.state import (
+    FETCHES_TOPIC,
+    SIZE_WINDOW_MINUTES,
+    Histogram,
+    JobState,
+    PartitionState,
+    RateSample,
+    SizeSample,
+)
 
 MAX_INSTANCES_PER_JOB = 64  # bound on dedup marks kept per job; oldest (by last event) go first
-SIZE_WINDOW_MINUTES = 60  # average record size for lag_bytes: PRD says a rolling hour
-FETCHES_TOPIC = ""  # RateSample topic used for poll counts
 
 
 class Settings:
@@ -65,6 +71,8 @@ def check(event: ev.Event, record_ts: float | None) -> None:
         negative = event.latency_s < 0 or event.bytes < 0
     elif isinstance(event, ev.JobEnded):
         negative = event.duration_s < 0
+    elif isinstance(event, ev.RestoreProgress):
+        negative = min(event.records, event.bytes, event.restored_total) < 0
     elif isinstance(event, ev.TelemetryDropped):
         negative = event.total < 0
     if negative:
@@ -122,10 +130,17 @@ def _job_started(state: JobState, e: ev.JobStarted, s: Settings) -> None:
     state.mode = e.mode
     if e.backup_id:
         state.backup_id = e.backup_id
+    if e.total_records is not None:
+        state.total_records = e.total_records
+        state.restored_total = max(state.restored_total, e.restored_total)
+
+
+DURATION_METRIC = {"backup": cat.BACKUP_DURATION, "restore": cat.RESTORE_DURATION,
+                   "offset_reset": cat.OFFSET_RESET_DURATION}
 
 
 def _job_ended(state: JobState, e: ev.JobEnded, s: Settings) -> None:
-    buckets = cat.BACKUP_DURATION.buckets
+    buckets = DURATION_METRIC[e.kind].buckets
     _observe(state.durations, e.status, e.duration_s, buckets)
     state.status = e.status
     state.ended_ts = e.ts
@@ -216,6 +231,16 @@ def _offsets_committed(state: JobState, e: ev.OffsetsCommitted, s: Settings) -> 
         p.last_commit_ts = e.ts
 
 
+def _restore_progress(state: JobState, e: ev.RestoreProgress, s: Settings) -> None:
+    state.records += e.records
+    state.bytes += e.bytes
+    state.restored_total = max(state.restored_total, e.restored_total)
+    second = int(e.ts)
+    _rate(state, second, FETCHES_TOPIC, e.records, e.bytes, 0)
+    horizon = second - s.throughput_window_s
+    state.rates = [r for r in state.rates if r.second > horizon]
+
+
 def _telemetry_dropped(state: JobState, e: ev.TelemetryDropped, s: Settings) -> None:
     state.dropped[e.instance] = max(state.dropped.get(e.instance, 0), e.total)
 
@@ -230,6 +255,7 @@ _HANDLERS = {
     ev.Retry: _retry,
     ev.Rebalance: _rebalance,
     ev.OffsetsCommitted: _offsets_committed,
+    ev.RestoreProgress: _restore_progress,
     ev.TelemetryDropped: _telemetry_dropped,
 }
 assert set(_HANDLERS) == set(ev.EVENT_TYPES), "every event type needs a handler"

@@ -309,11 +309,6 @@ def test_a_failing_builder_costs_only_its_family(monkeypatch):
         assert get(v, cat.RECORDS_TOTAL, backup_id="b1") == 510
 
 
-def test_mirrored_constants_match_the_aggregator():
-    assert col.FETCHES_TOPIC == fold.FETCHES_TOPIC
-    assert col.SIZE_WINDOW_MINUTES == fold.SIZE_WINDOW_MINUTES
-
-
 def test_state_folded_from_events():
     """The same numbers when the state comes from the real fold rather than by hand."""
     base = dict(instance="w1", kind="backup", job="fb")
