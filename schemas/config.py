@@ -60,6 +60,29 @@ class BackupConfig(_Section):
     segment_max_bytes: Positive = 16 * 1024 * 1024
 
 
+class RestoreConfig(_Section):
+    restore_id: str = ""
+    backup_id: str = ""
+    storage: str = ""  # file:///dir or s3://bucket/prefix, as given to the backup
+    s3_endpoint_url: str = ""
+    topic_map: list[str] = []  # "source:target" pairs; unmapped topics keep their name
+    from_time: int | None = None  # epoch ms, inclusive
+    to_time: int | None = None  # epoch ms, exclusive
+    rate_limit: Annotated[int, msgspec.Meta(ge=0)] = 0  # records per second; 0 = unlimited
+    create_topics: bool = True
+    batch_records: Positive = 1000
+    instance_id: str = ""
+
+
+class OffsetResetConfig(_Section):
+    group: str = ""
+    topics: list[str] = []
+    to_timestamp: int | None = None
+    to_earliest: bool = False
+    to_latest: bool = False
+    force: bool = False
+
+
 class AggregatorConfig(_Section):
     app_id: str = topics.AGGREGATOR_APP_ID
     instance_id: str = ""  # static group member id; defaults to app_id@hostname
@@ -71,6 +94,8 @@ class Config(_Section):
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     backup: BackupConfig = msgspec.field(default_factory=BackupConfig)
+    restore: RestoreConfig = msgspec.field(default_factory=RestoreConfig)
+    offset_reset: OffsetResetConfig = msgspec.field(default_factory=OffsetResetConfig)
     aggregator: AggregatorConfig = msgspec.field(default_factory=AggregatorConfig)
 
 
