@@ -163,3 +163,26 @@ def test_restarted_aggregator_and_exporter_serve_same_totals(broker, pipeline_fa
     s = pipe.wait_value(cat.RECORDS_TOTAL.name, 500, backup_id=bid)
     assert s.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == truth.total_bytes
     pipe.wait_value(cat.BACKUP_DURATION.name + "_count", 2, backup_id=bid, status="success")
+
+
+def test_backup_to_s3_counts_stored_object_sizes(broker, shared_pipeline, s3_endpoint):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = unique("bkt")
+    s3.create_bucket(Bucket=bucket)
+    topic, bid = unique("s3src"), unique("bk-s3")
+    create_topic(broker, topic, 2)
+    truth = produce(broker, topic, 2, 600)
+    backup(broker, topic, bid, f"s3://{bucket}/backups", "--s3-endpoint-url", s3_endpoint,
+           "--compression", "lz4")
+    s = shared_pipeline.wait_value(cat.RECORDS_TOTAL.name, 600, backup_id=bid)
+    objects = s3.list_objects_v2(Bucket=bucket, Prefix=f"backups/{bid}/")["Contents"]
+    segs = [o for o in objects if ".seg" in o["Key"]]
+    assert len(segs) == 2
+    assert s.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == truth.total_bytes
+    assert s.get_value(cat.COMPRESSED_BYTES.name, algorithm="lz4", backup_id=bid) == sum(o["Size"] for o in segs)
+    assert s.get_value(cat.STORAGE_WRITE_LATENCY.name + "_count", backend="s3", operation="segment") >= 2
+    # every byte written is an object in the bucket or an overwritten checkpoint/manifest version
+    written = s.get_value(cat.STORAGE_WRITE_BYTES.name, backend="s3", backup_id=bid)
+    assert written >= sum(o["Size"] for o in objects)
