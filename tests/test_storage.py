@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
-from cli.devbroker import free_port
 from producers import segments
 from producers.storage import FileBackend, OpReport, S3Backend, Storage, StorageError, open_backend
 from schemas.config import ConfigError
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.mark.parametrize("algorithm", segments.ALGORITHMS)
