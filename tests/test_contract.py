@@ -69,3 +69,17 @@ def test_cli_user_mistakes_exit_2_with_one_line(args, needle):
     assert r.returncode == 2
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_events_reference_is_generated_and_current():
+    from schemas import events
+
+    with open(os.path.join(ROOT, "docs", "events.md"), encoding="utf-8") as fh:
+        assert fh.read() == events.render_markdown(), "docs/events.md is stale: python -m schemas.events > docs/events.md"
+
+
+def test_configuration_reference_is_generated_and_current():
+    from schemas import config
+
+    with open(os.path.join(ROOT, "docs", "configuration.md"), encoding="utf-8") as fh:
+        assert fh.read() == config.render_markdown(), "stale: python -m schemas.config > docs/configuration.md"
