@@ -169,21 +169,24 @@ def _classify_boto(err: Exception, key: str) -> StorageError:
     return StorageError("unknown", f"{key}: {err}")
 
 
-def open_backend(url: str, s3_endpoint_url: str = "") -> FileBackend | S3Backend:
-    """``file:///dir`` (or a plain path) or ``s3://bucket/prefix``."""
+def open_backend(url: str, s3_endpoint_url: str = "", field: str = "backup.storage") -> FileBackend | S3Backend:
+    """``file:///dir`` (or a plain path) or ``s3://bucket/prefix``.
+
+    ``field`` is the configuration key named in errors (``restore.storage`` for a restore).
+    """
     if not url:
-        raise ConfigError("backup.storage: no storage given; use --storage file:///dir or s3://bucket/prefix")
+        raise ConfigError(f"{field}: no storage given; use --storage file:///dir or s3://bucket/prefix")
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else url
         if parsed.scheme == "file" and parsed.netloc:
-            raise ConfigError(f"backup.storage: {url!r} has a host; write file:///absolute/path (three slashes)")
+            raise ConfigError(f"{field}: {url!r} has a host; write file:///absolute/path (three slashes)")
         return FileBackend(path)
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise ConfigError(f"backup.storage: {url!r} names no bucket; write s3://bucket/prefix")
+            raise ConfigError(f"{field}: {url!r} names no bucket; write s3://bucket/prefix")
         return S3Backend(parsed.netloc, parsed.path, s3_endpoint_url or None)
-    raise ConfigError(f"backup.storage: unsupported scheme {parsed.scheme!r}; use file:// or s3://")
+    raise ConfigError(f"{field}: unsupported scheme {parsed.scheme!r}; use file:// or s3://")
 
 
 @dataclass
@@ -218,14 +221,25 @@ class Storage:
     def get(self, key: str, operation: str) -> bytes:
         return self._attempt("read", operation, lambda: self.backend.get(key), len)
 
-    def get_optional(self, key: str, operation: str) -> bytes | None:
-        """A read where absence is an answer, not an error (e.g. the first run's checkpoint)."""
-        try:
-            return self.backend.get(key)
-        except StorageError as err:
-            if err.error_type == "not_found":
-                return None
-            raise
+    def get_optional(self, key: str, operation: str, report: bool = False) -> bytes | None:
+        """A read where absence is an answer, not an error (e.g. the first run's checkpoint).
+
+        With ``report`` the read is timed, retried and reported like :meth:`get` (a restore's
+        checkpoint reads are storage traffic worth counting); absence is then a successful
+        read of 0 bytes, not an error. Without it nothing is reported, as the backup expects.
+        """
+
+        def call() -> bytes | None:
+            try:
+                return self.backend.get(key)
+            except StorageError as err:
+                if err.error_type == "not_found":
+                    return None
+                raise
+
+        if report:
+            return self._attempt("read", operation, call, lambda data: len(data or b""))
+        return call()
 
     def list(self, prefix: str) -> list[str]:
         return self.backend.list(prefix)

@@ -87,6 +87,7 @@ class AggregatorConfig(_Section):
     app_id: str = topics.AGGREGATOR_APP_ID
     instance_id: str = ""  # static group member id; defaults to app_id@hostname
     throughput_window_s: Positive = 60
+    dead_letter_topic: str = ""  # skipped telemetry records are copied here when set
 
 
 class Config(_Section):

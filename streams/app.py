@@ -55,8 +55,14 @@ def create_app(cfg: Config) -> faust.App:
                       value_serializer="raw", partitions=cfg.telemetry.partitions)
     # key_type/value_type bytes make Faust pick the raw serializer for the changelog too; a
     # Schema alone is not used when recovering, and recovery then fails to decode.
+    dead_letters = app.topic(cfg.aggregator.dead_letter_topic, key_type=bytes, value_type=bytes,
+                             key_serializer="raw", value_serializer="raw") if cfg.aggregator.dead_letter_topic else None
     table = app.Table(STATE_TABLE, default=None, key_type=bytes, value_type=bytes,
                       partitions=cfg.telemetry.partitions)
+
+    async def dead_letter(key: bytes | None, value: bytes | None, reason: str) -> None:
+        if dead_letters is not None:
+            await dead_letters.send(key=key, value=value, headers={"kafka-backup-reason": reason.encode()})
 
     def skip(partition: int, reason: str, detail: object) -> None:
         key = pipeline_key(partition).encode()
@@ -66,7 +72,8 @@ def create_app(cfg: Config) -> faust.App:
         table[key] = encode_state(state)
         log.warning("skipped telemetry record on partition %d: %s (%s)", partition, reason, detail)
 
-    def handle(key: bytes | None, value: bytes | None, partition: int, record_ts: float | None) -> None:
+    def handle(key: bytes | None, value: bytes | None, partition: int, record_ts: float | None) -> str | None:
+        """Fold one record; return the reason when it had to be skipped."""
         try:
             event = ev.decode(value)
             fold.check(event, record_ts)
@@ -74,12 +81,13 @@ def create_app(cfg: Config) -> faust.App:
                 raise ev.InvalidEvent("bad_key", repr(key))
         except ev.InvalidEvent as err:
             skip(partition, err.reason, err)
-            return
+            return err.reason
         table_key = key
         raw = table.get(table_key)
         new = fold.apply(decode_state(raw) if raw else None, event, settings)
         if new is not None:
             table[table_key] = encode_state(new)
+        return None
 
     @app.agent(topic, concurrency=1)
     async def aggregate(stream):
@@ -87,9 +95,12 @@ def create_app(cfg: Config) -> faust.App:
             msg = event.message
             ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
             try:
-                handle(event.key, event.value, msg.partition, ts)
+                reason = handle(event.key, event.value, msg.partition, ts)
             except Exception as err:  # never let one record kill the agent (Faust would skip it)
-                skip(msg.partition, "internal_error", repr(err))
+                reason = "internal_error"
+                skip(msg.partition, reason, repr(err))
+            if reason is not None:
+                await dead_letter(event.key, event.value, reason)
 
     return app
 

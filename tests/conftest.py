@@ -182,17 +182,29 @@ class Proc:
 class Pipeline:
     """A real aggregator process and a real exporter process on one telemetry cluster."""
 
-    def __init__(self, bootstrap: str, tmp: str, app_id: str | None = None) -> None:
+    def __init__(self, bootstrap: str, tmp: str, app_id: str | None = None,
+                 extra_aggregator_args: list[str] | None = None) -> None:
         self.bootstrap = bootstrap
         self.app_id = app_id or unique("agg")
         self.port = free_port()
         self.tmp = tmp
-        self.aggregator = Proc(["aggregate", "--bootstrap-servers", bootstrap, "--app-id", self.app_id,
-                                "--instance-id", f"{self.app_id}-1", "--log-level", "INFO"],
-                               os.path.join(tmp, f"{self.app_id}-aggregator.log"))
+        self.extra_aggregator_args = extra_aggregator_args or []
+        self.workers: list[Proc] = []
+        self.aggregator = self._aggregator_proc(1)
         self.exporter = Proc(["exporter", "--bootstrap-servers", bootstrap, "--app-id", self.app_id,
                               "--port", str(self.port), "--metrics-update-interval-ms", "100"],
                              os.path.join(tmp, f"{self.app_id}-exporter.log"))
+
+    def _aggregator_proc(self, n: int) -> Proc:
+        return Proc(["aggregate", "--bootstrap-servers", self.bootstrap, "--app-id", self.app_id,
+                     "--instance-id", f"{self.app_id}-{n}", "--log-level", "INFO", *self.extra_aggregator_args],
+                    os.path.join(self.tmp, f"{self.app_id}-aggregator-{n}.log"))
+
+    def add_aggregator_worker(self) -> Proc:
+        """Another worker of the same Faust application (a fleet's second aggregator host)."""
+        proc = self._aggregator_proc(len(self.workers) + 2).start()
+        self.workers.append(proc)
+        return proc
 
     @property
     def url(self) -> str:
@@ -206,6 +218,8 @@ class Pipeline:
 
     def stop(self) -> None:
         self.exporter.stop()
+        for w in self.workers:
+            w.stop()
         self.aggregator.stop()
 
     def health(self) -> int:
@@ -241,8 +255,8 @@ class Pipeline:
 def pipeline_factory(broker, tmp_path):
     made: list[Pipeline] = []
 
-    def make(app_id: str | None = None) -> Pipeline:
-        p = Pipeline(broker, str(tmp_path), app_id)
+    def make(app_id: str | None = None, **kwargs) -> Pipeline:
+        p = Pipeline(broker, str(tmp_path), app_id, **kwargs)
         made.append(p)
         return p.start()
 

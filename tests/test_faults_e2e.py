@@ -1,0 +1,267 @@
+"""Fault injection on real processes; every test ends by asserting exact totals.
+
+Ground truth is read from storage (the checkpoints name every durable segment
+and its record count) and from what the test produced, never from the pipeline.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import msgspec
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from schemas import catalogue as cat
+from schemas import events as ev
+from schemas.topics import TELEMETRY_TOPIC
+from tests.conftest import (
+    ROOT,
+    Pipeline,
+    cli,
+    create_topic,
+    produce,
+    unique,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def stored_records(root: str, backup_id: str) -> int:
+    total = 0
+    for path in glob.glob(os.path.join(root, backup_id, "topics", "*", "*", "checkpoint.json")):
+        with open(path) as fh:
+            total += sum(s["records"] for s in json.load(fh)["segments"])
+    return total
+
+
+class Monotonic:
+    """Scrapes in the background and remembers every value of one counter: it must never go down."""
+
+    def __init__(self, pipe: Pipeline, name: str, **labels) -> None:
+        self.pipe, self.name, self.labels = pipe, name, labels
+        self.values: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.3):
+            try:
+                v = self.pipe.scrape().get_value(self.name, **self.labels)
+            except OSError:
+                continue  # exporter restarting
+            if v is not None:
+                self.values.append(v)
+
+    def __enter__(self) -> Monotonic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        assert self.values == sorted(self.values), f"{self.name} decreased: {self.values}"
+
+
+class SteadyWorkload:
+    """Produces to a topic until stopped, so a continuous backup keeps emitting."""
+
+    def __init__(self, bootstrap: str, topic: str, rate: int = 400) -> None:
+        self.bootstrap, self.topic, self.rate = bootstrap, topic, rate
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 10})
+        while not self._stop.wait(0.05):
+            for _ in range(self.rate // 20):
+                p.produce(self.topic, value=b"v" * (self.count % 90), key=str(self.count).encode())
+                self.count += 1
+            p.poll(0)
+        p.flush(10)
+
+    def __enter__(self) -> SteadyWorkload:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def continuous_backup(broker: str, topic: str, bid: str, store: str, log_path: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "backup", "--bootstrap-servers", broker, "--topics", topic,
+         "--backup-id", bid, "--storage", f"file://{store}", "--continuous", "--instance-id", f"{bid}-w",
+         "--backup-flush-interval-ms", "700", "--backup-poll-interval-ms", "200", *extra],
+        cwd=ROOT, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+
+
+def read_job_events(bootstrap: str, kind: str, job: str) -> list[tuple[bytes, bytes]]:
+    """Every raw telemetry record of one job, as the topic holds it."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("read"), "enable.partition.eof": True})
+    md = c.list_topics(TELEMETRY_TOPIC, timeout=10).topics[TELEMETRY_TOPIC]
+    c.assign([TopicPartition(TELEMETRY_TOPIC, p, 0) for p in md.partitions])
+    key = ev.event_key(kind, job).encode()
+    out, eof = [], set()
+    deadline = time.monotonic() + 30
+    while len(eof) < len(md.partitions) and time.monotonic() < deadline:
+        for m in c.consume(500, 0.5):
+            if m.error():
+                eof.add(m.partition())
+            elif m.key() == key:
+                out.append((m.key(), m.value()))
+    c.close()
+    return out
+
+
+def test_duplicated_and_replayed_events_change_no_aggregate(broker, shared_pipeline, tmp_path):
+    topic, bid = unique("dup"), unique("bk-dup")
+    create_topic(broker, topic, 3)
+    truth = produce(broker, topic, 3, 600)
+    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
+            "--storage", f"file://{tmp_path}")
+    assert r.returncode == 0, r.stderr
+    shared_pipeline.wait_value(cat.BACKUP_DURATION.name + "_count", 1, backup_id=bid, status="success")
+    before = shared_pipeline.scrape()
+    records = read_job_events(broker, "backup", bid)
+    assert len(records) >= 8
+    # The whole log of the job written again, then again in reverse order: a replay and a storm of retries.
+    p = Producer({"bootstrap.servers": broker})
+    for key, value in records + records[::-1]:
+        p.produce(TELEMETRY_TOPIC, value=value, key=key)
+    assert p.flush(10) == 0
+    # A marker event after the duplicates tells us when the aggregator has read past them.
+    marker = ev.Retry(instance=unique("marker"), seq=1, ts=time.time(), job=bid, operation="marker")
+    p.produce(TELEMETRY_TOPIC, value=ev.encode(marker), key=ev.event_key("backup", bid).encode())
+    p.flush(10)
+    after = shared_pipeline.wait_value(cat.RETRIES_TOTAL.name, 1, backup_id=bid, operation="marker")
+    assert after.get_value(cat.RECORDS_TOTAL.name, backup_id=bid) == truth.total_records == 600
+    mine = {k: v for k, v in before.items() if ("backup_id", bid) in k[1] and "rate" not in k[0]
+            and "throughput" not in k[0]}
+    assert mine and all(after[k] == v for k, v in mine.items())
+
+
+def test_invalid_records_are_skipped_counted_and_dead_lettered(broker, pipeline_factory, tmp_path):
+    topic, bid, dlq = unique("bad"), unique("bk-bad"), unique("dlq")
+    pipe = pipeline_factory(extra_aggregator_args=["--aggregator-dead-letter-topic", dlq])
+    create_topic(broker, topic, 1)
+    produce(broker, topic, 1, 100)
+    key = ev.event_key("backup", bid).encode()
+    now = time.time()
+    bad = [
+        (b"not msgpack at all \xff", "malformed"),
+        (msgspec.msgpack.encode({"type": "from_the_future", "v": 1, "instance": "x", "seq": 1}), "unknown_type"),
+        (msgspec.msgpack.encode({"type": "retry", "v": 99, "instance": "x", "seq": 1}), "future_version"),
+        (ev.encode(ev.Progress(instance="x", seq=1, ts=now, job=bid, partitions=[
+            ev.PartitionProgress(topic, 0, committed=500, high_watermark=100)])), "bad_value"),
+        (ev.encode(ev.Retry(instance="x", seq=2, ts=now + 5 * 365 * 86400, job=bid, operation="w")), "bad_timestamp"),
+    ]
+    p = Producer({"bootstrap.servers": broker})
+    for value, _reason in bad:
+        p.produce(TELEMETRY_TOPIC, value=value, key=key)
+    p.flush(10)
+    # valid events around the bad ones
+    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
+            "--storage", f"file://{tmp_path}")
+    assert r.returncode == 0, r.stderr
+    for value, _reason in bad:
+        p.produce(TELEMETRY_TOPIC, value=value, key=key)
+    p.flush(10)
+    s = pipe.wait_value(cat.TELEMETRY_INVALID.name, 2, reason="malformed")
+    for _value, reason in bad:
+        assert s.get_value(cat.TELEMETRY_INVALID.name, reason=reason) == 2, reason
+    s = pipe.wait_value(cat.RECORDS_TOTAL.name, 100, backup_id=bid)
+    assert s.get_value(cat.BACKUP_DURATION.name + "_count", backup_id=bid, status="success") == 1
+    # and the dead-letter topic holds the 10 skipped records with their reason
+    c = Consumer({"bootstrap.servers": broker, "group.id": unique("dlq"), "auto.offset.reset": "earliest"})
+    c.subscribe([dlq])
+    got = []
+    deadline = time.monotonic() + 30
+    while len(got) < 10 and time.monotonic() < deadline:
+        got += [m for m in c.consume(100, 0.5) if not m.error()]
+    c.close()
+    reasons = sorted(dict(m.headers())["kafka-backup-reason"].decode() for m in got)
+    assert reasons == sorted([r for _, r in bad] * 2)
+    assert {m.value() for m in got} == {v for v, _ in bad}
+
+
+def test_aggregator_killed_mid_stream_restarts_exact(broker, pipeline_factory, tmp_path):
+    topic, bid = unique("kill"), unique("bk-kill")
+    create_topic(broker, topic, 3)
+    pipe = pipeline_factory()
+    store = str(tmp_path / "store")
+    with Monotonic(pipe, cat.RECORDS_TOTAL.name, backup_id=bid), SteadyWorkload(broker, topic):
+        worker = continuous_backup(broker, topic, bid, store, str(tmp_path / "backup.log"))
+        try:
+            wait_for(lambda: (pipe.scrape().get_value(cat.RECORDS_TOTAL.name, backup_id=bid) or 0) > 500, 60)
+            for _ in range(2):
+                pipe.aggregator.stop(kill=True)  # SIGKILL: no commit, no LeaveGroup
+                time.sleep(1.5)
+                pipe.aggregator.start()  # same static instance id
+                wait_for(lambda: (pipe.scrape().get_value(cat.RECORDS_TOTAL.name, backup_id=bid) or 0)
+                         > stored_records(store, bid) - 200, 60)
+        finally:
+            stop(worker)
+        truth = stored_records(store, bid)
+        pipe.wait_value(cat.RECORDS_TOTAL.name, truth, 90, backup_id=bid)
+    s = pipe.scrape()
+    assert s.get_value(cat.BACKUP_DURATION.name + "_count", backup_id=bid, status="success") == 1
+    seg_files = glob.glob(os.path.join(store, bid, "topics", "*", "*", "*.seg*"))
+    assert s.get_value(cat.COMPRESSED_BYTES.name, algorithm="zstd", backup_id=bid) == sum(
+        os.path.getsize(f) for f in seg_files)
+
+
+def test_exporter_restart_serves_same_values_within_seconds(broker, shared_pipeline, tmp_path):
+    topic, bid = unique("exp"), unique("bk-exp")
+    create_topic(broker, topic, 2)
+    produce(broker, topic, 2, 300)
+    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
+            "--storage", f"file://{tmp_path}")
+    assert r.returncode == 0, r.stderr
+    before = shared_pipeline.wait_value(cat.RECORDS_TOTAL.name, 300, backup_id=bid)
+    shared_pipeline.exporter.stop(kill=True)
+    started = time.monotonic()
+    shared_pipeline.exporter.start()
+    after = wait_for(lambda: shared_pipeline.health() == 200 and shared_pipeline.scrape(), 30)
+    elapsed = time.monotonic() - started
+    mine = {k: v for k, v in before.items() if ("backup_id", bid) in k[1] and "throughput" not in k[0]
+            and "rate" not in k[0]}
+    assert mine and all(after[k] == v for k, v in mine.items())
+    print(f"exporter served the same values {elapsed:.1f}s after a kill -9")
+
+
+def test_two_aggregator_workers_equal_one(broker, pipeline_factory, tmp_path):
+    """Two workers of one application split the telemetry partitions; totals match a single worker's."""
+    single = pipeline_factory()
+    pair = pipeline_factory()
+    topic = unique("two")
+    create_topic(broker, topic, 2)
+    truth = produce(broker, topic, 2, 200)
+    bids = [unique("bk-two") for _ in range(8)]  # eight jobs spread over the telemetry partitions
+    for i, bid in enumerate(bids):
+        r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
+                "--storage", f"file://{tmp_path}")
+        assert r.returncode == 0, r.stderr
+        if i == 3:  # a rebalance in the middle: a second worker joins and takes half the partitions
+            pair.add_aggregator_worker()
+    for bid in bids:
+        a = single.wait_value(cat.RECORDS_TOTAL.name, 200, backup_id=bid)
+        b = pair.wait_value(cat.RECORDS_TOTAL.name, 200, backup_id=bid)
+        assert a.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == truth.total_bytes
+        assert b.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == truth.total_bytes
+        pair.wait_value(cat.BACKUP_DURATION.name + "_count", 1, backup_id=bid, status="success")
