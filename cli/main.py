@@ -34,6 +34,25 @@ ALIASES: dict[str, dict[str, str]] = {
                   "--instance-id": "aggregator.instance_id"},
     "exporter": {"--bootstrap-servers": "kafka.bootstrap_servers", "--bind": "metrics.bind",
                  "--port": "metrics.port", "--app-id": "aggregator.app_id"},
+    "restore": {
+        "--bootstrap-servers": "kafka.bootstrap_servers",
+        "--telemetry-bootstrap-servers": "kafka.telemetry_bootstrap_servers",
+        "--backup-id": "restore.backup_id",
+        "--storage": "restore.storage",
+        "--s3-endpoint-url": "restore.s3_endpoint_url",
+        "--restore-id": "restore.restore_id",
+        "--topic-map": "restore.topic_map",
+        "--from-time": "restore.from_time",
+        "--to-time": "restore.to_time",
+        "--rate-limit": "restore.rate_limit",
+    },
+    "offset-reset": {
+        "--bootstrap-servers": "kafka.bootstrap_servers",
+        "--telemetry-bootstrap-servers": "kafka.telemetry_bootstrap_servers",
+        "--group": "offset_reset.group",
+        "--topics": "offset_reset.topics",
+        "--to-timestamp": "offset_reset.to_timestamp",
+    },
 }
 
 
@@ -51,6 +70,10 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
     group = p.add_argument_group("configuration keys (each also settable in the YAML file)")
     for key, default in all_keys():
         flags = [*by_key.get(key, []), flag_for(key)]
+        # an alias wins over another key's generated flag (restore's --backup-id is restore.backup_id)
+        flags = [f for f in flags if aliases.get(f, key) == key]
+        if not flags:
+            continue
         kwargs: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "metavar": "V"}
         if isinstance(default, list):
             kwargs["type"] = _list
@@ -59,6 +82,11 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
     if command == "backup":
         p.add_argument("--continuous", dest="backup.continuous", action="store_const", const=True,
                        default=argparse.SUPPRESS, help="keep backing up until stopped (default: one-shot)")
+    if command == "offset-reset":
+        for flag, key, help_ in [("--to-earliest", "offset_reset.to_earliest", "reset to the earliest offset"),
+                                 ("--to-latest", "offset_reset.to_latest", "reset to the latest offset"),
+                                 ("--force", "offset_reset.force", "reset even if the group has active members")]:
+            p.add_argument(flag, dest=key, action="store_const", const=True, default=argparse.SUPPRESS, help=help_)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="keep the broker's data here (default: a temp dir)")
     for name, help_ in [("backup", "back up topics to storage, publishing telemetry"),
                         ("aggregate", "run the Faust aggregator over the telemetry topic"),
-                        ("exporter", "serve the aggregated state as Prometheus metrics")]:
+                        ("exporter", "serve the aggregated state as Prometheus metrics"),
+                        ("restore", "restore a backup into Kafka topics, publishing telemetry"),
+                        ("offset-reset", "reset a consumer group's offsets to a time, the earliest or the latest")]:
         _add_config_flags(sub.add_parser(name, help=help_), name)
     p = sub.add_parser("up", help="broker + demo workload + backup + aggregator + exporter, until Ctrl-C")
     _add_config_flags(p, "up")
@@ -119,6 +149,27 @@ def cmd_exporter(cfg: Config) -> int:
     return 0
 
 
+def cmd_restore(cfg: Config) -> int:
+    from producers.restore import run_restore
+    from producers.storage import Storage, open_backend
+
+    _require_bootstrap(cfg)
+    require_safe_id("restore.restore_id", cfg.restore.restore_id)
+    require_safe_id("restore.backup_id", cfg.restore.backup_id)
+    storage = Storage(open_backend(cfg.restore.storage, cfg.restore.s3_endpoint_url, field="restore.storage"))
+    return run_restore(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers, cfg.restore,
+                       cfg.telemetry, storage)
+
+
+def cmd_offset_reset(cfg: Config) -> int:
+    from producers.offset_reset import run_offset_reset
+
+    _require_bootstrap(cfg)
+    require_safe_id("offset_reset.group", cfg.offset_reset.group)
+    return run_offset_reset(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers,
+                            cfg.offset_reset, cfg.telemetry, out=sys.stdout)
+
+
 def cmd_dev_broker(port: int, data_dir: str | None) -> int:
     import signal
     import threading
@@ -150,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_aggregate(cfg, args.log_level)
         if args.command == "exporter":
             return cmd_exporter(cfg)
+        if args.command == "restore":
+            return cmd_restore(cfg)
+        if args.command == "offset-reset":
+            return cmd_offset_reset(cfg)
         if args.command == "up":
             from cli.up import run_up
 

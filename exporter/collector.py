@@ -307,14 +307,21 @@ def _compression_bytes(index: int) -> Builder:
 
 
 def _by_key(attr: str) -> Builder:
-    """Backup counters kept as ``{label: n}`` dicts (errors by type, retries by operation)."""
+    """Counters kept as ``{label: n}`` dicts (errors by type, retries by operation).
 
-    def build(view: View) -> Iterator[Sample]:
-        for s in view.backups:
-            for key, n in getattr(s, attr).items():
-                yield (s.job, key), n
+    Backups' and restores': a restore's are labelled with the backup it read, as
+    its storage traffic and durations are. The PRD's ``codec`` category (a
+    segment that does not decode) can only happen on restore, and a corrupt
+    segment is that backup's problem.
+    """
 
-    return build
+    def pairs(view: View) -> Iterator[tuple[tuple[str, ...], float]]:
+        for s in view.jobs:
+            if s.kind in ("backup", "restore"):
+                for key, n in getattr(s, attr).items():
+                    yield (reader_id(s), key), n
+
+    return lambda view: _summed(pairs(view))
 
 
 def _last_commit(view: View) -> Iterator[Sample]:

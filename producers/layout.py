@@ -3,6 +3,7 @@
     {backup_id}/manifest.json                               backup-level: topics, partition counts, runs
     {backup_id}/topics/{topic}/{partition}/checkpoint.json  next offset to back up + its segments
     {backup_id}/topics/{topic}/{partition}/{start:020d}.seg.zst
+    {backup_id}/restores/{restore_id}/checkpoint.json       a restore's scope and position (resume)
 
 A segment counts as backed up only once the checkpoint naming it is written:
 the checkpoint is the commit point, and what a resumed run starts from. A
@@ -58,6 +59,43 @@ class Manifest(msgspec.Struct):
     version: int = LAYOUT_VERSION
 
 
+class RestoreCursor(msgspec.Struct):
+    """One source partition of a restore: its fixed scope and how far the restore got.
+
+    ``target_base``/``target_next`` are the target partition's end offset when the
+    restore began and after the last acknowledged batch: on resume, a target that
+    ends beyond ``target_next`` holds records of a batch acknowledged after this
+    checkpoint was written (see ``producers/restore.py``).
+    """
+
+    topic: str
+    partition: int
+    target_topic: str
+    end_offset: int  # scope: source offsets below this, as backed up when the restore began
+    records: int  # records of this partition inside the restore's time window
+    next_offset: int = 0  # first source offset not yet restored
+    restored: int = 0  # of ``records``, acknowledged by the target cluster
+    target_base: int = 0
+    target_next: int = 0
+
+
+class RestoreCheckpoint(msgspec.Struct):
+    """Written once before the first record is produced, then after every acknowledged batch."""
+
+    restore_id: str
+    backup_id: str
+    topic_map: dict[str, str]  # source -> target, every topic of the backup
+    total_records: int
+    from_time: int | None = None
+    to_time: int | None = None
+    restored_total: int = 0
+    partitions: list[RestoreCursor] = []
+    created_ts: float = 0.0
+    updated_ts: float = 0.0
+    completed_ts: float | None = None
+    version: int = LAYOUT_VERSION
+
+
 def manifest_key(backup_id: str) -> str:
     return f"{backup_id}/manifest.json"
 
@@ -74,6 +112,10 @@ def segment_key(backup_id: str, topic: str, partition: int, start_offset: int, a
     return partition_prefix(backup_id, topic, partition) + f"{start_offset:020d}{SUFFIX[algorithm]}"
 
 
+def restore_checkpoint_key(backup_id: str, restore_id: str) -> str:
+    return f"{backup_id}/restores/{restore_id}/checkpoint.json"
+
+
 def encode(doc: msgspec.Struct) -> bytes:
     return msgspec.json.format(msgspec.json.encode(doc), indent=1)
 
@@ -84,3 +126,7 @@ def decode_manifest(data: bytes) -> Manifest:
 
 def decode_checkpoint(data: bytes) -> Checkpoint:
     return msgspec.json.decode(data, type=Checkpoint)
+
+
+def decode_restore_checkpoint(data: bytes) -> RestoreCheckpoint:
+    return msgspec.json.decode(data, type=RestoreCheckpoint)

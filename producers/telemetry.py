@@ -21,6 +21,7 @@ import uuid
 
 from confluent_kafka import KafkaError, Producer
 
+from producers.spool import Spool
 from schemas import events as ev
 from schemas.config import TelemetryConfig
 from schemas.kafka_admin import client_config, ensure_telemetry_topic
@@ -53,6 +54,10 @@ class Emitter:
         except Exception as err:  # the backup must not depend on the telemetry cluster being up
             log.warning("telemetry: could not check topic %s on %s (%s); events stay buffered",
                         tcfg.topic, bootstrap_servers, err)
+        self._spool = (Spool(os.path.join(tcfg.spool_dir, f"{kind}-{job}.spool"), tcfg.spool_max_bytes)
+                       if tcfg.spool_dir else None)
+        if self._spool and self._spool.pending:
+            log.warning("telemetry: %d events spooled by an earlier run will be sent first", self._spool.pending)
         self._producer = Producer(client_config(
             bootstrap_servers,
             **{
@@ -72,14 +77,39 @@ class Emitter:
         self._send(ev.encode(event))
 
     def _send(self, payload: bytes) -> None:
-        try:
-            self._producer.produce(self.topic, payload, self.key, on_delivery=self._on_delivery)
-        except BufferError:
-            self._drop(1, "buffer full")
-        except Exception as err:
-            self._drop(1, str(err))
+        self._drain_spool()
+        if self._spool is not None and self._spool.pending:
+            self._to_spool(payload)  # keep order: nothing overtakes what is spooled
+        else:
+            try:
+                self._producer.produce(self.topic, payload, self.key, on_delivery=self._on_delivery)
+            except BufferError:
+                if self._spool is not None:
+                    self._to_spool(payload)
+                else:
+                    self._drop(1, "buffer full")
+            except Exception as err:
+                self._drop(1, str(err))
         self._producer.poll(0)
         self._maybe_report_drops()
+
+    def _to_spool(self, payload: bytes) -> None:
+        assert self._spool is not None
+        if not self._spool.pending:
+            log.warning("telemetry: queue full; spooling events to %s until the cluster answers", self._spool.path)
+        if not self._spool.append(payload):
+            self._drop(1, "spool full")
+
+    def _drain_spool(self) -> None:
+        """Move spooled events back into the producer queue while it has room."""
+        spool = self._spool
+        while spool is not None and spool.pending:
+            payload = spool.peek()
+            try:
+                self._producer.produce(self.topic, payload, self.key, on_delivery=self._on_delivery)
+            except BufferError:
+                return
+            spool.pop()
 
     def _on_delivery(self, err: KafkaError | None, msg) -> None:
         if err is None:
@@ -117,15 +147,29 @@ class Emitter:
             pass
 
     def poll(self) -> None:
-        """Serve delivery callbacks; called from the worker's loop, never blocks."""
+        """Serve delivery callbacks and feed the spool back; called from the worker's loop, never blocks."""
         self._producer.poll(0)
+        self._drain_spool()
         self._maybe_report_drops()
 
     def close(self, timeout: float = 30.0) -> int:
-        """Deliver what is buffered (bounded wait); return the number of events lost."""
-        self._producer.flush(timeout)
+        """Deliver what is buffered (bounded wait); return the number of events lost.
+
+        With a spool, what cannot be delivered in time stays on disk for the
+        next run instead of being lost.
+        """
+        deadline = time.monotonic() + timeout
+        while self._spool is not None and self._spool.pending and time.monotonic() < deadline:
+            self._drain_spool()
+            self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic())))
+        self._producer.flush(max(0.0, deadline - time.monotonic()))
         self._maybe_report_drops(force=True)
-        remaining = self._producer.flush(timeout)
+        remaining = self._producer.flush(min(timeout, 5.0))
         if remaining:
             log.warning("telemetry: %d events still undelivered at exit; they are lost", remaining)
+        if self._spool is not None:
+            if self._spool.pending:
+                log.warning("telemetry: %d events stay spooled in %s for the next run",
+                            self._spool.pending, self._spool.path)
+            self._spool.close()
         return self.dropped + remaining

@@ -44,6 +44,8 @@ class TelemetryConfig(_Section):
     retention_ms: Annotated[int, msgspec.Meta(ge=-1)] = topics.TELEMETRY_RETENTION_MS
     buffer_max_events: Positive = 100_000
     delivery_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 300_000
+    spool_dir: str = ""  # when set, events the queue cannot hold go to disk here instead of being dropped
+    spool_max_bytes: Positive = 1024 * 1024 * 1024
 
 
 class BackupConfig(_Section):

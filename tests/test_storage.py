@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import boto3
 import pytest
 
@@ -80,3 +82,25 @@ def test_bad_storage_urls_are_one_line_errors(url, field):
     with pytest.raises(ConfigError) as err:
         open_backend(url)
     assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def test_spool_keeps_order_and_survives_a_crash(tmp_path):
+    from producers.spool import Spool
+
+    path = str(tmp_path / "s" / "backup-b1.spool")
+    spool = Spool(path, max_bytes=60)
+    assert [spool.append(b"event-%d" % i) for i in range(6)] == [True] * 5 + [False]  # 5 x (4+7) bytes fit
+    assert spool.peek() == b"event-0"
+    spool.pop()
+    spool.close()  # the process ends with 4 events pending
+    with open(path, "ab") as fh:
+        fh.write(b"\x00\x00\x00\x09torn")  # a crash in the middle of an append
+    again = Spool(path, max_bytes=60)
+    assert again.pending == 4
+    out = []
+    while again.pending:
+        out.append(again.peek())
+        again.pop()
+    assert out == [b"event-1", b"event-2", b"event-3", b"event-4"]
+    again.close()
+    assert not os.path.exists(path)

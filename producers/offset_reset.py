@@ -1,0 +1,204 @@
+"""Reset a consumer group's committed offsets on given topics: to a timestamp, the earliest or the latest.
+
+The usual step after a restore: point the applications' group at where they
+should start reading the restored topics. Telemetry is a ``JobStarted`` and a
+``JobEnded`` (kind ``offset_reset``, job = the group), which give
+``kafka_offset_reset_duration_seconds{consumer_group,status}``.
+
+Active members. Offsets of a group whose consumers are running would be
+overwritten by their next commit, so a group with members is refused unless
+``--force``. Membership comes from ``AdminClient.describe_consumer_groups``
+(DescribeGroups; supported by Apache Kafka and by the noida-db dev broker).
+Where a broker does not support it, the check falls back to the broker itself:
+Apache Kafka rejects an offset change (OffsetCommit from outside the group,
+AlterConsumerGroupOffsets) for a group that is not empty, and that refusal is
+reported the same way. So ``--force`` skips our check only; a broker that
+enforces emptiness still refuses, and the group's consumers must be stopped.
+
+Target offsets. ``--to-timestamp`` uses ``offsets_for_times``: the first
+offset whose record timestamp is at or after the time; a partition with no
+such record goes to its end (the high watermark), as
+``kafka-consumer-groups --reset-offsets --to-datetime`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from producers.backup import BackupFailed
+from producers.telemetry import Emitter
+from schemas import events as ev
+from schemas.config import ConfigError, OffsetResetConfig, TelemetryConfig
+from schemas.kafka_admin import client_config
+
+log = logging.getLogger("kafka_backup.offset_reset")
+
+UNSUPPORTED = frozenset({KafkaError._UNSUPPORTED_FEATURE, KafkaError.UNSUPPORTED_VERSION, KafkaError._NOT_IMPLEMENTED})
+NOT_EMPTY = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
+                       KafkaError.REBALANCE_IN_PROGRESS, KafkaError.NON_EMPTY_GROUP})
+
+
+class OffsetResetFailed(BackupFailed):
+    """The cluster failed the reset (not a user mistake): one line, exit status 1."""
+
+
+def target_of(cfg: OffsetResetConfig) -> str:
+    """Which of the three targets was asked for; exactly one must be."""
+    given = [name for name, on in (("to_timestamp", cfg.to_timestamp is not None),
+                                   ("to_earliest", cfg.to_earliest), ("to_latest", cfg.to_latest)) if on]
+    if len(given) != 1:
+        what = "none" if not given else " and ".join("--" + g.replace("_", "-") for g in given)
+        raise ConfigError(f"offset_reset: give exactly one of --to-timestamp MS, --to-earliest or --to-latest "
+                          f"(got {what})")
+    return given[0]
+
+
+def validate(cfg: OffsetResetConfig) -> str:
+    if not cfg.topics:
+        raise ConfigError("offset_reset.topics: no topics given; use --topics t1,t2")
+    target = target_of(cfg)
+    if cfg.to_timestamp is not None and cfg.to_timestamp < 0:
+        raise ConfigError(f"offset_reset.to_timestamp: {cfg.to_timestamp} is negative; give epoch milliseconds")
+    return target
+
+
+class OffsetReset:
+    def __init__(self, bootstrap: str, cfg: OffsetResetConfig, emitter: Emitter, out=None) -> None:
+        self.bootstrap = bootstrap
+        self.cfg = cfg
+        self.group = cfg.group
+        self.target = validate(cfg)
+        self.emitter = emitter
+        self.out = out
+        self.admin = AdminClient(client_config(bootstrap))
+
+    def run(self) -> int:
+        started = time.monotonic()
+        self.emitter.emit(ev.JobStarted, mode=self.target.replace("_", "-"), topics=list(self.cfg.topics))
+        status, reason = "failure", ""
+        try:
+            counts = self._partitions()
+            if not self.cfg.force:
+                self._refuse_if_active()
+            offsets = self._targets(counts)
+            self._write(offsets)
+            status = "success"
+        except ConfigError as err:
+            reason = str(err)
+            raise
+        except KafkaException as err:
+            reason = f"kafka: {err.args[0].str()}"
+            raise OffsetResetFailed(reason) from None
+        finally:
+            self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started,
+                              reason=reason[:500])
+        return 0
+
+    def _partitions(self) -> dict[str, int]:
+        md = self.admin.list_topics(timeout=15)
+        counts = {}
+        for topic in self.cfg.topics:
+            t = md.topics.get(topic)
+            if t is None or t.error is not None:
+                raise ConfigError(f"offset_reset.topics: topic {topic!r} does not exist on {self.bootstrap}")
+            counts[topic] = len(t.partitions)
+        return counts
+
+    def _refuse_if_active(self) -> None:
+        try:
+            desc = self.admin.describe_consumer_groups([self.group])[self.group].result(15)
+        except KafkaException as err:
+            if err.args[0].code() in UNSUPPORTED:
+                log.info("describe_consumer_groups unsupported (%s): the broker's own check applies",
+                         err.args[0].str())
+                return
+            raise
+        if desc.members:
+            raise ConfigError(
+                f"offset_reset.group: group {self.group!r} has {len(desc.members)} active member(s) "
+                f"(state {desc.state.name.lower()}); stop its consumers first, or pass --force")
+
+    def _targets(self, counts: dict[str, int]) -> list[TopicPartition]:
+        consumer = Consumer(client_config(self.bootstrap, **{"group.id": self.group, "enable.auto.commit": False}))
+        try:
+            tps = [TopicPartition(t, p) for t, n in counts.items() for p in range(n)]
+            ends = {(tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=10) for tp in tps}
+            if self.target == "to_earliest":
+                return [TopicPartition(tp.topic, tp.partition, ends[(tp.topic, tp.partition)][0]) for tp in tps]
+            if self.target == "to_latest":
+                return [TopicPartition(tp.topic, tp.partition, ends[(tp.topic, tp.partition)][1]) for tp in tps]
+            found = consumer.offsets_for_times(
+                [TopicPartition(tp.topic, tp.partition, self.cfg.to_timestamp) for tp in tps], timeout=15)
+            out = []
+            for tp in found:
+                if tp.error is not None:
+                    raise KafkaException(tp.error)
+                offset = tp.offset if tp.offset >= 0 else ends[(tp.topic, tp.partition)][1]
+                out.append(TopicPartition(tp.topic, tp.partition, offset))
+            return out
+        finally:
+            consumer.close()
+
+    def _write(self, offsets: list[TopicPartition]) -> None:
+        before = self._committed(offsets)
+        try:
+            result = self.admin.alter_consumer_group_offsets(
+                [ConsumerGroupTopicPartitions(self.group, offsets)])[self.group].result(15)
+            failed = [tp for tp in result.topic_partitions if tp.error is not None]
+            if failed:
+                raise KafkaException(failed[0].error)
+        except KafkaException as err:
+            code = err.args[0].code()
+            if code in NOT_EMPTY:
+                raise ConfigError(f"offset_reset.group: the broker refused to change the offsets of group "
+                                  f"{self.group!r} because it has active members; stop its consumers first"
+                                  ) from None
+            if code not in UNSUPPORTED:
+                raise
+            self._commit_as_outsider(offsets)
+        for tp in offsets:
+            old = before.get((tp.topic, tp.partition))
+            line = f"{tp.topic}\t{tp.partition}\t{'-' if old is None or old < 0 else old} -> {tp.offset}"
+            log.info("offset reset %s: %s", self.group, line)
+            if self.out is not None:
+                print(line, file=self.out)
+
+    def _commit_as_outsider(self, offsets: list[TopicPartition]) -> None:
+        """Brokers without AlterConsumerGroupOffsets: a commit from a consumer that never joins."""
+        consumer = Consumer(client_config(self.bootstrap, **{"group.id": self.group, "enable.auto.commit": False}))
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as err:
+            if err.args[0].code() in NOT_EMPTY:
+                raise ConfigError(f"offset_reset.group: the broker refused to change the offsets of group "
+                                  f"{self.group!r} because it has active members; stop its consumers first"
+                                  ) from None
+            raise
+        finally:
+            consumer.close()
+
+    def _committed(self, offsets: list[TopicPartition]) -> dict[tuple[str, int], int]:
+        consumer = Consumer(client_config(self.bootstrap, **{"group.id": self.group, "enable.auto.commit": False}))
+        try:
+            got = consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in offsets], timeout=10)
+            return {(tp.topic, tp.partition): tp.offset for tp in got}
+        except KafkaException:
+            return {}
+        finally:
+            consumer.close()
+
+
+def run_offset_reset(bootstrap: str, telemetry_bootstrap: str, cfg: OffsetResetConfig, tcfg: TelemetryConfig,
+                     out=None) -> int:
+    validate(cfg)  # user mistakes fail before anything is emitted
+    emitter = Emitter(telemetry_bootstrap or bootstrap, tcfg, "offset_reset", cfg.group)
+    try:
+        return OffsetReset(bootstrap, cfg, emitter, out).run()
+    finally:
+        lost = emitter.close()
+        if lost:
+            log.warning("telemetry: %d events of this run were not delivered", lost)

@@ -1,0 +1,639 @@
+"""The restore worker: a backup's segments back into Kafka, per partition in order, each record once.
+
+Scope. A restore covers every topic of the backup (renamed by ``topic_map``),
+limited to records whose timestamp lies in ``[from_time, to_time)``. Its
+scope is fixed by the first run and kept in the restore checkpoint: per source
+partition, the offsets backed up at that moment and how many of their records
+fall in the window. Segments whose ``[min_ts, max_ts]`` lie inside the window
+are counted from the checkpoint without reading them; segments outside are
+never read; a segment straddling a window edge is read and its records counted
+one by one, so ``total_records`` is exact. Such a segment is kept decoded (up
+to ``PARTIAL_CACHE_BYTES``) so it is read from storage once per run.
+
+Commit point, per batch: produce with the idempotent producer, wait until the
+target cluster acknowledged every record, write the restore checkpoint
+(``{backup_id}/restores/{restore_id}/checkpoint.json``), then emit
+``RestoreProgress``. So ``kafka_restore_records_total`` only counts
+acknowledged records, and the checkpoint never claims a record the target does
+not hold (a corrupt segment stops the restore before its records are claimed).
+
+The duplicate window, and how it is closed. A crash after the target
+acknowledged a batch but before the checkpoint naming it was written leaves
+records in the target that the checkpoint does not know; a plain resume would
+write them again. The checkpoint therefore also keeps each target partition's
+expected end offset (``target_next``: its end when the restore began, then the
+offset after our last acknowledged record). On resume a target ending beyond
+it holds exactly a prefix of the records we would produce next: the
+idempotent producer writes each partition in order, without gaps and without
+retry duplicates. The worker reads that surplus back, checks it against the
+next records of the backup (key, value, headers), adopts it (advances the
+checkpoint, reports it once in ``RestoreProgress``) and goes on after it. If
+the surplus does not match, something else wrote to the target partition and
+the restore stops rather than guess. This rests on one assumption, stated in
+the runbook: nothing else writes to the target partitions while a restore is
+unfinished.
+
+Why not a transactional producer (``transactional.id`` = restore id): the
+commit point is the checkpoint in storage, not in Kafka, so a crash between
+the transaction commit and the checkpoint write would leave the same window
+and need the same check; transaction markers also take offsets, which breaks
+the end-offset arithmetic, and every reader of the restored topics would need
+``isolation.level=read_committed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from itertools import islice
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from producers import layout, segments
+from producers.backup import BackupFailed, classify_kafka_error
+from producers.storage import FileBackend, OpReport, Storage, StorageError
+from producers.telemetry import Emitter
+from schemas import events as ev
+from schemas.config import ConfigError, RestoreConfig, TelemetryConfig
+from schemas.kafka_admin import client_config
+
+log = logging.getLogger("kafka_backup.restore")
+
+RATE_SLICE_S = 0.25  # with a rate limit, a batch holds at most this many seconds' worth of records
+PARTIAL_CACHE_BYTES = 64 * 1024 * 1024  # decoded straddling segments kept between scoping and producing
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+class RestoreFailed(BackupFailed):
+    """A failure that ends the restore (already reported as an error event): exit status 1.
+
+    A subclass of ``BackupFailed`` so the CLI's one handler for failed runs covers restores.
+    """
+
+
+class RestoreInterrupted(RestoreFailed):
+    """Stopped by SIGTERM/SIGINT between batches: nothing is lost, a run with the same id resumes."""
+
+
+# ---- pure parts: window and topic map ---------------------------------------------------------
+
+
+class Window:
+    """Record timestamps (epoch ms) in ``[from_time, to_time)``; ``None`` leaves a side open."""
+
+    def __init__(self, from_time: int | None, to_time: int | None) -> None:
+        if from_time is not None and to_time is not None and from_time >= to_time:
+            raise ConfigError(f"restore.from_time: {from_time} is not before restore.to_time {to_time}; "
+                              "the window is [--from-time, --to-time) in epoch milliseconds")
+        self.from_time = from_time
+        self.to_time = to_time
+
+    def contains(self, ts: int) -> bool:
+        return (self.from_time is None or ts >= self.from_time) and (self.to_time is None or ts < self.to_time)
+
+    def covers(self, seg: layout.SegmentInfo) -> bool:
+        """Every record of the segment is inside: count it from the checkpoint, unread."""
+        if self.from_time is None and self.to_time is None:
+            return True
+        return seg.min_ts is not None and seg.max_ts is not None and self.contains(seg.min_ts) and self.contains(
+            seg.max_ts)
+
+    def misses(self, seg: layout.SegmentInfo) -> bool:
+        """No record of the segment is inside: never read it."""
+        if seg.min_ts is None or seg.max_ts is None:
+            return False
+        return ((self.to_time is not None and seg.min_ts >= self.to_time)
+                or (self.from_time is not None and seg.max_ts < self.from_time))
+
+
+def parse_topic_map(entries: list[str]) -> dict[str, str]:
+    """``["a:b", ...]`` -> ``{"a": "b"}``; syntax only (the backup's topics are checked later)."""
+    mapping: dict[str, str] = {}
+    for entry in entries:
+        source, sep, target = entry.partition(":")
+        source, target = source.strip(), target.strip()
+        if not sep or not source or not target:
+            raise ConfigError(f"restore.topic_map: {entry!r} is not source:target; write --topic-map a:b,c:d")
+        if not TOPIC_NAME.match(target):
+            raise ConfigError(f"restore.topic_map: {target!r} is not a valid topic name "
+                              "(1-249 letters, digits, '.', '_' or '-')")
+        if source in mapping:
+            raise ConfigError(f"restore.topic_map: {source!r} is mapped twice; give each source topic once")
+        mapping[source] = target
+    return mapping
+
+
+def resolve_topic_map(mapping: dict[str, str], backup_topics: dict[str, int], backup_id: str) -> dict[str, str]:
+    """Every topic of the backup to its target; unmapped topics keep their name.
+
+    Two sources into one target would interleave two partitions' records in one
+    target partition, which breaks ordering and the resume check: refused.
+    """
+    unknown = sorted(set(mapping) - set(backup_topics))
+    if unknown:
+        raise ConfigError(f"restore.topic_map: {unknown[0]!r} is not in backup {backup_id!r} "
+                          f"(its topics: {', '.join(sorted(backup_topics))})")
+    resolved = {t: mapping.get(t, t) for t in sorted(backup_topics)}
+    seen: dict[str, str] = {}
+    for source, target in resolved.items():
+        if target in seen:
+            raise ConfigError(f"restore.topic_map: {seen[target]!r} and {source!r} would both restore into "
+                              f"{target!r}; map them to different topics")
+        seen[target] = source
+    return resolved
+
+
+# ---- the worker --------------------------------------------------------------------------------
+
+
+class RestoreWorker:
+    def __init__(self, bootstrap_servers: str, rcfg: RestoreConfig, storage: Storage, emitter: Emitter,
+                 progress_file=None) -> None:
+        self.bootstrap = bootstrap_servers
+        self.cfg = rcfg
+        self.id = rcfg.restore_id
+        self.backup_id = rcfg.backup_id
+        self.storage = storage
+        self.emitter = emitter
+        self.window = Window(rcfg.from_time, rcfg.to_time)
+        self.requested_map = parse_topic_map(rcfg.topic_map)
+        self.stopping = threading.Event()
+        self.checkpoint: layout.RestoreCheckpoint | None = None
+        self.segments_of: dict[tuple[str, int], list[layout.SegmentInfo]] = {}
+        self.cache: dict[str, list[segments.StoredRecord]] = {}
+        self.cache_bytes = 0
+        self.started_emitted = False
+        self.paced = 0
+        self.pace_start: float | None = None
+        self.batch_size = rcfg.batch_records
+        if rcfg.rate_limit:
+            self.batch_size = max(1, min(rcfg.batch_records, int(rcfg.rate_limit * RATE_SLICE_S)))
+        self.progress_file = progress_file if progress_file is not None else sys.stderr
+        self.bar = None
+        self._consumer: Consumer | None = None
+        storage.listener = self._on_storage_op
+        self.producer = Producer(client_config(
+            bootstrap_servers,
+            **{
+                "enable.idempotence": True,  # in order, no gaps, no retry duplicates: what resume relies on
+                "linger.ms": 5,
+                "message.timeout.ms": 120_000,
+                "error_cb": self._on_kafka_error,
+            },
+        ))
+
+    # -- telemetry hooks -------------------------------------------------
+
+    def _on_storage_op(self, r: OpReport) -> None:
+        if r.error is None:
+            self.emitter.emit(ev.StorageOp, backend=self.storage.name, operation=r.operation,
+                              direction=r.direction, latency_s=r.latency_s, bytes=r.nbytes)
+            return
+        self.emitter.emit(ev.ErrorRaised, error_type="storage_io", transient=r.error.transient,
+                          operation=r.operation, backend=self.storage.name, storage_error=r.error.error_type,
+                          message=str(r.error)[:500])
+        if r.retrying:
+            self.emitter.emit(ev.Retry, operation=r.direction)
+
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        error_type, transient = classify_kafka_error(err)
+        log.warning("kafka: %s", err.str())
+        self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation="produce",
+                          message=err.str()[:500])
+
+    def _error(self, error_type: str, message: str, operation: str = "produce") -> None:
+        self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=False, operation=operation,
+                          backend=self.storage.name if operation == "read" else "", message=message[:500])
+
+    # -- run -------------------------------------------------------------
+
+    def run(self) -> int:
+        started = time.monotonic()
+        status, reason = "failure", ""
+        try:
+            self._prepare()
+            self._restore_all()
+            self._complete()
+            status = "success"
+        except RestoreInterrupted as err:
+            reason = f"interrupted: {err}"
+            raise
+        except (RestoreFailed, ConfigError) as err:
+            reason = str(err)
+            raise
+        except StorageError as err:  # already reported by the storage listener
+            reason = f"storage {err.error_type}: {err}"
+            raise RestoreFailed(reason) from None
+        except KafkaException as err:
+            kerr = err.args[0]
+            error_type, transient = classify_kafka_error(kerr)
+            self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation="produce",
+                              message=kerr.str()[:500])
+            reason = f"kafka: {kerr.str()}"
+            raise RestoreFailed(reason) from None
+        finally:
+            if not self.started_emitted:
+                self._emit_started()
+            if self.bar is not None:
+                self.bar.close()
+            self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started,
+                              reason=reason[:500])
+            self.producer.flush(10)
+            if self._consumer is not None:
+                try:
+                    self._consumer.close()
+                except Exception:  # closing must not mask the run's outcome
+                    pass
+        return 0
+
+    def stop(self, *_args) -> None:
+        """Signal handler: finish the batch in flight (acknowledged and checkpointed), then stop."""
+        self.stopping.set()
+
+    def _emit_started(self) -> None:
+        cp = self.checkpoint
+        self.emitter.emit(ev.JobStarted, topics=sorted(cp.topic_map) if cp else [], backend=self.storage.name,
+                          backup_id=self.backup_id, total_records=cp.total_records if cp else None,
+                          restored_total=cp.restored_total if cp else 0)
+        self.started_emitted = True
+
+    # -- preparation: manifest, scope, targets, resume check -----------------
+
+    def _prepare(self) -> None:
+        manifest = self._read_manifest()
+        if not manifest.topics:
+            raise ConfigError(f"restore.backup_id: backup {self.backup_id!r} holds no topics yet; "
+                              "run a backup first")
+        mapping = resolve_topic_map(self.requested_map, manifest.topics, self.backup_id)
+        key = layout.restore_checkpoint_key(self.backup_id, self.id)
+        raw = self.storage.get_optional(key, "checkpoint", report=True)
+        counts = {t: manifest.topics[t] for t in mapping}
+        if raw is not None:
+            cp = layout.decode_restore_checkpoint(raw)
+            self._check_same_restore(cp, mapping)
+            missing = self._check_targets(mapping, counts)
+            self._create_topics(missing)
+            self.checkpoint = cp
+            adopted = sum(self._reconcile(cur) for cur in cp.partitions)
+            if adopted:
+                self._write_checkpoint()
+            log.info("resuming restore %s at %d of %d records", self.id, cp.restored_total, cp.total_records)
+        else:
+            missing = self._check_targets(mapping, counts)
+            cp = self._scope(mapping, counts)
+            self._create_topics(missing)
+            for cur in cp.partitions:
+                cur.target_base = cur.target_next = self._high_watermark(cur.target_topic, cur.partition)
+            self.checkpoint = cp
+            self._write_checkpoint()  # before the first record: a crash from here on is resumable exactly
+            adopted = 0
+        self._emit_started()
+        if adopted:
+            # produced and acknowledged by the run that crashed, which never reported them
+            self.emitter.emit(ev.RestoreProgress, records=adopted, restored_total=cp.restored_total,
+                              bytes=self._adopted_bytes)
+        self._open_bar()
+
+    def _read_manifest(self) -> layout.Manifest:
+        try:
+            raw = self.storage.get(layout.manifest_key(self.backup_id), "manifest")
+        except StorageError as err:
+            if err.error_type != "not_found":
+                raise
+            backend = self.storage.backend
+            if isinstance(backend, FileBackend) and not os.path.isdir(backend.root):
+                raise ConfigError(f"restore.storage: {backend.root} does not exist; give the --storage the "
+                                  "backup wrote to") from None
+            if "NoSuchBucket" in str(err):
+                raise ConfigError(f"restore.storage: bucket of {self.cfg.storage!r} does not exist; give the "
+                                  "--storage the backup wrote to") from None
+            raise ConfigError(f"restore.backup_id: no backup {self.backup_id!r} in {self.cfg.storage} "
+                              f"(no {layout.manifest_key(self.backup_id)}); check --backup-id and --storage"
+                              ) from None
+        return layout.decode_manifest(raw)
+
+    def _check_same_restore(self, cp: layout.RestoreCheckpoint, mapping: dict[str, str]) -> None:
+        """A resume must restore the same scope, or the checkpoint's offsets would mean something else."""
+        for name, was, now in (("from_time", cp.from_time, self.window.from_time),
+                               ("to_time", cp.to_time, self.window.to_time),
+                               ("topic_map", cp.topic_map, mapping)):
+            if was != now:
+                raise ConfigError(f"restore.{name}: restore {self.id!r} was started with {name} {was!r}, "
+                                  f"not {now!r}; resume with the same flags or use a new --restore-id")
+
+    def _check_targets(self, mapping: dict[str, str], counts: dict[str, int]) -> dict[str, int]:
+        """Refuse a target with fewer partitions (source partition p goes to target partition p).
+
+        Returns the missing targets with the partition count to create them with.
+        """
+        md = AdminClient(client_config(self.bootstrap)).list_topics(timeout=15)
+        missing: dict[str, int] = {}
+        for source, target in mapping.items():
+            topic = md.topics.get(target)
+            if topic is None or topic.error is not None:
+                if not self.cfg.create_topics:
+                    self._error("offset_invalid", f"target topic {target} does not exist")
+                    raise ConfigError(f"restore.create_topics: target topic {target!r} does not exist and "
+                                      "creating topics is off; create it or set restore.create_topics: true")
+                missing[target] = counts[source]
+                continue
+            have, need = len(topic.partitions), counts[source]
+            if have < need:
+                self._error("offset_invalid", f"target topic {target} has {have} partitions, source {source} "
+                                              f"has {need}")
+                raise ConfigError(
+                    f"restore.topic_map: target topic {target!r} has {have} partitions, fewer than the {need} "
+                    f"of {source!r} in the backup; map it to a new topic (--topic-map {source}:NEW_NAME) or "
+                    f"add partitions to {target!r}")
+        return missing
+
+    def _create_topics(self, missing: dict[str, int]) -> None:
+        """Missing targets get the source's partition count and the broker's default replication."""
+        if not missing:
+            return
+        admin = AdminClient(client_config(self.bootstrap))
+        futures = admin.create_topics([NewTopic(t, n) for t, n in missing.items()], operation_timeout=15)
+        for name, fut in futures.items():
+            try:
+                fut.result(15)
+                log.info("created target topic %s", name)
+            except KafkaException as err:
+                if err.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                    raise
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # metadata of new topics can lag their creation
+            md = admin.list_topics(timeout=5).topics
+            if all(name in md and md[name].error is None and md[name].partitions for name in missing):
+                return
+            time.sleep(0.2)
+
+    def _scope(self, mapping: dict[str, str], counts: dict[str, int]) -> layout.RestoreCheckpoint:
+        now = time.time()
+        cp = layout.RestoreCheckpoint(self.id, self.backup_id, mapping, 0, self.window.from_time,
+                                      self.window.to_time, created_ts=now, updated_ts=now)
+        for topic in mapping:
+            for p in range(counts[topic]):
+                bcp = self._backup_checkpoint(topic, p)
+                records = sum(self._count(seg) for seg in bcp.segments)
+                cp.partitions.append(layout.RestoreCursor(topic, p, mapping[topic], bcp.next_offset, records))
+                cp.total_records += records
+        log.info("restore %s: %d records in scope", self.id, cp.total_records)
+        return cp
+
+    def _backup_checkpoint(self, topic: str, partition: int) -> layout.Checkpoint:
+        raw = self.storage.get_optional(layout.checkpoint_key(self.backup_id, topic, partition), "checkpoint",
+                                        report=True)
+        # a partition that never had a record has no checkpoint: it is empty, not missing
+        cp = layout.decode_checkpoint(raw) if raw else layout.Checkpoint(topic, partition, 0)
+        self.segments_of[(topic, partition)] = sorted(cp.segments, key=lambda s: s.start_offset)
+        return cp
+
+    def _segments(self, cur: layout.RestoreCursor) -> list[layout.SegmentInfo]:
+        key = (cur.topic, cur.partition)
+        if key not in self.segments_of:
+            self._backup_checkpoint(cur.topic, cur.partition)
+        return self.segments_of[key]
+
+    def _count(self, seg: layout.SegmentInfo) -> int:
+        if self.window.covers(seg):
+            return seg.records
+        if self.window.misses(seg):
+            return 0
+        records = self._load(seg)
+        n = sum(1 for r in records if self.window.contains(r.timestamp))
+        if n and self.cache_bytes + seg.uncompressed_bytes <= PARTIAL_CACHE_BYTES:
+            self.cache[seg.key] = records
+            self.cache_bytes += seg.uncompressed_bytes
+        return n
+
+    def _load(self, seg: layout.SegmentInfo) -> list[segments.StoredRecord]:
+        cached = self.cache.pop(seg.key, None)
+        if cached is not None:
+            self.cache_bytes -= seg.uncompressed_bytes
+            return cached
+        data = self.storage.get(seg.key, "segment")
+        try:
+            return segments.decode(data, seg.algorithm).records
+        except segments.CorruptSegment as err:
+            self._error("codec", f"{seg.key}: {err}", operation="read")
+            raise RestoreFailed(f"segment {seg.key} is corrupt ({err}); records before it are restored and "
+                                "checkpointed, its own records are not") from None
+
+    def _records(self, cur: layout.RestoreCursor, start: int) -> Iterator[segments.StoredRecord]:
+        """The partition's in-scope records from source offset ``start``, in offset order."""
+        for seg in self._segments(cur):
+            if seg.end_offset <= start or seg.start_offset >= cur.end_offset or self.window.misses(seg):
+                continue
+            for r in self._load(seg):
+                if start <= r.offset < cur.end_offset and self.window.contains(r.timestamp):
+                    yield r
+
+    # -- target side -----------------------------------------------------
+
+    @property
+    def consumer(self) -> Consumer:
+        if self._consumer is None:
+            self._consumer = Consumer(client_config(self.bootstrap, **{
+                "group.id": f"kafka-backup-restore.{self.id}",  # never joined, never committed
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            }))
+        return self._consumer
+
+    def _high_watermark(self, topic: str, partition: int) -> int:
+        last: Exception | None = None
+        for attempt in range(5):
+            try:
+                return self.consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
+            except KafkaException as err:  # a just-created topic may not be served yet
+                last = err
+                time.sleep(0.2 * (attempt + 1))
+        assert last is not None
+        raise last
+
+    _adopted_bytes = 0
+
+    def _reconcile(self, cur: layout.RestoreCursor) -> int:
+        """Adopt records acknowledged after the last checkpoint (see the module docstring)."""
+        hwm = self._high_watermark(cur.target_topic, cur.partition)
+        if hwm == cur.target_next:
+            return 0
+        where = f"{cur.target_topic}/{cur.partition}"
+        if hwm < cur.target_next:
+            self._error("offset_invalid", f"target {where} ends at {hwm}, before {cur.target_next}")
+            raise RestoreFailed(f"target partition {where} ends at offset {hwm}, before the {cur.target_next} "
+                                "this restore had written: it was truncated or recreated; restore with a new "
+                                "--restore-id into a new topic")
+        extra = hwm - cur.target_next
+        expected = list(islice(self._records(cur, cur.next_offset), extra))
+        actual = self._read_target(cur.target_topic, cur.partition, cur.target_next, extra)
+        if len(expected) != extra or [(r.key, r.value, list(r.headers)) for r in expected] != actual:
+            self._error("offset_invalid", f"target {where} has {extra} records after {cur.target_next} "
+                                          "that this restore did not write")
+            raise RestoreFailed(f"target partition {where} has {extra} records after offset {cur.target_next} "
+                                "that this restore did not write; stop other producers to it, or restore "
+                                "into a new topic with a new --restore-id")
+        log.warning("restore %s: adopting %d records in %s acknowledged after the last checkpoint",
+                    self.id, extra, where)
+        cur.next_offset = expected[-1].offset + 1
+        cur.restored += extra
+        cur.target_next = hwm
+        assert self.checkpoint is not None
+        self.checkpoint.restored_total += extra
+        self._adopted_bytes += sum(r.size for r in expected)
+        return extra
+
+    def _read_target(self, topic: str, partition: int, start: int, n: int) -> list[tuple]:
+        c = self.consumer
+        c.assign([TopicPartition(topic, partition, start)])
+        out: list[tuple] = []
+        deadline = time.monotonic() + 30
+        try:
+            while len(out) < n and time.monotonic() < deadline:
+                for msg in c.consume(num_messages=min(n - len(out), 1000), timeout=1.0):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            return out
+                        raise KafkaException(err)
+                    out.append((msg.key(), msg.value(), list(msg.headers() or [])))
+        finally:
+            c.unassign()
+        return out
+
+    # -- producing -------------------------------------------------------
+
+    def _open_bar(self) -> None:
+        """tqdm's bar (records, rate, ETA) on a terminal; nothing when stderr is a file or a pipe."""
+        from tqdm import tqdm
+
+        cp = self.checkpoint
+        assert cp is not None
+        interactive = hasattr(self.progress_file, "isatty") and self.progress_file.isatty()
+        self.bar = tqdm(total=cp.total_records, initial=cp.restored_total, unit="rec", unit_scale=True,
+                        desc=f"restore {self.id}", file=self.progress_file, disable=not interactive,
+                        dynamic_ncols=True)
+
+    def _restore_all(self) -> None:
+        cp = self.checkpoint
+        assert cp is not None
+        try:
+            for cur in cp.partitions:
+                if cur.restored < cur.records:
+                    self._restore_partition(cur)
+        except RestoreInterrupted:
+            raise RestoreInterrupted(f"stopped at {cp.restored_total} of {cp.total_records} records; run "
+                                     f"again with --restore-id {self.id} to resume") from None
+
+    def _restore_partition(self, cur: layout.RestoreCursor) -> None:
+        records = self._records(cur, cur.next_offset)
+        batch: list[segments.StoredRecord] = []
+        while True:
+            try:
+                rec = next(records)
+            except StopIteration:
+                break
+            except (RestoreFailed, StorageError):
+                if batch:  # what precedes an unreadable segment is good: restore and claim it first
+                    self._send(cur, batch)
+                raise
+            batch.append(rec)
+            if len(batch) >= self.batch_size:
+                self._send(cur, batch)
+                batch = []
+        if batch:
+            self._send(cur, batch)
+
+    def _pace(self, n: int) -> None:
+        """Hold ``rate_limit`` records/s over the run: a batch waits until its records are due."""
+        if self.stopping.is_set():
+            raise RestoreInterrupted("stop requested")
+        if not self.cfg.rate_limit:
+            return
+        now = time.monotonic()
+        if self.pace_start is None:
+            self.pace_start = now
+        delay = self.pace_start + (self.paced + n) / self.cfg.rate_limit - now
+        if delay > 0 and self.stopping.wait(delay):
+            raise RestoreInterrupted("stop requested")
+        self.paced += n
+
+    def _send(self, cur: layout.RestoreCursor, batch: list[segments.StoredRecord]) -> None:
+        self._pace(len(batch))
+        offsets: list[int] = []
+        failures: list[KafkaError] = []
+
+        def delivered(err: KafkaError | None, msg) -> None:
+            if err is None:
+                offsets.append(msg.offset())
+            else:
+                failures.append(err)
+
+        for r in batch:
+            while True:
+                try:
+                    self.producer.produce(cur.target_topic, value=r.value, key=r.key, partition=cur.partition,
+                                          timestamp=r.timestamp if r.timestamp > 0 else 0,
+                                          headers=r.headers or None, on_delivery=delivered)
+                    break
+                except BufferError:  # local queue full: serve deliveries, then retry this record
+                    self.producer.poll(0.1)
+        while self.producer.flush(1.0) > 0:
+            self.emitter.poll()
+        if failures or len(offsets) != len(batch):
+            err = failures[0] if failures else None
+            error_type, transient = classify_kafka_error(err) if err else ("broker_connection", True)
+            text = err.str() if err else "records not acknowledged"
+            self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation="produce",
+                              message=text[:500])
+            raise RestoreFailed(f"target {cur.target_topic}/{cur.partition}: {text}; the checkpoint holds the "
+                                f"last acknowledged batch, run again with --restore-id {self.id} to resume")
+        cur.next_offset = batch[-1].offset + 1
+        cur.restored += len(batch)
+        cur.target_next = max(offsets) + 1
+        cp = self.checkpoint
+        assert cp is not None
+        cp.restored_total += len(batch)
+        self._write_checkpoint()
+        self.emitter.emit(ev.RestoreProgress, records=len(batch), restored_total=cp.restored_total,
+                          bytes=sum(r.size for r in batch))
+        if self.bar is not None:
+            self.bar.update(len(batch))
+        self.emitter.poll()
+
+    def _write_checkpoint(self) -> None:
+        cp = self.checkpoint
+        assert cp is not None
+        cp.updated_ts = time.time()
+        self.storage.put(layout.restore_checkpoint_key(self.backup_id, self.id), layout.encode(cp), "checkpoint")
+
+    def _complete(self) -> None:
+        cp = self.checkpoint
+        assert cp is not None
+        if cp.completed_ts is None:
+            cp.completed_ts = time.time()
+            self._write_checkpoint()
+        log.info("restore %s complete: %d records", self.id, cp.restored_total)
+
+
+def run_restore(bootstrap: str, telemetry_bootstrap: str, rcfg: RestoreConfig, tcfg: TelemetryConfig,
+                storage: Storage) -> int:
+    Window(rcfg.from_time, rcfg.to_time)  # user mistakes fail before anything is emitted
+    parse_topic_map(rcfg.topic_map)
+    emitter = Emitter(telemetry_bootstrap or bootstrap, tcfg, "restore", rcfg.restore_id)
+    worker = RestoreWorker(bootstrap, rcfg, storage, emitter)
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    try:
+        return worker.run()
+    finally:
+        lost = emitter.close()
+        if lost:
+            log.warning("telemetry: %d events of this run were not delivered", lost)
