@@ -17,7 +17,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    StateSetMetricFamily,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -46,6 +51,9 @@ class View:
     window: int
     jobs: list[JobState] = field(default_factory=list)
     pipelines: list[PipelineState] = field(default_factory=list)
+    stop_after_s: float = 60.0
+    expired: int = 0
+    dropped_series: dict[str, int] = field(default_factory=dict)
 
     @property
     def backups(self) -> list[JobState]:
@@ -56,10 +64,20 @@ class View:
         return [j for j in self.jobs if j.kind == "restore"]
 
 
-def make_view(snapshot: Mapping[str, Any], now: float, window: int) -> View:
-    view = View(now=now, window=window)
+def expired(s: JobState, now: float, expire_after_s: float) -> bool:
+    """Ended long ago, or silent long ago (a vanished worker): its series would only add cardinality."""
+    last = s.ended_ts if s.status != "running" and s.ended_ts is not None else s.last_event_ts
+    return bool(last) and now - last > expire_after_s
+
+
+def make_view(snapshot: Mapping[str, Any], now: float, window: int, expire_after_s: float = float("inf"),
+              stop_after_s: float = 60.0) -> View:
+    view = View(now=now, window=window, stop_after_s=stop_after_s)
     for _, value in sorted(snapshot.items()):
         if isinstance(value, JobState):
+            if expired(value, now, expire_after_s):
+                view.expired += 1
+                continue
             view.jobs.append(value)
         elif isinstance(value, PipelineState):
             view.pipelines.append(value)
@@ -339,6 +357,54 @@ def _dropped(view: View) -> Iterator[Sample]:
     return (((s.kind, s.job), sum(s.dropped.values())) for s in view.jobs)
 
 
+STATES = ("OK", "WARN", "STALL", "STOP", "ERROR")
+
+
+def backup_status(s: JobState, now: float, stop_after_s: float) -> str:
+    """Burrow's evaluation over the window of progress samples, plus the run's own outcome.
+
+    ERROR: the last run failed. STOP: a running job silent for longer than
+    ``stop_after_s`` (a dead worker must not look healthy with a frozen lag).
+    Then, over the window: any sample without lag is OK; no committed progress
+    while lagging is STALL; lag growing at every step while offsets advance is
+    WARN; anything else is OK.
+    """
+    if s.status == "failure":
+        return "ERROR"
+    if s.status != "running":
+        return "OK"
+    if now - s.last_event_ts > stop_after_s:
+        return "STOP"
+    w = s.window
+    if len(w) < 2 or any(x.lag == 0 for x in w):
+        return "OK"
+    if w[-1].committed == w[0].committed:
+        return "STALL"
+    if all(b.lag > a.lag for a, b in zip(w, w[1:], strict=False)):
+        return "WARN"
+    return "OK"
+
+
+def _status(view: View) -> Iterator[Sample]:
+    for s in view.backups:
+        current = backup_status(s, view.now, view.stop_after_s)
+        yield (s.job,), {state: state == current for state in STATES}
+
+
+def _last_seen(view: View) -> Iterator[Sample]:
+    for s in view.jobs:
+        for instance, (_seq, ts) in s.seen.items():
+            yield (s.kind, s.job, instance), ts
+
+
+def _dropped_series(view: View) -> Iterator[Sample]:
+    return [((name,), n) for name, n in sorted(view.dropped_series.items())]
+
+
+def _expired_jobs(view: View) -> Iterator[Sample]:
+    yield (), view.expired
+
+
 def _invalid(view: View) -> Iterator[Sample]:
     return _summed(((reason,), n) for p in view.pipelines for reason, n in p.invalid.items())
 
@@ -409,16 +475,24 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.REBALANCES_TOTAL: _rebalances,
     cat.TELEMETRY_DROPPED: _dropped,
     cat.TELEMETRY_INVALID: _invalid,
+    cat.BACKUP_STATUS: _status,
+    cat.WORKER_LAST_SEEN: _last_seen,
+    cat.EXPORTER_DROPPED_SERIES: _dropped_series,
+    cat.EXPORTER_EXPIRED_JOBS: _expired_jobs,
     cat.RESTORE_PROGRESS: _restore_progress,
     cat.RESTORE_ETA: _restore_eta,
     cat.RESTORE_THROUGHPUT: _restore_throughput,
     cat.RESTORE_RECORDS_TOTAL: _restore_records,
 }
 
-_FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+_FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily,
+             "stateset": StateSetMetricFamily}
+_LAST = (cat.EXPORTER_DROPPED_SERIES,)  # built after the others: it reports on them
 
 
 def new_family(m: cat.Metric):
+    if m.type == "stateset":
+        return StateSetMetricFamily(m.family_name, m.help, labels=m.labels)
     return _FAMILIES[m.type](m.family_name, m.help, labels=m.labels, unit=m.om_unit)
 
 
@@ -430,27 +504,39 @@ class StateCollector(Collector):
         snapshot: Callable[[], Mapping[str, Any]],
         throughput_window_s: int = 60,
         clock: Callable[[], float] = time.time,
+        stop_after_s: float = 60.0,
+        expire_after_s: float = 7 * 24 * 3600.0,
+        max_series_per_family: int = 10_000,
     ) -> None:
         self._snapshot = snapshot
         self._window = throughput_window_s
         self._clock = clock
+        self._stop_after_s = stop_after_s
+        self._expire_after_s = expire_after_s
+        self._max_series = max_series_per_family
 
     def describe(self) -> list:
         return []
 
     def collect(self) -> Iterator:
-        view = make_view(self._snapshot(), self._clock(), self._window)
+        view = make_view(self._snapshot(), self._clock(), self._window, self._expire_after_s, self._stop_after_s)
+        families = {}
         for m in cat.CATALOGUE:
             builder = BUILDERS.get(m)
-            if builder is not None and m.type in _FAMILIES:
-                yield self._build(m, builder, view)
+            if builder is not None and m.type in _FAMILIES and m not in _LAST:
+                families[m] = self._build(m, builder, view)
+        for m in _LAST:
+            families[m] = self._build(m, BUILDERS[m], view)
+        return (families[m] for m in cat.CATALOGUE if m in families)
 
-    @staticmethod
-    def _build(m: cat.Metric, builder: Builder, view: View):
+    def _build(self, m: cat.Metric, builder: Builder, view: View):
         """One malformed state value must cost its family's samples, not the whole scrape."""
         family = new_family(m)
         try:
-            for sample in builder(view):
+            for n, sample in enumerate(builder(view)):
+                if n >= self._max_series:
+                    view.dropped_series[m.name] = view.dropped_series.get(m.name, 0) + 1
+                    continue
                 family.add_metric(*sample)
         except Exception:
             log.exception("cannot build %s", m.name)

@@ -124,7 +124,10 @@ class MetricsServer:
 def serve(cfg: Config, reader) -> MetricsServer:
     """Start serving ``reader``'s state as configured; a busy port is a configuration mistake."""
     m = cfg.metrics
-    collector = StateCollector(reader.snapshot, cfg.aggregator.throughput_window_s)
+    collector = StateCollector(reader.snapshot, cfg.aggregator.throughput_window_s,
+                               stop_after_s=cfg.metrics.worker_stop_after_s,
+                               expire_after_s=cfg.metrics.expire_after_s,
+                               max_series_per_family=cfg.metrics.max_series_per_family)
     try:
         server = MetricsServer(m.bind, m.port, m.path, collector, m.update_interval_ms, reader.ready.is_set)
     except OSError as err:

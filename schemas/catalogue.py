@@ -184,6 +184,26 @@ TELEMETRY_DROPPED = _m(
     ("kind", "job_id"), section=S6, extension=True,
     note="Makes telemetry loss visible: a non-zero value means other counters of this job may be low.")
 
+BACKUP_STATUS = _m(
+    "kafka_backup_status", "stateset", "",
+    "Backup health evaluated like Burrow: OK, WARN (lag grows while offsets advance), STALL (no progress "
+    "while lagging), STOP (no report for longer than metrics.worker_stop_after_s), ERROR (last run failed)",
+    ("backup_id",), section=S6, extension=True,
+    note="One series per state, value 1 for the current one. Alert on kafka_backup_status{kafka_backup_status!=\"OK\"} == 1.")
+WORKER_LAST_SEEN = _m(
+    "kafka_backup_worker_last_seen_timestamp_seconds", "gauge", "seconds",
+    "Event time of the last telemetry event from each worker instance of a job", ("kind", "job_id", "instance"),
+    section=S6, extension=True, note="Instances are per process start; the newest 64 per job are kept.")
+EXPORTER_DROPPED_SERIES = _m(
+    "kafka_backup_exporter_dropped_series", "gauge", "series",
+    "Label combinations left out of the last scrape because their family exceeded metrics.max_series_per_family",
+    ("metric",), section=S6, extension=True,
+    note="Cardinality guard (PRD open question 1: unique label combinations; a histogram's buckets and a "
+         "stateset's states count once). Never dropped silently.")
+EXPORTER_EXPIRED_JOBS = _m(
+    "kafka_backup_exporter_expired_jobs", "gauge", "jobs",
+    "Jobs whose series are no longer exported: ended or silent for longer than metrics.expire_after_s", (),
+    section=S6, extension=True)
 TELEMETRY_INVALID = _m(
     "kafka_backup_telemetry_invalid_events_total", "counter", "events",
     "Telemetry records the aggregator skipped: not our msgpack, unknown type, future version, bad key or values",

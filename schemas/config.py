@@ -30,6 +30,9 @@ class MetricsConfig(_Section):
     port: Port = 8080
     path: str = "/metrics"
     update_interval_ms: Positive = 500  # the exporter re-renders at most this often
+    worker_stop_after_s: Positive = 60  # a running job silent this long is STOP
+    expire_after_s: Positive = 7 * 24 * 3600  # series of jobs ended or silent this long are dropped
+    max_series_per_family: Positive = 10_000
 
 
 class KafkaConfig(_Section):

@@ -74,6 +74,18 @@ class RateSample(msgspec.Struct, array_like=True):
     fetches: int = 0
 
 
+STATUS_SAMPLES = 10  # Burrow-style window: the last 10 progress samples...
+STATUS_SAMPLE_EVERY_S = 5.0  # ...at least 5 s apart, so the window spans 45 s or more
+
+
+class StatusSample(msgspec.Struct, array_like=True):
+    """Lag and committed offsets summed over the job's partitions at one progress report."""
+
+    ts: float
+    lag: int
+    committed: int
+
+
 class JobState(msgspec.Struct, omit_defaults=True):
     kind: str
     job: str
@@ -99,6 +111,7 @@ class JobState(msgspec.Struct, omit_defaults=True):
     errors: dict[str, int] = {}
     retries: dict[str, int] = {}
     rebalances: int = 0
+    window: list[StatusSample] = []  # for the worker status (OK/WARN/STALL/STOP/ERROR)
     total_records: int | None = None  # restore: records in scope
     restored_total: int = 0  # restore: cumulative, including resumed runs
     dropped: dict[str, int] = {}  # instance -> cumulative dropped events

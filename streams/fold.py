@@ -24,8 +24,11 @@ from schemas.state import (
     Histogram,
     JobState,
     PartitionState,
+    STATUS_SAMPLE_EVERY_S,
+    STATUS_SAMPLES,
     RateSample,
     SizeSample,
+    StatusSample,
 )
 
 MAX_INSTANCES_PER_JOB = 64  # bound on dedup marks kept per job; oldest (by last event) go first
@@ -155,6 +158,10 @@ def _progress(state: JobState, e: ev.Progress, s: Settings) -> None:
             p.newest_stored_ts = pp.newest_stored_ts
         if pp.newest_available_ts is not None:
             p.newest_available_ts = pp.newest_available_ts
+    if e.partitions and (not state.window or e.ts - state.window[-1].ts >= STATUS_SAMPLE_EVERY_S):
+        lag = sum(max(0, p.high_watermark - p.committed) for p in e.partitions if p.high_watermark >= 0)
+        state.window.append(StatusSample(ts=e.ts, lag=lag, committed=sum(max(0, p.committed) for p in e.partitions)))
+        del state.window[:-STATUS_SAMPLES]
     second = int(e.ts)
     for c in e.consumed:
         totals = state.consumed.setdefault(c.topic, [0, 0])

@@ -1,0 +1,92 @@
+"""Worker status, expiry and the cardinality guard, from states folded out of real events."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from exporter.collector import StateCollector, backup_status
+from schemas import catalogue as cat
+from schemas import events as ev
+from streams import fold
+from tests.conftest import parse_prometheus
+
+T0 = 1_790_000_000.0
+
+
+def progress_run(lags_and_commits, job="b1", instance="w1", every=5.0, status_end=None):
+    """Fold Progress events: each (lag, committed) becomes one sample 5 s apart."""
+    state = fold.apply(None, ev.JobStarted(instance=instance, seq=0, ts=T0, job=job, mode="continuous"))
+    for i, (lag, committed) in enumerate(lags_and_commits, start=1):
+        e = ev.Progress(instance=instance, seq=i, ts=T0 + i * every, job=job, partitions=[
+            ev.PartitionProgress("t", 0, committed=committed, high_watermark=committed + lag)])
+        state = fold.apply(state, e)
+    if status_end:
+        state = fold.apply(state, ev.JobEnded(instance=instance, seq=999, ts=T0 + 999, job=job,
+                                              status=status_end, duration_s=1.0))
+    return state
+
+
+LAST = T0 + 10 * 5.0
+
+
+@pytest.mark.parametrize("samples,now,expected", [
+    ([(100, 10 * i) for i in range(10)], LAST, "OK"),  # steady lag, moving: fine
+    ([(0, 10 * i) for i in range(10)], LAST, "OK"),
+    ([(100 + 10 * i, 10 * i) for i in range(10)], LAST, "WARN"),  # lag grows at every step while committing
+    ([(100 + 10 * i, 50) for i in range(10)], LAST, "STALL"),  # no progress while lagging
+    ([(100, 50 + i) for i in range(10)], LAST + 61, "STOP"),  # silent for longer than stop_after_s
+    ([(100 + 10 * i, 10 * i) if i != 4 else (0, 40) for i in range(10)], LAST, "OK"),  # caught up once
+])
+def test_burrow_like_status(samples, now, expected):
+    state = progress_run(samples)
+    assert len(state.window) == 10
+    assert backup_status(state, now, stop_after_s=60) == expected
+
+
+def test_failed_run_is_error_and_finished_run_is_ok():
+    assert backup_status(progress_run([(5, 1)], status_end="failure"), LAST + 10_000, 60) == "ERROR"
+    assert backup_status(progress_run([(5, 1)], status_end="success"), LAST + 10_000, 60) == "OK"
+
+
+def render(states, now, **kwargs):
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(lambda: {f"backup:{s.job}": s for s in states}, clock=lambda: now, **kwargs))
+    text = generate_latest(registry).decode()
+    list(text_string_to_metric_families(generate_openmetrics(registry).decode()))  # strict check
+    return parse_prometheus(text)
+
+
+def test_status_is_a_stateset_with_one_current_state():
+    s = render([progress_run([(100 + 10 * i, 10 * i) for i in range(10)])], LAST)
+    values = {state: s.get_value(cat.BACKUP_STATUS.name, backup_id="b1", kafka_backup_status=state)
+              for state in ("OK", "WARN", "STALL", "STOP", "ERROR")}
+    assert values == {"OK": 0, "WARN": 1, "STALL": 0, "STOP": 0, "ERROR": 0}
+    assert s.get_value(cat.WORKER_LAST_SEEN.name, kind="backup", job_id="b1", instance="w1") == LAST
+
+
+def test_jobs_expire_after_the_configured_time():
+    old = progress_run([(1, 1)], job="old", status_end="success")
+    live = progress_run([(1, 1)], job="live")
+    s = render([old, live], T0 + 999 + 3600, expire_after_s=1800)
+    assert s.get_value(cat.RECORDS_TOTAL.name, backup_id="old") is None
+    assert s.get_value(cat.RECORDS_TOTAL.name, backup_id="live") is None  # silent for an hour too
+    s = render([old, live], T0 + 999 + 600, expire_after_s=1800)
+    assert s.get_value(cat.RECORDS_TOTAL.name, backup_id="old") == 0
+    assert s.get_value(cat.EXPORTER_EXPIRED_JOBS.name) == 0
+    s = render([old, live], T0 + 999 + 1801 - 949, expire_after_s=1800)
+    assert s.get_value(cat.EXPORTER_EXPIRED_JOBS.name) == 1  # live's last event was at T0 + 50
+
+
+def test_series_beyond_the_family_limit_are_dropped_and_counted():
+    states = [progress_run([(1, 1)], job=f"j{i:02d}") for i in range(25)]
+    s = render(states, LAST, max_series_per_family=10)
+    kept = s.matching(cat.RECORDS_TOTAL.name)
+    assert len(kept) == 10
+    assert s.get_value(cat.EXPORTER_DROPPED_SERIES.name, metric=cat.RECORDS_TOTAL.name) == 15
+    # the limit counts label combinations (PRD: "unique label combinations"), not a histogram's
+    # buckets or a stateset's states: 10 backups keep their status, 15 do not
+    assert s.get_value(cat.EXPORTER_DROPPED_SERIES.name, metric=cat.BACKUP_STATUS.name) == 15
+    assert len(s.matching(cat.BACKUP_STATUS.name)) == 10 * 5
