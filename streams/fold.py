@@ -21,11 +21,11 @@ from schemas import events as ev
 from schemas.state import (
     FETCHES_TOPIC,
     SIZE_WINDOW_MINUTES,
+    STATUS_SAMPLE_EVERY_S,
+    STATUS_SAMPLES,
     Histogram,
     JobState,
     PartitionState,
-    STATUS_SAMPLE_EVERY_S,
-    STATUS_SAMPLES,
     RateSample,
     SizeSample,
     StatusSample,
