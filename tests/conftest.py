@@ -183,7 +183,8 @@ class Pipeline:
     """A real aggregator process and a real exporter process on one telemetry cluster."""
 
     def __init__(self, bootstrap: str, tmp: str, app_id: str | None = None,
-                 extra_aggregator_args: list[str] | None = None) -> None:
+                 extra_aggregator_args: list[str] | None = None,
+                 extra_exporter_args: list[str] | None = None) -> None:
         self.bootstrap = bootstrap
         self.app_id = app_id or unique("agg")
         self.port = free_port()
@@ -192,7 +193,8 @@ class Pipeline:
         self.workers: list[Proc] = []
         self.aggregator = self._aggregator_proc(1)
         self.exporter = Proc(["exporter", "--bootstrap-servers", bootstrap, "--app-id", self.app_id,
-                              "--port", str(self.port), "--metrics-update-interval-ms", "100"],
+                              "--port", str(self.port), "--metrics-update-interval-ms", "100",
+                              *(extra_exporter_args or [])],
                              os.path.join(tmp, f"{self.app_id}-exporter.log"))
 
     def _aggregator_proc(self, n: int) -> Proc:

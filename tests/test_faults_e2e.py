@@ -330,3 +330,32 @@ def test_telemetry_outage_backup_goes_on_and_totals_are_exact(broker, telemetry_
                 assert not os.listdir(tmp_path / "spool"), "the spool is drained and removed"
     finally:
         pipe.stop()
+
+
+def test_dead_worker_shows_stop_not_a_frozen_healthy_lag(broker, pipeline_factory, tmp_path):
+    pipe = pipeline_factory(extra_exporter_args=["--metrics-worker-stop-after-s", "5"])
+    topic, bid = unique("dead"), unique("bk-dead")
+    create_topic(broker, topic, 1)
+    store = str(tmp_path / "store")
+
+    def status(s):
+        return {st for st in ("OK", "WARN", "STALL", "STOP", "ERROR")
+                if s.get_value(cat.BACKUP_STATUS.name, backup_id=bid, kafka_backup_status=st) == 1}
+
+    with SteadyWorkload(broker, topic, rate=100):
+        worker = continuous_backup(broker, topic, bid, store, str(tmp_path / "backup.log"))
+        try:
+            wait_for(lambda: status(pipe.scrape()) == {"OK"}, 60, what="status OK while running")
+        finally:
+            worker.kill()
+            worker.wait()
+        s = wait_for(lambda: (v := pipe.scrape()) and status(v) == {"STOP"} and v, 30, what="status STOP")
+    last_seen = s.matching(cat.WORKER_LAST_SEEN.name, kind="backup", job_id=bid)
+    assert len(last_seen) == 1 and time.time() - list(last_seen.values())[0] >= 5
+    # the same static instance id restarts the backup: OK again, and nothing was counted twice
+    worker = continuous_backup(broker, topic, bid, store, str(tmp_path / "backup.log"))
+    try:
+        wait_for(lambda: status(pipe.scrape()) == {"OK"}, 60, what="status OK after restart")
+    finally:
+        stop(worker)
+    pipe.wait_value(cat.RECORDS_TOTAL.name, stored_records(store, bid), 60, backup_id=bid)
