@@ -33,6 +33,10 @@ class MetricsConfig(_Section):
     worker_stop_after_s: Positive = 60  # a running job silent this long is STOP
     expire_after_s: Positive = 7 * 24 * 3600  # series of jobs ended or silent this long are dropped
     max_series_per_family: Positive = 10_000
+    tls_cert_file: str = ""  # PEM; with tls_key_file, the endpoint speaks HTTPS
+    tls_key_file: str = ""
+    basic_auth_username: str = ""  # with basic_auth_password_sha256, /metrics asks for credentials
+    basic_auth_password_sha256: str = ""  # hex digest: printf %s "$PASSWORD" | sha256sum
 
 
 class KafkaConfig(_Section):

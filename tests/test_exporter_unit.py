@@ -471,3 +471,24 @@ def test_busy_port_is_a_config_error():
 def test_missing_bootstrap_is_a_config_error():
     with pytest.raises(ConfigError, match="kafka.bootstrap_servers"):
         run(Config())
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"metrics.tls_cert_file": "/x.pem"}, "metrics.tls_key_file: TLS needs both"),
+    ({"metrics.tls_cert_file": "/nope.pem", "metrics.tls_key_file": "/nope.key"}, "metrics.tls_cert_file: cannot load"),
+    ({"metrics.basic_auth_password_sha256": "ab" * 32}, "metrics.basic_auth_username: required"),
+    ({"metrics.basic_auth_username": "u", "metrics.basic_auth_password_sha256": "xyz"}, "expected 64 hex digits"),
+])
+def test_endpoint_security_mistakes_are_one_line_config_errors(settings, needle):
+    from exporter.server import serve
+    from schemas.config import ConfigError, load
+
+    class Reader:
+        ready = threading.Event()
+
+        def snapshot(self):
+            return {}
+
+    with pytest.raises(ConfigError) as err:
+        serve(load(None, {"metrics.port": 0, **settings}), Reader())
+    assert needle in str(err.value) and "\n" not in str(err.value)

@@ -111,3 +111,86 @@ def test_real_prometheus_scrapes_exact_values(backed_up, tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def self_signed(tmp_path) -> tuple[str, str]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_tls_and_basic_auth_endpoint_scraped_by_prometheus(backed_up, tmp_path):
+    import base64
+    import hashlib
+    import ssl
+
+    from tests.conftest import Proc
+
+    pipe, bid, _ = backed_up
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    exporter = Proc(["exporter", "--bootstrap-servers", pipe.bootstrap, "--app-id", pipe.app_id, "--port", str(port),
+                     "--metrics-tls-cert-file", cert, "--metrics-tls-key-file", key,
+                     "--metrics-basic-auth-username", "prom",
+                     "--metrics-basic-auth-password-sha256", hashlib.sha256(b"s3cret").hexdigest()],
+                    str(tmp_path / "exporter.log")).start()
+    ctx = ssl.create_default_context(cafile=cert)
+
+    def get(path: str, password: str | None):
+        headers = {"Authorization": "Basic " + base64.b64encode(f"prom:{password}".encode()).decode()} if password else {}
+        req = urllib.request.Request(f"https://127.0.0.1:{port}{path}", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=5, context=ctx) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, ""
+
+    try:
+        wait_for(lambda: get("/health", None)[0] == 200, 30, what="TLS exporter healthy")
+        assert get("/metrics", None)[0] == 401
+        assert get("/metrics", "wrong")[0] == 401
+        status, body = get("/metrics", "s3cret")
+        assert status == 200
+        assert parse_prometheus(body).get_value(cat.RECORDS_TOTAL.name, backup_id=bid) == 900
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP is not served
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        if PROMETHEUS:
+            prom_port = free_port()
+            (tmp_path / "prometheus.yml").write_text(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kb\n    scheme: https\n"
+                f"    tls_config:\n      ca_file: {cert}\n    basic_auth:\n      username: prom\n"
+                f"      password: s3cret\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
+            prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                     f"--storage.tsdb.path={tmp_path / 'data'}",
+                                     f"--web.listen-address=127.0.0.1:{prom_port}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                def scraped():
+                    q = urllib.parse.urlencode({"query": f'kafka_backup_records_total{{backup_id="{bid}"}}'})
+                    with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/query?{q}", timeout=5) as r:
+                        return json.load(r)["data"]["result"]
+
+                assert float(wait_for(scraped, 60)[0]["value"][1]) == 900
+            finally:
+                prom.terminate()
+                prom.wait(20)
+    finally:
+        exporter.stop()
