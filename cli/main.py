@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from schemas.config import Config, ConfigError, all_keys, flag_for, load, require_safe_id
+from schemas.kafka_admin import register, source_security, telemetry_security
 
 ENV_BOOTSTRAP = "KAFKA_BOOTSTRAP_SERVERS"
 
@@ -111,6 +112,10 @@ def config_from(args: argparse.Namespace) -> Config:
     cfg = load(getattr(args, "config", None), overrides)
     if not cfg.kafka.bootstrap_servers and os.environ.get(ENV_BOOTSTRAP):
         cfg.kafka.bootstrap_servers = os.environ[ENV_BOOTSTRAP]
+    # every client made for these clusters picks up their SASL/TLS settings (schemas.kafka_admin)
+    register(cfg.kafka.bootstrap_servers, source_security(cfg.kafka))
+    if cfg.kafka.telemetry_bootstrap_servers:
+        register(cfg.kafka.telemetry_bootstrap_servers, telemetry_security(cfg.kafka))
     return cfg
 
 

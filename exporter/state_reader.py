@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from schemas.kafka_admin import client_config
 from schemas.state import PIPELINE_PREFIX, decode_pipeline, decode_state
 from schemas.topics import state_topic
 
@@ -88,15 +89,14 @@ class StateReader:
         self._positions: dict[int, int] = {}  # partition -> next offset to read, kept across reconnects
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._conf = {
-            "bootstrap.servers": bootstrap_servers,
+        self._conf = client_config(bootstrap_servers, **{
             "group.id": f"kafka-backup-exporter-{uuid.uuid4().hex}",  # required by librdkafka; never committed
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
             "logger": rdkafka_log,
-        }
+        })
         self._thread = threading.Thread(target=self._run, name="state-reader", daemon=True)
 
     def start(self) -> StateReader:

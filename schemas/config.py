@@ -39,9 +39,32 @@ class MetricsConfig(_Section):
     basic_auth_password_sha256: str = ""  # hex digest: printf %s "$PASSWORD" | sha256sum
 
 
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL", ""]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", ""]
+
+
 class KafkaConfig(_Section):
-    bootstrap_servers: str = ""  # source cluster for workers; telemetry cluster for aggregate/exporter
+    """Source cluster for workers, telemetry cluster for aggregate/exporter.
+
+    The ``telemetry_*`` keys are the workers' telemetry cluster; each one left
+    empty takes the source cluster's value when the telemetry goes to the source
+    cluster, and the default otherwise.
+    """
+
+    bootstrap_servers: str = ""
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_ca_location: str = ""
+    ssl_certificate_location: str = ""
+    ssl_key_location: str = ""
     telemetry_bootstrap_servers: str = ""  # workers only: defaults to bootstrap_servers
+    telemetry_security_protocol: SecurityProtocol = ""
+    telemetry_sasl_mechanism: SaslMechanism = ""
+    telemetry_sasl_username: str = ""
+    telemetry_sasl_password: str = ""
+    telemetry_ssl_ca_location: str = ""
 
 
 class TelemetryConfig(_Section):

@@ -1,15 +1,93 @@
-"""Kafka plumbing every stage shares: client settings and the telemetry topic's creation."""
+"""Kafka plumbing every stage shares: client settings and the telemetry topic's creation.
+
+A cluster is named by its bootstrap list. The command line registers the
+security settings (SASL, TLS) of each cluster it talks to once, at start;
+every client built with :func:`client_config` for that bootstrap list then
+gets them, so no code path can forget them.
+"""
 
 from __future__ import annotations
 
+import msgspec
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from schemas.config import TelemetryConfig
+from schemas.config import ConfigError, KafkaConfig, TelemetryConfig
+
+
+class Security(msgspec.Struct, frozen=True):
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_ca_location: str = ""
+    ssl_certificate_location: str = ""
+    ssl_key_location: str = ""
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol.startswith("SASL")
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol.endswith("SSL")
+
+    def librdkafka(self) -> dict[str, str]:
+        conf = {"security.protocol": self.protocol.lower()}
+        if self.sasl:
+            conf |= {"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.sasl_username,
+                     "sasl.password": self.sasl_password}
+        for key, value in (("ssl.ca.location", self.ssl_ca_location),
+                           ("ssl.certificate.location", self.ssl_certificate_location),
+                           ("ssl.key.location", self.ssl_key_location)):
+            if value and self.tls:
+                conf[key] = value
+        return conf
+
+
+_REGISTRY: dict[str, Security] = {}
+
+
+def source_security(k: KafkaConfig, prefix: str = "kafka") -> Security:
+    sec = Security(k.security_protocol or "PLAINTEXT", k.sasl_mechanism or "PLAIN", k.sasl_username,
+                   k.sasl_password, k.ssl_ca_location, k.ssl_certificate_location, k.ssl_key_location)
+    _check(sec, prefix, "")
+    return sec
+
+
+def telemetry_security(k: KafkaConfig) -> Security:
+    """Unset telemetry keys inherit the source's only when telemetry goes to the source cluster."""
+    base = source_security(k) if not k.telemetry_bootstrap_servers else Security()
+    sec = Security(
+        k.telemetry_security_protocol or base.protocol,
+        k.telemetry_sasl_mechanism or base.sasl_mechanism,
+        k.telemetry_sasl_username or base.sasl_username,
+        k.telemetry_sasl_password or base.sasl_password,
+        k.telemetry_ssl_ca_location or base.ssl_ca_location,
+        base.ssl_certificate_location, base.ssl_key_location,
+    )
+    _check(sec, "kafka", "telemetry_")
+    return sec
+
+
+def _check(sec: Security, section: str, prefix: str) -> None:
+    if sec.sasl and not (sec.sasl_username and sec.sasl_password):
+        raise ConfigError(f"{section}.{prefix}sasl_username: {sec.protocol} needs a username and a password "
+                          f"({section}.{prefix}sasl_username, {section}.{prefix}sasl_password)")
+
+
+def register(bootstrap_servers: str, security: Security) -> None:
+    """Remember how to reach this cluster; called once per cluster by the command line."""
+    if bootstrap_servers:
+        _REGISTRY[bootstrap_servers] = security
+
+
+def security_for(bootstrap_servers: str) -> Security:
+    return _REGISTRY.get(bootstrap_servers, Security())
 
 
 def client_config(bootstrap_servers: str, **extra: object) -> dict[str, object]:
-    return {"bootstrap.servers": bootstrap_servers, **extra}
+    return {"bootstrap.servers": bootstrap_servers, **security_for(bootstrap_servers).librdkafka(), **extra}
 
 
 def ensure_topic(admin: AdminClient, name: str, partitions: int, replication: int = 1,

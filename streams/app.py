@@ -21,7 +21,7 @@ import faust
 
 from schemas import events as ev
 from schemas.config import Config
-from schemas.kafka_admin import ensure_telemetry_topic
+from schemas.kafka_admin import Security, ensure_telemetry_topic, security_for
 from schemas.state import (
     PipelineState,
     decode_pipeline,
@@ -40,6 +40,7 @@ def create_app(cfg: Config) -> faust.App:
     instance = cfg.aggregator.instance_id or f"{cfg.aggregator.app_id}@{socket.gethostname()}"
     app = faust.App(
         cfg.aggregator.app_id,
+        broker_credentials=faust_credentials(security_for(bootstrap)),
         broker=",".join(f"kafka://{b}" for b in bootstrap.split(",")),
         store="memory://",
         web_enabled=False,
@@ -103,6 +104,23 @@ def create_app(cfg: Config) -> faust.App:
                 await dead_letter(event.key, event.value, reason)
 
     return app
+
+
+def faust_credentials(sec: Security):
+    """The same cluster settings, in aiokafka's terms (Faust does not use librdkafka)."""
+    import ssl
+
+    context = None
+    if sec.tls:
+        context = ssl.create_default_context(cafile=sec.ssl_ca_location or None)
+        if sec.ssl_certificate_location:
+            context.load_cert_chain(sec.ssl_certificate_location, sec.ssl_key_location or None)
+    if sec.sasl:
+        return faust.SASLCredentials(username=sec.sasl_username, password=sec.sasl_password,
+                                     mechanism=sec.sasl_mechanism, ssl_context=context)
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
 
 
 def run(cfg: Config, loglevel: str = "WARNING") -> None:
