@@ -33,6 +33,7 @@ ALIASES: dict[str, dict[str, str]] = {
     },
     "aggregate": {"--bootstrap-servers": "kafka.bootstrap_servers", "--app-id": "aggregator.app_id",
                   "--instance-id": "aggregator.instance_id"},
+    "replay": {"--bootstrap-servers": "kafka.bootstrap_servers"},
     "exporter": {"--bootstrap-servers": "kafka.bootstrap_servers", "--bind": "metrics.bind",
                  "--port": "metrics.port", "--app-id": "aggregator.app_id"},
     "restore": {
@@ -102,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                         ("restore", "restore a backup into Kafka topics, publishing telemetry"),
                         ("offset-reset", "reset a consumer group's offsets to a time, the earliest or the latest")]:
         _add_config_flags(sub.add_parser(name, help=help_), name)
+    p = sub.add_parser("replay", help="fold the telemetry log again offline: metrics at --to and an audit report")
+    _add_config_flags(p, "replay")
+    from cli.replay import add_arguments
+
+    add_arguments(p)
     p = sub.add_parser("up", help="broker + demo workload + backup + aggregator + exporter, until Ctrl-C")
     _add_config_flags(p, "up")
     return parser
@@ -210,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_restore(cfg)
         if args.command == "offset-reset":
             return cmd_offset_reset(cfg)
+        if args.command == "replay":
+            from cli.replay import run_replay
+
+            return run_replay(cfg, args)
         if args.command == "up":
             from cli.up import run_up
 
