@@ -17,6 +17,9 @@ def run(cfg: Config) -> None:
             "kafka.bootstrap_servers: required: the cluster holding the state topic "
             f"(set it in the YAML file or with {flag_for('kafka.bootstrap_servers')})"
         )
+    if not cfg.metrics.enabled:
+        sys.stdout.write("exporter: metrics.enabled is false; not serving (set it true to serve /metrics)\n")
+        return
     reader = StateReader(cfg.kafka.bootstrap_servers, cfg.aggregator.app_id)
     server = serve(cfg, reader)  # binds first: a busy port must fail before the reader starts
     reader.start()
