@@ -162,10 +162,9 @@ def _backup(job: str, events: list[ev.AnyEvent], replayed: Replay, start: float,
 def build(replayed: Replay, start: float | None, backup_id: str | None = None) -> AuditReport:
     lo = start if start is not None else float("-inf")
     backups = []
-    for key, events in sorted(replayed.events.items()):
-        state = replayed.jobs[key]
+    for key, state in sorted(replayed.jobs.items()):
         if state.kind == "backup" and (backup_id is None or state.job == backup_id):
-            backups.append(_backup(state.job, events, replayed, lo, replayed.until))
+            backups.append(_backup(state.job, replayed.events[key], replayed, lo, replayed.until))
     return AuditReport(REPORT_VERSION, iso(start), iso(replayed.until),
                        dict(sorted(replayed.invalid.invalid.items())), backups)
 
