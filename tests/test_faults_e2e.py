@@ -215,7 +215,7 @@ def test_aggregator_killed_mid_stream_restarts_exact(broker, pipeline_factory, t
                 time.sleep(1.5)
                 pipe.aggregator.start()  # same static instance id
                 # counting again: the restarted worker recovered its table and consumes new events
-                wait_for(lambda: pipe.scrape().get_value(cat.RECORDS_TOTAL.name, backup_id=bid) > seen, 90,
+                wait_for(lambda seen=seen: pipe.scrape().get_value(cat.RECORDS_TOTAL.name, backup_id=bid) > seen, 90,
                          what="the restarted aggregator to count new segments")
         finally:
             stop(worker)
