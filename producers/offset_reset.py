@@ -8,12 +8,14 @@ should start reading the restored topics. Telemetry is a ``JobStarted`` and a
 Active members. Offsets of a group whose consumers are running would be
 overwritten by their next commit, so a group with members is refused unless
 ``--force``. Membership comes from ``AdminClient.describe_consumer_groups``
-(DescribeGroups; supported by Apache Kafka and by the noida-db dev broker).
+(DescribeGroups; Apache Kafka and the noida-db dev broker both answer it).
 Where a broker does not support it, the check falls back to the broker itself:
-Apache Kafka rejects an offset change (OffsetCommit from outside the group,
-AlterConsumerGroupOffsets) for a group that is not empty, and that refusal is
-reported the same way. So ``--force`` skips our check only; a broker that
-enforces emptiness still refuses, and the group's consumers must be stopped.
+Apache Kafka, and noida-db 0.2.3 likewise (tested), reject an offset change
+from outside a group that has members (AlterConsumerGroupOffsets and a plain
+OffsetCommit both fail with UNKNOWN_MEMBER_ID), and that refusal is reported
+as the same one-line error. So ``--force`` skips this tool's check only (for a
+membership answer known to be stale, or a broker that allows the change); on
+those brokers the group's consumers must still be stopped first.
 
 Target offsets. ``--to-timestamp`` uses ``offsets_for_times``: the first
 offset whose record timestamp is at or after the time; a partition with no
@@ -52,8 +54,8 @@ def target_of(cfg: OffsetResetConfig) -> str:
                                    ("to_earliest", cfg.to_earliest), ("to_latest", cfg.to_latest)) if on]
     if len(given) != 1:
         what = "none" if not given else " and ".join("--" + g.replace("_", "-") for g in given)
-        raise ConfigError(f"offset_reset: give exactly one of --to-timestamp MS, --to-earliest or --to-latest "
-                          f"(got {what})")
+        raise ConfigError(f"offset_reset.to_timestamp|to_earliest|to_latest: give exactly one of --to-timestamp MS, "
+                          f"--to-earliest or --to-latest (got {what})")
     return given[0]
 
 

@@ -170,6 +170,7 @@ class RestoreWorker:
         self.cache: dict[str, list[segments.StoredRecord]] = {}
         self.cache_bytes = 0
         self.started_emitted = False
+        self._adopted_bytes = 0  # key+value bytes of records adopted on resume, for their RestoreProgress
         self.paced = 0
         self.pace_start: float | None = None
         self.batch_size = rcfg.batch_records
@@ -178,16 +179,8 @@ class RestoreWorker:
         self.progress_file = progress_file if progress_file is not None else sys.stderr
         self.bar = None
         self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
         storage.listener = self._on_storage_op
-        self.producer = Producer(client_config(
-            bootstrap_servers,
-            **{
-                "enable.idempotence": True,  # in order, no gaps, no retry duplicates: what resume relies on
-                "linger.ms": 5,
-                "message.timeout.ms": 120_000,
-                "error_cb": self._on_kafka_error,
-            },
-        ))
 
     # -- telemetry hooks -------------------------------------------------
 
@@ -245,7 +238,8 @@ class RestoreWorker:
                 self.bar.close()
             self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started,
                               reason=reason[:500])
-            self.producer.flush(10)
+            if self._producer is not None:
+                self._producer.flush(10)
             if self._consumer is not None:
                 try:
                     self._consumer.close()
@@ -271,21 +265,27 @@ class RestoreWorker:
         if not manifest.topics:
             raise ConfigError(f"restore.backup_id: backup {self.backup_id!r} holds no topics yet; "
                               "run a backup first")
-        mapping = resolve_topic_map(self.requested_map, manifest.topics, self.backup_id)
         key = layout.restore_checkpoint_key(self.backup_id, self.id)
         raw = self.storage.get_optional(key, "checkpoint", report=True)
-        counts = {t: manifest.topics[t] for t in mapping}
         if raw is not None:
+            # the scope is the checkpoint's: topics a continuous backup added since are not part of it
             cp = layout.decode_restore_checkpoint(raw)
+            mapping = resolve_topic_map(self.requested_map, dict.fromkeys(cp.topic_map, 0), self.backup_id)
             self._check_same_restore(cp, mapping)
+            counts: dict[str, int] = {}
+            for cur in cp.partitions:
+                counts[cur.topic] = max(counts.get(cur.topic, 0), cur.partition + 1)
             missing = self._check_targets(mapping, counts)
             self._create_topics(missing)
             self.checkpoint = cp
-            adopted = sum(self._reconcile(cur) for cur in cp.partitions)
+            # a finished partition gets no more of our records: whatever follows them is not ours to check
+            adopted = sum(self._reconcile(cur) for cur in cp.partitions if cur.restored < cur.records)
             if adopted:
                 self._write_checkpoint()
             log.info("resuming restore %s at %d of %d records", self.id, cp.restored_total, cp.total_records)
         else:
+            mapping = resolve_topic_map(self.requested_map, manifest.topics, self.backup_id)
+            counts = {t: manifest.topics[t] for t in mapping}
             missing = self._check_targets(mapping, counts)
             cp = self._scope(mapping, counts)
             self._create_topics(missing)
@@ -438,6 +438,18 @@ class RestoreWorker:
     # -- target side -----------------------------------------------------
 
     @property
+    def producer(self) -> Producer:
+        """Made on first use: nothing connects to the target before the scope is known."""
+        if self._producer is None:
+            self._producer = Producer(client_config(self.bootstrap, **{
+                "enable.idempotence": True,  # in order, no gaps, no retry duplicates: what resume relies on
+                "linger.ms": 5,
+                "message.timeout.ms": 120_000,
+                "error_cb": self._on_kafka_error,
+            }))
+        return self._producer
+
+    @property
     def consumer(self) -> Consumer:
         if self._consumer is None:
             self._consumer = Consumer(client_config(self.bootstrap, **{
@@ -457,8 +469,6 @@ class RestoreWorker:
                 time.sleep(0.2 * (attempt + 1))
         assert last is not None
         raise last
-
-    _adopted_bytes = 0
 
     def _reconcile(self, cur: layout.RestoreCursor) -> int:
         """Adopt records acknowledged after the last checkpoint (see the module docstring)."""

@@ -1,0 +1,138 @@
+"""Restore scoping and user mistakes, without a broker: window arithmetic, topic maps, exact counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from producers import layout, segments
+from producers.offset_reset import target_of
+from producers.restore import RestoreWorker, Window, parse_topic_map, resolve_topic_map
+from producers.storage import FileBackend, OpReport, Storage
+from schemas.config import ConfigError, OffsetResetConfig, RestoreConfig
+from tests.conftest import cli
+
+
+def seg(min_ts: int | None, max_ts: int | None) -> layout.SegmentInfo:
+    return layout.SegmentInfo("k", 0, 1, 1, 1, 1, 1, "none", min_ts, max_ts)
+
+
+def test_window_is_from_inclusive_to_exclusive_and_classifies_segments():
+    w = Window(100, 200)
+    assert [w.contains(t) for t in (99, 100, 199, 200)] == [False, True, True, False]
+    assert w.covers(seg(100, 199)) and not w.covers(seg(100, 200)) and not w.covers(seg(None, None))
+    assert w.misses(seg(200, 300)) and w.misses(seg(0, 99)) and not w.misses(seg(0, 100))
+    assert not w.misses(seg(None, None)), "unknown timestamps must be read, never skipped"
+    assert Window(None, None).covers(seg(None, None))
+    with pytest.raises(ConfigError, match="restore.from_time"):
+        Window(5, 5)
+
+
+def test_topic_map_syntax_and_resolution():
+    assert parse_topic_map(["a:b", " c : d "]) == {"a": "b", "c": "d"}
+    for bad, needle in ((["a"], "not source:target"), (["a:"], "not source:target"), (["a:b", "a:c"], "twice"),
+                        (["a:b/c"], "not a valid topic name")):
+        with pytest.raises(ConfigError, match=needle):
+            parse_topic_map(bad)
+    assert resolve_topic_map({"a": "a2"}, {"a": 3, "b": 1}, "bk") == {"a": "a2", "b": "b"}
+    with pytest.raises(ConfigError, match="'x' is not in backup 'bk'"):
+        resolve_topic_map({"x": "y"}, {"a": 1}, "bk")
+    with pytest.raises(ConfigError, match="would both restore into 'b'"):
+        resolve_topic_map({"a": "b"}, {"a": 1, "b": 1}, "bk")
+
+
+class Events:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def emit(self, event_type, **fields) -> None:
+        self.events.append((event_type.__name__, fields))
+
+    def poll(self) -> None:
+        pass
+
+
+def write_partition(storage: Storage, backup_id: str, topic: str, spans: list[range]) -> list[layout.SegmentInfo]:
+    """Segments of one partition; record with offset o has timestamp 1000 + o."""
+    infos = []
+    for span in spans:
+        records = [segments.StoredRecord(o, 1000 + o, 1, b"k", b"v%d" % o) for o in span]
+        data, raw = segments.encode(topic, 0, records, "zstd")
+        key = layout.segment_key(backup_id, topic, 0, span.start, "zstd")
+        storage.put(key, data, "segment")
+        infos.append(layout.SegmentInfo(key, span.start, span.stop, len(records), 0, raw, len(data), "zstd",
+                                        1000 + span.start, 1000 + span.stop - 1))
+    storage.put(layout.checkpoint_key(backup_id, topic, 0),
+                layout.encode(layout.Checkpoint(topic, 0, spans[-1].stop, infos)), "checkpoint")
+    return infos
+
+
+def test_scope_counts_exactly_and_reads_only_straddling_segments_once(tmp_path):
+    reports: list[OpReport] = []
+    storage = Storage(FileBackend(str(tmp_path)))
+    infos = write_partition(storage, "bk", "t", [range(0, 100), range(100, 200), range(200, 300)])
+    cfg = RestoreConfig(restore_id="r", backup_id="bk", from_time=1000 + 20, to_time=1000 + 150)
+    worker = RestoreWorker("127.0.0.1:1", cfg, storage, Events())
+    storage.listener = reports.append
+    cp = worker._scope({"t": "t"}, {"t": 1})
+    assert cp.total_records == 130 and cp.partitions[0].records == 130 and cp.partitions[0].end_offset == 300
+    # read: the partition checkpoint, then the two straddling segments; the third lies outside
+    assert [(r.operation, r.nbytes) for r in reports] == [
+        ("checkpoint", reports[0].nbytes), ("segment", infos[0].stored_bytes), ("segment", infos[1].stored_bytes)]
+    reports.clear()
+    offsets = [r.offset for r in worker._records(cp.partitions[0], 0)]
+    assert offsets == list(range(20, 150)) and reports == [], "kept decoded: not read again"
+
+
+def test_offset_reset_needs_exactly_one_target():
+    assert target_of(OffsetResetConfig(group="g", topics=["t"], to_timestamp=0)) == "to_timestamp"
+    for cfg in (OffsetResetConfig(), OffsetResetConfig(to_earliest=True, to_latest=True)):
+        with pytest.raises(ConfigError, match="exactly one"):
+            target_of(cfg)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["restore", "--backup-id", "b", "--storage", "/tmp/x", "--restore-id", "a/b"],
+     "restore.restore_id: 'a/b' is not a safe id"),
+    (["restore", "--backup-id", "b", "--restore-id", "r"], "restore.storage: no storage given"),
+    (["restore", "--backup-id", "b", "--storage", "/tmp/x", "--restore-id", "r", "--topic-map", "a"],
+     "restore.topic_map: 'a' is not source:target"),
+    (["restore", "--backup-id", "b", "--storage", "/tmp/x", "--restore-id", "r", "--from-time", "9",
+      "--to-time", "3"], "restore.from_time: 9 is not before"),
+    (["restore", "--backup-id", "b", "--storage", "/tmp/x", "--restore-id", "r", "--rate-limit", "x"],
+     "restore.rate_limit"),
+    (["offset-reset", "--group", "g", "--topics", "t"], "give exactly one of"),
+    (["offset-reset", "--group", "g", "--topics", "t", "--to-latest", "--to-timestamp", "5"],
+     "(got --to-timestamp and --to-latest)"),
+    (["offset-reset", "--group", "g", "--to-latest"], "offset_reset.topics: no topics given"),
+    (["offset-reset", "--group", "", "--topics", "t", "--to-latest"], "offset_reset.group: '' is not a safe id"),
+])
+def test_cli_mistakes_exit_2_with_one_line(args, needle):
+    r = cli(*args, "--bootstrap-servers", "127.0.0.1:1")
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resumed_restore_rate_counts_only_the_current_run():
+    from exporter.collector import View, restore_eta, restore_rate
+    from schemas.state import FETCHES_TOPIC, JobState, RateSample
+
+    now = 1_800_000_000.0
+    s = JobState(kind="restore", job="r", backup_id="b", started_ts=now - 2, total_records=1000,
+                 restored_total=700, rates=[RateSample(int(now) - 30, FETCHES_TOPIC, 600, 0),  # earlier run
+                                            RateSample(int(now) - 1, FETCHES_TOPIC, 100, 0)])
+    view = View(now=now, window=60, jobs=[s])
+    assert restore_rate(s, view) == 100 / 2
+    assert restore_eta(s, view) == 300 / 50
+
+
+def test_reported_optional_read_counts_hits_and_misses_without_errors(tmp_path):
+    reports: list[OpReport] = []
+    storage = Storage(FileBackend(str(tmp_path)), reports.append)
+    storage.put("a/cp.json", b"12345", "checkpoint")
+    reports.clear()
+    assert storage.get_optional("a/cp.json", "checkpoint", report=True) == b"12345"
+    assert storage.get_optional("a/none.json", "checkpoint", report=True) is None
+    assert storage.get_optional("a/cp.json", "checkpoint") == b"12345"  # unreported, as the backup reads
+    assert [(r.direction, r.operation, r.nbytes, r.error) for r in reports] == [
+        ("read", "checkpoint", 5, None), ("read", "checkpoint", 0, None)]
