@@ -28,7 +28,7 @@ from confluent_kafka.admin import AdminClient
 
 from producers import layout, segments
 from producers.storage import OpReport, Storage, StorageError
-from producers.telemetry import Emitter
+from producers.telemetry import Emitter, classify_kafka_error
 from schemas import events as ev
 from schemas.config import BackupConfig, ConfigError
 from schemas.kafka_admin import client_config
@@ -39,22 +39,6 @@ log = logging.getLogger("kafka_backup.backup")
 
 class BackupFailed(Exception):
     """A failure that ends the run (already reported as an error event)."""
-
-
-def classify_kafka_error(err: KafkaError) -> tuple[str, bool]:
-    """PRD error type and whether it is transient."""
-    code = err.code()
-    if code in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE,
-                KafkaError.NETWORK_EXCEPTION, KafkaError.BROKER_NOT_AVAILABLE):
-        return "broker_connection", True
-    if code in (KafkaError._TIMED_OUT, KafkaError.REQUEST_TIMED_OUT, KafkaError._MSG_TIMED_OUT):
-        return "consumer_timeout", True
-    if code in (KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET):
-        return "offset_invalid", False
-    if code in (KafkaError._BAD_MSG, KafkaError.CORRUPT_MESSAGE, KafkaError._VALUE_DESERIALIZATION,
-                KafkaError._KEY_DESERIALIZATION):
-        return "deserialization", False
-    return "broker_connection" if err.retriable() else "consumer_error", bool(err.retriable())
 
 
 @dataclass
@@ -113,21 +97,10 @@ class BackupWorker:
     # -- telemetry hooks -------------------------------------------------
 
     def _on_storage_op(self, r: OpReport) -> None:
-        if r.error is None:
-            self.emitter.emit(ev.StorageOp, backend=self.storage.name, operation=r.operation,
-                              direction=r.direction, latency_s=r.latency_s, bytes=r.nbytes)
-            return
-        self.emitter.emit(ev.ErrorRaised, error_type="storage_io", transient=r.error.transient,
-                          operation=r.operation, backend=self.storage.name, storage_error=r.error.error_type,
-                          message=str(r.error)[:500])
-        if r.retrying:
-            self.emitter.emit(ev.Retry, operation=r.direction)
+        self.emitter.storage_op(self.storage.name, r)
 
     def _on_kafka_error(self, err: KafkaError) -> None:
-        error_type, transient = classify_kafka_error(err)
-        log.warning("kafka: %s", err.str())
-        self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation="fetch",
-                          message=err.str()[:500])
+        self.emitter.kafka_error(err, "fetch")
 
     # -- run -------------------------------------------------------------
 
@@ -150,9 +123,7 @@ class BackupWorker:
             raise BackupFailed(reason) from None
         except KafkaException as err:
             kerr = err.args[0]
-            error_type, transient = classify_kafka_error(kerr)
-            self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation="fetch",
-                              message=kerr.str()[:500])
+            self.emitter.kafka_error(kerr, "fetch")
             reason = f"kafka: {kerr.str()}"
             raise BackupFailed(reason) from None
         finally:

@@ -57,9 +57,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from producers import layout, segments
-from producers.backup import BackupFailed, classify_kafka_error
+from producers.backup import BackupFailed
 from producers.storage import FileBackend, OpReport, Storage, StorageError
-from producers.telemetry import Emitter
+from producers.telemetry import Emitter, classify_kafka_error
 from schemas import events as ev
 from schemas.config import ConfigError, RestoreConfig, TelemetryConfig
 from schemas.kafka_admin import client_config
@@ -185,21 +185,10 @@ class RestoreWorker:
     # -- telemetry hooks -------------------------------------------------
 
     def _on_storage_op(self, r: OpReport) -> None:
-        if r.error is None:
-            self.emitter.emit(ev.StorageOp, backend=self.storage.name, operation=r.operation,
-                              direction=r.direction, latency_s=r.latency_s, bytes=r.nbytes)
-            return
-        self.emitter.emit(ev.ErrorRaised, error_type="storage_io", transient=r.error.transient,
-                          operation=r.operation, backend=self.storage.name, storage_error=r.error.error_type,
-                          message=str(r.error)[:500])
-        if r.retrying:
-            self.emitter.emit(ev.Retry, operation=r.direction)
+        self.emitter.storage_op(self.storage.name, r)
 
     def _on_kafka_error(self, err: KafkaError) -> None:
-        error_type, transient = classify_kafka_error(err)
-        log.warning("kafka: %s", err.str())
-        self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation="produce",
-                          message=err.str()[:500])
+        self.emitter.kafka_error(err, "produce")
 
     def _error(self, error_type: str, message: str, operation: str = "produce") -> None:
         self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=False, operation=operation,
@@ -226,9 +215,7 @@ class RestoreWorker:
             raise RestoreFailed(reason) from None
         except KafkaException as err:
             kerr = err.args[0]
-            error_type, transient = classify_kafka_error(kerr)
-            self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation="produce",
-                              message=kerr.str()[:500])
+            self.emitter.kafka_error(kerr, "produce")
             reason = f"kafka: {kerr.str()}"
             raise RestoreFailed(reason) from None
         finally:

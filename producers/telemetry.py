@@ -22,6 +22,7 @@ import uuid
 from confluent_kafka import KafkaError, Producer
 
 from producers.spool import Spool
+from producers.storage import OpReport
 from schemas import events as ev
 from schemas.config import TelemetryConfig
 from schemas.kafka_admin import client_config, ensure_telemetry_topic
@@ -29,6 +30,22 @@ from schemas.kafka_admin import client_config, ensure_telemetry_topic
 log = logging.getLogger("kafka_backup.telemetry")
 
 DROP_REPORT_INTERVAL_S = 5.0
+
+
+def classify_kafka_error(err: KafkaError) -> tuple[str, bool]:
+    """PRD error type and whether it is transient."""
+    code = err.code()
+    if code in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE,
+                KafkaError.NETWORK_EXCEPTION, KafkaError.BROKER_NOT_AVAILABLE):
+        return "broker_connection", True
+    if code in (KafkaError._TIMED_OUT, KafkaError.REQUEST_TIMED_OUT, KafkaError._MSG_TIMED_OUT):
+        return "consumer_timeout", True
+    if code in (KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET):
+        return "offset_invalid", False
+    if code in (KafkaError._BAD_MSG, KafkaError.CORRUPT_MESSAGE, KafkaError._VALUE_DESERIALIZATION,
+                KafkaError._KEY_DESERIALIZATION):
+        return "deserialization", False
+    return "broker_connection" if err.retriable() else "consumer_error", bool(err.retriable())
 
 
 def new_instance_id() -> str:
@@ -75,6 +92,24 @@ class Emitter:
         event = event_type(instance=self.instance, seq=self.seq, ts=time.time(), kind=self.kind, job=self.job,
                            **fields)
         self._send(ev.encode(event))
+
+    def storage_op(self, backend: str, r: OpReport) -> None:
+        """A timed storage call (the Storage listener of every worker)."""
+        if r.error is None:
+            self.emit(ev.StorageOp, backend=backend, operation=r.operation, direction=r.direction,
+                      latency_s=r.latency_s, bytes=r.nbytes)
+            return
+        self.emit(ev.ErrorRaised, error_type="storage_io", transient=r.error.transient, operation=r.operation,
+                  backend=backend, storage_error=r.error.error_type, message=str(r.error)[:500])
+        if r.retrying:
+            self.emit(ev.Retry, operation=r.direction)
+
+    def kafka_error(self, err: KafkaError, operation: str) -> None:
+        """A client error, classified (the error_cb of every worker's Kafka clients)."""
+        error_type, transient = classify_kafka_error(err)
+        log.warning("kafka: %s", err.str())
+        self.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation=operation,
+                  message=err.str()[:500])
 
     def _send(self, payload: bytes) -> None:
         self._drain_spool()
