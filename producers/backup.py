@@ -13,7 +13,6 @@ the aggregator far below its per-event cost ceiling.
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from confluent_kafka.admin import AdminClient
 
 from producers import layout, segments
 from producers.storage import OpReport, Storage, StorageError
-from producers.telemetry import Emitter, classify_kafka_error
+from producers.telemetry import Emitter, classify_kafka_error, run_reporting
 from schemas import events as ev
 from schemas.config import BackupConfig, ConfigError
 from schemas.kafka_admin import client_config
@@ -360,12 +359,4 @@ class BackupWorker:
 
 def run_backup(bootstrap: str, telemetry_bootstrap: str, bcfg: BackupConfig, tcfg, storage: Storage) -> int:
     emitter = Emitter(telemetry_bootstrap or bootstrap, tcfg, "backup", bcfg.backup_id)
-    worker = BackupWorker(bootstrap, bcfg, storage, emitter)
-    signal.signal(signal.SIGTERM, worker.stop)
-    signal.signal(signal.SIGINT, worker.stop)
-    try:
-        return worker.run()
-    finally:
-        lost = emitter.close()
-        if lost:
-            log.warning("telemetry: %d events of this run were not delivered", lost)
+    return run_reporting(BackupWorker(bootstrap, bcfg, storage, emitter), emitter)

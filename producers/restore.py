@@ -46,7 +46,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -59,7 +58,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from producers import layout, segments
 from producers.backup import BackupFailed
 from producers.storage import FileBackend, OpReport, Storage, StorageError
-from producers.telemetry import Emitter, classify_kafka_error
+from producers.telemetry import Emitter, classify_kafka_error, run_reporting
 from schemas import events as ev
 from schemas.config import ConfigError, RestoreConfig, TelemetryConfig
 from schemas.kafka_admin import client_config
@@ -625,12 +624,4 @@ def run_restore(bootstrap: str, telemetry_bootstrap: str, rcfg: RestoreConfig, t
     Window(rcfg.from_time, rcfg.to_time)  # user mistakes fail before anything is emitted
     parse_topic_map(rcfg.topic_map)
     emitter = Emitter(telemetry_bootstrap or bootstrap, tcfg, "restore", rcfg.restore_id)
-    worker = RestoreWorker(bootstrap, rcfg, storage, emitter)
-    signal.signal(signal.SIGTERM, worker.stop)
-    signal.signal(signal.SIGINT, worker.stop)
-    try:
-        return worker.run()
-    finally:
-        lost = emitter.close()
-        if lost:
-            log.warning("telemetry: %d events of this run were not delivered", lost)
+    return run_reporting(RestoreWorker(bootstrap, rcfg, storage, emitter), emitter)

@@ -208,3 +208,20 @@ class Emitter:
                             self._spool.pending, self._spool.path)
             self._spool.close()
         return self.dropped + remaining
+
+
+def run_reporting(worker, emitter: Emitter) -> int:
+    """Run a worker until done or signalled, then deliver its telemetry (bounded wait), saying what was lost.
+
+    SIGTERM and SIGINT ask the worker to stop at its next safe point (``worker.stop``).
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    try:
+        return worker.run()
+    finally:
+        lost = emitter.close()
+        if lost:
+            log.warning("telemetry: %d events of this run were not delivered", lost)
