@@ -150,7 +150,9 @@ def rate_divisor(s: JobState, view: View) -> float:
 
 
 def _recent_rates(s: JobState, view: View) -> list[RateSample]:
-    horizon = view.now - view.window
+    """Samples of the window, from the current run only: ``rate_divisor`` starts at the run's start,
+    so a previous run's samples would be divided by the new run's first seconds (a huge rate)."""
+    horizon = max(view.now - view.window, int(s.started_ts or 0) - 1)
     return [r for r in s.rates if r.second > horizon]
 
 
@@ -413,15 +415,8 @@ def _invalid(view: View) -> Iterator[Sample]:
 
 
 def restore_rate(s: JobState, view: View) -> float:
-    """Records acknowledged per second over the window (restores keep them under FETCHES_TOPIC).
-
-    Only the current run's samples: the divisor starts at the run's start, so a
-    resumed restore would otherwise divide the previous run's records by the
-    new run's first seconds and show a huge rate (and an ETA near 0).
-    """
-    since = int(s.started_ts or 0)
-    records = sum(r.records for r in _recent_rates(s, view) if r.topic == FETCHES_TOPIC and r.second >= since)
-    return records / rate_divisor(s, view)
+    """Records acknowledged per second over the window (restores keep them under FETCHES_TOPIC)."""
+    return sum(r.records for r in _recent_rates(s, view) if r.topic == FETCHES_TOPIC) / rate_divisor(s, view)
 
 
 def restore_eta(s: JobState, view: View) -> float:

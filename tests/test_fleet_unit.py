@@ -90,3 +90,17 @@ def test_series_beyond_the_family_limit_are_dropped_and_counted():
     # buckets or a stateset's states: 10 backups keep their status, 15 do not
     assert s.get_value(cat.EXPORTER_DROPPED_SERIES.name, metric=cat.BACKUP_STATUS.name) == 15
     assert len(s.matching(cat.BACKUP_STATUS.name)) == 10 * 5
+
+
+def test_throughput_of_a_new_run_ignores_the_previous_runs_samples():
+    """A restart 10 s after a busy run: the new run's rate is its own, not the old records over 10 s."""
+    first = dict(instance="run1", job="b1")
+    second = dict(instance="run2", job="b1")
+    state = fold.apply(None, ev.JobStarted(**first, seq=1, ts=T0))
+    state = fold.apply(state, ev.Progress(**first, seq=2, ts=T0 + 20, consumed=[ev.TopicConsumed("t", 6000, 60_000)]))
+    state = fold.apply(state, ev.JobEnded(**first, seq=3, ts=T0 + 21, status="success", duration_s=21))
+    state = fold.apply(state, ev.JobStarted(**second, seq=1, ts=T0 + 30))
+    state = fold.apply(state, ev.Progress(**second, seq=2, ts=T0 + 35, consumed=[ev.TopicConsumed("t", 50, 500)]))
+    s = render([state], T0 + 40)
+    assert s.get_value(cat.THROUGHPUT_RECORDS.name, backup_id="b1", topic="t") == 50 / 10
+    assert s.get_value(cat.THROUGHPUT_BYTES.name, backup_id="b1", topic="t") == 500 / 10
