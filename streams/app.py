@@ -128,4 +128,5 @@ def run(cfg: Config, loglevel: str = "WARNING") -> None:
     ensure_telemetry_topic(cfg.kafka.bootstrap_servers, cfg.telemetry)
     app = create_app(cfg)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.spinner = None  # a terminal spinner's escape codes would garble the shared console of `up`
     worker.execute_from_commandline()
