@@ -194,3 +194,49 @@ def test_tls_and_basic_auth_endpoint_scraped_by_prometheus(backed_up, tmp_path):
                 prom.wait(20)
     finally:
         exporter.stop()
+
+
+def dashboard_exprs() -> list[str]:
+    with open(os.path.join(ROOT, "docker", "grafana", "kafka-backup.json")) as fh:
+        return [t["expr"] for p in json.load(fh)["panels"] for t in p["targets"]]
+
+
+def test_dashboard_uses_only_catalogue_metrics():
+    import re
+
+    known = set()
+    for m in cat.CATALOGUE:
+        known |= {m.name, m.name + "_bucket", m.name + "_count", m.name + "_sum"}
+    used = {name for expr in dashboard_exprs() for name in re.findall(r"\bkafka_[a-z_]+", expr)}
+    assert used and used <= known, used - known
+
+
+@needs_prometheus
+def test_dashboard_queries_run_on_a_real_prometheus(backed_up, tmp_path):
+    pipe, bid, _ = backed_up
+    port = free_port()
+    (tmp_path / "p.yml").write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kb\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{pipe.port}']\n")
+    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'p.yml'}", f"--storage.tsdb.path={tmp_path / 'd'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def query(q: str) -> dict:
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as err:
+            return json.load(err)
+
+    try:
+        wait_for(lambda: query("kafka_backup_records_total")["data"]["result"], 60)
+        for expr in dashboard_exprs():
+            answer = query(expr)
+            assert answer["status"] == "success", (expr, answer)
+        status = query(f'kafka_backup_status{{backup_id="{bid}"}} == 1')["data"]["result"]
+        assert [r["metric"]["kafka_backup_status"] for r in status] == ["OK"]
+    finally:
+        proc.terminate()
+        proc.wait(20)
