@@ -160,7 +160,7 @@ class BackupWorker:
                 work.target = work.high_watermark = high
                 # An explicit offset, not OFFSET_BEGINNING: resolving "beginning" raced with
                 # fresh data on the dev broker and could land at the end, skipping records.
-                resume = work.next_offset if work.checkpoint.segments else low
+                resume = self._resume_offset(work, low)
                 work.position = resume
                 assignment.append(TopicPartition(topic, p, resume))
         self.consumer.assign(assignment)
@@ -177,13 +177,28 @@ class BackupWorker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             work = self._load_partition(tp.topic, tp.partition)
-            if work.checkpoint.segments:
-                tp.offset = work.next_offset
-            else:
-                low, _high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
-                tp.offset = low
+            low, _high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+            tp.offset = self._resume_offset(work, low)
         consumer.assign(partitions)
         self.emitter.emit(ev.Rebalance, assigned=[f"{tp.topic}/{tp.partition}" for tp in partitions])
+
+    def _resume_offset(self, work: PartitionWork, low: int) -> int:
+        """Where to start: the checkpoint, unless retention deleted records it never reached.
+
+        Those records are gone from the source: the backup cannot have them. Say so loudly (an
+        ``offset_invalid`` error, counted and logged) and go on from the oldest record left; the
+        hole shows as a gap in the offset ranges of the audit report.
+        """
+        if not work.checkpoint.segments:
+            return low
+        if work.next_offset < low:
+            message = (f"{work.tp}: offsets {work.next_offset}..{low - 1} were deleted by retention "
+                       f"before they were backed up")
+            log.error("%s; continuing at %d", message, low)
+            self.emitter.emit(ev.ErrorRaised, error_type="offset_invalid", transient=False, operation="fetch",
+                              message=message)
+            return low
+        return work.next_offset
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Unflushed records are simply dropped: the next owner re-reads them from the checkpoint.

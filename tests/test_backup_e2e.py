@@ -186,3 +186,45 @@ def test_backup_to_s3_counts_stored_object_sizes(broker, shared_pipeline, s3_end
     # every byte written is an object in the bucket or an overwritten checkpoint/manifest version
     written = s.get_value(cat.STORAGE_WRITE_BYTES.name, backend="s3", backup_id=bid)
     assert written >= sum(o["Size"] for o in objects)
+
+
+def test_records_lost_to_retention_before_backup_are_an_error_and_a_gap(broker, shared_pipeline, tmp_path):
+    """The backup lagged behind retention: what was deleted unseen is reported, never silently skipped."""
+    import json
+
+    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic, bid = unique("ret"), unique("bk-ret")
+    admin = AdminClient({"bootstrap.servers": broker})
+    admin.create_topics([NewTopic(topic, 1, 1, config={"retention.ms": "6000"})])[topic].result(15)
+    produce(broker, topic, 1, 100)  # timestamps an hour old: make them fresh for this topic
+    c = Consumer({"bootstrap.servers": broker, "group.id": unique("lw")})
+    wait_for(lambda: c.get_watermark_offsets(TopicPartition(topic, 0), timeout=5)[0] == 100, 30,
+             what="the hour-old records to fall to the 6 s retention")
+    from confluent_kafka import Producer
+
+    p = Producer({"bootstrap.servers": broker})
+    for i in range(100):
+        p.produce(topic, value=b"fresh-%d" % i, partition=0)
+    p.flush(10)
+    backup(broker, topic, bid, f"file://{tmp_path}/store")  # backs up 100..199
+    for i in range(50):
+        p.produce(topic, value=b"missed-%d" % i, partition=0)  # 200..249: deleted before the next run
+    p.flush(10)
+    wait_for(lambda: c.get_watermark_offsets(TopicPartition(topic, 0), timeout=5)[0] >= 250, 60,
+             what="retention to delete records the backup never saw")
+    for i in range(30):
+        p.produce(topic, value=b"late-%d" % i, partition=0)  # 250..279
+    p.flush(10)
+    low = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=5)[0]
+    c.close()
+    backup(broker, topic, bid, f"file://{tmp_path}/store")
+    shared_pipeline.wait_value(cat.ERRORS_TOTAL.name, 1, backup_id=bid, error_type="offset_invalid")
+    shared_pipeline.wait_value(cat.RECORDS_TOTAL.name, 100 + (280 - low), backup_id=bid)
+    r = cli("replay", "--bootstrap-servers", broker, "--backup-id", bid, "--output", os.devnull,
+            "--report-json", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    (part,) = json.loads((tmp_path / "r.json").read_text())["backups"][0]["partitions"]
+    assert part["ranges"] == [[100, 200], [low, 280]]
+    assert part["gaps"] == [[200, low]]
