@@ -361,3 +361,34 @@ def test_dead_worker_shows_stop_not_a_frozen_healthy_lag(broker, pipeline_factor
     finally:
         stop(worker)
     pipe.wait_value(cat.RECORDS_TOTAL.name, stored_records(store, bid), 60, backup_id=bid)
+
+
+def test_sasl_settings_reach_every_client(broker, pipeline_factory, tmp_path):
+    """SASL/PLAIN on every connection: worker (librdkafka), aggregator (Faust's aiokafka), exporter, replay.
+
+    The dev broker accepts any SASL/PLAIN credentials but no SCRAM: PLAIN working everywhere and
+    SCRAM failing shows the settings reach the clients (no broker here enforces credentials).
+    """
+    sasl = ["--kafka-security-protocol", "SASL_PLAINTEXT", "--kafka-sasl-mechanism", "PLAIN",
+            "--kafka-sasl-username", "backup", "--kafka-sasl-password", "secret"]
+    pipe = pipeline_factory(extra_aggregator_args=sasl, extra_exporter_args=sasl)
+    topic, bid = unique("sasl"), unique("bk-sasl")
+    create_topic(broker, topic, 2)
+    truth = produce(broker, topic, 2, 120)
+    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
+            "--storage", f"file://{tmp_path}", *sasl)
+    assert r.returncode == 0, r.stderr
+    s = pipe.wait_value(cat.RECORDS_TOTAL.name, 120, backup_id=bid)
+    assert s.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == truth.total_bytes
+    assert "Authenticated as backup via PLAIN" in open(pipe.aggregator.log_path).read()
+    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", unique("bk-scram"),
+            "--storage", f"file://{tmp_path}", *sasl, "--kafka-sasl-mechanism", "SCRAM-SHA-512",
+            "--telemetry-bootstrap-servers", broker.replace("127.0.0.1", "localhost"),
+            "--kafka-telemetry-security-protocol", "PLAINTEXT")
+    assert r.returncode == 1 and "failed: kafka:" in r.stderr, r.stderr[-500:]
+    r = cli("replay", "--bootstrap-servers", broker, "--backup-id", bid, "--output", "-", *sasl)
+    assert r.returncode == 0 and f'kafka_backup_records_total{{backup_id="{bid}"}} 120.0' in r.stdout
+    # and a missing password is a one-line error before any connection
+    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
+            "--storage", f"file://{tmp_path}", "--kafka-security-protocol", "SASL_PLAINTEXT")
+    assert r.returncode == 2 and "kafka.sasl_username: SASL_PLAINTEXT needs a username and a password" in r.stderr
