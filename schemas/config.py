@@ -120,6 +120,7 @@ class AggregatorConfig(_Section):
     instance_id: str = ""  # static group member id; defaults to app_id@hostname
     throughput_window_s: Positive = 60
     dead_letter_topic: str = ""  # skipped telemetry records are copied here when set
+    recovery_stall_s: Positive = 30  # table recovery without progress this long: the worker restarts itself
 
 
 class Config(_Section):

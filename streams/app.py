@@ -15,7 +15,11 @@ id and partition count come from the configuration.
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import sys
+import threading
+import time
 
 import faust
 
@@ -123,10 +127,49 @@ def faust_credentials(sec: Security):
     return None
 
 
+def _reexec() -> None:
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def recovery_watchdog(app: faust.App, stall_s: float, restart=_reexec, interval_s: float = 1.0) -> threading.Thread:
+    """Restart this worker in place when table recovery stops making progress.
+
+    Faust 0.15.3 can hang in recovery after a rebalance (it waits for changelog
+    events that never come; seen here when a second worker joins). A fresh start
+    with the same static member id recovers cleanly, as the kill -9 tests show, so
+    after ``stall_s`` without progress the process re-executes itself: same PID,
+    same arguments, no supervisor needed. Progress is judged by the recovered
+    offsets, so a long but moving recovery is left alone.
+    """
+
+    def watch() -> None:
+        last, since = None, None
+        while True:
+            time.sleep(interval_s)
+            recovery = app.tables.recovery if app.tables else None
+            if recovery is None or not getattr(app, "in_recovery", False):
+                last, since = None, None
+                continue
+            now_offsets = sum(recovery.active_offsets.values()) + sum(recovery.standby_offsets.values())
+            if now_offsets != last:
+                last, since = now_offsets, time.monotonic()
+            elif time.monotonic() - since > stall_s:
+                log.error("table recovery made no progress for %.0f s (a Faust rebalance hang); "
+                          "restarting this worker in place", stall_s)
+                restart()
+                return
+
+    thread = threading.Thread(target=watch, name="recovery-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
 def run(cfg: Config, loglevel: str = "WARNING") -> None:
     """Run the aggregator in the foreground until SIGINT/SIGTERM (graceful LeaveGroup on exit)."""
     ensure_telemetry_topic(cfg.kafka.bootstrap_servers, cfg.telemetry)
     app = create_app(cfg)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.spinner = None  # a terminal spinner's escape codes would garble the shared console of `up`
+    recovery_watchdog(app, cfg.aggregator.recovery_stall_s)
     worker.execute_from_commandline()

@@ -45,3 +45,4 @@ def test_faust_gets_the_same_cluster_settings():
     creds = faust_credentials(kafka_admin.Security("SASL_PLAINTEXT", "SCRAM-SHA-256", "u", "p"))
     assert (creds.username, creds.password, str(creds.mechanism.value)) == ("u", "p", "SCRAM-SHA-256")
     assert faust_credentials(kafka_admin.Security()) is None
+
