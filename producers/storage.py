@@ -77,12 +77,6 @@ class FileBackend:
                     out.append(rel.replace(os.sep, "/"))
         return sorted(out)
 
-    def delete(self, key: str) -> None:
-        try:
-            os.unlink(self._path(key))
-        except FileNotFoundError:
-            pass
-
 
 def _classify_os(err: OSError, key: str) -> StorageError:
     kind = {
@@ -133,9 +127,6 @@ class S3Backend:
         except Exception as err:
             raise _classify_boto(err, prefix) from None
         return sorted(out)
-
-    def delete(self, key: str) -> None:
-        self._call(self.client.delete_object, key, Bucket=self.bucket, Key=self._key(key))
 
     def _call(self, fn: Callable, key: str, **kwargs):
         try:
