@@ -117,6 +117,13 @@ def cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def backup(broker: str, topic: str, backup_id: str, storage: str, *extra: str) -> None:
+    """A one-shot backup through the real command line; it must succeed."""
+    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", backup_id,
+            "--storage", storage, *extra)
+    assert r.returncode == 0, r.stderr
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 60, interval: float = 0.5, what: str = ""):
     deadline = time.monotonic() + timeout
     last = None

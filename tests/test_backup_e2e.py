@@ -18,6 +18,7 @@ from schemas import catalogue as cat
 from schemas.topics import consumer_group
 from tests.conftest import (
     ROOT,
+    backup,
     cli,
     committed,
     create_topic,
@@ -35,12 +36,6 @@ def segment_files(root: str, backup_id: str) -> list[str]:
     for dirpath, _dirs, files in os.walk(os.path.join(root, backup_id)):
         out += [os.path.join(dirpath, f) for f in files if ".seg" in f]
     return out
-
-
-def backup(broker: str, topic: str, backup_id: str, storage: str, *extra: str) -> None:
-    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", backup_id,
-            "--storage", storage, *extra)
-    assert r.returncode == 0, r.stderr
 
 
 def test_one_shot_then_incremental_exact(broker, shared_pipeline, tmp_path):

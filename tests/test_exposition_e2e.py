@@ -14,7 +14,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 
 from cli.devbroker import free_port
 from schemas import catalogue as cat
-from tests.conftest import ROOT, cli, create_topic, parse_prometheus, produce, unique, wait_for
+from tests.conftest import ROOT, backup, create_topic, parse_prometheus, produce, unique, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -30,9 +30,7 @@ def backed_up(broker, shared_pipeline, tmp_path_factory):
     topic, bid = unique("fmt"), unique("bk-fmt")
     create_topic(broker, topic, 3)
     truth = produce(broker, topic, 3, 900)
-    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
-            "--storage", f"file://{tmp_path_factory.mktemp('store')}")
-    assert r.returncode == 0, r.stderr
+    backup(broker, topic, bid, f"file://{tmp_path_factory.mktemp('store')}")
     shared_pipeline.wait_value(cat.RECORDS_TOTAL.name, 900, backup_id=bid)
     shared_pipeline.wait_value(cat.BACKUP_DURATION.name + "_count", 1, backup_id=bid, status="success")
     return shared_pipeline, bid, truth

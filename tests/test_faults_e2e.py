@@ -25,6 +25,7 @@ from schemas.topics import TELEMETRY_TOPIC
 from tests.conftest import (
     ROOT,
     Pipeline,
+    backup,
     cli,
     create_topic,
     produce,
@@ -133,9 +134,7 @@ def test_duplicated_and_replayed_events_change_no_aggregate(broker, shared_pipel
     topic, bid = unique("dup"), unique("bk-dup")
     create_topic(broker, topic, 3)
     truth = produce(broker, topic, 3, 600)
-    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
-            "--storage", f"file://{tmp_path}")
-    assert r.returncode == 0, r.stderr
+    backup(broker, topic, bid, f"file://{tmp_path}")
     shared_pipeline.wait_value(cat.BACKUP_DURATION.name + "_count", 1, backup_id=bid, status="success")
     before = shared_pipeline.scrape()
     records = read_job_events(broker, "backup", bid)
@@ -176,9 +175,7 @@ def test_invalid_records_are_skipped_counted_and_dead_lettered(broker, pipeline_
         p.produce(TELEMETRY_TOPIC, value=value, key=key)
     p.flush(10)
     # valid events around the bad ones
-    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
-            "--storage", f"file://{tmp_path}")
-    assert r.returncode == 0, r.stderr
+    backup(broker, topic, bid, f"file://{tmp_path}")
     for value, _reason in bad:
         p.produce(TELEMETRY_TOPIC, value=value, key=key)
     p.flush(10)
@@ -232,9 +229,7 @@ def test_exporter_restart_serves_same_values_within_seconds(broker, shared_pipel
     topic, bid = unique("exp"), unique("bk-exp")
     create_topic(broker, topic, 2)
     produce(broker, topic, 2, 300)
-    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
-            "--storage", f"file://{tmp_path}")
-    assert r.returncode == 0, r.stderr
+    backup(broker, topic, bid, f"file://{tmp_path}")
     before = shared_pipeline.wait_value(cat.RECORDS_TOTAL.name, 300, backup_id=bid)
     shared_pipeline.exporter.stop(kill=True)
     started = time.monotonic()
@@ -256,9 +251,7 @@ def test_two_aggregator_workers_equal_one(broker, pipeline_factory, tmp_path):
     truth = produce(broker, topic, 2, 200)
     bids = [unique("bk-two") for _ in range(8)]  # eight jobs spread over the telemetry partitions
     for i, bid in enumerate(bids):
-        r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
-                "--storage", f"file://{tmp_path}")
-        assert r.returncode == 0, r.stderr
+        backup(broker, topic, bid, f"file://{tmp_path}")
         if i == 3:  # a rebalance in the middle: a second worker joins and takes half the partitions
             pair.add_aggregator_worker()
     for bid in bids:
@@ -375,9 +368,7 @@ def test_sasl_settings_reach_every_client(broker, pipeline_factory, tmp_path):
     topic, bid = unique("sasl"), unique("bk-sasl")
     create_topic(broker, topic, 2)
     truth = produce(broker, topic, 2, 120)
-    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
-            "--storage", f"file://{tmp_path}", *sasl)
-    assert r.returncode == 0, r.stderr
+    backup(broker, topic, bid, f"file://{tmp_path}", *sasl)
     s = pipe.wait_value(cat.RECORDS_TOTAL.name, 120, backup_id=bid)
     assert s.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == truth.total_bytes
     assert "Authenticated as backup via PLAIN" in open(pipe.aggregator.log_path).read()

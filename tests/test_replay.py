@@ -11,7 +11,7 @@ import pytest
 from schemas import catalogue as cat
 from streams import audit
 from streams.replay import read_log, replay, write_log
-from tests.conftest import ROOT, cli, create_topic, parse_prometheus, produce, unique
+from tests.conftest import ROOT, backup, cli, create_topic, parse_prometheus, produce, unique
 
 DATA = os.path.join(ROOT, "tests", "data")
 PERIOD = ["--from", "2026-07-25T17:00:00Z", "--to", "2026-07-26T00:00:00Z"]
@@ -80,9 +80,7 @@ def test_replay_of_the_live_period_equals_the_live_exporter(broker, shared_pipel
     create_topic(broker, topic, 3)
     truth = produce(broker, topic, 3, 450)
     for _ in range(2):
-        r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
-                "--storage", f"file://{tmp_path}/store", "--compression", "gzip")
-        assert r.returncode == 0, r.stderr
+        backup(broker, topic, bid, f"file://{tmp_path}/store", "--compression", "gzip")
         truth = produce(broker, topic, 3, 150, seed=9, truth=truth) if _ == 0 else truth
     live = shared_pipeline.wait_value(cat.BACKUP_DURATION.name + "_count", 2, backup_id=bid, status="success")
     live = shared_pipeline.wait_value(cat.RECORDS_TOTAL.name, 600, backup_id=bid)
@@ -116,9 +114,7 @@ def test_rebuild_under_a_new_application_id(broker, shared_pipeline, pipeline_fa
     topic, bid = unique("reb"), unique("bk-reb")
     create_topic(broker, topic, 2)
     produce(broker, topic, 2, 250)
-    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
-            "--storage", f"file://{tmp_path}")
-    assert r.returncode == 0, r.stderr
+    backup(broker, topic, bid, f"file://{tmp_path}")
     live = shared_pipeline.wait_value(cat.RECORDS_TOTAL.name, 250, backup_id=bid)
     rebuilt = pipeline_factory(app_id=unique("agg-v2"))
     s = rebuilt.wait_value(cat.RECORDS_TOTAL.name, 250, backup_id=bid)
