@@ -208,7 +208,9 @@ TELEMETRY_INVALID = _m(
     "kafka_backup_telemetry_invalid_events_total", "counter", "events",
     "Telemetry records the aggregator skipped: not our msgpack, unknown type, future version, bad key or values",
     ("reason",), section=S6, extension=True,
-    note="Skipped events never change other aggregates; this counter makes them visible.")
+    note="Skipped events never change other aggregates; this counter makes them visible. Reason `expired`: "
+         "telemetry records deleted by the topic's retention before the aggregator read them (it was down "
+         "for longer than the retention).")
 
 # 7. Restore
 S7 = "7. Restore"

@@ -7,7 +7,8 @@ the ``jobs`` table (whose compacted changelog is the exporter's state topic);
 Choices forced by measurements (see docs/architecture.md): memory store with
 no standby replicas (standbys double-counted), agent concurrency 1 (offset
 commit bug above 1), static membership (a killed member otherwise holds its
-partitions forever on the dev broker), web server off (no ``/table/`` views).
+partitions forever on the dev broker), web server off (no ``/table/`` views),
+and two guards against Faust skipping events (``streams.guards``).
 The app is built by a function rather than at import time because its broker,
 id and partition count come from the configuration.
 """
@@ -22,10 +23,11 @@ import threading
 import time
 
 import faust
+from confluent_kafka import Consumer, TopicPartition
 
 from schemas import events as ev
 from schemas.config import Config
-from schemas.kafka_admin import Security, ensure_telemetry_topic, security_for
+from schemas.kafka_admin import Security, client_config, ensure_telemetry_topic, security_for
 from schemas.state import (
     PipelineState,
     decode_pipeline,
@@ -35,6 +37,7 @@ from schemas.state import (
 )
 from schemas.topics import STATE_TABLE
 from streams import fold
+from streams.guards import ChangelogBarrier, OffsetGuard
 
 log = logging.getLogger("kafka_backup.aggregator")
 
@@ -64,16 +67,26 @@ def create_app(cfg: Config) -> faust.App:
                              key_serializer="raw", value_serializer="raw") if cfg.aggregator.dead_letter_topic else None
     table = app.Table(STATE_TABLE, default=None, key_type=bytes, value_type=bytes,
                       partitions=cfg.telemetry.partitions)
+    barrier = ChangelogBarrier()
+    table.send_changelog = barrier.track(table.send_changelog)
+    barrier.guard_flush(app.producer)
+    offsets = GroupOffsets(bootstrap, cfg.aggregator.app_id, cfg.telemetry.topic)
+    guard = OffsetGuard(cfg.telemetry.topic, offsets.start)
+    guard.guard_commits(app.consumer)
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(app, revoked, **kwargs) -> None:
+        guard.forget({tp.partition for tp in revoked if tp.topic == cfg.telemetry.topic})
 
     async def dead_letter(key: bytes | None, value: bytes | None, reason: str) -> None:
         if dead_letters is not None:
             await dead_letters.send(key=key, value=value, headers={"kafka-backup-reason": reason.encode()})
 
-    def skip(partition: int, reason: str, detail: object) -> None:
+    def skip(partition: int, reason: str, detail: object, n: int = 1) -> None:
         key = pipeline_key(partition).encode()
         raw = table.get(key)
         state = decode_pipeline(raw) if raw else PipelineState(partition=partition)
-        state.invalid[reason] = state.invalid.get(reason, 0) + 1
+        state.invalid[reason] = state.invalid.get(reason, 0) + n
         table[key] = encode_state(state)
         log.warning("skipped telemetry record on partition %d: %s (%s)", partition, reason, detail)
 
@@ -98,6 +111,20 @@ def create_app(cfg: Config) -> faust.App:
     async def aggregate(stream):
         async for event in stream.events():
             msg = event.message
+            verdict = guard.admit(msg.partition, msg.offset)
+            if verdict == "duplicate":
+                continue
+            if verdict == "gap" and guard.next[msg.partition] < (earliest := offsets.earliest(msg.partition)):
+                lost = earliest - guard.next[msg.partition]
+                skip(msg.partition, "expired", f"{lost} records deleted by retention before they were read", lost)
+                guard.folded(msg.partition, earliest - 1)
+                verdict = guard.admit(msg.partition, msg.offset)
+            if verdict == "gap":
+                log.error("telemetry partition %d: offset %d arrived before offset %d was folded (Faust skipped "
+                          "events); restarting this worker in place to read them", msg.partition, msg.offset,
+                          guard.next[msg.partition])
+                _reexec()
+                return
             ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
             try:
                 reason = handle(event.key, event.value, msg.partition, ts)
@@ -106,8 +133,26 @@ def create_app(cfg: Config) -> faust.App:
                 skip(msg.partition, reason, repr(err))
             if reason is not None:
                 await dead_letter(event.key, event.value, reason)
+            guard.folded(msg.partition, msg.offset)
 
     return app
+
+
+class GroupOffsets:
+    """The aggregator group's committed offsets and the telemetry topic's earliest offsets, from the broker."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+        self.topic = topic
+        self._client = Consumer(client_config(bootstrap, **{"group.id": group, "enable.auto.commit": False}))
+
+    def start(self, partition: int) -> int:
+        """Where folding a partition starts: its committed offset, else its earliest offset."""
+        committed = self._client.committed([TopicPartition(self.topic, partition)], timeout=15)[0].offset
+        return committed if committed >= 0 else self.earliest(partition)
+
+    def earliest(self, partition: int) -> int:
+        low, _ = self._client.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15, cached=False)
+        return max(0, low)
 
 
 def faust_credentials(sec: Security):

@@ -26,3 +26,112 @@ def test_recovery_watchdog_restarts_only_a_stalled_recovery():
         time.sleep(0.05)
     moving.in_recovery = False
     assert not restarted_too.wait(0.5)
+
+
+def test_commit_waits_for_every_table_write_even_when_fausts_flush_gives_up():
+    """Faust's buffer flush returns while writes are still queued; the barrier's flush does not."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from faust.transport.producer import ProducerBuffer
+
+    from streams.guards import ChangelogBarrier
+
+    async def scenario():
+        buffer = ProducerBuffer()
+        buffer.app = SimpleNamespace(conf=SimpleNamespace(producer_threaded=False))
+
+        async def slow_send(fut):  # a send stuck on metadata or a starved loop
+            await asyncio.sleep(0.3)
+            fut.set_result("acked")
+
+        buffer._send_pending = slow_send
+        await buffer.start()
+        barrier = ChangelogBarrier(timeout_s=10)
+
+        def send_changelog(n):
+            fut = asyncio.get_running_loop().create_future()
+            buffer.put(fut)
+            return fut
+
+        send = barrier.track(send_changelog)
+        writes = [send(n) for n in range(3)]
+        await buffer.flush()
+        upstream_left_behind = sum(not w.done() for w in writes)
+        producer = SimpleNamespace(flush=buffer.flush)
+        barrier.guard_flush(producer)
+        await producer.flush()
+        await buffer.stop()
+        return upstream_left_behind, [w.result() for w in writes], barrier.pending
+
+    left_behind, results, pending = asyncio.run(scenario())
+    assert left_behind == 3  # Faust alone would have committed past three unsent writes
+    assert results == ["acked"] * 3 and not pending
+
+
+def test_barrier_refuses_to_commit_past_a_failed_or_stuck_write():
+    import asyncio
+
+    import pytest
+
+    from streams.guards import ChangelogBarrier, ChangelogWriteFailed
+
+    async def failed():
+        barrier = ChangelogBarrier(timeout_s=5)
+        fut = asyncio.get_running_loop().create_future()
+        barrier.track(lambda: fut)()
+        fut.set_exception(OSError("broker gone"))
+        await barrier.wait()
+
+    async def stuck():
+        barrier = ChangelogBarrier(timeout_s=0.2)
+        barrier.track(lambda: asyncio.get_running_loop().create_future())()
+        await barrier.wait()
+
+    with pytest.raises(ChangelogWriteFailed, match="broker gone"):
+        asyncio.run(failed())
+    with pytest.raises(ChangelogWriteFailed, match="not acknowledged"):
+        asyncio.run(stuck())
+
+
+def test_offset_guard_folds_in_order_skips_redeliveries_and_spots_holes():
+    from streams.guards import OffsetGuard
+
+    starts = {0: 40, 1: 0}
+    guard = OffsetGuard("telemetry", starts.__getitem__)
+    assert guard.admit(0, 39) == "duplicate"  # below the committed offset: folded by an earlier worker
+    assert guard.admit(0, 40) == "fold"
+    guard.folded(0, 40)
+    assert guard.admit(0, 41) == "fold"
+    guard.folded(0, 41)
+    assert guard.admit(0, 41) == "duplicate"
+    assert guard.admit(0, 43) == "gap"  # offset 42 was never delivered
+    assert guard.admit(1, 5) == "gap"  # started past the beginning with nothing committed: the restart case
+    starts[0] = 7
+    guard.forget({0})  # revoked: where to start is asked again on its return
+    assert guard.admit(0, 7) == "fold"
+
+
+def test_offset_guard_holds_commits_back_to_what_was_folded():
+    import asyncio
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from streams.guards import OffsetGuard
+
+    guard = OffsetGuard("telemetry", lambda p: 0)
+    sent = []
+
+    async def commit_offsets(offsets, start_new_transaction=True):
+        sent.append(dict(offsets))
+        return True
+
+    consumer = SimpleNamespace(_commit_offsets=commit_offsets, _committed_offset=defaultdict(lambda: None))
+    guard.guard_commits(consumer)
+    guard.admit(0, 0)
+    guard.folded(0, 99)  # offsets 0..99 folded on partition 0; nothing yet on partition 1
+    other = TP("agg-__assignor-__leader", 0)
+    asyncio.run(consumer._commit_offsets({TP("telemetry", 0): 130, TP("telemetry", 1): 12, other: 3}))
+    assert sent == [{TP("telemetry", 0): 100, other: 3}]
