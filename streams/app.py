@@ -69,7 +69,7 @@ def create_app(cfg: Config) -> faust.App:
                       partitions=cfg.telemetry.partitions)
     barrier = ChangelogBarrier()
     table.send_changelog = barrier.track(table.send_changelog)
-    barrier.guard_flush(app.producer)
+    barrier.guard_flush(app.producer, on_failure=lambda err: restart_in_place(f"{err}"))
     offsets = GroupOffsets(bootstrap, cfg.aggregator.app_id, cfg.telemetry.topic)
     guard = OffsetGuard(cfg.telemetry.topic, offsets.start)
     guard.guard_commits(app.consumer)
@@ -120,10 +120,8 @@ def create_app(cfg: Config) -> faust.App:
                 guard.folded(msg.partition, earliest - 1)
                 verdict = guard.admit(msg.partition, msg.offset)
             if verdict == "gap":
-                log.error("telemetry partition %d: offset %d arrived before offset %d was folded (Faust skipped "
-                          "events); restarting this worker in place to read them", msg.partition, msg.offset,
-                          guard.next[msg.partition])
-                _reexec()
+                restart_in_place(f"telemetry partition {msg.partition}: offset {msg.offset} arrived before offset "
+                                 f"{guard.next[msg.partition]} was folded (Faust skipped events)")
                 return
             ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
             try:
@@ -170,6 +168,12 @@ def faust_credentials(sec: Security):
     if context is not None:
         return faust.SSLCredentials(context)
     return None
+
+
+def restart_in_place(why: str) -> None:
+    """Start this worker again from its committed offsets: same PID, same static member id, no supervisor."""
+    log.error("%s; restarting this worker in place to read those events again", why)
+    _reexec()
 
 
 def _reexec() -> None:

@@ -120,22 +120,33 @@ class ChangelogBarrier:
         return send_tracked
 
     async def wait(self) -> None:
-        """Return once every write made so far is acknowledged; raise if one failed or never ends."""
-        waiting = list(self.pending)
-        if waiting:
+        """Return once every write made so far is acknowledged; raise if one failed.
+
+        A broker that does not answer holds the commit back (with a warning every
+        ``timeout_s``) rather than crash the worker: the commit happens when it is back.
+        """
+        while waiting := list(self.pending):
             _, not_done = await asyncio.wait(waiting, timeout=self.timeout_s)
             if not_done:
-                raise ChangelogWriteFailed(
-                    f"{len(not_done)} table writes not acknowledged after {self.timeout_s:.0f} s; not committing")
+                log.warning("%d table writes not acknowledged after %.0f s; holding the offset commit",
+                            len(not_done), self.timeout_s)
         if self.failure is not None:
             raise ChangelogWriteFailed(f"a table write failed ({self.failure!r}); not committing past it")
 
-    def guard_flush(self, producer: Any) -> None:
-        """Make ``producer.flush()`` (called by Faust right before each commit) wait for the barrier."""
+    def guard_flush(self, producer: Any, on_failure: Callable[[ChangelogWriteFailed], None]) -> None:
+        """Make ``producer.flush()`` (called by Faust right before each commit) wait for the barrier.
+
+        ``on_failure`` runs instead of the commit when a write failed (the aggregator
+        restarts in place: its events are read again from the committed offset).
+        """
         flush = producer.flush
 
         async def flush_then_wait() -> None:
             await flush()
-            await self.wait()
+            try:
+                await self.wait()
+            except ChangelogWriteFailed as err:
+                on_failure(err)
+                raise
 
         producer.flush = flush_then_wait
