@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -23,6 +25,34 @@ PROMETHEUS = shutil.which("prometheus")
 needs_prometheus = pytest.mark.skipif(
     not (PROMTOOL and PROMETHEUS) and not os.environ.get("CI"),
     reason="apt-get install prometheus (CI installs it and never skips)")
+
+
+@contextlib.contextmanager
+def real_prometheus(tmp_path, scrape_job: str):
+    """A real Prometheus scraping every second with one job (YAML list item under ``scrape_configs``).
+
+    Yields ``query(expr)``: the HTTP API's JSON answer, errors included (their body is JSON too).
+    """
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n" + scrape_job)
+    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'prometheus-data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+
+    def query(expr: str) -> dict:
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as err:
+            return json.load(err)
+
+    try:
+        yield query
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 @pytest.fixture(scope="module")
@@ -81,21 +111,11 @@ def test_shipped_rules_check_and_unit_test():
 @needs_prometheus
 def test_real_prometheus_scrapes_exact_values(backed_up, tmp_path):
     pipe, bid, truth = backed_up
-    port = free_port()
-    (tmp_path / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n"
-        "scrape_configs:\n  - job_name: kafka-backup\n"
-        f"    static_configs:\n      - targets: ['127.0.0.1:{pipe.port}']\n")
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+    job = f"  - job_name: kafka-backup\n    static_configs:\n      - targets: ['127.0.0.1:{pipe.port}']\n"
+    with real_prometheus(tmp_path, job) as prometheus:
+        def query(q: str):
+            return prometheus(q)["data"]["result"]
 
-    def query(q: str):
-        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return json.load(r)["data"]["result"]
-
-    try:
         result = wait_for(lambda: query(f'kafka_backup_records_total{{backup_id="{bid}"}}'), 60,
                           what="Prometheus to scrape the exporter")
         assert float(result[0]["value"][1]) == 900
@@ -106,9 +126,6 @@ def test_real_prometheus_scrapes_exact_values(backed_up, tmp_path):
         assert float(up[0]["value"][1]) == 1
         buckets = query(f'kafka_backup_duration_seconds_count{{backup_id="{bid}",status="success"}}')
         assert float(buckets[0]["value"][1]) == 1
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def self_signed(tmp_path) -> tuple[str, str]:
@@ -171,25 +188,13 @@ def test_tls_and_basic_auth_endpoint_scraped_by_prometheus(backed_up, tmp_path):
         with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP is not served
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
         if PROMETHEUS:
-            prom_port = free_port()
-            (tmp_path / "prometheus.yml").write_text(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kb\n    scheme: https\n"
-                f"    tls_config:\n      ca_file: {cert}\n    basic_auth:\n      username: prom\n"
-                f"      password: s3cret\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
-            prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                     f"--storage.tsdb.path={tmp_path / 'data'}",
-                                     f"--web.listen-address=127.0.0.1:{prom_port}"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                def scraped():
-                    q = urllib.parse.urlencode({"query": f'kafka_backup_records_total{{backup_id="{bid}"}}'})
-                    with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/query?{q}", timeout=5) as r:
-                        return json.load(r)["data"]["result"]
-
-                assert float(wait_for(scraped, 60)[0]["value"][1]) == 900
-            finally:
-                prom.terminate()
-                prom.wait(20)
+            job = ("  - job_name: kb\n    scheme: https\n"
+                   f"    tls_config:\n      ca_file: {cert}\n    basic_auth:\n      username: prom\n"
+                   f"      password: s3cret\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
+            with real_prometheus(tmp_path, job) as query:
+                scraped = wait_for(lambda: query(f'kafka_backup_records_total{{backup_id="{bid}"}}')["data"]["result"],
+                                   60)
+                assert float(scraped[0]["value"][1]) == 900
     finally:
         exporter.stop()
 
@@ -212,29 +217,11 @@ def test_dashboard_uses_only_catalogue_metrics():
 @needs_prometheus
 def test_dashboard_queries_run_on_a_real_prometheus(backed_up, tmp_path):
     pipe, bid, _ = backed_up
-    port = free_port()
-    (tmp_path / "p.yml").write_text(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kb\n"
-        f"    static_configs:\n      - targets: ['127.0.0.1:{pipe.port}']\n")
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'p.yml'}", f"--storage.tsdb.path={tmp_path / 'd'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-
-    def query(q: str) -> dict:
-        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                return json.load(r)
-        except urllib.error.HTTPError as err:
-            return json.load(err)
-
-    try:
+    job = f"  - job_name: kb\n    static_configs:\n      - targets: ['127.0.0.1:{pipe.port}']\n"
+    with real_prometheus(tmp_path, job) as query:
         wait_for(lambda: query("kafka_backup_records_total")["data"]["result"], 60)
         for expr in dashboard_exprs():
             answer = query(expr)
             assert answer["status"] == "success", (expr, answer)
         status = query(f'kafka_backup_status{{backup_id="{bid}"}} == 1')["data"]["result"]
         assert [r["metric"]["kafka_backup_status"] for r in status] == ["OK"]
-    finally:
-        proc.terminate()
-        proc.wait(20)
