@@ -121,7 +121,7 @@ def create_app(cfg: Config) -> faust.App:
                 verdict = guard.admit(msg.partition, msg.offset)
             if verdict == "gap":
                 restart_in_place(f"telemetry partition {msg.partition}: offset {msg.offset} arrived before offset "
-                                 f"{guard.next[msg.partition]} was folded (Faust skipped events)")
+                                 f"{guard.next[msg.partition]} was folded (Faust skipped events; they are read again)")
                 return
             ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
             try:
@@ -172,16 +172,13 @@ def faust_credentials(sec: Security):
 
 def restart_in_place(why: str) -> None:
     """Start this worker again from its committed offsets: same PID, same static member id, no supervisor."""
-    log.error("%s; restarting this worker in place to read those events again", why)
-    _reexec()
-
-
-def _reexec() -> None:
+    log.error("%s; restarting this worker in place", why)
     logging.shutdown()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
-def recovery_watchdog(app: faust.App, stall_s: float, restart=_reexec, interval_s: float = 1.0) -> threading.Thread:
+def recovery_watchdog(app: faust.App, stall_s: float, restart=restart_in_place,
+                      interval_s: float = 1.0) -> threading.Thread:
     """Restart this worker in place when table recovery stops making progress.
 
     Faust 0.15.3 can hang in recovery after a rebalance (it waits for changelog
@@ -204,9 +201,7 @@ def recovery_watchdog(app: faust.App, stall_s: float, restart=_reexec, interval_
             if now_offsets != last:
                 last, since = now_offsets, time.monotonic()
             elif time.monotonic() - since > stall_s:
-                log.error("table recovery made no progress for %.0f s (a Faust rebalance hang); "
-                          "restarting this worker in place", stall_s)
-                restart()
+                restart(f"table recovery made no progress for {stall_s:.0f} s (a Faust rebalance hang)")
                 return
 
     thread = threading.Thread(target=watch, name="recovery-watchdog", daemon=True)
