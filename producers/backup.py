@@ -117,13 +117,8 @@ class BackupWorker:
         except (BackupFailed, ConfigError) as err:
             reason = str(err)
             raise
-        except StorageError as err:
-            reason = f"storage {err.error_type}: {err}"
-            raise BackupFailed(reason) from None
-        except KafkaException as err:
-            kerr = err.args[0]
-            self.emitter.kafka_error(kerr, "fetch")
-            reason = f"kafka: {kerr.str()}"
+        except (StorageError, KafkaException) as err:
+            reason = self.emitter.run_failure(err, "fetch")
             raise BackupFailed(reason) from None
         finally:
             self._progress()

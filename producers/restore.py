@@ -209,13 +209,8 @@ class RestoreWorker:
         except (RestoreFailed, ConfigError) as err:
             reason = str(err)
             raise
-        except StorageError as err:  # already reported by the storage listener
-            reason = f"storage {err.error_type}: {err}"
-            raise RestoreFailed(reason) from None
-        except KafkaException as err:
-            kerr = err.args[0]
-            self.emitter.kafka_error(kerr, "produce")
-            reason = f"kafka: {kerr.str()}"
+        except (StorageError, KafkaException) as err:
+            reason = self.emitter.run_failure(err, "produce")
             raise RestoreFailed(reason) from None
         finally:
             if not self.started_emitted:

@@ -19,10 +19,10 @@ import socket
 import time
 import uuid
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from producers.spool import Spool
-from producers.storage import OpReport
+from producers.storage import OpReport, StorageError
 from schemas import events as ev
 from schemas.config import TelemetryConfig
 from schemas.kafka_admin import client_config, ensure_telemetry_topic
@@ -110,6 +110,17 @@ class Emitter:
         log.warning("kafka: %s", err.str())
         self.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation=operation,
                   message=err.str()[:500])
+
+    def run_failure(self, err: StorageError | KafkaException, operation: str) -> str:
+        """The one-line reason a run ends with on a storage or Kafka failure (JobEnded's ``reason``).
+
+        A storage failure was already reported by the storage listener; a Kafka one is reported here.
+        """
+        if isinstance(err, KafkaException):
+            kerr = err.args[0]
+            self.kafka_error(kerr, operation)
+            return f"kafka: {kerr.str()}"
+        return f"storage {err.error_type}: {err}"
 
     def _send(self, payload: bytes) -> None:
         self._drain_spool()
