@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from prometheus_client.core import (
@@ -55,11 +56,12 @@ class View:
     expired: int = 0
     dropped_series: dict[str, int] = field(default_factory=dict)
 
-    @property
+    # cached: about twenty builders ask for them on every scrape; ``jobs`` is complete before the first
+    @cached_property
     def backups(self) -> list[JobState]:
         return [j for j in self.jobs if j.kind == "backup"]
 
-    @property
+    @cached_property
     def restores(self) -> list[JobState]:
         return [j for j in self.jobs if j.kind == "restore"]
 
