@@ -3,7 +3,10 @@
 Durability order, per partition: segment object, then the checkpoint naming
 it (the commit point), then the consumer-group offset commit. Only after the
 checkpoint is written is a ``SegmentStored`` event emitted, so
-``kafka_backup_records_total`` counts only what a restore can read back.
+``kafka_backup_records_total`` counts only what a restore can read back. The
+checkpoint also records how far those events were acknowledged by the
+telemetry cluster, so the next worker reports again what a killed one may have
+lost, and the total catches up with the checkpoint.
 
 One poll cycle (``poll_interval_ms``) = one ``consume()`` batch and one
 ``Progress`` event carrying every assigned partition: few, dense events keep
@@ -35,6 +38,8 @@ from schemas.topics import consumer_group
 
 log = logging.getLogger("kafka_backup.backup")
 
+CONFIRM_WAIT_S = 10.0  # at the end of a run, how long to wait for telemetry acknowledgements
+
 
 class BackupFailed(Exception):
     """A failure that ends the run (already reported as an error event)."""
@@ -54,6 +59,14 @@ class PartitionWork:
     buffer_since: float = 0.0
     newest_stored_ts: int | None = None
     newest_available_ts: int | None = None
+    reported_offset: int = 0  # every segment ending at or below it: its SegmentStored was acknowledged
+    unconfirmed: list[list] = field(default_factory=list)  # [end_offset, acknowledged] per report, in order
+
+    def confirmed(self, entry: list) -> None:
+        """Delivery callback of one SegmentStored: advance ``reported_offset`` over the confirmed prefix."""
+        entry[1] = True
+        while self.unconfirmed and self.unconfirmed[0][1]:
+            self.reported_offset = self.unconfirmed.pop(0)[0]
 
     @property
     def tp(self) -> str:
@@ -124,6 +137,7 @@ class BackupWorker:
             self._progress()
             self._finish_manifest(status)
             self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started, reason=reason[:500])
+            self._save_confirmations()
             try:
                 self.consumer.close()
             except Exception:  # closing must not mask the run's outcome
@@ -163,11 +177,41 @@ class BackupWorker:
     def _load_partition(self, topic: str, partition: int) -> PartitionWork:
         raw = self.storage.get_optional(layout.checkpoint_key(self.id, topic, partition), "checkpoint")
         cp = layout.decode_checkpoint(raw) if raw else layout.Checkpoint(topic, partition, 0)
-        work = PartitionWork(topic, partition, cp.next_offset, cp)
+        work = PartitionWork(topic, partition, cp.next_offset, cp, reported_offset=cp.reported_offset)
         if cp.segments:
             work.newest_stored_ts = max((s.max_ts for s in cp.segments if s.max_ts is not None), default=None)
         self.parts[work.tp] = work
+        self._report_unconfirmed(work)
         return work
+
+    def _report_unconfirmed(self, work: PartitionWork) -> None:
+        """Report again the checkpointed segments whose SegmentStored was never acknowledged.
+
+        A killed worker loses the events still in its producer queue, though their segments
+        are durable; without this, ``records_total`` would stay short of the checkpoint for
+        good. Normally this is the last segment of the previous run (its acknowledgement came
+        after its checkpoint was written); the aggregator counts an offset range once.
+        """
+        previous_end = 0
+        again = []
+        for info in work.checkpoint.segments:
+            if info.end_offset > work.reported_offset:
+                again.append((previous_end, info))
+            previous_end = info.end_offset
+        if again:
+            log.info("%s: reporting %d stored segment(s) again, their telemetry was not confirmed",
+                     work.tp, len(again))
+        for covers_from, info in again:
+            self._report_segment(work, info, covers_from)
+
+    def _report_segment(self, work: PartitionWork, info: layout.SegmentInfo, covers_from: int) -> None:
+        entry = [info.end_offset, False]
+        work.unconfirmed.append(entry)
+        self.emitter.emit(ev.SegmentStored, on_delivered=lambda: work.confirmed(entry), topic=work.topic,
+                          partition=work.partition, start_offset=info.start_offset, end_offset=info.end_offset,
+                          records=info.records, bytes=info.bytes, uncompressed_bytes=info.uncompressed_bytes,
+                          stored_bytes=info.stored_bytes, algorithm=info.algorithm, min_ts=info.min_ts,
+                          max_ts=info.max_ts, covers_from=covers_from)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
@@ -285,17 +329,37 @@ class BackupWorker:
             min_ts=min(timestamps), max_ts=max(timestamps),
         )
         self.storage.put(info.key, data, "segment")
-        checkpoint = layout.Checkpoint(work.topic, work.partition, end, [*work.checkpoint.segments, info])
+        checkpoint = layout.Checkpoint(work.topic, work.partition, end, [*work.checkpoint.segments, info],
+                                       reported_offset=work.reported_offset)
         self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition),
                          layout.encode(checkpoint), "checkpoint")
         work.checkpoint = checkpoint
-        work.next_offset = end
+        covers_from, work.next_offset = work.next_offset, end
         work.newest_stored_ts = max(work.newest_stored_ts or 0, info.max_ts)
-        self.emitter.emit(ev.SegmentStored, topic=work.topic, partition=work.partition, start_offset=start,
-                          end_offset=end, records=info.records, bytes=info.bytes,
-                          uncompressed_bytes=raw_size, stored_bytes=info.stored_bytes, algorithm=alg,
-                          min_ts=info.min_ts, max_ts=info.max_ts)
+        self._report_segment(work, info, covers_from)
         self._commit(work)
+
+    def _save_confirmations(self) -> None:
+        """At the end of a run, record in each checkpoint how far its reports were acknowledged.
+
+        Otherwise the next run would report the last segments again (harmless, deduplicated,
+        but a run with nothing new to back up would never move the mark).
+        """
+        self.emitter.flush(CONFIRM_WAIT_S)
+        for work in self.parts.values():
+            cp = work.checkpoint
+            if work.reported_offset <= cp.reported_offset or not cp.segments:
+                continue
+            cp = layout.Checkpoint(cp.topic, cp.partition, cp.next_offset, cp.segments,
+                                   reported_offset=work.reported_offset)
+            try:
+                self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition),
+                                 layout.encode(cp), "checkpoint")
+            except StorageError as err:
+                log.warning("%s: could not record confirmed telemetry in the checkpoint (%s); "
+                            "the next run reports its last segments again", work.tp, err)
+                return
+            work.checkpoint = cp
 
     def _commit(self, work: PartitionWork) -> None:
         offsets = [TopicPartition(work.topic, work.partition, work.next_offset)]

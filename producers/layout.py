@@ -34,11 +34,18 @@ class SegmentInfo(msgspec.Struct, omit_defaults=True):
 
 
 class Checkpoint(msgspec.Struct):
+    """``reported_offset``: the telemetry cluster acknowledged the ``SegmentStored``
+    event of every segment ending at or below it. A worker that loads the checkpoint
+    reports the segments above it again: their events may have died with a killed
+    worker's in-memory queue (the aggregator counts an offset range once).
+    """
+
     topic: str
     partition: int
     next_offset: int
     segments: list[SegmentInfo] = []
     version: int = LAYOUT_VERSION
+    reported_offset: int = 0
 
 
 class Run(msgspec.Struct, omit_defaults=True):
@@ -90,6 +97,7 @@ class RestoreCheckpoint(msgspec.Struct):
     to_time: int | None = None
     restored_total: int = 0
     partitions: list[RestoreCursor] = []
+    restored_bytes: int = 0  # key+value bytes of the restored_total records
     created_ts: float = 0.0
     updated_ts: float = 0.0
     completed_ts: float | None = None

@@ -236,7 +236,8 @@ class RestoreWorker:
         cp = self.checkpoint
         self.emitter.emit(ev.JobStarted, topics=sorted(cp.topic_map) if cp else [], backend=self.storage.name,
                           backup_id=self.backup_id, total_records=cp.total_records if cp else None,
-                          restored_total=cp.restored_total if cp else 0)
+                          restored_total=cp.restored_total if cp else 0,
+                          restored_bytes=cp.restored_bytes if cp else 0)
         self.started_emitted = True
 
     # -- preparation: manifest, scope, targets, resume check -----------------
@@ -279,7 +280,7 @@ class RestoreWorker:
         if adopted:
             # produced and acknowledged by the run that crashed, which never reported them
             self.emitter.emit(ev.RestoreProgress, records=adopted, restored_total=cp.restored_total,
-                              bytes=self._adopted_bytes)
+                              bytes=self._adopted_bytes, restored_bytes=cp.restored_bytes)
         self._open_bar()
 
     def _read_manifest(self) -> layout.Manifest:
@@ -477,8 +478,10 @@ class RestoreWorker:
         cur.restored += extra
         cur.target_next = hwm
         assert self.checkpoint is not None
+        adopted_bytes = sum(r.size for r in expected)
         self.checkpoint.restored_total += extra
-        self._adopted_bytes += sum(r.size for r in expected)
+        self.checkpoint.restored_bytes += adopted_bytes
+        self._adopted_bytes += adopted_bytes
         return extra
 
     def _read_target(self, topic: str, partition: int, start: int, n: int) -> list[tuple]:
@@ -591,10 +594,12 @@ class RestoreWorker:
         cur.target_next = max(offsets) + 1
         cp = self.checkpoint
         assert cp is not None
+        batch_bytes = sum(r.size for r in batch)
         cp.restored_total += len(batch)
+        cp.restored_bytes += batch_bytes
         self._write_checkpoint()
         self.emitter.emit(ev.RestoreProgress, records=len(batch), restored_total=cp.restored_total,
-                          bytes=sum(r.size for r in batch))
+                          bytes=batch_bytes, restored_bytes=cp.restored_bytes)
         if self.bar is not None:
             self.bar.update(len(batch))
         self.emitter.poll()

@@ -18,6 +18,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
@@ -87,11 +88,17 @@ class Emitter:
             },
         ))
 
-    def emit(self, event_type: type[ev.Event], **fields) -> None:
+    def emit(self, event_type: type[ev.Event], on_delivered: Callable[[], None] | None = None, **fields) -> None:
+        """Queue one event. ``on_delivered`` runs once the telemetry cluster acknowledged it.
+
+        An event that goes through the spool loses its ``on_delivered``: callers treat
+        "not confirmed" as "maybe lost" and report again on their next run, which
+        the aggregator deduplicates.
+        """
         self.seq += 1
         event = event_type(instance=self.instance, seq=self.seq, ts=time.time(), kind=self.kind, job=self.job,
                            **fields)
-        self._send(ev.encode(event))
+        self._send(ev.encode(event), on_delivered)
 
     def storage_op(self, backend: str, r: OpReport) -> None:
         """A timed storage call (the Storage listener of every worker)."""
@@ -122,13 +129,19 @@ class Emitter:
             return f"kafka: {kerr.str()}"
         return f"storage {err.error_type}: {err}"
 
-    def _send(self, payload: bytes) -> None:
+    def _send(self, payload: bytes, on_delivered: Callable[[], None] | None = None) -> None:
         self._drain_spool()
         if self._spool is not None and self._spool.pending:
             self._to_spool(payload)  # keep order: nothing overtakes what is spooled
         else:
+            callback = self._on_delivery
+            if on_delivered is not None:
+                def callback(err, msg, then=on_delivered):
+                    self._on_delivery(err, msg)
+                    if err is None:
+                        then()
             try:
-                self._producer.produce(self.topic, payload, self.key, on_delivery=self._on_delivery)
+                self._producer.produce(self.topic, payload, self.key, on_delivery=callback)
             except BufferError:
                 if self._spool is not None:
                     self._to_spool(payload)
@@ -197,6 +210,11 @@ class Emitter:
         self._producer.poll(0)
         self._drain_spool()
         self._maybe_report_drops()
+
+    def flush(self, timeout: float) -> None:
+        """Wait (bounded) until the telemetry cluster acknowledged what is queued; runs delivery callbacks."""
+        self._drain_spool()
+        self._producer.flush(timeout)
 
     def close(self, timeout: float = 30.0) -> int:
         """Deliver what is buffered (bounded wait); return the number of events lost.

@@ -54,6 +54,7 @@ class JobStarted(Event, tag="job_started"):
     backup_id: str = ""  # for restores: the backup being restored
     total_records: int | None = None  # for restores: records in the restore's scope (whole window, all runs)
     restored_total: int = 0  # for restores: records already restored by earlier runs (resumed)
+    restored_bytes: int = -1  # for restores: their key+value bytes (-1: an older worker, unknown)
 
 
 class JobEnded(Event, tag="job_ended"):
@@ -102,7 +103,15 @@ class SegmentStored(Event, tag="segment_stored"):
     ``bytes`` is key plus value bytes of the records; ``uncompressed_bytes``
     the encoded segment before compression; ``stored_bytes`` the object's size.
     The offset range lets the aggregator count each range once even when the
-    same segment is reported twice.
+    same segment is reported twice, or again by a later run of the worker
+    because the first report was never confirmed (a killed worker's queue).
+
+    ``covers_from`` is where the segment's share of the partition's offset
+    space begins: the checkpoint's next offset before it. It is at or below
+    ``start_offset`` (offsets in between held no record: transaction markers,
+    compacted records), so consecutive segments cover the partition without
+    gaps and a lost report shows as a hole the aggregator can fill later.
+    ``-1`` (older workers) means ``start_offset``.
     """
 
     topic: str
@@ -116,6 +125,7 @@ class SegmentStored(Event, tag="segment_stored"):
     algorithm: str
     min_ts: int | None = None
     max_ts: int | None = None
+    covers_from: int = -1
 
 
 class StorageOp(Event, tag="storage_op"):
@@ -163,15 +173,18 @@ class OffsetsCommitted(Event, tag="offsets_committed"):
 class RestoreProgress(Event, tag="restore_progress"):
     """Sent after each produced batch is acknowledged by the target cluster.
 
-    ``records`` is what this batch added (counted once per event, so duplicates
-    of the event change nothing); ``restored_total`` is the restore's cumulative
-    count including earlier runs resumed from the checkpoint, for the
-    percentage.
+    ``records`` and ``bytes`` are what this batch added (for the rates);
+    ``restored_total`` and ``restored_bytes`` are the restore's cumulative
+    counts from its checkpoint, including earlier runs. The totals are what
+    the aggregator counts: a later event or the next run's ``JobStarted``
+    carries whatever a killed worker's lost events had, and a batch reported
+    twice (written, then adopted after a crash) is not counted twice.
     """
 
     records: int
     restored_total: int
     bytes: int = 0
+    restored_bytes: int = -1  # cumulative like restored_total; -1 from older workers (count ``bytes``)
 
 
 class TelemetryDropped(Event, tag="telemetry_dropped"):

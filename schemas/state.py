@@ -7,7 +7,7 @@ rather than in ``streams/`` lets the exporter decode it without importing the
 aggregator.
 
 The dedup high-water marks (``seen``) and the per-partition coverage
-(``PartitionState.stored_next_offset``) live in the same value as the counters
+(``PartitionState.stored_next_offset`` and ``stored_holes``) live in the same value as the counters
 they guard, so one changelog record always carries both: after a crash the
 restored table can never hold a counter that includes an event while its
 high-water mark does not (or the reverse).
@@ -20,6 +20,7 @@ import msgspec
 STATE_VERSION = 1
 FETCHES_TOPIC = ""  # RateSample.topic of samples that count polls (backups) or produced records (restores)
 SIZE_WINDOW_MINUTES = 60  # average record size for lag_bytes: the PRD's rolling hour
+MAX_HOLES = 64  # per partition; a hole older than the last 64 is forgotten (a late report of it is not counted)
 
 
 class Histogram(msgspec.Struct, array_like=True):
@@ -57,11 +58,49 @@ class PartitionState(msgspec.Struct, omit_defaults=True):
     high_watermark: int = -1
     newest_stored_ts: int | None = None
     newest_available_ts: int | None = None
-    stored_next_offset: int = 0  # coverage: offsets below this are counted in records_total
+    stored_next_offset: int = 0  # coverage: offsets below this are counted in records_total...
+    stored_holes: list[tuple[int, int]] = []  # ...except these [start, end) ranges, reported by no one yet
     records: int = 0
     bytes: int = 0
     last_commit_ts: float | None = None
     sizes: list[SizeSample] = []
+
+    def claim(self, covers_from: int, end_offset: int) -> bool:
+        """Mark ``[covers_from, end_offset)`` as counted; False when all of it already was.
+
+        Segments of one partition cover its offsets without gaps (``SegmentStored.covers_from``),
+        so a range starting above the frontier means a report in between is missing: it is
+        remembered as a hole that a later report (the worker's next run reports again what
+        was never confirmed) fills. ``covers_from == -1`` (an older worker's event) only moves
+        the frontier, as before. A range overlapping counted offsets only in part is counted:
+        that takes two writers on one partition, and counting beats losing records.
+        """
+        frontier = self.stored_next_offset
+        if covers_from < 0:
+            if end_offset <= frontier:
+                return False
+            self.stored_next_offset = end_offset
+            return True
+        if covers_from >= frontier:
+            if covers_from > frontier:
+                self.stored_holes = [*self.stored_holes, (frontier, covers_from)][-MAX_HOLES:]
+            self.stored_next_offset = end_offset
+            return True
+        holes = [(a, b) for a, b in self.stored_holes if b > covers_from and a < end_offset]
+        if not holes and end_offset <= frontier:
+            return False
+        kept = []
+        for a, b in self.stored_holes:
+            if b <= covers_from or a >= end_offset:
+                kept.append((a, b))
+                continue
+            if a < covers_from:
+                kept.append((a, covers_from))
+            if b > end_offset:
+                kept.append((end_offset, b))
+        self.stored_holes = kept
+        self.stored_next_offset = max(frontier, end_offset)
+        return True
 
 
 class RateSample(msgspec.Struct, array_like=True):

@@ -13,6 +13,7 @@ import datetime as dt
 import msgspec
 
 from schemas import events as ev
+from schemas.state import PartitionState
 from streams.replay import Replay
 
 REPORT_VERSION = 1
@@ -101,9 +102,20 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def _restored_in_period(events: list[ev.AnyEvent], start: float, end: float) -> int:
+    """How far the restore's cumulative count (the fold's rule) rose during the period."""
+    high, added = 0, 0
+    for e in events:
+        if isinstance(e, ev.RestoreProgress | ev.JobStarted) and e.restored_total > high:
+            if start <= e.ts < end:
+                added += e.restored_total - high
+            high = e.restored_total
+    return added
+
+
 def _backup(job: str, events: list[ev.AnyEvent], replayed: Replay, start: float, end: float) -> BackupReport:
     ranges: dict[tuple[str, int], list[tuple[int, int]]] = {}
-    counted: dict[tuple[str, int], int] = {}
+    counted: dict[tuple[str, int], PartitionState] = {}
     period: dict[tuple[str, int], list[int]] = {}
     errors: dict[str, int] = {}
     worst_lag, worst_lag_at, worst_rp, worst_rp_at = 0, None, 0.0, None
@@ -112,8 +124,8 @@ def _backup(job: str, events: list[ev.AnyEvent], replayed: Replay, start: float,
         if isinstance(e, ev.SegmentStored):
             tp = (e.topic, e.partition)
             ranges.setdefault(tp, []).append((e.start_offset, e.end_offset))
-            if e.end_offset > counted.get(tp, 0):  # the fold's rule: each offset range counts once
-                counted[tp] = e.end_offset
+            coverage = counted.setdefault(tp, PartitionState(e.topic, e.partition))
+            if coverage.claim(e.covers_from, e.end_offset):  # the fold's rule: each offset range counts once
                 if in_period:
                     slot = period.setdefault(tp, [0, 0])
                     slot[0] += e.records
@@ -140,8 +152,7 @@ def _backup(job: str, events: list[ev.AnyEvent], replayed: Replay, start: float,
     for key, rstate in sorted(replayed.jobs.items()):
         if rstate.kind == "restore" and rstate.backup_id == job:
             revents = replayed.events[key]
-            restored = sum(e.records for e in revents if isinstance(e, ev.RestoreProgress) and start <= e.ts < end)
-            restores.append(Restore(rstate.job, restored, _runs(revents, start, end)))
+            restores.append(Restore(rstate.job, _restored_in_period(revents, start, end), _runs(revents, start, end)))
     return BackupReport(
         backup_id=job,
         records_in_period=sum(p.records_in_period for p in partitions),

@@ -9,9 +9,9 @@ value they protect:
 
 * per-instance sequence high-water marks (``JobState.seen``): an event whose
   ``seq`` is not above its instance's mark is a duplicate and changes nothing;
-* per-partition coverage (``PartitionState.stored_next_offset``): a segment
-  whose offset range was already counted is not counted again, whichever
-  instance reports it.
+* per-partition coverage (``PartitionState.claim``): a segment whose offset
+  range was already counted is not counted again, whichever instance reports
+  it; a range whose report is missing stays a hole that a later report fills.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _job_started(state: JobState, e: ev.JobStarted, s: Settings) -> None:
         state.backup_id = e.backup_id
     if e.total_records is not None:
         state.total_records = e.total_records
-        state.restored_total = max(state.restored_total, e.restored_total)
+        _restored(state, e.restored_total, e.restored_bytes)
 
 
 DURATION_METRIC = {"backup": cat.BACKUP_DURATION, "restore": cat.RESTORE_DURATION,
@@ -189,9 +189,8 @@ def _rate(state: JobState, second: int, topic: str, records: int, nbytes: int, f
 
 def _segment_stored(state: JobState, e: ev.SegmentStored, s: Settings) -> None:
     p = _partition(state, e.topic, e.partition)
-    if e.end_offset <= p.stored_next_offset:
+    if not p.claim(e.covers_from, e.end_offset):
         return  # this offset range is already counted (reported again by another instance or run)
-    p.stored_next_offset = e.end_offset
     p.committed = max(p.committed, e.end_offset)
     p.records += e.records
     p.bytes += e.bytes
@@ -238,10 +237,22 @@ def _offsets_committed(state: JobState, e: ev.OffsetsCommitted, s: Settings) -> 
         p.last_commit_ts = e.ts
 
 
+def _restored(state: JobState, restored_total: int, restored_bytes: int) -> None:
+    """A restore's records and bytes follow its checkpoint's cumulative counts, never a sum of batches.
+
+    So a killed worker's lost progress events are made up by the next one that gets
+    through, and a batch reported twice (sent, then adopted after a crash) counts once.
+    """
+    state.restored_total = max(state.restored_total, restored_total)
+    state.records = max(state.records, restored_total)
+    if restored_bytes >= 0:
+        state.bytes = max(state.bytes, restored_bytes)
+
+
 def _restore_progress(state: JobState, e: ev.RestoreProgress, s: Settings) -> None:
-    state.records += e.records
-    state.bytes += e.bytes
-    state.restored_total = max(state.restored_total, e.restored_total)
+    if e.restored_bytes < 0:  # an older worker: only per-batch bytes
+        state.bytes += e.bytes
+    _restored(state, e.restored_total, e.restored_bytes)
     second = int(e.ts)
     _rate(state, second, FETCHES_TOPIC, e.records, e.bytes, 0)
     horizon = second - s.throughput_window_s

@@ -19,6 +19,7 @@ import msgspec
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from cli.devbroker import free_port
 from exporter.state_reader import StateReader
 from schemas import catalogue as cat
 from schemas import events as ev
@@ -129,6 +130,44 @@ def read_job_events(bootstrap: str, kind: str, job: str) -> list[tuple[bytes, by
                 out.append((m.key(), m.value()))
     c.close()
     return out
+
+
+def checkpoints(root: str, backup_id: str) -> list[dict]:
+    return [json.load(open(path)) for path in
+            sorted(glob.glob(os.path.join(root, backup_id, "topics", "*", "*", "checkpoint.json")))]
+
+
+def test_reports_that_died_in_a_workers_queue_are_sent_again_by_its_next_run(broker, shared_pipeline, tmp_path):
+    """A killed worker loses its queued events though their segments are durable: the next run reports them."""
+    topic, bid, store = unique("lost"), unique("bk-lost"), str(tmp_path / "store")
+    create_topic(broker, topic, 2)
+    first = produce(broker, topic, 2, 400)
+    # The first run's telemetry cluster never answers: every event dies in its queue, as with kill -9.
+    backup(broker, topic, bid, f"file://{store}", "--backup-segment-max-records", "50",
+           "--telemetry-bootstrap-servers", f"127.0.0.1:{free_port()}", "--telemetry-delivery-timeout-ms", "500")
+    assert read_job_events(broker, "backup", bid) == []
+    assert [cp["reported_offset"] for cp in checkpoints(store, bid)] == [0, 0]
+    segments_on_disk = sum(len(cp["segments"]) for cp in checkpoints(store, bid))
+    assert segments_on_disk >= 8
+    # The next run finds nothing new to back up, reports every unconfirmed segment once...
+    backup(broker, topic, bid, f"file://{store}", "--backup-segment-max-records", "50")
+    s = shared_pipeline.wait_value(cat.BACKUP_DURATION.name + "_count", 1, backup_id=bid, status="success")
+    assert s.get_value(cat.RECORDS_TOTAL.name, backup_id=bid) == 400 == stored_records(store, bid)
+    assert s.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == first.total_bytes
+    # ...and records in the checkpoint that they were acknowledged, so a third run reports only new ones.
+    assert [cp["reported_offset"] for cp in checkpoints(store, bid)] == [
+        cp["next_offset"] for cp in checkpoints(store, bid)]
+    second = produce(broker, topic, 2, 100, seed=1)
+    backup(broker, topic, bid, f"file://{store}", "--backup-segment-max-records", "50")
+    s = shared_pipeline.wait_value(cat.BACKUP_DURATION.name + "_count", 2, backup_id=bid, status="success")
+    assert s.get_value(cat.RECORDS_TOTAL.name, backup_id=bid) == 500 == stored_records(store, bid)
+    assert s.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == first.total_bytes + second.total_bytes
+    reports = [ev.decode(v) for _k, v in read_job_events(broker, "backup", bid)]
+    reports = [e for e in reports if isinstance(e, ev.SegmentStored)]
+    by_run = [e.instance for e in reports]
+    second_run, third_run = dict.fromkeys(by_run)
+    assert by_run.count(second_run) == segments_on_disk
+    assert by_run.count(third_run) == sum(len(cp["segments"]) for cp in checkpoints(store, bid)) - segments_on_disk
 
 
 def test_duplicated_and_replayed_events_change_no_aggregate(broker, shared_pipeline, tmp_path):

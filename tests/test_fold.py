@@ -7,7 +7,7 @@ import random
 import pytest
 
 from schemas import events as ev
-from schemas.state import encode_state
+from schemas.state import MAX_HOLES, encode_state
 from streams import fold
 
 T0 = 1_790_000_000.0
@@ -22,10 +22,10 @@ class Worker:
         return cls(instance=self.instance, seq=self.seq, ts=T0 + self.seq, job=self.job, **fields)
 
 
-def segment(w, start, end, records=None, nbytes=10):
+def segment(w, start, end, records=None, nbytes=10, covers_from=-1):
     return w(ev.SegmentStored, topic="t", partition=0, start_offset=start, end_offset=end,
              records=records if records is not None else end - start, bytes=nbytes, uncompressed_bytes=20,
-             stored_bytes=5, algorithm="zstd")
+             stored_bytes=5, algorithm="zstd", covers_from=covers_from)
 
 
 def fold_all(events):
@@ -61,6 +61,49 @@ def test_same_range_reported_by_a_second_instance_counts_once():
     state = fold_all([segment(a, 0, 100), segment(b, 0, 100), segment(b, 100, 130)])
     assert state.records == 130
     assert state.partitions["t/0"].stored_next_offset == 130
+
+
+def test_a_lost_report_is_a_hole_that_the_next_run_fills_once():
+    killed, next_run = Worker(instance="killed"), Worker(instance="next")
+    # the killed worker's report of 100..150 died in its queue; one of 150..200 got out
+    state = fold_all([segment(killed, 0, 100, covers_from=0), segment(killed, 150, 200, covers_from=150)])
+    p = state.partitions["t/0"]
+    assert (state.records, p.stored_next_offset, p.stored_holes) == (150, 200, [(100, 150)])
+    # the next run reports again every segment the checkpoint has as unconfirmed
+    for _ in range(2):
+        state = fold.apply(state, segment(next_run, 100, 150, covers_from=100)) or state
+        state = fold.apply(state, segment(next_run, 150, 200, covers_from=150)) or state
+    assert (state.records, p.stored_next_offset, p.stored_holes) == (200, 200, [])
+
+
+def test_offsets_without_records_between_segments_are_not_holes():
+    w = Worker()
+    # a transaction marker at 100: the next segment starts at 101 but covers from 100
+    state = fold_all([segment(w, 0, 100, covers_from=0), segment(w, 101, 150, 49, covers_from=100)])
+    assert (state.records, state.partitions["t/0"].stored_holes) == (149, [])
+
+
+def test_any_order_of_reports_with_duplicates_counts_each_range_once():
+    rng = random.Random(11)
+    bounds = sorted(rng.sample(range(1, 5000), 40))
+    spans = list(zip([0, *bounds], bounds, strict=False))
+    workers = [Worker(instance=f"w{i}") for i in range(3)]
+    reports = spans + rng.sample(spans, 15)
+    rng.shuffle(reports)  # arrival order across instances; each instance's own events stay in sequence
+    state = fold_all([segment(rng.choice(workers), a, b, covers_from=a) for a, b in reports])
+    assert state.records == bounds[-1]
+    assert state.partitions["t/0"].stored_holes == []
+
+
+def test_holes_are_bounded_and_a_forgotten_one_is_not_counted():
+    w = Worker()
+    state = fold_all([segment(w, 2 * i, 2 * i + 1, covers_from=2 * i) for i in range(MAX_HOLES + 3)])
+    p = state.partitions["t/0"]
+    assert len(p.stored_holes) == MAX_HOLES and p.stored_holes[0] == (5, 6)
+    before = state.records
+    state = fold.apply(state, segment(w, 1, 2, covers_from=1)) or state  # forgotten: not counted
+    state = fold.apply(state, segment(w, 5, 6, covers_from=5)) or state  # remembered: counted
+    assert state.records == before + 1
 
 
 def test_a_restarted_worker_counts_from_its_new_instance():
@@ -100,3 +143,33 @@ def test_absurd_values_are_rejected(event, reason):
     with pytest.raises(ev.InvalidEvent) as err:
         fold.check(event, record_ts=T0)
     assert err.value.reason == reason
+
+
+def restore_run(instance):
+    w = Worker(job="rs1", instance=instance)
+    return lambda cls, **f: w(cls, kind="restore", **f)
+
+
+def test_a_restore_counts_its_checkpoints_totals_not_a_sum_of_batches():
+    killed, resumed = restore_run("killed"), restore_run("resumed")
+    events = [
+        killed(ev.JobStarted, backup_id="b1", total_records=1000, restored_total=0, restored_bytes=0),
+        killed(ev.RestoreProgress, records=200, restored_total=200, bytes=2000, restored_bytes=2000),
+        # the 200..500 batch was acknowledged and checkpointed; its event died with the worker (kill -9)
+        resumed(ev.JobStarted, backup_id="b1", total_records=1000, restored_total=500, restored_bytes=5000),
+    ]
+    state = fold_all(events)
+    assert (state.records, state.bytes, state.restored_total) == (500, 5000, 500)
+    # the killed worker had also written 500..600 unreported and unchecked: adopted, reported once more
+    state = fold_all([*events, resumed(ev.RestoreProgress, records=100, restored_total=600, bytes=1000,
+                                       restored_bytes=6000),
+                      resumed(ev.RestoreProgress, records=400, restored_total=1000, bytes=4000, restored_bytes=10000)])
+    assert (state.records, state.bytes, state.restored_total) == (1000, 10000, 1000)
+
+
+def test_an_older_restore_worker_without_cumulative_bytes_still_adds_its_batches():
+    w = restore_run("old")
+    state = fold_all([w(ev.JobStarted, backup_id="b1", total_records=30, restored_total=0),
+                      w(ev.RestoreProgress, records=10, restored_total=10, bytes=100),
+                      w(ev.RestoreProgress, records=20, restored_total=30, bytes=200)])
+    assert (state.records, state.bytes) == (30, 300)
