@@ -59,14 +59,21 @@ class PartitionWork:
     buffer_since: float = 0.0
     newest_stored_ts: int | None = None
     newest_available_ts: int | None = None
-    reported_offset: int = 0  # every segment ending at or below it: its SegmentStored was acknowledged
-    unconfirmed: list[list] = field(default_factory=list)  # [end_offset, acknowledged] per report, in order
+    reported_offset: int = 0  # every segment ending at or below it: its SegmentStored is safe
+    unsettled: dict[int, bool] = field(default_factory=dict)  # end_offset -> report safe; in offset order
+    lost: list[tuple[int, layout.SegmentInfo]] = field(default_factory=list)  # reports to send again
 
-    def confirmed(self, entry: list) -> None:
-        """Delivery callback of one SegmentStored: advance ``reported_offset`` over the confirmed prefix."""
-        entry[1] = True
-        while self.unconfirmed and self.unconfirmed[0][1]:
-            self.reported_offset = self.unconfirmed.pop(0)[0]
+    def settled(self, covers_from: int, info: layout.SegmentInfo, safe: bool) -> None:
+        """Outcome of one SegmentStored: move ``reported_offset`` over the safe prefix, or keep it to resend."""
+        if not safe:
+            self.lost.append((covers_from, info))
+            return
+        self.unsettled[info.end_offset] = True
+        for end, done in list(self.unsettled.items()):
+            if not done:
+                break
+            del self.unsettled[end]
+            self.reported_offset = end
 
     @property
     def tp(self) -> str:
@@ -137,7 +144,8 @@ class BackupWorker:
             self._progress()
             self._finish_manifest(status)
             self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started, reason=reason[:500])
-            self._save_confirmations()
+            if status == "success":
+                self._save_confirmations()
             try:
                 self.consumer.close()
             except Exception:  # closing must not mask the run's outcome
@@ -205,9 +213,9 @@ class BackupWorker:
             self._report_segment(work, info, covers_from)
 
     def _report_segment(self, work: PartitionWork, info: layout.SegmentInfo, covers_from: int) -> None:
-        entry = [info.end_offset, False]
-        work.unconfirmed.append(entry)
-        self.emitter.emit(ev.SegmentStored, on_delivered=lambda: work.confirmed(entry), topic=work.topic,
+        work.unsettled[info.end_offset] = False
+        self.emitter.emit(ev.SegmentStored, on_delivered=lambda safe: work.settled(covers_from, info, safe),
+                          topic=work.topic,
                           partition=work.partition, start_offset=info.start_offset, end_offset=info.end_offset,
                           records=info.records, bytes=info.bytes, uncompressed_bytes=info.uncompressed_bytes,
                           stored_bytes=info.stored_bytes, algorithm=info.algorithm, min_ts=info.min_ts,
@@ -343,8 +351,10 @@ class BackupWorker:
         """At the end of a run, record in each checkpoint how far its reports were acknowledged.
 
         Otherwise the next run would report the last segments again (harmless, deduplicated,
-        but a run with nothing new to back up would never move the mark).
+        but a run with nothing new to back up would never move the mark). A failed run
+        leaves its checkpoints as they are.
         """
+        self._resend_lost(CONFIRM_WAIT_S)
         self.emitter.flush(CONFIRM_WAIT_S)
         for work in self.parts.values():
             cp = work.checkpoint
@@ -395,7 +405,26 @@ class BackupWorker:
         work.high_watermark = max(work.high_watermark, high)
         return work.high_watermark
 
+    def _resend_lost(self, budget_s: float = 0.0) -> None:
+        """Send again the reports the emitter lost (queue full, telemetry cluster away past the delivery
+        timeout) as soon as it answers, a queue's worth at a time, so ``records_total`` recovers
+        within the run. At the end of a run, keep at it for up to ``budget_s``."""
+        deadline = time.monotonic() + budget_s
+        while any(w.lost for w in self.parts.values()):
+            sent = 0
+            for work in self.parts.values():
+                while work.lost and self.emitter.room() > 0:
+                    covers_from, info = work.lost.pop(0)
+                    self._report_segment(work, info, covers_from)
+                    sent += 1
+            if sent:
+                log.info("reported %d segment(s) again whose telemetry was lost", sent)
+            if time.monotonic() >= deadline:
+                return
+            self.emitter.flush(0.5)
+
     def _progress(self) -> None:
+        self._resend_lost()
         partitions = []
         for work in self.parts.values():
             hwm = self._watermark(work)

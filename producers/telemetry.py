@@ -65,6 +65,8 @@ class Emitter:
         self.seq = 0
         self.dropped = 0
         self.delivered = 0
+        self.delivered_at = self.lost_at = 0.0
+        self.queue_limit = tcfg.buffer_max_events
         self._reported_dropped = 0
         self._last_drop_report = 0.0
         try:
@@ -88,12 +90,11 @@ class Emitter:
             },
         ))
 
-    def emit(self, event_type: type[ev.Event], on_delivered: Callable[[], None] | None = None, **fields) -> None:
-        """Queue one event. ``on_delivered`` runs once the telemetry cluster acknowledged it.
-
-        An event that goes through the spool loses its ``on_delivered``: callers treat
-        "not confirmed" as "maybe lost" and report again on their next run, which
-        the aggregator deduplicates.
+    def emit(self, event_type: type[ev.Event], on_delivered: Callable[[bool], None] | None = None,
+             **fields) -> None:
+        """Queue one event. ``on_delivered(True)`` once it is safe: acknowledged by the telemetry
+        cluster, or appended to the spool (which outlives the process); ``on_delivered(False)``
+        once it is lost (dropped, counted). A worker killed before either leaves it unsaid.
         """
         self.seq += 1
         event = event_type(instance=self.instance, seq=self.seq, ts=time.time(), kind=self.kind, job=self.job,
@@ -129,35 +130,50 @@ class Emitter:
             return f"kafka: {kerr.str()}"
         return f"storage {err.error_type}: {err}"
 
-    def _send(self, payload: bytes, on_delivered: Callable[[], None] | None = None) -> None:
+    def _send(self, payload: bytes, on_delivered: Callable[[bool], None] | None = None) -> None:
         self._drain_spool()
         if self._spool is not None and self._spool.pending:
-            self._to_spool(payload)  # keep order: nothing overtakes what is spooled
+            self._settle(on_delivered, self._to_spool(payload))  # keep order: nothing overtakes the spool
         else:
             callback = self._on_delivery
             if on_delivered is not None:
                 def callback(err, msg, then=on_delivered):
                     self._on_delivery(err, msg)
-                    if err is None:
-                        then()
+                    then(err is None)
             try:
                 self._producer.produce(self.topic, payload, self.key, on_delivery=callback)
             except BufferError:
                 if self._spool is not None:
-                    self._to_spool(payload)
+                    self._settle(on_delivered, self._to_spool(payload))
                 else:
                     self._drop(1, "buffer full")
+                    self._settle(on_delivered, False)
             except Exception as err:
                 self._drop(1, str(err))
+                self._settle(on_delivered, False)
         self._producer.poll(0)
         self._maybe_report_drops()
 
-    def _to_spool(self, payload: bytes) -> None:
+    @staticmethod
+    def _settle(on_delivered: Callable[[bool], None] | None, safe: bool) -> None:
+        if on_delivered is not None:
+            on_delivered(safe)
+
+    def _to_spool(self, payload: bytes) -> bool:
         assert self._spool is not None
         if not self._spool.pending:
             log.warning("telemetry: queue full; spooling events to %s until the cluster answers", self._spool.path)
         if not self._spool.append(payload):
             self._drop(1, "spool full")
+            return False
+        return True
+
+    def room(self) -> int:
+        """How many events may be sent again now: none until the telemetry cluster acknowledged
+        something since the last loss, then up to half the queue."""
+        if self.delivered_at < self.lost_at or (self._spool and self._spool.pending):
+            return 0
+        return max(0, self.queue_limit // 2 - len(self._producer))
 
     def _drain_spool(self) -> None:
         """Move spooled events back into the producer queue while it has room."""
@@ -173,6 +189,7 @@ class Emitter:
     def _on_delivery(self, err: KafkaError | None, msg) -> None:
         if err is None:
             self.delivered += 1
+            self.delivered_at = time.monotonic()
         else:
             self._drop(1, err.str())
 
@@ -180,6 +197,7 @@ class Emitter:
         log.debug("telemetry producer: %s", err.str())
 
     def _drop(self, n: int, why: str) -> None:
+        self.lost_at = time.monotonic()
         if self.dropped == self._reported_dropped:
             log.warning("telemetry: dropping events (%s); the count is reported in "
                         "kafka_backup_telemetry_dropped_events_total", why)

@@ -182,7 +182,10 @@ TELEMETRY_DROPPED = _m(
     "kafka_backup_telemetry_dropped_events_total", "counter", "events",
     "Telemetry events a worker could not deliver (buffer full or delivery timed out)",
     ("kind", "job_id"), section=S6, extension=True,
-    note="Makes telemetry loss visible: a non-zero value means other counters of this job may be low.")
+    note="Makes telemetry loss visible: a non-zero value means other counters of this job may be low. "
+         "Lost segment reports are sent again (once the telemetry cluster answers, or by the job's next "
+         "run), so records, bytes and compression counters recover; storage latency, errors and "
+         "consumed counts do not.")
 
 BACKUP_STATUS = _m(
     "kafka_backup_status", "stateset", "",
