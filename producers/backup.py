@@ -215,8 +215,8 @@ class BackupWorker:
     def _report_segment(self, work: PartitionWork, info: layout.SegmentInfo, covers_from: int) -> None:
         work.unsettled[info.end_offset] = False
         self.emitter.emit(ev.SegmentStored, on_delivered=lambda safe: work.settled(covers_from, info, safe),
-                          topic=work.topic,
-                          partition=work.partition, start_offset=info.start_offset, end_offset=info.end_offset,
+                          topic=work.topic, partition=work.partition,
+                          start_offset=info.start_offset, end_offset=info.end_offset,
                           records=info.records, bytes=info.bytes, uncompressed_bytes=info.uncompressed_bytes,
                           stored_bytes=info.stored_bytes, algorithm=info.algorithm, min_ts=info.min_ts,
                           max_ts=info.max_ts, covers_from=covers_from)
