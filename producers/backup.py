@@ -38,7 +38,7 @@ from schemas.topics import consumer_group
 
 log = logging.getLogger("kafka_backup.backup")
 
-CONFIRM_WAIT_S = 10.0  # at the end of a run, how long to wait for telemetry acknowledgements
+CONFIRM_WAIT_S = 10.0  # at the end of a run, how long to resend lost reports and wait for acknowledgements
 
 
 class BackupFailed(Exception):
@@ -354,8 +354,9 @@ class BackupWorker:
         but a run with nothing new to back up would never move the mark). A failed run
         leaves its checkpoints as they are.
         """
-        self._resend_lost(CONFIRM_WAIT_S)
-        self.emitter.flush(CONFIRM_WAIT_S)
+        deadline = time.monotonic() + CONFIRM_WAIT_S
+        self._resend_lost(deadline)
+        self.emitter.flush(max(0.0, deadline - time.monotonic()))
         for work in self.parts.values():
             cp = work.checkpoint
             if work.reported_offset <= cp.reported_offset or not cp.segments:
@@ -405,11 +406,10 @@ class BackupWorker:
         work.high_watermark = max(work.high_watermark, high)
         return work.high_watermark
 
-    def _resend_lost(self, budget_s: float = 0.0) -> None:
+    def _resend_lost(self, deadline: float = 0.0) -> None:
         """Send again the reports the emitter lost (queue full, telemetry cluster away past the delivery
         timeout) as soon as it answers, a queue's worth at a time, so ``records_total`` recovers
-        within the run. At the end of a run, keep at it for up to ``budget_s``."""
-        deadline = time.monotonic() + budget_s
+        within the run. At the end of a run, keep at it until ``deadline`` (monotonic)."""
         while any(w.lost for w in self.parts.values()):
             sent = 0
             for work in self.parts.values():
