@@ -20,6 +20,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 from confluent_kafka import (
     Consumer,
     KafkaError,
@@ -337,11 +338,9 @@ class BackupWorker:
             min_ts=min(timestamps), max_ts=max(timestamps),
         )
         self.storage.put(info.key, data, "segment")
-        checkpoint = layout.Checkpoint(work.topic, work.partition, end, [*work.checkpoint.segments, info],
-                                       reported_offset=work.reported_offset)
-        self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition),
-                         layout.encode(checkpoint), "checkpoint")
-        work.checkpoint = checkpoint
+        self._write_checkpoint(work, layout.Checkpoint(work.topic, work.partition, end,
+                                                       [*work.checkpoint.segments, info],
+                                                       reported_offset=work.reported_offset))
         covers_from, work.next_offset = work.next_offset, end
         work.newest_stored_ts = max(work.newest_stored_ts or 0, info.max_ts)
         self._report_segment(work, info, covers_from)
@@ -361,16 +360,16 @@ class BackupWorker:
             cp = work.checkpoint
             if work.reported_offset <= cp.reported_offset or not cp.segments:
                 continue
-            cp = layout.Checkpoint(cp.topic, cp.partition, cp.next_offset, cp.segments,
-                                   reported_offset=work.reported_offset)
             try:
-                self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition),
-                                 layout.encode(cp), "checkpoint")
+                self._write_checkpoint(work, msgspec.structs.replace(cp, reported_offset=work.reported_offset))
             except StorageError as err:
                 log.warning("%s: could not record confirmed telemetry in the checkpoint (%s); "
                             "the next run reports its last segments again", work.tp, err)
                 return
-            work.checkpoint = cp
+
+    def _write_checkpoint(self, work: PartitionWork, cp: layout.Checkpoint) -> None:
+        self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition), layout.encode(cp), "checkpoint")
+        work.checkpoint = cp
 
     def _commit(self, work: PartitionWork) -> None:
         offsets = [TopicPartition(work.topic, work.partition, work.next_offset)]

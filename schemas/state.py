@@ -86,10 +86,7 @@ class PartitionState(msgspec.Struct, omit_defaults=True):
                 self.stored_holes = [*self.stored_holes, (frontier, covers_from)][-MAX_HOLES:]
             self.stored_next_offset = end_offset
             return True
-        holes = [(a, b) for a, b in self.stored_holes if b > covers_from and a < end_offset]
-        if not holes and end_offset <= frontier:
-            return False
-        kept = []
+        kept = []  # the holes minus [covers_from, end_offset)
         for a, b in self.stored_holes:
             if b <= covers_from or a >= end_offset:
                 kept.append((a, b))
@@ -98,6 +95,8 @@ class PartitionState(msgspec.Struct, omit_defaults=True):
                 kept.append((a, covers_from))
             if b > end_offset:
                 kept.append((end_offset, b))
+        if kept == self.stored_holes and end_offset <= frontier:
+            return False  # no hole touched, nothing past the frontier: all of it was counted
         self.stored_holes = kept
         self.stored_next_offset = max(frontier, end_offset)
         return True
