@@ -90,6 +90,8 @@ class BackupConfig(_Section):
     flush_interval_ms: Positive = 5000
     segment_max_records: Positive = 50_000
     segment_max_bytes: Positive = 16 * 1024 * 1024
+    expected_interval_s: Positive = 26 * 3600  # one-shot: alert when no run succeeded for this long (daily + 2 h)
+    recovery_point_objective_s: Positive = 48 * 3600  # alert when the newest stored record is older, while lagging
 
 
 class RestoreConfig(_Section):

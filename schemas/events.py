@@ -55,6 +55,8 @@ class JobStarted(Event, tag="job_started"):
     total_records: int | None = None  # for restores: records in the restore's scope (whole window, all runs)
     restored_total: int = 0  # for restores: records already restored by earlier runs (resumed)
     restored_bytes: int = -1  # for restores: their key+value bytes (-1: an older worker, unknown)
+    expected_interval_s: float | None = None  # one-shot backups: a successful run is due at least this often
+    recovery_point_objective_s: float | None = None  # backups: the newest stored record may be this old at most
 
 
 class JobEnded(Event, tag="job_ended"):
@@ -129,13 +131,19 @@ class SegmentStored(Event, tag="segment_stored"):
 
 
 class StorageOp(Event, tag="storage_op"):
-    """One successful storage call, timed from request to response."""
+    """One storage call, timed from request to response, whatever its outcome.
+
+    ``outcome`` is ``success`` or, for a failed call, its storage error type
+    (``timeout``, ``auth``, ``not_found``, ``quota``, ``unknown``); a failed
+    call also sends an ``error`` event. Older workers sent successful calls only.
+    """
 
     backend: str
     operation: str  # segment | manifest | checkpoint
     direction: Direction
     latency_s: float
     bytes: int
+    outcome: str = "success"
 
 
 class ErrorRaised(Event, tag="error"):
@@ -154,6 +162,13 @@ class Retry(Event, tag="retry"):
 
 
 class Rebalance(Event, tag="rebalance"):
+    """Partitions assigned to (one event per rebalance) or revoked from the worker.
+
+    The aggregator counts the assignments: a rebalance revokes and then assigns, and
+    counting both would count it twice. Workers send a revocation only when it
+    names partitions.
+    """
+
     assigned: list[str] = []  # "topic/partition"
     revoked: list[str] = []
 

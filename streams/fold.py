@@ -29,6 +29,7 @@ from schemas.state import (
     RateSample,
     SizeSample,
     StatusSample,
+    StorageCalls,
 )
 
 MAX_INSTANCES_PER_JOB = 64  # bound on dedup marks kept per job; oldest (by last event) go first
@@ -114,11 +115,13 @@ def _partition(state: JobState, topic: str, partition: int) -> PartitionState:
     return p
 
 
-def _observe(hists: dict[str, Histogram], key: str, value: float, buckets: tuple[float, ...]) -> None:
+def _observe(hists: dict[str, Histogram], key: str, value: float, metric: cat.Metric) -> None:
     h = hists.get(key)
+    h = Histogram.empty(metric.buckets) if h is None else h.fitted(metric.buckets, metric.legacy_buckets)
     if h is None:
-        h = hists[key] = Histogram.empty(buckets)
-    h.observe(value, buckets)
+        return  # written with buckets that cannot be moved over exactly: the exporter skips it too
+    h.observe(value, metric.buckets)
+    hists[key] = h
 
 
 def _add(counter: dict[str, int], key: str, n: int = 1) -> None:
@@ -131,6 +134,8 @@ def _job_started(state: JobState, e: ev.JobStarted, s: Settings) -> None:
     state.started_ts = e.ts
     state.ended_ts = None
     state.mode = e.mode
+    state.expected_interval_s = e.expected_interval_s
+    state.recovery_point_objective_s = e.recovery_point_objective_s
     if e.backup_id:
         state.backup_id = e.backup_id
     if e.total_records is not None:
@@ -143,10 +148,11 @@ DURATION_METRIC = {"backup": cat.BACKUP_DURATION, "restore": cat.RESTORE_DURATIO
 
 
 def _job_ended(state: JobState, e: ev.JobEnded, s: Settings) -> None:
-    buckets = DURATION_METRIC[e.kind].buckets
-    _observe(state.durations, e.status, e.duration_s, buckets)
+    _observe(state.durations, e.status, e.duration_s, DURATION_METRIC[e.kind])
     state.status = e.status
     state.ended_ts = e.ts
+    if e.status == "success":
+        state.last_success_ts = e.ts
 
 
 def _progress(state: JobState, e: ev.Progress, s: Settings) -> None:
@@ -210,14 +216,33 @@ def _segment_stored(state: JobState, e: ev.SegmentStored, s: Settings) -> None:
     p.sizes = [x for x in p.sizes if x.minute > minute - SIZE_WINDOW_MINUTES]
 
 
+STORAGE_LATENCY_METRIC = {"write": cat.STORAGE_WRITE_LATENCY, "read": cat.STORAGE_READ_LATENCY}
+
+
 def _storage_op(state: JobState, e: ev.StorageOp, s: Settings) -> None:
-    metric = cat.STORAGE_WRITE_LATENCY if e.direction == "write" else cat.STORAGE_READ_LATENCY
-    _observe(state.storage_latency, f"{e.direction}|{e.backend}|{e.operation}", e.latency_s, metric.buckets)
+    if state.storage_latency:  # state written by an older aggregator: move it over once
+        state.storage_calls = state.all_storage_calls()
+        state.storage_latency = {}
+    metric = STORAGE_LATENCY_METRIC[e.direction]
+    for c in state.storage_calls:
+        if (c.direction, c.backend, c.operation, c.outcome) == (e.direction, e.backend, e.operation, e.outcome):
+            calls = c
+            break
+    else:
+        calls = StorageCalls(direction=e.direction, backend=e.backend, operation=e.operation, outcome=e.outcome,
+                             latency=Histogram.empty(metric.buckets))
+        state.storage_calls.append(calls)
+    fitted = calls.latency.fitted(metric.buckets, metric.legacy_buckets)
+    if fitted is not None:
+        fitted.observe(e.latency_s, metric.buckets)
+        calls.latency = fitted
     _add(state.storage_bytes, f"{e.direction}|{e.backend}", e.bytes)
 
 
 def _error(state: JobState, e: ev.ErrorRaised, s: Settings) -> None:
     _add(state.errors, e.error_type)
+    if not e.transient:
+        _add(state.permanent_errors, e.error_type)
     if e.storage_error:
         _add(state.storage_errors, f"{e.backend}|{e.storage_error}")
 
@@ -227,7 +252,8 @@ def _retry(state: JobState, e: ev.Retry, s: Settings) -> None:
 
 
 def _rebalance(state: JobState, e: ev.Rebalance, s: Settings) -> None:
-    state.rebalances += 1
+    if not e.revoked:  # one rebalance revokes, then assigns: count the assignment only
+        state.rebalances += 1
 
 
 def _offsets_committed(state: JobState, e: ev.OffsetsCommitted, s: Settings) -> None:

@@ -28,9 +28,20 @@ def test_catalogue_names_are_unique_and_well_formed():
         assert list(m.buckets) == sorted(m.buckets)
 
 
-def test_prd_buckets_are_kept():
-    assert cat.BACKUP_DURATION.buckets == (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
-    assert cat.STORAGE_WRITE_LATENCY.buckets == (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+def test_prd_buckets_are_kept_and_extended():
+    """The PRD's bounds stay (queries on them keep working); longer runs and slow calls get more."""
+    prd_duration = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+    prd_storage = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+    assert cat.BACKUP_DURATION.buckets[:10] == prd_duration
+    assert cat.BACKUP_DURATION.buckets[-1] == 30 * 86400
+    assert cat.STORAGE_WRITE_LATENCY.buckets[:9] == prd_storage
+    assert cat.STORAGE_WRITE_LATENCY.buckets[-1] == 60
+
+
+def test_every_legacy_bucket_layout_moves_over_exactly():
+    for m in cat.CATALOGUE:
+        for old in m.legacy_buckets:
+            assert set(old) <= set(m.buckets), m.name
 
 
 def test_yaml_file_then_flags(tmp_path):

@@ -64,7 +64,7 @@ def test_status_is_a_stateset_with_one_current_state():
     values = {state: s.get_value(cat.BACKUP_STATUS.name, backup_id="b1", kafka_backup_status=state)
               for state in ("OK", "WARN", "STALL", "STOP", "ERROR")}
     assert values == {"OK": 0, "WARN": 1, "STALL": 0, "STOP": 0, "ERROR": 0}
-    assert s.get_value(cat.WORKER_LAST_SEEN.name, kind="backup", job_id="b1", instance="w1") == LAST
+    assert s.get_value(cat.WORKER_LAST_SEEN.name, kind="backup", job_id="b1", worker="w1") == LAST
 
 
 def test_jobs_expire_after_the_configured_time():
