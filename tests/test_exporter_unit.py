@@ -413,6 +413,7 @@ def server():
     reader = FakeReader(snapshot())
     cfg = load(overrides={"metrics.port": 0, "metrics.bind": "127.0.0.1"})
     srv = serve(cfg, reader)
+    reader.ready.set()
     yield srv, reader, f"http://127.0.0.1:{srv.port}"
     srv.shutdown()
 
@@ -439,10 +440,21 @@ def test_server_defaults_to_prometheus_text(server):
 
 def test_server_health_and_404(server):
     _, reader, base = server
+    reader.ready.clear()
     assert http_get(base + "/health")[0::2] == (503, "catching up\n")
     reader.ready.set()
     assert http_get(base + "/health")[0::2] == (200, "ok\n")
     assert http_get(base + "/nope")[0] == 404
+
+
+def test_metrics_answer_503_until_the_state_is_caught_up(server):
+    """A half re-read state topic can hold older values of a key than a previous scrape saw."""
+    _, reader, base = server
+    reader.ready.clear()
+    status, _, body = http_get(base + "/metrics")
+    assert (status, body) == (503, "catching up with the state topic\n")
+    reader.ready.set()
+    assert http_get(base + "/metrics")[0] == 200
 
 
 def test_render_is_cached_for_the_update_interval():
