@@ -69,8 +69,14 @@ class View:
 
 
 def expired(s: JobState, now: float, expire_after_s: float) -> bool:
-    """Ended long ago, or silent long ago (a vanished worker): its series would only add cardinality."""
+    """Ended long ago, or silent long ago (a vanished worker): its series would only add cardinality.
+
+    A scheduled backup is quiet between runs by design: it expires only ``expire_after_s`` after
+    its next run was due, so "no recent success" fires for that long before its series go.
+    """
     last = s.ended_ts if s.status != "running" and s.ended_ts is not None else s.last_event_ts
+    if s.expected_interval_s is not None and s.mode != "continuous":
+        expire_after_s += s.expected_interval_s
     return bool(last) and now - last > expire_after_s
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import yaml
 
 from schemas import catalogue as cat
 from schemas.config import ConfigError, load
@@ -94,3 +95,20 @@ def test_configuration_reference_is_generated_and_current():
 
     with open(os.path.join(ROOT, "docs", "configuration.md"), encoding="utf-8") as fh:
         assert fh.read() == config.render_markdown(), "stale: python -m schemas.config > docs/configuration.md"
+
+
+def test_no_metric_uses_a_label_prometheus_owns():
+    """Prometheus attaches `job` and `instance` to every scraped series and renames ours to `exported_*`."""
+    for m in cat.CATALOGUE:
+        assert not {"job", "instance"} & set(m.labels), m.name
+
+
+def test_every_shipped_alert_has_a_case_that_fires_and_stays_quiet_for_a_fleet_at_rest():
+    with open(os.path.join(ROOT, "docker", "prometheus", "rules.yml"), encoding="utf-8") as fh:
+        alerts = {r["alert"] for g in yaml.safe_load(fh)["groups"] for r in g["rules"] if "alert" in r}
+    with open(os.path.join(ROOT, "tests", "prometheus", "rules_test.yml"), encoding="utf-8") as fh:
+        cases = yaml.safe_load(fh)["tests"]
+    fires = {t["alertname"] for case in cases for t in case.get("alert_rule_test", []) if t["exp_alerts"]}
+    assert alerts <= fires, f"no firing case for {alerts - fires}"
+    at_rest = cases[-1]["alert_rule_test"]  # the last case: a healthy fleet for 3 hours
+    assert {t["alertname"] for t in at_rest if t["eval_time"] == "3h" and t["exp_alerts"] == []} == alerts
