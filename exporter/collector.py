@@ -322,19 +322,16 @@ def _storage_calls(s: JobState) -> Iterator[tuple[tuple[str, ...], Histogram]]:
 
 def _storage_bytes(direction: str) -> Builder:
     def contribution(s: JobState) -> Iterator[tuple[tuple[str, ...], float]]:
-        for key, n in s.storage_bytes.items():
-            parts = key.split("|", 1)
-            if len(parts) == 2 and parts[0] == direction:
-                yield (parts[1], reader_id(s)), n
+        for d, backend, n in s.storage_bytes_by():
+            if d == direction:
+                yield (backend, reader_id(s)), n
 
     return _shared_sum(contribution)
 
 
 def _storage_errors(s: JobState) -> Iterator[tuple[tuple[str, ...], float]]:
-    for key, n in s.storage_errors.items():
-        parts = key.split("|", 1)
-        if len(parts) == 2:
-            yield (parts[0], parts[1]), n
+    for backend, error_type, n in s.storage_errors_by():
+        yield (backend, error_type), n
 
 
 # ---- 5. compression -------------------------------------------------------------------------

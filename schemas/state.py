@@ -134,6 +134,15 @@ class StorageCalls(msgspec.Struct):
     operation: str
     outcome: str
     latency: Histogram
+    bytes: int = 0
+
+
+class StorageErrors(msgspec.Struct, array_like=True):
+    """Failed storage calls of one backend and error type."""
+
+    backend: str
+    error_type: str
+    count: int
 
 
 class RateSample(msgspec.Struct, array_like=True):
@@ -179,10 +188,13 @@ class JobState(msgspec.Struct, omit_defaults=True):
     partitions: dict[str, PartitionState] = {}  # "topic/partition"
     rates: list[RateSample] = []
     durations: dict[str, Histogram] = {}  # status
-    storage_latency: dict[str, Histogram] = {}  # legacy "direction|backend|operation": now storage_calls
     storage_calls: list[StorageCalls] = []
-    storage_bytes: dict[str, int] = {}  # "direction|backend"
-    storage_errors: dict[str, int] = {}  # "backend|error_type"
+    storage_failures: list[StorageErrors] = []
+    # Written by older aggregators with joined "a|b" keys (a "|" in a value shifted labels); read,
+    # never written: storage_latency moves into storage_calls on the job's next storage event.
+    storage_latency: dict[str, Histogram] = {}  # "direction|backend|operation"
+    storage_bytes: dict[str, int] = {}  # "direction|backend", frozen
+    storage_errors: dict[str, int] = {}  # "backend|error_type", frozen
     compression: dict[str, list[int]] = {}  # algorithm -> [compressed, uncompressed]
     errors: dict[str, int] = {}  # error_type -> count, transient and permanent
     permanent_errors: dict[str, int] = {}  # error_type -> count of those a retry cannot fix
@@ -193,6 +205,24 @@ class JobState(msgspec.Struct, omit_defaults=True):
     restored_total: int = 0  # restore: cumulative, including resumed runs
     dropped: dict[str, int] = {}  # instance -> cumulative dropped events
     seen: dict[str, list[float]] = {}  # instance -> [highest seq, last event ts]
+
+    def storage_bytes_by(self) -> list[tuple[str, str, int]]:
+        """(direction, backend, bytes) of every storage call, legacy counts included."""
+        out = [(c.direction, c.backend, c.bytes) for c in self.storage_calls]
+        for key, n in self.storage_bytes.items():
+            parts = key.split("|", 1)
+            if len(parts) == 2:
+                out.append((parts[0], parts[1], n))
+        return out
+
+    def storage_errors_by(self) -> list[tuple[str, str, int]]:
+        """(backend, error_type, count) of failed storage calls, legacy counts included."""
+        out = [(f.backend, f.error_type, f.count) for f in self.storage_failures]
+        for key, n in self.storage_errors.items():
+            parts = key.split("|", 1)
+            if len(parts) == 2:
+                out.append((parts[0], parts[1], n))
+        return out
 
     def all_storage_calls(self) -> list[StorageCalls]:
         """Storage timings, legacy ``storage_latency`` entries (successful calls, joined keys) included."""

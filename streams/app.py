@@ -31,7 +31,6 @@ from schemas.kafka_admin import Security, client_config, ensure_telemetry_topic,
 from schemas.state import (
     PipelineState,
     decode_pipeline,
-    decode_state,
     encode_state,
     pipeline_key,
 )
@@ -58,7 +57,7 @@ def create_app(cfg: Config) -> faust.App:
         producer_linger=0.05,
         stream_wait_empty=False,
     )
-    settings = fold.Settings(throughput_window_s=cfg.aggregator.throughput_window_s)
+    settings = fold.Settings.of(cfg.aggregator)
     topic = app.topic(cfg.telemetry.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                       value_serializer="raw", partitions=cfg.telemetry.partitions)
     # key_type/value_type bytes make Faust pick the raw serializer for the changelog too; a
@@ -94,17 +93,18 @@ def create_app(cfg: Config) -> faust.App:
         """Fold one record; return the reason when it had to be skipped."""
         try:
             event = ev.decode(value)
-            fold.check(event, record_ts)
+            fold.check(event, record_ts, time.time(), settings)
             if key is None or key.decode("utf-8", "replace") != ev.event_key(event.kind, event.job):
                 raise ev.InvalidEvent("bad_key", repr(key))
         except ev.InvalidEvent as err:
             skip(partition, err.reason, err)
             return err.reason
-        table_key = key
-        raw = table.get(table_key)
-        new = fold.apply(decode_state(raw) if raw else None, event, settings)
+        new, refused = fold.apply_bytes(table.get(key), event, settings)
+        if refused is not None:
+            skip(partition, refused, f"{event.kind}:{event.job}")
+            return refused
         if new is not None:
-            table[table_key] = encode_state(new)
+            table[key] = new
         return None
 
     @app.agent(topic, concurrency=1)

@@ -9,7 +9,7 @@ import pytest
 
 from schemas import catalogue as cat
 from schemas import events as ev
-from schemas.state import MAX_HOLES, Histogram, JobState, encode_state
+from schemas.state import MAX_HOLES, Histogram, JobState, decode_state, encode_state
 from streams import fold
 
 T0 = 1_790_000_000.0
@@ -61,7 +61,7 @@ def test_duplicates_and_reordered_replays_change_nothing():
     assert encode_state(twice) == encode_state(once)
     assert (twice.records, twice.bytes, twice.runs) == (150, 20, 1)
     assert twice.durations["success"].count == 1
-    assert twice.storage_errors == {"s3|timeout": 1}
+    assert twice.storage_errors_by() == [("s3", "timeout", 1)]
     assert [(c.direction, c.backend, c.operation, c.outcome, c.latency.count) for c in twice.storage_calls] == [
         ("write", "s3", "segment", "success", 1)]
 
@@ -209,18 +209,58 @@ def test_dedup_marks_are_bounded():
     assert state.retries == {"commit": fold.MAX_INSTANCES_PER_JOB + 10}
 
 
+def seg(**fields):
+    base = dict(instance="i", seq=1, ts=T0, job="j", topic="t", partition=0, start_offset=0, end_offset=10,
+                records=10, bytes=0, uncompressed_bytes=0, stored_bytes=0, algorithm="none")
+    return ev.SegmentStored(**{**base, **fields})
+
+
+def op(**fields):
+    base = dict(instance="i", seq=1, ts=T0, job="j", backend="s3", operation="segment", direction="write",
+                latency_s=0.1, bytes=1)
+    return ev.StorageOp(**{**base, **fields})
+
+
+NAN, INF = float("nan"), float("inf")
+
+
 @pytest.mark.parametrize("event,reason", [
     (ev.Progress(instance="i", seq=1, ts=T0, job="j",
                  partitions=[ev.PartitionProgress("t", 0, committed=10, high_watermark=5)]), "bad_value"),
-    (ev.SegmentStored(instance="i", seq=1, ts=T0, job="j", topic="t", partition=0, start_offset=0, end_offset=1,
-                      records=-1, bytes=0, uncompressed_bytes=0, stored_bytes=0, algorithm="none"), "bad_value"),
+    (seg(records=-1), "bad_value"),
+    (seg(bytes=-5), "bad_value"),
+    (op(latency_s=NAN), "bad_value"),
+    (op(latency_s=INF), "bad_value"),
+    (op(latency_s=-INF), "bad_value"),
+    (ev.JobEnded(instance="i", seq=1, ts=T0, job="j", status="success", duration_s=NAN), "bad_value"),
+    (ev.Retry(instance="i", seq=1, ts=NAN, job="j", operation="x"), "bad_value"),
+    (seg(end_offset=2**63), "bad_value"),  # above a signed 64-bit offset
+    (seg(start_offset=20, end_offset=10, records=0), "bad_value"),  # inverted range
+    (seg(start_offset=5, covers_from=7, records=5), "bad_value"),  # covers from above its start
+    (seg(records=11), "bad_value"),  # more records than offsets
+    (op(backend="s3|write"), "bad_value"),  # a `|` would have shifted labels
+    (op(operation="x" * 65), "bad_value"),
+    (ev.Retry(instance="i", seq=1, ts=T0, job="j/../x", operation="x"), "bad_value"),  # not a safe job id
+    (ev.ErrorRaised(instance="i", seq=1, ts=T0, job="j", error_type="e\nINJECTED", transient=True), "bad_value"),
+    (ev.TelemetryDropped(instance="i", seq=1, ts=T0, job="j", total=2**64 - 1), "bad_value"),
+    (ev.Retry(instance="i", seq=1, ts=T0 + 301, job="j", operation="x"), "bad_timestamp"),  # 5 min ahead
     (ev.Retry(instance="i", seq=1, ts=T0 + 3 * 365 * 86400, job="j", operation="x"), "bad_timestamp"),
     (ev.Retry(instance="i", seq=1, ts=1000.0, job="j", operation="x"), "bad_timestamp"),
 ])
-def test_absurd_values_are_rejected(event, reason):
+def test_absurd_values_are_refused_with_a_reason(event, reason):
     with pytest.raises(ev.InvalidEvent) as err:
-        fold.check(event, record_ts=T0)
+        fold.check(ev.decode(ev.encode(event)), record_ts=T0)
     assert err.value.reason == reason
+
+
+def test_event_time_is_bounded_by_the_clock_when_the_record_has_no_timestamp():
+    ahead = ev.decode(ev.encode(ev.Retry(instance="i", seq=1, ts=T0 + 3600, job="j", operation="x")))
+    fold.check(ahead, record_ts=None)  # nothing to compare with (a replay without timestamps)
+    with pytest.raises(ev.InvalidEvent, match="bad_timestamp"):
+        fold.check(ahead, record_ts=None, now=T0)
+    fold.check(ahead, record_ts=None, now=T0, settings=fold.Settings(max_future_s=7200))
+    within = ev.decode(ev.encode(ev.Retry(instance="i", seq=1, ts=T0 + 299, job="j", operation="x")))
+    fold.check(within, record_ts=T0, now=T0)
 
 
 def restore_run(instance):
@@ -251,3 +291,43 @@ def test_an_older_restore_worker_without_cumulative_bytes_still_adds_its_batches
                       w(ev.RestoreProgress, records=10, restored_total=10, bytes=100),
                       w(ev.RestoreProgress, records=20, restored_total=30, bytes=200)])
     assert (state.records, state.bytes) == (30, 300)
+
+
+def test_a_flood_of_new_keys_is_refused_beyond_the_cap_and_changes_nothing():
+    settings = fold.Settings(max_keys_per_map=8)
+    w = Worker()
+    raw, refused = None, 0
+    for i in range(20):
+        new, reason = fold.apply_bytes(raw, w(ev.ErrorRaised, error_type=f"type{i}", transient=True), settings)
+        if reason is not None:
+            assert reason == "too_many_keys" and new is None
+            refused += 1
+        else:
+            raw = new
+    state = decode_state(raw)
+    assert refused == 12 and len(state.errors) == 8
+    assert fold.apply_bytes(raw, w(ev.ErrorRaised, error_type="type0", transient=True), settings)[1] is None
+
+
+def test_a_state_beyond_the_size_cap_is_refused():
+    settings = fold.Settings(max_state_bytes=4096)
+    w = Worker()
+    raw, reason = None, None
+    for i in range(200):
+        event = w(ev.Progress, partitions=[ev.PartitionProgress(f"topic-{i}", 0, committed=1, high_watermark=2)])
+        new, reason = fold.apply_bytes(raw, event, settings)
+        if reason:
+            break
+        raw = new
+    assert reason == "state_too_large"
+    assert len(raw) <= 4096
+
+
+def test_counters_saturate_instead_of_outgrowing_msgpack():
+    w = Worker()
+    big = ev.MAX_INT
+    other = w(ev.SegmentStored, topic="t", partition=1, start_offset=0, end_offset=big, records=big, bytes=big,
+              uncompressed_bytes=big, stored_bytes=big, algorithm="zstd")
+    state = fold_all([segment(w, 0, big, records=big, nbytes=big), other])  # two partitions: 2 * (2^63 - 1)
+    assert state.records == state.bytes == ev.MAX_INT
+    assert decode_state(encode_state(state)).records == ev.MAX_INT
