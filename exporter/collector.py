@@ -356,21 +356,26 @@ def _compression_bytes(index: int) -> Builder:
 # ---- 6. errors and health -------------------------------------------------------------------
 
 
-def _by_key(attr: str) -> Builder:
-    """Counters kept as ``{label: n}`` dicts (errors by type, retries by operation).
+def _by_key(attr: str, kinds: tuple[str, ...] = ("backup",)) -> Builder:
+    """Counters kept as ``{label: n}`` dicts (errors by type, retries by operation), per backup.
 
-    Backups' and restores': a restore's are labelled with the backup it read, as
-    its storage traffic and durations are. The PRD's ``codec`` category (a
-    segment that does not decode) can only happen on restore, and a corrupt
-    segment is that backup's problem.
+    A restore's errors are its own (``kafka_restore_errors_total``): a restore must not raise the
+    error count of the backup it reads. Its storage retries are storage traffic of that backup,
+    labelled with it like its storage bytes and durations.
     """
 
     def contribution(s: JobState) -> Iterator[tuple[tuple[str, ...], float]]:
-        if s.kind in ("backup", "restore"):
+        if s.kind in kinds:
             for key, n in getattr(s, attr).items():
                 yield (reader_id(s), key), n
 
     return _shared_sum(contribution)
+
+
+def _restore_errors(view: View) -> Iterator[Sample]:
+    for s in view.restores:
+        for error_type, n in s.errors.items():
+            yield (s.job, error_type), n
 
 
 def _last_commit(view: View) -> Iterator[Sample]:
@@ -537,7 +542,7 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.UNCOMPRESSED_BYTES: _compression_bytes(1),
     cat.ERRORS_TOTAL: _by_key("errors"),
     cat.PERMANENT_ERRORS_TOTAL: _by_key("permanent_errors"),
-    cat.RETRIES_TOTAL: _by_key("retries"),
+    cat.RETRIES_TOTAL: _by_key("retries", ("backup", "restore")),
     cat.LAST_SUCCESSFUL_COMMIT: _last_commit,
     cat.JOB_INFO: _job_info,
     cat.LAST_SUCCESS: _last_success,
@@ -555,6 +560,7 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.RESTORE_ETA: _restore_eta,
     cat.RESTORE_THROUGHPUT: _restore_throughput,
     cat.RESTORE_RECORDS_TOTAL: _restore_records,
+    cat.RESTORE_ERRORS_TOTAL: _restore_errors,
 }
 
 _FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily,

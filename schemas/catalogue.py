@@ -186,8 +186,10 @@ UNCOMPRESSED_BYTES = _m(
 S6 = "6. Errors and health"
 ERRORS_TOTAL = _m(
     "kafka_backup_errors_total", "counter", "errors",
-    "Errors by category (broker_connection, consumer_timeout, deserialization, storage_io, codec, offset_invalid)",
-    ("backup_id", "error_type"), section=S6)
+    "A backup's errors by category (broker_connection, consumer_timeout, deserialization, storage_io, "
+    "offset_invalid)", ("backup_id", "error_type"), section=S6,
+    note="The PRD's `codec` category (a segment that does not decode) is a restore's error: "
+         "kafka_restore_errors_total.")
 PERMANENT_ERRORS_TOTAL = _m(
     "kafka_backup_permanent_errors_total", "counter", "errors",
     "Errors a retry cannot fix (authentication, missing topic or object, deleted offsets, ...), by category",
@@ -290,6 +292,12 @@ RESTORE_THROUGHPUT = _m(
 RESTORE_RECORDS_TOTAL = _m(
     "kafka_restore_records_total", "counter", "records",
     "Records restored (produced and acknowledged by the target cluster)", ("restore_id",), section=S7)
+RESTORE_ERRORS_TOTAL = _m(
+    "kafka_restore_errors_total", "counter", "errors",
+    "A restore's errors by category (codec: a segment that does not decode; storage_io; broker_connection; ...)",
+    ("restore_id", "error_type"), section=S7, extension=True,
+    note="A restore's errors are its own: counting them in the backup's kafka_backup_errors_total let any "
+         "restore (or a forged restore event) raise a backup's error alerts.")
 
 
 def render_markdown() -> str:

@@ -102,7 +102,7 @@ def snapshot() -> dict:
             storage_latency={"write|s3|segment": hist([20], cat.STORAGE_WRITE_LATENCY.buckets),
                              "read|s3|segment": hist([0.07], cat.STORAGE_READ_LATENCY.buckets)},
             storage_bytes={"read|s3": 7000}, storage_errors={"s3|timeout": 1},
-            errors={"codec": 9},  # a restore's errors count under the backup it read
+            errors={"codec": 9},  # a restore's errors are its own
         ),
         "restore:r2": JobState(kind="restore", job="r2", backup_id="b1", storage_bytes={"read|s3": 1000}),
         "restore:r3": JobState(kind="restore", job="r3", storage_bytes={"read|file": 10}),
@@ -199,7 +199,8 @@ def test_counters(parsed):
         assert get(v, cat.FETCHES_TOTAL, backup_id="b1") == 40
         assert get(v, cat.ERRORS_TOTAL, backup_id="b1", error_type="storage_io") == 3
         assert get(v, cat.ERRORS_TOTAL, backup_id="r1", error_type="codec") is None
-        assert get(v, cat.ERRORS_TOTAL, backup_id="b1", error_type="codec") == 9
+        assert get(v, cat.ERRORS_TOTAL, backup_id="b1", error_type="codec") is None  # the restore's, not b1's
+        assert get(v, cat.RESTORE_ERRORS_TOTAL, restore_id="r1", error_type="codec") == 9
         assert get(v, cat.RETRIES_TOTAL, backup_id="b1", operation="write") == 2
         assert get(v, cat.REBALANCES_TOTAL, backup_id="b1") == 4
         assert get(v, cat.LAST_SUCCESSFUL_COMMIT, backup_id="b1", topic="orders", partition="0") == NOW - 5

@@ -37,7 +37,7 @@ class Fleet:
         self.seq: dict[str, int] = {}
         self.write_calls = 0  # storage write calls of every job, ever: the exported _count must equal it
         self.storage_errors = 0
-        self.restore_errors_of_c = 0
+        self.write_bytes_of_c = 0  # storage bytes of "c" and of its restores, ever
 
     def emit(self, cls: type[ev.Event], ts: float, kind: str, job: str, instance: str, **fields) -> None:
         self.seq[instance] = self.seq.get(instance, 0) + 1
@@ -49,6 +49,8 @@ class Fleet:
 
     def storage_write(self, ts: float, kind: str, job: str, instance: str, ok: bool) -> None:
         self.write_calls += 1
+        if ok and (job == "c" or kind == "restore"):
+            self.write_bytes_of_c += 1000
         outcome = "success" if ok else "timeout"
         self.emit(ev.StorageOp, ts, kind, job, instance, backend="s3", operation="segment", direction="write",
                   latency_s=0.2 if ok else 31.0, bytes=1000 if ok else 0, outcome=outcome)
@@ -86,7 +88,7 @@ def simulate(rng: random.Random) -> Iterator[tuple[float, Fleet]]:
         status = "failure" if d == 9 else "success"
         schedule.append((ts, lambda ts=ts, d=d, status=status: fleet.run(
             ts, "backup", "n", f"n-{d}", 1.5, status, mode="one-shot", expected_interval_s=26 * HOUR)))
-    # one-off jobs that end and expire: backups, restores of "c" (their errors and storage count under "c")
+    # one-off jobs that end and expire: backups, restores of "c" (their storage traffic counts under "c")
     for i in range(12):
         ts = T0 + rng.uniform(0, 18 * DAY)
         schedule.append((ts, lambda ts=ts, i=i: fleet.run(ts, "backup", f"once-{i}", f"o-{i}", 0.5)))
@@ -94,7 +96,6 @@ def simulate(rng: random.Random) -> Iterator[tuple[float, Fleet]]:
 
         def restore(ts=rts, i=i) -> None:
             fleet.run(ts, "restore", f"r-{i}", f"r-{i}", 2.0, backup_id="c", total_records=10)
-            fleet.restore_errors_of_c += 1
             fleet.emit(ev.ErrorRaised, ts + 60, "restore", f"r-{i}", f"r-{i}", error_type="codec", transient=False)
 
         schedule.append((rts, restore))
@@ -146,8 +147,10 @@ def test_no_counter_ever_falls_over_three_weeks_of_jobs_expiring_and_exporter_re
     assert write_count == fleet.write_calls
     assert previous[("kafka_backup_storage_errors_total", (("backend", "s3"), ("error_type", "timeout")))] == (
         fleet.storage_errors)
-    assert previous[("kafka_backup_errors_total", (("backup_id", "c"), ("error_type", "codec")))] == (
-        fleet.restore_errors_of_c)
+    assert previous[("kafka_restore_errors_total", (("error_type", "codec"), ("restore_id", "r-11")))] == 1
+    assert ("kafka_backup_errors_total", (("backup_id", "c"), ("error_type", "codec"))) not in previous
+    read_bytes = previous[("kafka_backup_storage_write_bytes_total", (("backend", "s3"), ("backup_id", "c")))]
+    assert read_bytes == fleet.write_bytes_of_c
     timeouts = previous[("kafka_backup_storage_call_duration_seconds_count", (
         ("backend", "s3"), ("direction", "write"), ("operation", "segment"), ("outcome", "timeout")))]
     assert timeouts == fleet.storage_errors
