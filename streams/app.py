@@ -26,6 +26,7 @@ import faust
 from confluent_kafka import Consumer, TopicPartition
 
 from schemas import events as ev
+from schemas import signing
 from schemas.config import Config
 from schemas.kafka_admin import Security, client_config, ensure_telemetry_topic, security_for
 from schemas.state import (
@@ -103,10 +104,14 @@ def create_app(cfg: Config) -> faust.App:
             table[key] = encode_state(state)
         guard.release(partition)
 
+    signing_key = signing.load_key(cfg.telemetry.signing_key_file)
+
     def handle(key: bytes | None, value: bytes | None, partition: int, offset: int,
-               record_ts: float | None) -> str | None:
+               record_ts: float | None, headers: object = None) -> str | None:
         """Fold one record; return the reason when it had to be skipped."""
         try:
+            if not signing.verified(signing_key, key, value, headers):
+                raise ev.InvalidEvent("bad_signature", "missing or wrong kafka-backup-sig header")
             event = ev.decode(value)
             fold.check(event, record_ts, time.time(), settings)
             if key is None or key.decode("utf-8", "replace") != ev.event_key(event.kind, event.job):
@@ -142,7 +147,7 @@ def create_app(cfg: Config) -> faust.App:
                 return
             ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
             try:
-                reason = handle(event.key, event.value, msg.partition, msg.offset, ts)
+                reason = handle(event.key, event.value, msg.partition, msg.offset, ts, event.headers)
             except Exception as err:  # never let one record kill the agent (Faust would skip it)
                 reason = "internal_error"
                 log.exception("telemetry partition %d offset %d: unexpected failure", msg.partition, msg.offset)
