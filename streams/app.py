@@ -37,7 +37,7 @@ from schemas.state import (
 )
 from schemas.topics import STATE_TABLE
 from streams import fold
-from streams.guards import ChangelogBarrier, OffsetGuard
+from streams.guards import ChangelogBarrier, OffsetGuard, check_faust_version, write_outside_event
 
 log = logging.getLogger("kafka_backup.aggregator")
 
@@ -93,7 +93,7 @@ def create_app(cfg: Config) -> faust.App:
         guard.hold(partition, offset)  # no commit past it before its count is in the table
         skips.log(partition, reason, detail)
 
-    def flush_skips(partition: int) -> None:
+    def flush_skips(partition: int, in_event: bool = True) -> None:
         pending = skips.take(partition)
         if pending:
             key = pipeline_key(partition).encode()
@@ -101,8 +101,17 @@ def create_app(cfg: Config) -> faust.App:
             state = decode_pipeline(raw) if raw else PipelineState(partition=partition)
             for reason, n in pending.items():
                 state.invalid[reason] = state.invalid.get(reason, 0) + n
-            table[key] = encode_state(state)
+            if in_event:
+                table[key] = encode_state(state)
+            else:
+                write_outside_event(table, partition, key, encode_state(state))
         guard.release(partition)
+
+    @app.timer(SkipCounts.MAX_AGE_S)
+    async def flush_quiet_partitions() -> None:
+        """A burst of bad records followed by silence: no later event would write its count."""
+        for partition in skips.stale():
+            flush_skips(partition, in_event=False)
 
     signing_key = signing.load_key(cfg.telemetry.signing_key_file)
 
@@ -171,7 +180,9 @@ class SkipCounts:
     detail escaped and cut.
     """
 
-    def __init__(self, batch: int = 500, max_age_s: float = 0.2, log_every_s: float = 10.0) -> None:
+    MAX_AGE_S = 0.5
+
+    def __init__(self, batch: int = 500, max_age_s: float = MAX_AGE_S, log_every_s: float = 10.0) -> None:
         self.batch, self.max_age_s, self.log_every_s = batch, max_age_s, log_every_s
         self._pending: dict[int, dict[str, int]] = {}
         self._since: dict[int, float] = {}
@@ -188,6 +199,11 @@ class SkipCounts:
             return False
         return after_good or sum(counts.values()) >= self.batch or (
             time.monotonic() - self._since[partition] >= self.max_age_s)
+
+    def stale(self) -> list[int]:
+        """Partitions whose counts have waited ``max_age_s`` or longer."""
+        now = time.monotonic()
+        return [p for p, since in self._since.items() if now - since >= self.max_age_s]
 
     def take(self, partition: int) -> dict[str, int]:
         self._since.pop(partition, None)
@@ -286,6 +302,7 @@ def recovery_watchdog(app: faust.App, stall_s: float, restart=restart_in_place,
 
 def run(cfg: Config, loglevel: str = "WARNING") -> None:
     """Run the aggregator in the foreground until SIGINT/SIGTERM (graceful LeaveGroup on exit)."""
+    check_faust_version()
     ensure_telemetry_topic(cfg.kafka.bootstrap_servers, cfg.telemetry)
     app = create_app(cfg)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
