@@ -339,7 +339,7 @@ def _by_key(attr: str) -> Builder:
 
     def pairs(view: View) -> Iterator[tuple[tuple[str, ...], float]]:
         for s in view.jobs:
-            if s.kind in ("backup", "restore"):
+            if s.kind in ("backup", "restore", "verify"):
                 for key, n in getattr(s, attr).items():
                     yield (reader_id(s), key), n
 
@@ -373,7 +373,7 @@ def backup_status(s: JobState, now: float, stop_after_s: float) -> str:
     while lagging is STALL; lag growing at every step while offsets advance is
     WARN; anything else is OK.
     """
-    if s.status == "failure":
+    if s.status in ("failure", "interrupted"):  # interrupted: a one-shot run stopped before it finished
         return "ERROR"
     if s.status != "running":
         return "OK"
@@ -488,6 +488,33 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.RESTORE_THROUGHPUT: _restore_throughput,
     cat.RESTORE_RECORDS_TOTAL: _restore_records,
 }
+
+
+# ---- 8. verification ------------------------------------------------------------------------
+
+
+def _verifies(view: View) -> Iterator[JobState]:
+    return (s for s in view.jobs if s.kind == "verify")
+
+
+def _verify_gauge(attr: str) -> Builder:
+    """The last complete verify run's verdict, per backup; nothing before one has completed."""
+    return lambda view: ((((s.backup_id or s.job),), getattr(s, attr))
+                         for s in _verifies(view) if s.verified_ts is not None)
+
+
+def _checked(attr: str, kinds: tuple[str, ...]) -> Builder:
+    return lambda view: _summed(((reader_id(s),), getattr(s, attr)) for s in view.jobs if s.kind in kinds)
+
+
+BUILDERS.update({
+    cat.VERIFY_DURATION: _duration("verify", cat.VERIFY_DURATION, lambda s: s.backup_id or s.job),
+    cat.LAST_VERIFIED: _verify_gauge("verified_ts"),
+    cat.VERIFY_FAILED_SEGMENTS: _verify_gauge("verify_bad"),
+    cat.VERIFY_GAPS: _verify_gauge("verify_gaps"),
+    cat.VERIFY_SEGMENTS_TOTAL: _checked("checked_segments", ("verify",)),
+    cat.UNVERIFIED_SEGMENTS_TOTAL: _checked("unverified_segments", ("verify", "restore")),
+})
 
 _FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily,
              "stateset": StateSetMetricFamily}

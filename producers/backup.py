@@ -46,6 +46,13 @@ class BackupFailed(Exception):
     """A failure that ends the run (already reported as an error event)."""
 
 
+def metadata_failure(emitter: Emitter, err: layout.MetadataError) -> str:
+    """Report unusable metadata (``ErrorRaised`` by its category) and return the run's one-line reason."""
+    emitter.emit(ev.ErrorRaised, error_type=err.error_type, transient=False, operation="read",
+                 message=str(err)[:500])
+    return str(err)
+
+
 @dataclass
 class PartitionWork:
     topic: str
@@ -138,6 +145,9 @@ class BackupWorker:
         except (BackupFailed, ConfigError) as err:
             reason = str(err)
             raise
+        except layout.MetadataError as err:
+            reason = metadata_failure(self.emitter, err)
+            raise BackupFailed(reason) from None
         except (StorageError, KafkaException) as err:
             reason = self.emitter.run_failure(err, "fetch")
             raise BackupFailed(reason) from None
@@ -184,11 +194,14 @@ class BackupWorker:
         self.consumer.assign(assignment)
 
     def _load_partition(self, topic: str, partition: int) -> PartitionWork:
-        raw = self.storage.get_optional(layout.checkpoint_key(self.id, topic, partition), "checkpoint")
-        cp = layout.decode_checkpoint(raw) if raw else layout.Checkpoint(topic, partition, 0)
+        key = layout.checkpoint_key(self.id, topic, partition)
+        raw = self.storage.get_optional(key, "checkpoint")
+        cp = layout.decode_checkpoint(raw, key) if raw else layout.Checkpoint(topic, partition, 0)
+        if (cp.topic, cp.partition) != (topic, partition):
+            raise layout.MetadataError(key, f"belongs to {cp.topic}/{cp.partition}, not {topic}/{partition}",
+                                       "integrity")
         work = PartitionWork(topic, partition, cp.next_offset, cp, reported_offset=cp.reported_offset)
-        if cp.segments:
-            work.newest_stored_ts = max((s.max_ts for s in cp.segments if s.max_ts is not None), default=None)
+        work.newest_stored_ts = cp.max_ts
         self.parts[work.tp] = work
         self._report_unconfirmed(work)
         return work
@@ -201,11 +214,16 @@ class BackupWorker:
         good. Normally this is the last segment of the previous run (its acknowledgement came
         after its checkpoint was written); the aggregator counts an offset range once.
         """
+        cp = work.checkpoint
+        listed = list(cp.segments)
+        for chunk in layout.chunks(cp, self._read_index, self.id, stop_below=work.reported_offset):
+            listed[:0] = chunk.segments  # only the sealed chunks holding unconfirmed segments are read
         previous_end = 0
         again = []
-        for info in work.checkpoint.segments:
+        for info in listed:
+            covers_from = info.covers_from if info.covers_from >= 0 else previous_end
             if info.end_offset > work.reported_offset:
-                again.append((previous_end, info))
+                again.append((covers_from, info))
             previous_end = info.end_offset
         if again:
             log.info("%s: reporting %d stored segment(s) again, their telemetry was not confirmed",
@@ -237,7 +255,7 @@ class BackupWorker:
         ``offset_invalid`` error, counted and logged) and go on from the oldest record left; the
         hole shows as a gap in the offset ranges of the audit report.
         """
-        if not work.checkpoint.segments:
+        if not work.checkpoint.segment_count:
             return low
         if work.next_offset < low:
             message = (f"{work.tp}: offsets {work.next_offset}..{low - 1} were deleted by retention "
@@ -335,12 +353,14 @@ class BackupWorker:
             key=layout.segment_key(self.id, work.topic, work.partition, start, alg),
             start_offset=start, end_offset=end, records=len(records), bytes=sum(r.size for r in records),
             uncompressed_bytes=raw_size, stored_bytes=len(data), algorithm=alg,
-            min_ts=min(timestamps), max_ts=max(timestamps),
+            min_ts=min(timestamps), max_ts=max(timestamps), sha256=layout.digest(data),
+            covers_from=work.next_offset,
         )
         self.storage.put(info.key, data, "segment")
-        self._write_checkpoint(work, layout.Checkpoint(work.topic, work.partition, end,
-                                                       [*work.checkpoint.segments, info],
-                                                       reported_offset=work.reported_offset))
+        head, chunks = layout.append(self.id, work.checkpoint, info, work.reported_offset)
+        for key, chunk in chunks:  # sealed index chunks first: the head names them
+            self.storage.put(key, chunk, "index")
+        self._write_checkpoint(work, head)
         covers_from, work.next_offset = work.next_offset, end
         work.newest_stored_ts = max(work.newest_stored_ts or 0, info.max_ts)
         self._report_segment(work, info, covers_from)
@@ -358,7 +378,7 @@ class BackupWorker:
         self.emitter.flush(max(0.0, deadline - time.monotonic()))
         for work in self.parts.values():
             cp = work.checkpoint
-            if work.reported_offset <= cp.reported_offset or not cp.segments:
+            if work.reported_offset <= cp.reported_offset or not cp.segment_count:
                 continue
             try:
                 self._write_checkpoint(work, msgspec.structs.replace(cp, reported_offset=work.reported_offset))
@@ -366,6 +386,9 @@ class BackupWorker:
                 log.warning("%s: could not record confirmed telemetry in the checkpoint (%s); "
                             "the next run reports its last segments again", work.tp, err)
                 return
+
+    def _read_index(self, key: str) -> bytes:
+        return self.storage.get(key, "index")
 
     def _write_checkpoint(self, work: PartitionWork, cp: layout.Checkpoint) -> None:
         self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition), layout.encode(cp), "checkpoint")
@@ -438,7 +461,8 @@ class BackupWorker:
     def _start_manifest(self, counts: dict[str, int]) -> None:
         raw = self.storage.get_optional(layout.manifest_key(self.id), "manifest")
         now = time.time()
-        manifest = layout.decode_manifest(raw) if raw else layout.Manifest(self.id, created_ts=now)
+        key = layout.manifest_key(self.id)
+        manifest = layout.decode_manifest(raw, key) if raw else layout.Manifest(self.id, created_ts=now)
         manifest.topics.update(counts)
         manifest.compression = self.cfg.compression
         manifest.updated_ts = now

@@ -56,7 +56,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from producers import layout, segments
-from producers.backup import BackupFailed
+from producers.backup import BackupFailed, metadata_failure
 from producers.storage import FileBackend, OpReport, Storage, StorageError
 from producers.telemetry import Emitter, classify_kafka_error, run_reporting
 from schemas import events as ev
@@ -166,8 +166,11 @@ class RestoreWorker:
         self.stopping = threading.Event()
         self.checkpoint: layout.RestoreCheckpoint | None = None
         self.segments_of: dict[tuple[str, int], list[layout.SegmentInfo]] = {}
+        self.owner_of: dict[str, tuple[str, int]] = {}  # segment key -> the partition whose index names it
         self.cache: dict[str, list[segments.StoredRecord]] = {}
         self.cache_bytes = 0
+        self.checked: set[str] = set()  # segments read and checked this run
+        self.unverified: set[str] = set()  # of those, without a digest (layout 1)
         self.started_emitted = False
         self._adopted_bytes = 0  # key+value bytes of records adopted on resume, for their RestoreProgress
         self.paced = 0
@@ -209,12 +212,18 @@ class RestoreWorker:
         except (RestoreFailed, ConfigError) as err:
             reason = str(err)
             raise
+        except layout.MetadataError as err:
+            reason = metadata_failure(self.emitter, err)
+            raise RestoreFailed(reason) from None
         except (StorageError, KafkaException) as err:
             reason = self.emitter.run_failure(err, "produce")
             raise RestoreFailed(reason) from None
         finally:
             if not self.started_emitted:
                 self._emit_started()
+            if self.checked:
+                self.emitter.emit(ev.SegmentsChecked, backup_id=self.backup_id, segments=len(self.checked),
+                                  unverified=len(self.unverified))
             if self.bar is not None:
                 self.bar.close()
             self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started,
@@ -251,7 +260,7 @@ class RestoreWorker:
         raw = self.storage.get_optional(key, "checkpoint", report=True)
         if raw is not None:
             # the scope is the checkpoint's: topics a continuous backup added since are not part of it
-            cp = layout.decode_restore_checkpoint(raw)
+            cp = layout.decode_restore_checkpoint(raw, key)
             mapping = resolve_topic_map(self.requested_map, dict.fromkeys(cp.topic_map, 0), self.backup_id)
             self._check_same_restore(cp, mapping)
             counts: dict[str, int] = {}
@@ -299,7 +308,7 @@ class RestoreWorker:
             raise ConfigError(f"restore.backup_id: no backup {self.backup_id!r} in {self.cfg.storage} "
                               f"(no {layout.manifest_key(self.backup_id)}); check --backup-id and --storage"
                               ) from None
-        return layout.decode_manifest(raw)
+        return layout.decode_manifest(raw, layout.manifest_key(self.backup_id))
 
     def _check_same_restore(self, cp: layout.RestoreCheckpoint, mapping: dict[str, str]) -> None:
         """A resume must restore the same scope, or the checkpoint's offsets would mean something else."""
@@ -370,11 +379,16 @@ class RestoreWorker:
         return cp
 
     def _backup_checkpoint(self, topic: str, partition: int) -> layout.Checkpoint:
-        raw = self.storage.get_optional(layout.checkpoint_key(self.backup_id, topic, partition), "checkpoint",
-                                        report=True)
+        key = layout.checkpoint_key(self.backup_id, topic, partition)
+        raw = self.storage.get_optional(key, "checkpoint", report=True)
         # a partition that never had a record has no checkpoint: it is empty, not missing
-        cp = layout.decode_checkpoint(raw) if raw else layout.Checkpoint(topic, partition, 0)
-        self.segments_of[(topic, partition)] = sorted(cp.segments, key=lambda s: s.start_offset)
+        cp = layout.decode_checkpoint(raw, key) if raw else layout.Checkpoint(topic, partition, 0)
+        if (cp.topic, cp.partition) != (topic, partition):
+            raise layout.MetadataError(key, f"belongs to {cp.topic}/{cp.partition}, not {topic}/{partition}",
+                                       "integrity")
+        listed = layout.all_segments(cp, lambda k: self.storage.get(k, "index"), self.backup_id)
+        self.segments_of[(topic, partition)] = sorted(listed, key=lambda s: s.start_offset)
+        self.owner_of.update((seg.key, (topic, partition)) for seg in listed)
         return cp
 
     def _segments(self, cur: layout.RestoreCursor) -> list[layout.SegmentInfo]:
@@ -401,12 +415,21 @@ class RestoreWorker:
             self.cache_bytes -= seg.uncompressed_bytes
             return cached
         data = self.storage.get(seg.key, "segment")
+        topic, partition = self._owner(seg)
         try:
-            return segments.decode(data, seg.algorithm).records
-        except segments.CorruptSegment as err:
-            self._error("codec", f"{seg.key}: {err}", operation="read")
-            raise RestoreFailed(f"segment {seg.key} is corrupt ({err}); records before it are restored and "
-                                "checkpointed, its own records are not") from None
+            records = layout.read_segment(data, seg, topic, partition)
+        except layout.SegmentDamaged as err:
+            self._error(err.error_type, str(err), operation="read")
+            raise RestoreFailed(f"segment {err}; it is refused (records before it are restored and "
+                                "checkpointed, its own records are not)") from None
+        self.checked.add(seg.key)
+        if not seg.sha256:
+            self.unverified.add(seg.key)
+        return records
+
+    def _owner(self, seg: layout.SegmentInfo) -> tuple[str, int]:
+        """The partition whose index names ``seg``: its records must be that partition's."""
+        return self.owner_of[seg.key]
 
     def _records(self, cur: layout.RestoreCursor, start: int) -> Iterator[segments.StoredRecord]:
         """The partition's in-scope records from source offset ``start``, in offset order."""

@@ -234,6 +234,35 @@ RESTORE_RECORDS_TOTAL = _m(
     "kafka_restore_records_total", "counter", "records",
     "Records restored (produced and acknowledged by the target cluster)", ("restore_id",), section=S7)
 
+# 8. Verification
+S8 = "8. Verification"
+VERIFY_DURATION = _m(
+    "kafka_backup_verify_duration_seconds", "histogram", "seconds",
+    "kafka-backup verify run duration, observed once per run when it ends", ("backup_id", "status"),
+    DURATION_BUCKETS, section=S8, extension=True)
+LAST_VERIFIED = _m(
+    "kafka_backup_last_verified_timestamp_seconds", "gauge", "seconds",
+    "Unix time of the last verify run that checked every segment of the backup (whatever it found)",
+    ("backup_id",), section=S8, extension=True,
+    note="Proven restorable: kafka_backup_verify_failed_segments == 0 and kafka_backup_verify_gaps == 0, "
+         "with time() - kafka_backup_last_verified_timestamp_seconds below your verification interval.")
+VERIFY_FAILED_SEGMENTS = _m(
+    "kafka_backup_verify_failed_segments", "gauge", "segments",
+    "Segments that failed a check (missing, size, SHA-256, decoding, records not as indexed) in the last "
+    "complete verify run", ("backup_id",), section=S8, extension=True)
+VERIFY_GAPS = _m(
+    "kafka_backup_verify_gaps", "gauge", "gaps",
+    "Holes or overlaps in a partition's offset coverage found by the last complete verify run",
+    ("backup_id",), section=S8, extension=True)
+VERIFY_SEGMENTS_TOTAL = _m(
+    "kafka_backup_verify_segments_total", "counter", "segments",
+    "Segments read and checked by verify runs", ("backup_id",), section=S8, extension=True)
+UNVERIFIED_SEGMENTS_TOTAL = _m(
+    "kafka_backup_unverified_segments_total", "counter", "segments",
+    "Segments restored or verified without a digest to check (written by layout 1): integrity unknown",
+    ("backup_id",), section=S8, extension=True,
+    note="Non-zero means an old backup: run a new backup (its segments get digests) to make it checkable.")
+
 
 def render_markdown() -> str:
     """docs/metrics.md, generated: never edit the file by hand."""

@@ -106,6 +106,12 @@ class RestoreConfig(_Section):
     instance_id: str = ""
 
 
+class VerifyConfig(_Section):
+    backup_id: str = ""
+    storage: str = ""  # file:///dir or s3://bucket/prefix, as given to the backup
+    s3_endpoint_url: str = ""
+
+
 class OffsetResetConfig(_Section):
     group: str = ""
     topics: list[str] = []
@@ -131,6 +137,7 @@ class Config(_Section):
     restore: RestoreConfig = msgspec.field(default_factory=RestoreConfig)
     offset_reset: OffsetResetConfig = msgspec.field(default_factory=OffsetResetConfig)
     aggregator: AggregatorConfig = msgspec.field(default_factory=AggregatorConfig)
+    verify: VerifyConfig = msgspec.field(default_factory=VerifyConfig)
 
 
 class ConfigError(Exception):

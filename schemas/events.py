@@ -28,8 +28,9 @@ import msgspec
 
 SCHEMA_VERSION = 1
 
-JobKind = Literal["backup", "restore", "offset_reset"]
-Status = Literal["success", "failure"]
+JobKind = Literal["backup", "restore", "offset_reset", "verify"]
+# interrupted: stopped (SIGTERM, SIGINT) before the run's work was done; not a success, resumed by the next run
+Status = Literal["success", "failure", "interrupted"]
 Direction = Literal["write", "read"]
 
 
@@ -193,6 +194,24 @@ class TelemetryDropped(Event, tag="telemetry_dropped"):
     total: int
 
 
+class SegmentsChecked(Event, tag="segments_checked"):
+    """Segments a ``verify`` or ``restore`` run read and checked, sent once at the end of the run.
+
+    ``segments`` were read and checked (size, SHA-256, decoding, records against the index);
+    ``bad`` failed a check (missing, altered, undecodable, not the records claimed); ``unverified``
+    had no digest to check (written by layout 1); ``gaps`` are holes or overlaps in a partition's
+    offset coverage. ``complete``: every segment the backup's index names was checked (a verify
+    run that got to the end), so ``bad`` and ``gaps`` are the backup's whole count.
+    """
+
+    backup_id: str = ""
+    segments: int = 0
+    bad: int = 0
+    unverified: int = 0
+    gaps: int = 0
+    complete: bool = False
+
+
 AnyEvent = (
     JobStarted
     | JobEnded
@@ -205,6 +224,7 @@ AnyEvent = (
     | OffsetsCommitted
     | RestoreProgress
     | TelemetryDropped
+    | SegmentsChecked
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]
