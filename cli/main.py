@@ -250,10 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as err:  # a failed run: one line, the details are in the log above
-        from producers.backup import BackupFailed
+        from producers.backup import BackupFailed, BackupInterrupted
 
         if isinstance(err, BackupFailed):
-            print(f"kafka-backup {args.command}: failed: {err}", file=sys.stderr)
+            outcome = "interrupted" if isinstance(err, BackupInterrupted) else "failed"
+            print(f"kafka-backup {args.command}: {outcome}: {err}", file=sys.stderr)
             return 1
         raise
     return 0

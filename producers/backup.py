@@ -46,6 +46,13 @@ class BackupFailed(Exception):
     """A failure that ends the run (already reported as an error event)."""
 
 
+class BackupInterrupted(BackupFailed):
+    """Stopped by SIGTERM/SIGINT before the run's work was done (status ``interrupted``, exit status 1).
+
+    What was flushed is checkpointed: the next run resumes from there.
+    """
+
+
 def metadata_failure(emitter: Emitter, err: layout.MetadataError) -> str:
     """Report unusable metadata (``ErrorRaised`` by its category) and return the run's one-line reason."""
     emitter.emit(ev.ErrorRaised, error_type=err.error_type, transient=False, operation="read",
@@ -141,6 +148,15 @@ class BackupWorker:
             self._loop()
             self._flush_all()
             log.info("stopping with %s", self._summary())
+            unfinished = [w for w in self.parts.values() if not w.done()]
+            if self.stopping and not self.cfg.continuous and unfinished:
+                # a one-shot run cut short (a CronJob's deadline, a node drain) is not a success
+                status = "interrupted"
+                left = sum(max(0, (w.target or 0) - max(w.next_offset, w.position, 0)) for w in unfinished)
+                raise BackupInterrupted(
+                    f"stopped before the end: {len(unfinished)} partition(s) short of the end offsets seen at "
+                    f"start, about {left} records not backed up; what was flushed is checkpointed and the next "
+                    "run resumes there")
             status = "success"
         except (BackupFailed, ConfigError) as err:
             reason = str(err)
@@ -155,7 +171,7 @@ class BackupWorker:
             self._progress()
             self._finish_manifest(status)
             self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started, reason=reason[:500])
-            if status == "success":
+            if status in ("success", "interrupted"):
                 self._save_confirmations()
             try:
                 self.consumer.close()

@@ -56,7 +56,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from producers import layout, segments
-from producers.backup import BackupFailed, metadata_failure
+from producers.backup import BackupFailed, BackupInterrupted, metadata_failure
 from producers.storage import FileBackend, OpReport, Storage, StorageError
 from producers.telemetry import Emitter, classify_kafka_error, run_reporting
 from schemas import events as ev
@@ -77,7 +77,7 @@ class RestoreFailed(BackupFailed):
     """
 
 
-class RestoreInterrupted(RestoreFailed):
+class RestoreInterrupted(RestoreFailed, BackupInterrupted):
     """Stopped by SIGTERM/SIGINT between batches: nothing is lost, a run with the same id resumes."""
 
 
@@ -207,7 +207,7 @@ class RestoreWorker:
             self._complete()
             status = "success"
         except RestoreInterrupted as err:
-            reason = f"interrupted: {err}"
+            status, reason = "interrupted", str(err)
             raise
         except (RestoreFailed, ConfigError) as err:
             reason = str(err)

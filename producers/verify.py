@@ -211,7 +211,7 @@ def run_verify(telemetry_bootstrap: str, cfg: VerifyConfig, tcfg, storage: Stora
     if telemetry_bootstrap:
         emitter = Emitter(telemetry_bootstrap, tcfg, "verify", cfg.backup_id)
     else:
-        log.warning("verify: no Kafka cluster given (--bootstrap-servers or KAFKA_BOOTSTRAP_SERVERS): "
+        log.info("verify: no Kafka cluster given (--bootstrap-servers or KAFKA_BOOTSTRAP_SERVERS): "
                     "verifying without telemetry")
         emitter = NullEmitter()
     return run_reporting(VerifyWorker(cfg, storage, emitter, out), emitter)
