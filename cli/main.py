@@ -91,6 +91,10 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
     if command == "backup":
         p.add_argument("--continuous", dest="backup.continuous", action="store_const", const=True,
                        default=argparse.SUPPRESS, help="keep backing up until stopped (default: one-shot)")
+    if command == "restore":
+        p.add_argument("--allow-retention-loss", dest="restore.allow_retention_loss", action="store_const",
+                       const=True, default=argparse.SUPPRESS,
+                       help="restore even if the targets' retention would delete records in scope (counted)")
     if command == "offset-reset":
         for flag, key, help_ in [("--to-earliest", "offset_reset.to_earliest", "reset to the earliest offset"),
                                  ("--to-latest", "offset_reset.to_latest", "reset to the latest offset"),

@@ -29,7 +29,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from producers import layout, segments
+from producers import layout, segments, topic_configs
 from producers.storage import OpReport, Storage, StorageError
 from producers.telemetry import Emitter, classify_kafka_error, run_reporting
 from schemas import events as ev
@@ -183,7 +183,8 @@ class BackupWorker:
         self.stopping = True
 
     def _start(self) -> None:
-        metadata = AdminClient(client_config(self.bootstrap)).list_topics(timeout=15)
+        admin = AdminClient(client_config(self.bootstrap))
+        metadata = admin.list_topics(timeout=15)
         counts = {}
         for topic in self.cfg.topics:
             md = metadata.topics.get(topic)
@@ -192,7 +193,7 @@ class BackupWorker:
                                   operation="fetch", message=f"topic {topic} does not exist")
                 raise ConfigError(f"backup.topics: topic {topic!r} does not exist on {self.bootstrap}")
             counts[topic] = len(md.partitions)
-        self._start_manifest(counts)
+        self._start_manifest(counts, self._topic_configs(admin, counts))
         if self.cfg.continuous:
             self.consumer.subscribe(list(self.cfg.topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
             return
@@ -474,12 +475,35 @@ class BackupWorker:
         self.consumed = {}
         self.fetches = 0
 
-    def _start_manifest(self, counts: dict[str, int]) -> None:
+    def _topic_configs(self, admin: AdminClient, counts: dict[str, int]) -> dict[str, layout.TopicSnapshot]:
+        """Each topic's partitions and configs, for a restore to recreate it faithfully.
+
+        A cluster that will not say (no DescribeConfigs permission, an old broker) does not stop
+        the backup: it is reported (``ErrorRaised``) and the restore falls back to checking the
+        target's own configuration.
+        """
+        try:
+            snapshots = topic_configs.describe(admin, list(counts))
+        except KafkaException as err:
+            error_type, transient = classify_kafka_error(err.args[0])
+            message = f"could not read the configs of {', '.join(counts)}: {err.args[0].str()}"
+            log.warning("%s; a restore will not know them", message)
+            self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation="fetch",
+                              message=message[:500])
+            return {}
+        for topic, snap in snapshots.items():
+            snap.partitions = counts[topic]
+        return snapshots
+
+    def _start_manifest(self, counts: dict[str, int],
+                        configs: dict[str, layout.TopicSnapshot] | None = None) -> None:
         raw = self.storage.get_optional(layout.manifest_key(self.id), "manifest")
         now = time.time()
         key = layout.manifest_key(self.id)
         manifest = layout.decode_manifest(raw, key) if raw else layout.Manifest(self.id, created_ts=now)
         manifest.topics.update(counts)
+        manifest.topic_configs.update(configs or {})
+        manifest.version = layout.LAYOUT_VERSION
         manifest.compression = self.cfg.compression
         manifest.updated_ts = now
         self.run_record = layout.Run(self.emitter.instance, now, mode="continuous" if self.cfg.continuous

@@ -55,7 +55,7 @@ from itertools import islice
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from producers import layout, segments
+from producers import layout, segments, topic_configs
 from producers.backup import BackupFailed, BackupInterrupted, metadata_failure
 from producers.storage import FileBackend, OpReport, Storage, StorageError
 from producers.telemetry import Emitter, classify_kafka_error, run_reporting
@@ -147,6 +147,20 @@ def resolve_topic_map(mapping: dict[str, str], backup_topics: dict[str, int], ba
                               f"{target!r}; map them to different topics")
         seen[target] = source
     return resolved
+
+
+class TargetLimits:
+    """One target topic's age limits and, once scoped, how many records in scope they would hit."""
+
+    def __init__(self, target: str, created: bool, deletes: tuple[int, str] | None,
+                 refuses: tuple[int, str] | None) -> None:
+        self.target = target
+        self.created = created  # created by this restore, with the source's recorded configuration
+        self.deletes = deletes  # (cutoff ms, setting): retention deletes records older than the cutoff
+        self.refuses = refuses  # (cutoff ms, setting): the broker rejects records older than the cutoff
+        self.deleted = 0
+        self.refused = 0
+        self.oldest: int | None = None
 
 
 # ---- the worker --------------------------------------------------------------------------------
@@ -267,7 +281,7 @@ class RestoreWorker:
             for cur in cp.partitions:
                 counts[cur.topic] = max(counts.get(cur.topic, 0), cur.partition + 1)
             missing = self._check_targets(mapping, counts)
-            self._create_topics(missing)
+            self._create_topics(missing, mapping, manifest)
             self.checkpoint = cp
             # a finished partition gets no more of our records: whatever follows them is not ours to check
             adopted = sum(self._reconcile(cur) for cur in cp.partitions if cur.restored < cur.records)
@@ -278,8 +292,10 @@ class RestoreWorker:
             mapping = resolve_topic_map(self.requested_map, manifest.topics, self.backup_id)
             counts = {t: manifest.topics[t] for t in mapping}
             missing = self._check_targets(mapping, counts)
-            cp = self._scope(mapping, counts)
-            self._create_topics(missing)
+            limits = self._target_limits(mapping, missing, manifest)
+            cp = self._scope(mapping, counts, limits)
+            self._check_limits(cp, limits)
+            self._create_topics(missing, mapping, manifest)
             for cur in cp.partitions:
                 cur.target_base = cur.target_next = self._high_watermark(cur.target_topic, cur.partition)
             self.checkpoint = cp
@@ -345,12 +361,78 @@ class RestoreWorker:
                     f"add partitions to {target!r}")
         return missing
 
-    def _create_topics(self, missing: dict[str, int]) -> None:
-        """Missing targets get the source's partition count and the broker's default replication."""
+    def _target_limits(self, mapping: dict[str, str], missing: dict[str, int],
+                       manifest: layout.Manifest) -> dict[str, TargetLimits]:
+        """Per source topic: its target, and below which record timestamp the target deletes or refuses.
+
+        An existing target's configuration is read from the cluster; a missing one will be created
+        with the source's recorded configuration, which is what counts. A backup too old to have
+        recorded it (layout 1) gets its missing targets created now, with the broker's defaults,
+        and those are read back and checked like any existing topic.
+        """
+        now_ms = int(time.time() * 1000)
+        unknown = {t: missing.pop(t) for s, t in mapping.items() if t in missing and s not in manifest.topic_configs}
+        self._create_topics(unknown, mapping, manifest)
+        existing = [t for t in mapping.values() if t not in missing]
+        try:
+            described = topic_configs.describe(AdminClient(client_config(self.bootstrap)), existing)
+        except KafkaException as err:
+            message = f"cannot read the configuration of target topics {', '.join(existing)}: {err.args[0].str()}"
+            self._error("retention", message)
+            if not self.cfg.allow_retention_loss:
+                raise ConfigError(f"restore.allow_retention_loss: {message}, so records the targets would delete "
+                                  "cannot be counted; grant DescribeConfigs on them or pass "
+                                  "--allow-retention-loss") from None
+            log.warning("%s; going on without the retention check (--allow-retention-loss)", message)
+            described = {t: layout.TopicSnapshot(0) for t in existing}
+        limits = {}
+        for source, target in mapping.items():
+            snap = described.get(target) or manifest.topic_configs[source]
+            limits[source] = TargetLimits(target, target in missing,
+                                          topic_configs.deletes_before(snap.configs, now_ms),
+                                          topic_configs.refuses_before(snap.configs, now_ms))
+        return limits
+
+    def _check_limits(self, cp: layout.RestoreCheckpoint, limits: dict[str, TargetLimits]) -> None:
+        """Refuse, in one line, a restore whose target would delete (or reject) records in scope."""
+        for source, lim in limits.items():
+            scope = sum(c.records for c in cp.partitions if c.topic == source)
+            how = "will be created with" if lim.created else "has"
+            when = (f"the oldest is {topic_configs.iso(lim.oldest)}" if lim.oldest is not None else "")
+            if lim.refused:
+                assert lim.refuses is not None
+                message = (f"target topic {lim.target!r} {how} {lim.refuses[1]}: {lim.refused} of {scope} records "
+                           f"in scope are older ({when}) and the broker would reject them")
+                self._error("retention", message)
+                raise ConfigError(f"restore.topic_map: {message}; raise that setting on the target (create it "
+                                  "yourself first) or map it to a topic without the limit")
+            if lim.deleted:
+                assert lim.deletes is not None
+                message = (f"target topic {lim.target!r} {how} {lim.deletes[1]}: {lim.deleted} of {scope} records "
+                           f"in scope are older ({when}) and the broker would delete them soon after the restore")
+                self._error("retention", message)
+                if not self.cfg.allow_retention_loss:
+                    raise ConfigError(f"restore.allow_retention_loss: {message}; raise the target's retention.ms "
+                                      "(-1 keeps records forever; create the topic yourself first if it does not "
+                                      "exist) or pass --allow-retention-loss to accept the loss")
+                log.warning("%s; going on: --allow-retention-loss", message)
+
+    def _create_topics(self, missing: dict[str, int], mapping: dict[str, str] | None = None,
+                       manifest: layout.Manifest | None = None) -> None:
+        """Missing targets get the source's partition count and recorded configuration (retention, cleanup
+        policy, compaction, message size, timestamp type ...), and the broker's default replication.
+        A backup too old to have recorded the configuration gives the broker's defaults."""
         if not missing:
             return
+        source_of = {t: s for s, t in (mapping or {}).items()}
+        recorded = manifest.topic_configs if manifest is not None else {}
+
+        def new_topic(target: str, partitions: int) -> NewTopic:
+            snap = recorded.get(source_of.get(target, ""))
+            return NewTopic(target, partitions, config=dict(snap.configs) if snap else {})
+
         admin = AdminClient(client_config(self.bootstrap))
-        futures = admin.create_topics([NewTopic(t, n) for t, n in missing.items()], operation_timeout=15)
+        futures = admin.create_topics([new_topic(t, n) for t, n in missing.items()], operation_timeout=15)
         for name, fut in futures.items():
             try:
                 fut.result(15)
@@ -365,14 +447,27 @@ class RestoreWorker:
                 return
             time.sleep(0.2)
 
-    def _scope(self, mapping: dict[str, str], counts: dict[str, int]) -> layout.RestoreCheckpoint:
+    def _scope(self, mapping: dict[str, str], counts: dict[str, int],
+               limits: dict[str, TargetLimits] | None = None) -> layout.RestoreCheckpoint:
+        """Records in scope per partition, exactly; with ``limits``, also how many of them each target
+        would delete or refuse, and the oldest one's timestamp (``TargetLimits``)."""
         now = time.time()
         cp = layout.RestoreCheckpoint(self.id, self.backup_id, mapping, 0, self.window.from_time,
                                       self.window.to_time, created_ts=now, updated_ts=now)
         for topic in mapping:
+            lim = (limits or {}).get(topic)
+            cutoffs = [lim.deletes[0] if lim and lim.deletes else None, lim.refuses[0] if lim and lim.refuses else None]
             for p in range(counts[topic]):
                 bcp = self._backup_checkpoint(topic, p)
-                records = sum(self._count(seg) for seg in bcp.segments)
+                records = 0
+                for seg in self.segments_of[(topic, p)]:
+                    n, older, oldest = self._count(seg, cutoffs)
+                    records += n
+                    if lim is not None:
+                        lim.deleted += older[0]
+                        lim.refused += older[1]
+                        if oldest is not None:
+                            lim.oldest = oldest if lim.oldest is None else min(lim.oldest, oldest)
                 cp.partitions.append(layout.RestoreCursor(topic, p, mapping[topic], bcp.next_offset, records))
                 cp.total_records += records
         log.info("restore %s: %d records in scope", self.id, cp.total_records)
@@ -397,17 +492,28 @@ class RestoreWorker:
             self._backup_checkpoint(cur.topic, cur.partition)
         return self.segments_of[key]
 
-    def _count(self, seg: layout.SegmentInfo) -> int:
-        if self.window.covers(seg):
-            return seg.records
+    def _count(self, seg: layout.SegmentInfo,
+               cutoffs: list[int | None] | None = None) -> tuple[int, list[int], int | None]:
+        """Records of ``seg`` in the window; of those, how many are older than each cutoff; the oldest's time.
+
+        Read only when the checkpoint's ``min_ts``/``max_ts`` cannot answer (a window edge or a
+        cutoff falls inside the segment)."""
+        cutoffs = cutoffs or []
         if self.window.misses(seg):
-            return 0
+            return 0, [0] * len(cutoffs), None
+        known = seg.min_ts is not None and seg.max_ts is not None
+        if self.window.covers(seg) and known and all(
+                c is None or seg.max_ts < c or seg.min_ts >= c for c in cutoffs):
+            return seg.records, [seg.records if c is not None and seg.max_ts < c else 0 for c in cutoffs], seg.min_ts
+        if self.window.covers(seg) and not cutoffs:
+            return seg.records, [], seg.min_ts
         records = self._load(seg)
-        n = sum(1 for r in records if self.window.contains(r.timestamp))
-        if n and self.cache_bytes + seg.uncompressed_bytes <= PARTIAL_CACHE_BYTES:
+        inside = [r.timestamp for r in records if self.window.contains(r.timestamp)]
+        if inside and self.cache_bytes + seg.uncompressed_bytes <= PARTIAL_CACHE_BYTES:
             self.cache[seg.key] = records
             self.cache_bytes += seg.uncompressed_bytes
-        return n
+        older = [0 if c is None else sum(1 for t in inside if t < c) for c in cutoffs]
+        return len(inside), older, min(inside, default=None)
 
     def _load(self, seg: layout.SegmentInfo) -> list[segments.StoredRecord]:
         cached = self.cache.pop(seg.key, None)

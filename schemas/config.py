@@ -101,7 +101,8 @@ class RestoreConfig(_Section):
     from_time: int | None = None  # epoch ms, inclusive
     to_time: int | None = None  # epoch ms, exclusive
     rate_limit: Annotated[int, msgspec.Meta(ge=0)] = 0  # records per second; 0 = unlimited
-    create_topics: bool = True
+    create_topics: bool = True  # missing targets are created with the source's recorded configuration
+    allow_retention_loss: bool = False  # restore even if the targets' retention would delete records in scope
     batch_records: Positive = 1000
     instance_id: str = ""
 

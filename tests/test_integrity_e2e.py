@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
+from datetime import UTC, datetime
 
 import pytest
 
@@ -222,3 +224,134 @@ def test_a_layout_1_backup_still_restores_and_its_unverifiable_segments_are_coun
     assert cp["version"] == 2 and [bool(s.get("sha256")) for s in cp["segments"]] == [False] * 3 + [True]
     r = verify(bid, url)
     assert r.returncode == 0 and "3 written without a digest" in r.stdout, r.stdout + r.stderr
+
+
+# ---- item 1: restored data that stays --------------------------------------------------------------
+
+
+DAY_MS = 86_400_000
+
+
+def produce_old(broker: str, topic: str, n: int, age_ms: int, seed: int = 0) -> list[tuple[bytes, bytes, int]]:
+    """n records on partition 0 with timestamps ``age_ms`` old (one ms apart); returns (key, value, ts)."""
+    from confluent_kafka import Producer
+
+    base = int(time.time() * 1000) - age_ms
+    p = Producer({"bootstrap.servers": broker, "linger.ms": 5})
+    out = []
+    for i in range(n):
+        rec = (b"k%d" % i, b"old-%d-%d-" % (seed, i) + b"x" * (i % 50), base + i)
+        p.produce(topic, key=rec[0], value=rec[1], partition=0, timestamp=rec[2])
+        out.append(rec)
+    assert p.flush(30) == 0
+    return out
+
+
+def low_watermark(broker: str, topic: str) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": broker, "group.id": unique("lw")})
+    try:
+        return c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[0]
+    finally:
+        c.close()
+
+
+def topic_config(broker: str, topic: str) -> dict[str, str]:
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient({"bootstrap.servers": broker})
+    (fut,) = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, topic)]).values()
+    return {k: e.value for k, e in fut.result(15).items()}
+
+
+def read_partition0(broker: str, topic: str) -> list[tuple[bytes, bytes, int]]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    high = watermarks(broker, topic, 1)[0]
+    c = Consumer({"bootstrap.servers": broker, "group.id": unique("rd"), "enable.auto.commit": False})
+    out = []
+    try:
+        c.assign([TopicPartition(topic, 0, 0)])
+        deadline = time.monotonic() + 60
+        while len(out) < high and time.monotonic() < deadline:
+            for m in c.consume(500, timeout=1):
+                assert m.error() is None, m.error()
+                out.append((m.key(), m.value(), m.timestamp()[1]))
+    finally:
+        c.close()
+    return out
+
+
+def sweep_has_run(broker: str) -> None:
+    """Ground truth that the broker's retention sweep ran: a default-retention topic loses its old records."""
+    control = unique("sweep")
+    create_topic(broker, control, 1)
+    produce_old(broker, control, 10, 30 * DAY_MS)
+    wait_for(lambda: low_watermark(broker, control) == 10, 90, 0.5, "the retention sweep to delete old records")
+
+
+def test_restore_creates_targets_with_the_recorded_configuration_and_refuses_retention_loss(
+        broker, shared_pipeline, tmp_path):
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    source, bid = unique("keep"), unique("bk-keep")
+    configs = {"retention.ms": "-1", "cleanup.policy": "delete", "max.message.bytes": "2000000",
+               "message.timestamp.type": "CreateTime", "segment.ms": "3600000"}
+    admin = AdminClient({"bootstrap.servers": broker})
+    admin.create_topics([NewTopic(source, 1, 1, config=configs)])[source].result(15)
+    truth = produce_old(broker, source, 300, 30 * DAY_MS)  # a month old: kept only because retention is -1
+    store = tmp_path / "store"
+    url = f"file://{store}"
+    before = time.time()
+    backup(broker, source, bid, url, "--backup-segment-max-records", "100")
+    snap = read_json(store / bid / "manifest.json")["topic_configs"][source]
+    assert snap["partitions"] == 1 and before <= snap["read_ts"] <= time.time()
+    assert {k: snap["configs"][k] for k in configs} == configs
+    assert set(configs) <= set(snap["explicit"]) and "retention.bytes" in snap["configs"]
+
+    # 1. a created target gets the recorded configuration, and its records stay
+    target, rid = f"{source}-restored", unique("rs-keep")
+    r = restore(broker, bid, url, rid, "--topic-map", f"{source}:{target}")
+    assert r.returncode == 0, r.stderr
+    got = topic_config(broker, target)
+    assert {k: got[k] for k in configs} == configs
+    sweep_has_run(broker)  # a sweep ran after the restore ended...
+    assert low_watermark(broker, target) == 0  # ...and deleted nothing of the restored topic
+    assert read_partition0(broker, target) == truth
+
+    # 2. an existing target with the default retention (7 days) is refused, counted, nothing produced
+    existing, rid2 = unique("short"), unique("rs-short")
+    create_topic(broker, existing, 1)
+    retention = int(topic_config(broker, existing)["retention.ms"])
+    r = restore(broker, bid, url, rid2, "--topic-map", f"{source}:{existing}")
+    assert r.returncode == 2
+    line = one_line(r.stderr)
+    oldest = datetime.fromtimestamp(truth[0][2] / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert (f"restore.allow_retention_loss: target topic {existing!r} has retention.ms={retention} (7 d): "
+            f"300 of 300 records in scope are older (the oldest is {oldest})") in line
+    assert "--allow-retention-loss" in line
+    assert watermarks(broker, existing, 1) == {0: 0}
+    assert not (store / bid / "restores" / rid2).exists()
+    s = shared_pipeline.wait_value(cat.ERRORS_TOTAL.name, 1, backup_id=bid, error_type="retention")
+    assert s.get_value(cat.RESTORE_DURATION.name + "_count", backup_id=bid, status="failure") == 1
+
+    # 3. the override restores, the loss is counted, and the broker does delete what the check counted
+    r = restore(broker, bid, url, rid2, "--topic-map", f"{source}:{existing}", "--allow-retention-loss")
+    assert r.returncode == 0, r.stderr
+    assert watermarks(broker, existing, 1) == {0: 300}
+    shared_pipeline.wait_value(cat.ERRORS_TOTAL.name, 2, backup_id=bid, error_type="retention")
+    wait_for(lambda: low_watermark(broker, existing) == 300, 90, 0.5, "the broker to delete the 300 old records")
+
+    # 4. a target to be created whose recorded retention is too short (the source kept 10 minutes): refused
+    #    before the topic is created
+    manifest = store / bid / "manifest.json"
+    doc = read_json(manifest)
+    doc["topic_configs"][source]["configs"]["retention.ms"] = "600000"
+    manifest.write_text(json.dumps(doc))
+    fresh = f"{source}-fresh"
+    r = restore(broker, bid, url, unique("rs-fresh"), "--topic-map", f"{source}:{fresh}")
+    assert r.returncode == 2
+    assert (f"target topic {fresh!r} will be created with retention.ms=600000 (10 min): 300 of 300 records"
+            in one_line(r.stderr))
+    assert fresh not in admin.list_topics(timeout=10).topics

@@ -150,3 +150,20 @@ def test_a_layout_1_checkpoint_is_read_and_migrated_into_chunks_by_the_next_flus
     store = dict(chunks)
     assert layout.all_segments(head, store.__getitem__, BK) == [*infos, new]
     assert len(head.segments) == 151 % layout.CHUNK_SEGMENTS and head.reported_offset == 450
+
+
+def test_which_target_configurations_delete_or_refuse_old_records():
+    from producers import topic_configs as tc
+
+    now = 10 * 86_400_000
+    assert tc.deletes_before({"retention.ms": "604800000"}, now) == (now - 604800000, "retention.ms=604800000 (7 d)")
+    assert tc.deletes_before({"retention.ms": "-1"}, now) is None
+    assert tc.deletes_before({"retention.ms": str(2**63 - 1)}, now) is None
+    assert tc.deletes_before({"retention.ms": "1000", "cleanup.policy": "compact"}, now) is None
+    assert tc.deletes_before({"retention.ms": "1000", "cleanup.policy": "compact,delete"}, now) == (now - 1000,
+                                                                                                   "retention.ms=1000 (1 s)")
+    assert tc.deletes_before({"retention.ms": "1000", "message.timestamp.type": "LogAppendTime"}, now) is None
+    assert tc.refuses_before({"message.timestamp.before.max.ms": "3600000",
+                              "message.timestamp.difference.max.ms": str(2**63 - 1)}, now) == (
+        now - 3600000, "message.timestamp.before.max.ms=3600000 (1 h)")
+    assert tc.refuses_before({"message.timestamp.difference.max.ms": str(2**63 - 1)}, now) is None
