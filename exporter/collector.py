@@ -367,7 +367,7 @@ STATES = ("OK", "WARN", "STALL", "STOP", "ERROR")
 def backup_status(s: JobState, now: float, stop_after_s: float) -> str:
     """Burrow's evaluation over the window of progress samples, plus the run's own outcome.
 
-    ERROR: the last run failed. STOP: a running job silent for longer than
+    ERROR: the last run failed, or was interrupted (a one-shot run stopped before it finished). STOP: a running job silent for longer than
     ``stop_after_s`` (a dead worker must not look healthy with a frozen lag).
     Then, over the window: any sample without lag is OK; no committed progress
     while lagging is STALL; lag growing at every step while offsets advance is

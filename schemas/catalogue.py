@@ -190,7 +190,7 @@ TELEMETRY_DROPPED = _m(
 BACKUP_STATUS = _m(
     "kafka_backup_status", "stateset", "",
     "Backup health evaluated like Burrow: OK, WARN (lag grows while offsets advance), STALL (no progress "
-    "while lagging), STOP (no report for longer than metrics.worker_stop_after_s), ERROR (last run failed)",
+    "while lagging), STOP (no report for longer than metrics.worker_stop_after_s), ERROR (last run failed or was interrupted)",
     ("backup_id",), section=S6, extension=True,
     note="One series per state, value 1 for the current one. Alert on kafka_backup_status{kafka_backup_status!=\"OK\"} == 1.")
 WORKER_LAST_SEEN = _m(

@@ -91,6 +91,13 @@ def test_sigterm_ends_a_one_shot_backup_as_interrupted_and_the_next_run_resumes(
     r = verify(bid, url)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "1000 segments in 1 partitions, 20000 records" in r.stdout
+    # ...and a restore reads the chain back: every record, in order (conftest.produce's formula, seed 0)
+    target = f"{topic}-r"
+    r = restore(broker, bid, url, unique("rs-cut"), "--topic-map", f"{topic}:{target}")
+    assert r.returncode == 0, r.stderr
+    expected = [(f"key-0-{i}".encode() if i % 5 else None, (f"value-0-{i}-" + "x" * ((i * 7) % 120)).encode())
+                for i in range(20_000)]
+    assert [(k, v) for k, v, _ts in read_partition0(broker, target)] == expected
 
 
 # ---- item 2: digests, verify, and restore refusing damage -----------------------------------------
