@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from itertools import pairwise
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -42,6 +43,12 @@ from producers.segments import SUFFIX
 
 LAYOUT_VERSION = 2
 CHUNK_SEGMENTS = 64  # segments per sealed index chunk; the head holds fewer
+
+# Constraints checked when a document is decoded: values that become storage keys or offsets must be sane.
+TopicName = Annotated[str, msgspec.Meta(pattern=r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}$")]  # Kafka's rule
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?$")]
+Algorithm = Literal["zstd", "lz4", "snappy", "gzip", "none"]
 
 
 class MetadataError(Exception):
@@ -66,35 +73,35 @@ class SegmentDamaged(Exception):
 
 class SegmentInfo(msgspec.Struct, omit_defaults=True):
     key: str
-    start_offset: int
-    end_offset: int  # exclusive
-    records: int
-    bytes: int
-    uncompressed_bytes: int
-    stored_bytes: int
-    algorithm: str
+    start_offset: Count
+    end_offset: Count  # exclusive
+    records: Count
+    bytes: Count
+    uncompressed_bytes: Count
+    stored_bytes: Count
+    algorithm: Algorithm
     min_ts: int | None = None
     max_ts: int | None = None
-    sha256: str = ""  # of the stored object; "" in layout 1: integrity cannot be checked
-    covers_from: int = -1  # the partition's next offset before this segment; -1 in layout 1
+    sha256: Sha256 = ""  # of the stored object; "" in layout 1: integrity cannot be checked
+    covers_from: Annotated[int, msgspec.Meta(ge=-1)] = -1  # the partition's next offset before it; -1 in layout 1
 
 
 class IndexRef(msgspec.Struct, omit_defaults=True):
     """Names one sealed index chunk: where it is, its exact size and digest, what it covers."""
 
     key: str
-    bytes: int
-    sha256: str
-    segments: int  # in this chunk and every chunk before it
-    end_offset: int  # the last segment's end
+    bytes: Count
+    sha256: Sha256
+    segments: Count  # in this chunk and every chunk before it
+    end_offset: Count  # the last segment's end
     max_ts: int | None = None  # newest record timestamp in this chunk and before
 
 
 class IndexChunk(msgspec.Struct):
     """Immutable: ``CHUNK_SEGMENTS`` consecutive segments of one partition, and the chunk before them."""
 
-    topic: str
-    partition: int
+    topic: TopicName
+    partition: Count
     segments: list[SegmentInfo]
     previous: IndexRef | None = None
     version: int = LAYOUT_VERSION
@@ -112,12 +119,12 @@ class Checkpoint(msgspec.Struct):
     worker's in-memory queue (the aggregator counts an offset range once).
     """
 
-    topic: str
-    partition: int
-    next_offset: int
+    topic: TopicName
+    partition: Count
+    next_offset: Count
     segments: list[SegmentInfo] = []
     version: int = LAYOUT_VERSION
-    reported_offset: int = 0
+    reported_offset: Count = 0
     index: IndexRef | None = None
 
     @property
@@ -140,7 +147,7 @@ class TopicSnapshot(msgspec.Struct, omit_defaults=True):
     set on the topic itself. ``read_ts``: when they were read (epoch seconds).
     """
 
-    partitions: int
+    partitions: Count
     configs: dict[str, str] = {}
     explicit: list[str] = []
     read_ts: float = 0.0
@@ -165,13 +172,13 @@ class Run(msgspec.Struct, omit_defaults=True):
 
 class Manifest(msgspec.Struct):
     backup_id: str
-    topics: dict[str, int] = {}  # topic -> partition count at the last run
+    topics: dict[TopicName, Count] = {}  # topic -> partition count at the last run
     compression: str = "zstd"
     created_ts: float = 0.0
     updated_ts: float = 0.0
     runs: list[Run] = []
     version: int = LAYOUT_VERSION
-    topic_configs: dict[str, TopicSnapshot] = {}  # topic -> its configuration at the last run (layout 2)
+    topic_configs: dict[TopicName, TopicSnapshot] = {}  # topic -> its configuration at the last run (layout 2)
 
 
 class RestoreCursor(msgspec.Struct):
@@ -260,7 +267,10 @@ def encode(doc: msgspec.Struct) -> bytes:
 def _decode(data: bytes, type_: type, key: str):
     try:
         doc = msgspec.json.decode(data, type=type_)
-    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+    except msgspec.ValidationError as err:
+        raise MetadataError(key, f"holds an invalid value ({str(err)[:200]}); restore it from a storage "
+                                 "version/replica") from None
+    except msgspec.DecodeError as err:
         raise MetadataError(key, f"is corrupt or truncated ({str(err)[:200]}); restore it from a storage "
                                  "version/replica") from None
     if doc.version > LAYOUT_VERSION:

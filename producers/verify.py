@@ -31,7 +31,7 @@ import time
 from typing import TextIO
 
 from producers import layout
-from producers.backup import BackupFailed, metadata_failure
+from producers.backup import BackupFailed, BackupInterrupted, metadata_failure
 from producers.storage import FileBackend, OpReport, Storage, StorageError
 from schemas import events as ev
 from schemas.config import ConfigError, VerifyConfig
@@ -41,6 +41,10 @@ log = logging.getLogger("kafka_backup.verify")
 
 class VerifyFailed(BackupFailed):
     """Bad segments or gaps found, or the run could not finish: exit status 1."""
+
+
+class VerifyInterrupted(VerifyFailed, BackupInterrupted):
+    """Stopped by SIGTERM/SIGINT: nothing is proven, status ``interrupted``."""
 
 
 class NullEmitter:
@@ -91,8 +95,6 @@ class VerifyWorker:
             manifest = self._manifest()
             for topic, count in sorted(manifest.topics.items()):
                 for partition in range(count):
-                    if self.stopping:
-                        raise VerifyFailed(f"interrupted after {self.segments} segments; nothing was proven")
                     self._partition(topic, partition)
             complete = True
             if self.bad or self.gaps:
@@ -104,6 +106,9 @@ class VerifyWorker:
                     if self.unverified else "")
             print(f"verified backup {self.backup_id}: {self.segments} segments in {self.partitions} partitions, "
                   f"{self.records} records, {self.bytes} bytes: all intact, no gaps{note}", file=self.out)
+        except VerifyInterrupted as err:
+            status, reason = "interrupted", str(err)
+            raise
         except (VerifyFailed, ConfigError) as err:
             reason = str(err)
             raise
@@ -149,6 +154,9 @@ class VerifyWorker:
         where = f"{topic}/{partition}"
         previous: layout.SegmentInfo | None = None
         for seg in listed:
+            if self.stopping:
+                raise VerifyInterrupted(f"stopped after {self.segments} segments; the backup is not proven "
+                                        "until a run checks them all")
             if previous is not None:
                 self._continuity(where, previous, seg)
             self._segment(seg, topic, partition)

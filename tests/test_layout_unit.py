@@ -100,7 +100,9 @@ def test_the_file_backend_refuses_a_key_escaping_its_root(tmp_path):
 @pytest.mark.parametrize("text,needle", [
     (b'{"topic": "t", "partition": 0, "next_', "is corrupt or truncated"),
     (b"\x00\xff garbage", "is corrupt or truncated"),
-    (b'{"topic": "t", "partition": "zero", "next_offset": 1}', "is corrupt or truncated"),
+    (b'{"topic": "t", "partition": "zero", "next_offset": 1}', "holds an invalid value"),
+    (b'{"topic": "../t", "partition": 0, "next_offset": 1}', "holds an invalid value"),
+    (b'{"topic": "t", "partition": 0, "next_offset": -5}', "holds an invalid value"),
     (b'{"topic": "t", "partition": 0, "next_offset": 1, "version": 3}', "layout version 3, newer than"),
 ])
 def test_unusable_checkpoints_are_one_line_naming_the_file(text, needle):

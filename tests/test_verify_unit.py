@@ -81,3 +81,39 @@ def test_an_interrupted_backup_run_is_not_ok():
     assert s.get_value(cat.BACKUP_STATUS.name, backup_id="bk3", kafka_backup_status="ERROR") == 1
     assert s.get_value(cat.BACKUP_DURATION.name + "_count", backup_id="bk3", status="interrupted") == 1
     assert s.get_value(cat.BACKUP_DURATION.name + "_sum", backup_id="bk3", status="interrupted") == 30.0
+
+
+def test_verify_names_each_missing_segment_and_each_gap(tmp_path):
+    import io
+
+    import msgspec
+    import pytest
+
+    from producers import layout, segments
+    from producers.storage import FileBackend, Storage
+    from producers.verify import NullEmitter, VerifyFailed, VerifyWorker
+    from schemas.config import VerifyConfig
+
+    storage = Storage(FileBackend(str(tmp_path)))
+    storage.put(layout.manifest_key("bk"), layout.encode(layout.Manifest("bk", {"t": 1})), "manifest")
+    cp, infos = layout.Checkpoint("t", 0, 0), []
+    for start in range(0, 100, 10):
+        records = [segments.StoredRecord(o, 1000 + o, 1, None, b"v") for o in range(start, start + 10)]
+        data, raw = segments.encode("t", 0, records, "none")
+        info = layout.SegmentInfo(layout.segment_key("bk", "t", 0, start, "none"), start, start + 10, 10, 10, raw,
+                                  len(data), "none", 1000 + start, 1009 + start, layout.digest(data), start)
+        storage.put(info.key, data, "segment")
+        cp, _ = layout.append("bk", cp, info, 0)
+        infos.append(info)
+    # segment 30..39 lost from storage; 60..69 dropped from the index (a hole in the coverage)
+    (tmp_path / infos[3].key).unlink()
+    cp = msgspec.structs.replace(cp, segments=[s for s in cp.segments if s.start_offset != 60])
+    storage.put(layout.checkpoint_key("bk", "t", 0), layout.encode(cp), "checkpoint")
+
+    out = io.StringIO()
+    with pytest.raises(VerifyFailed, match="1 bad segment\\(s\\), 1 gap\\(s\\) in 9 segments"):
+        VerifyWorker(VerifyConfig(backup_id="bk", storage=str(tmp_path)), storage, NullEmitter(), out).run()
+    assert out.getvalue().splitlines() == [
+        f"BAD {infos[3].key}: missing from storage",
+        f"GAP t/0: offsets 60..69 are in no segment (before {infos[7].key})",
+    ]
