@@ -59,7 +59,12 @@ class JobStarted(Event, tag="job_started"):
 
 
 class JobEnded(Event, tag="job_ended"):
-    """A run ended; ``duration_s`` is measured by the worker's monotonic clock."""
+    """A run ended; ``duration_s`` is measured by the worker's monotonic clock.
+
+    ``status`` ``interrupted`` (a run stopped by a signal before its work was done) and the job
+    kind ``verify`` were added after the first release: an aggregator older than them skips such
+    events as ``invalid_field`` (counted), so upgrade aggregators before workers.
+    """
 
     status: Status
     duration_s: float
