@@ -48,6 +48,13 @@ ALIASES: dict[str, dict[str, str]] = {
         "--to-time": "restore.to_time",
         "--rate-limit": "restore.rate_limit",
     },
+    "verify": {
+        "--bootstrap-servers": "kafka.bootstrap_servers",
+        "--telemetry-bootstrap-servers": "kafka.telemetry_bootstrap_servers",
+        "--backup-id": "verify.backup_id",
+        "--storage": "verify.storage",
+        "--s3-endpoint-url": "verify.s3_endpoint_url",
+    },
     "offset-reset": {
         "--bootstrap-servers": "kafka.bootstrap_servers",
         "--telemetry-bootstrap-servers": "kafka.telemetry_bootstrap_servers",
@@ -84,6 +91,10 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
     if command == "backup":
         p.add_argument("--continuous", dest="backup.continuous", action="store_const", const=True,
                        default=argparse.SUPPRESS, help="keep backing up until stopped (default: one-shot)")
+    if command == "restore":
+        p.add_argument("--allow-retention-loss", dest="restore.allow_retention_loss", action="store_const",
+                       const=True, default=argparse.SUPPRESS,
+                       help="restore even if the targets' retention would delete records in scope (counted)")
     if command == "offset-reset":
         for flag, key, help_ in [("--to-earliest", "offset_reset.to_earliest", "reset to the earliest offset"),
                                  ("--to-latest", "offset_reset.to_latest", "reset to the latest offset"),
@@ -101,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("aggregate", "run the Faust aggregator over the telemetry topic"),
                         ("exporter", "serve the aggregated state as Prometheus metrics"),
                         ("restore", "restore a backup into Kafka topics, publishing telemetry"),
+                        ("verify", "check every segment of a backup (presence, size, digest, records, gaps)"),
                         ("offset-reset", "reset a consumer group's offsets to a time, the earliest or the latest")]:
         _add_config_flags(sub.add_parser(name, help=help_), name)
     p = sub.add_parser("replay", help="fold the telemetry log again offline: metrics at --to and an audit report")
@@ -172,6 +184,16 @@ def cmd_restore(cfg: Config) -> int:
                        cfg.telemetry, storage)
 
 
+def cmd_verify(cfg: Config) -> int:
+    from producers.storage import Storage, open_backend
+    from producers.verify import run_verify
+
+    require_safe_id("verify.backup_id", cfg.verify.backup_id)
+    storage = Storage(open_backend(cfg.verify.storage, cfg.verify.s3_endpoint_url, field="verify.storage"))
+    return run_verify(cfg.kafka.telemetry_bootstrap_servers or cfg.kafka.bootstrap_servers, cfg.verify,
+                      cfg.telemetry, storage, out=sys.stdout)
+
+
 def cmd_offset_reset(cfg: Config) -> int:
     from producers.offset_reset import run_offset_reset
 
@@ -216,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_restore(cfg)
         if args.command == "offset-reset":
             return cmd_offset_reset(cfg)
+        if args.command == "verify":
+            return cmd_verify(cfg)
         if args.command == "replay":
             from cli.replay import run_replay
 
@@ -230,10 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as err:  # a failed run: one line, the details are in the log above
-        from producers.backup import BackupFailed
+        from producers.backup import BackupFailed, BackupInterrupted
 
         if isinstance(err, BackupFailed):
-            print(f"kafka-backup {args.command}: failed: {err}", file=sys.stderr)
+            outcome = "interrupted" if isinstance(err, BackupInterrupted) else "failed"
+            print(f"kafka-backup {args.command}: {outcome}: {err}", file=sys.stderr)
             return 1
         raise
     return 0

@@ -356,12 +356,13 @@ def _compression_bytes(index: int) -> Builder:
 # ---- 6. errors and health -------------------------------------------------------------------
 
 
-def _by_key(attr: str, kinds: tuple[str, ...] = ("backup",)) -> Builder:
+def _by_key(attr: str, kinds: tuple[str, ...] = ("backup", "verify")) -> Builder:
     """Counters kept as ``{label: n}`` dicts (errors by type, retries by operation), per backup.
 
     A restore's errors are its own (``kafka_restore_errors_total``): a restore must not raise the
     error count of the backup it reads. Its storage retries are storage traffic of that backup,
-    labelled with it like its storage bytes and durations.
+    labelled with it like its storage bytes and durations. A verification's errors (a damaged
+    segment) are the backup's own problem and count under it.
     """
 
     def contribution(s: JobState) -> Iterator[tuple[tuple[str, ...], float]]:
@@ -429,13 +430,13 @@ STATES = ("OK", "WARN", "STALL", "STOP", "ERROR")
 def backup_status(s: JobState, now: float, stop_after_s: float) -> str:
     """Burrow's evaluation over the window of progress samples, plus the run's own outcome.
 
-    ERROR: the last run failed. STOP: a running job silent for longer than
+    ERROR: the last run failed, or was interrupted (a one-shot run stopped before it finished). STOP: a running job silent for longer than
     ``stop_after_s`` (a dead worker must not look healthy with a frozen lag).
     Then, over the window: any sample without lag is OK; no committed progress
     while lagging is STALL; lag growing at every step while offsets advance is
     WARN; anything else is OK.
     """
-    if s.status == "failure":
+    if s.status in ("failure", "interrupted"):  # interrupted: a one-shot run stopped before it finished
         return "ERROR"
     if s.status != "running":
         return "OK"
@@ -542,7 +543,7 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.UNCOMPRESSED_BYTES: _compression_bytes(1),
     cat.ERRORS_TOTAL: _by_key("errors"),
     cat.PERMANENT_ERRORS_TOTAL: _by_key("permanent_errors"),
-    cat.RETRIES_TOTAL: _by_key("retries", ("backup", "restore")),
+    cat.RETRIES_TOTAL: _by_key("retries", ("backup", "restore", "verify")),
     cat.LAST_SUCCESSFUL_COMMIT: _last_commit,
     cat.JOB_INFO: _job_info,
     cat.LAST_SUCCESS: _last_success,
@@ -562,6 +563,46 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.RESTORE_RECORDS_TOTAL: _restore_records,
     cat.RESTORE_ERRORS_TOTAL: _restore_errors,
 }
+
+
+# ---- 8. verification ------------------------------------------------------------------------
+
+
+def _verifies(view: View) -> Iterator[JobState]:
+    return (s for s in view.jobs if s.kind == "verify")
+
+
+def _verify_gauge(attr: str) -> Builder:
+    """The last complete verify run's verdict, per backup (the newest of its verify jobs); nothing
+    before one has completed."""
+
+    def build(view: View) -> Iterator[Sample]:
+        newest: dict[str, JobState] = {}
+        for s in _verifies(view):
+            bid = s.backup_id or s.job
+            if s.verified_ts is not None and (bid not in newest or s.verified_ts > newest[bid].verified_ts):
+                newest[bid] = s
+        return (((bid,), getattr(s, attr)) for bid, s in newest.items())
+
+    return build
+
+
+def _checked(attr: str, kinds: tuple[str, ...]) -> Builder:
+    def contribution(s: JobState) -> Iterator[tuple[tuple[str, ...], float]]:
+        if s.kind in kinds:
+            yield (reader_id(s),), getattr(s, attr)
+
+    return _shared_sum(contribution)
+
+
+BUILDERS.update({
+    cat.VERIFY_DURATION: _duration("verify", cat.VERIFY_DURATION, lambda s: s.backup_id or s.job),
+    cat.LAST_VERIFIED: _verify_gauge("verified_ts"),
+    cat.VERIFY_FAILED_SEGMENTS: _verify_gauge("verify_bad"),
+    cat.VERIFY_GAPS: _verify_gauge("verify_gaps"),
+    cat.VERIFY_SEGMENTS_TOTAL: _checked("checked_segments", ("verify",)),
+    cat.UNVERIFIED_SEGMENTS_TOTAL: _checked("unverified_segments", ("verify", "restore")),
+})
 
 _FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily,
              "stateset": StateSetMetricFamily, "info": InfoMetricFamily}

@@ -29,7 +29,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from producers import layout, segments
+from producers import layout, segments, topic_configs
 from producers.storage import OpReport, Storage, StorageError
 from producers.telemetry import Emitter, classify_kafka_error, run_reporting
 from schemas import events as ev
@@ -44,6 +44,20 @@ CONFIRM_WAIT_S = 10.0  # at the end of a run, how long to resend lost reports an
 
 class BackupFailed(Exception):
     """A failure that ends the run (already reported as an error event)."""
+
+
+class BackupInterrupted(BackupFailed):
+    """Stopped by SIGTERM/SIGINT before the run's work was done (status ``interrupted``, exit status 1).
+
+    What was flushed is checkpointed: the next run resumes from there.
+    """
+
+
+def metadata_failure(emitter: Emitter, err: layout.MetadataError) -> str:
+    """Report unusable metadata (``ErrorRaised`` by its category) and return the run's one-line reason."""
+    emitter.emit(ev.ErrorRaised, error_type=err.error_type, transient=False, operation="read",
+                 message=str(err)[:500])
+    return str(err)
 
 
 @dataclass
@@ -136,10 +150,22 @@ class BackupWorker:
             self._loop()
             self._flush_all()
             log.info("stopping with %s", self._summary())
+            unfinished = [w for w in self.parts.values() if not w.done()]
+            if self.stopping and not self.cfg.continuous and unfinished:
+                # a one-shot run cut short (a CronJob's deadline, a node drain) is not a success
+                status = "interrupted"
+                left = sum(max(0, (w.target or 0) - max(w.next_offset, w.position, 0)) for w in unfinished)
+                raise BackupInterrupted(
+                    f"stopped before the end: {len(unfinished)} partition(s) short of the end offsets seen at "
+                    f"start, about {left} records not backed up; what was flushed is checkpointed and the next "
+                    "run resumes there")
             status = "success"
         except (BackupFailed, ConfigError) as err:
             reason = str(err)
             raise
+        except layout.MetadataError as err:
+            reason = metadata_failure(self.emitter, err)
+            raise BackupFailed(reason) from None
         except (StorageError, KafkaException) as err:
             reason = self.emitter.run_failure(err, "fetch")
             raise BackupFailed(reason) from None
@@ -147,7 +173,7 @@ class BackupWorker:
             self._progress()
             self._finish_manifest(status)
             self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started, reason=reason[:500])
-            if status == "success":
+            if status in ("success", "interrupted"):
                 self._save_confirmations()
             try:
                 self.consumer.close()
@@ -159,7 +185,8 @@ class BackupWorker:
         self.stopping = True
 
     def _start(self) -> None:
-        metadata = AdminClient(client_config(self.bootstrap)).list_topics(timeout=15)
+        admin = AdminClient(client_config(self.bootstrap))
+        metadata = admin.list_topics(timeout=15)
         counts = {}
         for topic in self.cfg.topics:
             md = metadata.topics.get(topic)
@@ -168,7 +195,7 @@ class BackupWorker:
                                   operation="fetch", message=f"topic {topic} does not exist")
                 raise ConfigError(f"backup.topics: topic {topic!r} does not exist on {self.bootstrap}")
             counts[topic] = len(md.partitions)
-        self._start_manifest(counts)
+        self._start_manifest(counts, self._topic_configs(admin, counts))
         if self.cfg.continuous:
             self.consumer.subscribe(list(self.cfg.topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
             return
@@ -186,11 +213,14 @@ class BackupWorker:
         self.consumer.assign(assignment)
 
     def _load_partition(self, topic: str, partition: int) -> PartitionWork:
-        raw = self.storage.get_optional(layout.checkpoint_key(self.id, topic, partition), "checkpoint")
-        cp = layout.decode_checkpoint(raw) if raw else layout.Checkpoint(topic, partition, 0)
+        key = layout.checkpoint_key(self.id, topic, partition)
+        raw = self.storage.get_optional(key, "checkpoint")
+        cp = layout.decode_checkpoint(raw, key) if raw else layout.Checkpoint(topic, partition, 0)
+        if (cp.topic, cp.partition) != (topic, partition):
+            raise layout.MetadataError(key, f"belongs to {cp.topic}/{cp.partition}, not {topic}/{partition}",
+                                       "integrity")
         work = PartitionWork(topic, partition, cp.next_offset, cp, reported_offset=cp.reported_offset)
-        if cp.segments:
-            work.newest_stored_ts = max((s.max_ts for s in cp.segments if s.max_ts is not None), default=None)
+        work.newest_stored_ts = cp.max_ts
         self.parts[work.tp] = work
         self._report_unconfirmed(work)
         return work
@@ -203,11 +233,16 @@ class BackupWorker:
         good. Normally this is the last segment of the previous run (its acknowledgement came
         after its checkpoint was written); the aggregator counts an offset range once.
         """
+        cp = work.checkpoint
+        listed = list(cp.segments)
+        for chunk in layout.chunks(cp, self._read_index, self.id, stop_below=work.reported_offset):
+            listed[:0] = chunk.segments  # only the sealed chunks holding unconfirmed segments are read
         previous_end = 0
         again = []
-        for info in work.checkpoint.segments:
+        for info in listed:
+            covers_from = info.covers_from if info.covers_from >= 0 else previous_end
             if info.end_offset > work.reported_offset:
-                again.append((previous_end, info))
+                again.append((covers_from, info))
             previous_end = info.end_offset
         if again:
             log.info("%s: reporting %d stored segment(s) again, their telemetry was not confirmed",
@@ -239,7 +274,7 @@ class BackupWorker:
         ``offset_invalid`` error, counted and logged) and go on from the oldest record left; the
         hole shows as a gap in the offset ranges of the audit report.
         """
-        if not work.checkpoint.segments:
+        if not work.checkpoint.segment_count:
             return low
         if work.next_offset < low:
             message = (f"{work.tp}: offsets {work.next_offset}..{low - 1} were deleted by retention "
@@ -338,12 +373,14 @@ class BackupWorker:
             key=layout.segment_key(self.id, work.topic, work.partition, start, alg),
             start_offset=start, end_offset=end, records=len(records), bytes=sum(r.size for r in records),
             uncompressed_bytes=raw_size, stored_bytes=len(data), algorithm=alg,
-            min_ts=min(timestamps), max_ts=max(timestamps),
+            min_ts=min(timestamps), max_ts=max(timestamps), sha256=layout.digest(data),
+            covers_from=work.next_offset,
         )
         self.storage.put(info.key, data, "segment")
-        self._write_checkpoint(work, layout.Checkpoint(work.topic, work.partition, end,
-                                                       [*work.checkpoint.segments, info],
-                                                       reported_offset=work.reported_offset))
+        head, chunks = layout.append(self.id, work.checkpoint, info, work.reported_offset)
+        for key, chunk in chunks:  # sealed index chunks first: the head names them
+            self.storage.put(key, chunk, "index")
+        self._write_checkpoint(work, head)
         covers_from, work.next_offset = work.next_offset, end
         work.newest_stored_ts = max(work.newest_stored_ts or 0, info.max_ts)
         self._report_segment(work, info, covers_from)
@@ -361,7 +398,7 @@ class BackupWorker:
         self.emitter.flush(max(0.0, deadline - time.monotonic()))
         for work in self.parts.values():
             cp = work.checkpoint
-            if work.reported_offset <= cp.reported_offset or not cp.segments:
+            if work.reported_offset <= cp.reported_offset or not cp.segment_count:
                 continue
             try:
                 self._write_checkpoint(work, msgspec.structs.replace(cp, reported_offset=work.reported_offset))
@@ -369,6 +406,9 @@ class BackupWorker:
                 log.warning("%s: could not record confirmed telemetry in the checkpoint (%s); "
                             "the next run reports its last segments again", work.tp, err)
                 return
+
+    def _read_index(self, key: str) -> bytes:
+        return self.storage.get(key, "index")
 
     def _write_checkpoint(self, work: PartitionWork, cp: layout.Checkpoint) -> None:
         self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition), layout.encode(cp), "checkpoint")
@@ -438,11 +478,35 @@ class BackupWorker:
         self.consumed = {}
         self.fetches = 0
 
-    def _start_manifest(self, counts: dict[str, int]) -> None:
+    def _topic_configs(self, admin: AdminClient, counts: dict[str, int]) -> dict[str, layout.TopicSnapshot]:
+        """Each topic's partitions and configs, for a restore to recreate it faithfully.
+
+        A cluster that will not say (no DescribeConfigs permission, an old broker) does not stop
+        the backup: it is reported (``ErrorRaised``) and the restore falls back to checking the
+        target's own configuration.
+        """
+        try:
+            snapshots = topic_configs.describe(admin, list(counts))
+        except KafkaException as err:
+            error_type, transient = classify_kafka_error(err.args[0])
+            message = f"could not read the configs of {', '.join(counts)}: {err.args[0].str()}"
+            log.warning("%s; a restore will not know them", message)
+            self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation="fetch",
+                              message=message[:500])
+            return {}
+        for topic, snap in snapshots.items():
+            snap.partitions = counts[topic]
+        return snapshots
+
+    def _start_manifest(self, counts: dict[str, int],
+                        configs: dict[str, layout.TopicSnapshot] | None = None) -> None:
         raw = self.storage.get_optional(layout.manifest_key(self.id), "manifest")
         now = time.time()
-        manifest = layout.decode_manifest(raw) if raw else layout.Manifest(self.id, created_ts=now)
+        key = layout.manifest_key(self.id)
+        manifest = layout.decode_manifest(raw, key) if raw else layout.Manifest(self.id, created_ts=now)
         manifest.topics.update(counts)
+        manifest.topic_configs.update(configs or {})
+        manifest.version = layout.LAYOUT_VERSION
         manifest.compression = self.cfg.compression
         manifest.updated_ts = now
         self.run_record = layout.Run(self.emitter.instance, now, mode="continuous" if self.cfg.continuous

@@ -55,8 +55,8 @@ from itertools import islice
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from producers import layout, segments
-from producers.backup import BackupFailed
+from producers import layout, segments, topic_configs
+from producers.backup import BackupFailed, BackupInterrupted, metadata_failure
 from producers.storage import FileBackend, OpReport, Storage, StorageError
 from producers.telemetry import Emitter, classify_kafka_error, run_reporting
 from schemas import events as ev
@@ -77,7 +77,7 @@ class RestoreFailed(BackupFailed):
     """
 
 
-class RestoreInterrupted(RestoreFailed):
+class RestoreInterrupted(RestoreFailed, BackupInterrupted):
     """Stopped by SIGTERM/SIGINT between batches: nothing is lost, a run with the same id resumes."""
 
 
@@ -149,6 +149,20 @@ def resolve_topic_map(mapping: dict[str, str], backup_topics: dict[str, int], ba
     return resolved
 
 
+class TargetLimits:
+    """One target topic's age limits and, once scoped, how many records in scope they would hit."""
+
+    def __init__(self, target: str, created: bool, deletes: tuple[int, str] | None,
+                 refuses: tuple[int, str] | None) -> None:
+        self.target = target
+        self.created = created  # created by this restore, with the source's recorded configuration
+        self.deletes = deletes  # (cutoff ms, setting): retention deletes records older than the cutoff
+        self.refuses = refuses  # (cutoff ms, setting): the broker rejects records older than the cutoff
+        self.deleted = 0
+        self.refused = 0
+        self.oldest: int | None = None
+
+
 # ---- the worker --------------------------------------------------------------------------------
 
 
@@ -166,8 +180,11 @@ class RestoreWorker:
         self.stopping = threading.Event()
         self.checkpoint: layout.RestoreCheckpoint | None = None
         self.segments_of: dict[tuple[str, int], list[layout.SegmentInfo]] = {}
+        self.owner_of: dict[str, tuple[str, int]] = {}  # segment key -> the partition whose index names it
         self.cache: dict[str, list[segments.StoredRecord]] = {}
         self.cache_bytes = 0
+        self.checked: set[str] = set()  # segments read and checked this run
+        self.unverified: set[str] = set()  # of those, without a digest (layout 1)
         self.started_emitted = False
         self._adopted_bytes = 0  # key+value bytes of records adopted on resume, for their RestoreProgress
         self.paced = 0
@@ -204,17 +221,23 @@ class RestoreWorker:
             self._complete()
             status = "success"
         except RestoreInterrupted as err:
-            reason = f"interrupted: {err}"
+            status, reason = "interrupted", str(err)
             raise
         except (RestoreFailed, ConfigError) as err:
             reason = str(err)
             raise
+        except layout.MetadataError as err:
+            reason = metadata_failure(self.emitter, err)
+            raise RestoreFailed(reason) from None
         except (StorageError, KafkaException) as err:
             reason = self.emitter.run_failure(err, "produce")
             raise RestoreFailed(reason) from None
         finally:
             if not self.started_emitted:
                 self._emit_started()
+            if self.checked:
+                self.emitter.emit(ev.SegmentsChecked, backup_id=self.backup_id, segments=len(self.checked),
+                                  unverified=len(self.unverified))
             if self.bar is not None:
                 self.bar.close()
             self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started,
@@ -251,14 +274,14 @@ class RestoreWorker:
         raw = self.storage.get_optional(key, "checkpoint", report=True)
         if raw is not None:
             # the scope is the checkpoint's: topics a continuous backup added since are not part of it
-            cp = layout.decode_restore_checkpoint(raw)
+            cp = layout.decode_restore_checkpoint(raw, key)
             mapping = resolve_topic_map(self.requested_map, dict.fromkeys(cp.topic_map, 0), self.backup_id)
             self._check_same_restore(cp, mapping)
             counts: dict[str, int] = {}
             for cur in cp.partitions:
                 counts[cur.topic] = max(counts.get(cur.topic, 0), cur.partition + 1)
             missing = self._check_targets(mapping, counts)
-            self._create_topics(missing)
+            self._create_topics(missing, mapping, manifest)
             self.checkpoint = cp
             # a finished partition gets no more of our records: whatever follows them is not ours to check
             adopted = sum(self._reconcile(cur) for cur in cp.partitions if cur.restored < cur.records)
@@ -269,8 +292,10 @@ class RestoreWorker:
             mapping = resolve_topic_map(self.requested_map, manifest.topics, self.backup_id)
             counts = {t: manifest.topics[t] for t in mapping}
             missing = self._check_targets(mapping, counts)
-            cp = self._scope(mapping, counts)
-            self._create_topics(missing)
+            limits = self._target_limits(mapping, missing, manifest)
+            cp = self._scope(mapping, counts, limits)
+            self._check_limits(cp, limits)
+            self._create_topics(missing, mapping, manifest)
             for cur in cp.partitions:
                 cur.target_base = cur.target_next = self._high_watermark(cur.target_topic, cur.partition)
             self.checkpoint = cp
@@ -299,7 +324,7 @@ class RestoreWorker:
             raise ConfigError(f"restore.backup_id: no backup {self.backup_id!r} in {self.cfg.storage} "
                               f"(no {layout.manifest_key(self.backup_id)}); check --backup-id and --storage"
                               ) from None
-        return layout.decode_manifest(raw)
+        return layout.decode_manifest(raw, layout.manifest_key(self.backup_id))
 
     def _check_same_restore(self, cp: layout.RestoreCheckpoint, mapping: dict[str, str]) -> None:
         """A resume must restore the same scope, or the checkpoint's offsets would mean something else."""
@@ -336,12 +361,78 @@ class RestoreWorker:
                     f"add partitions to {target!r}")
         return missing
 
-    def _create_topics(self, missing: dict[str, int]) -> None:
-        """Missing targets get the source's partition count and the broker's default replication."""
+    def _target_limits(self, mapping: dict[str, str], missing: dict[str, int],
+                       manifest: layout.Manifest) -> dict[str, TargetLimits]:
+        """Per source topic: its target, and below which record timestamp the target deletes or refuses.
+
+        An existing target's configuration is read from the cluster; a missing one will be created
+        with the source's recorded configuration, which is what counts. A backup too old to have
+        recorded it (layout 1) gets its missing targets created now, with the broker's defaults,
+        and those are read back and checked like any existing topic.
+        """
+        now_ms = int(time.time() * 1000)
+        unknown = {t: missing.pop(t) for s, t in mapping.items() if t in missing and s not in manifest.topic_configs}
+        self._create_topics(unknown, mapping, manifest)
+        existing = [t for t in mapping.values() if t not in missing]
+        try:
+            described = topic_configs.describe(AdminClient(client_config(self.bootstrap)), existing)
+        except KafkaException as err:
+            message = f"cannot read the configuration of target topics {', '.join(existing)}: {err.args[0].str()}"
+            self._error("retention", message)
+            if not self.cfg.allow_retention_loss:
+                raise ConfigError(f"restore.allow_retention_loss: {message}, so records the targets would delete "
+                                  "cannot be counted; grant DescribeConfigs on them or pass "
+                                  "--allow-retention-loss") from None
+            log.warning("%s; going on without the retention check (--allow-retention-loss)", message)
+            described = {t: layout.TopicSnapshot(0) for t in existing}
+        limits = {}
+        for source, target in mapping.items():
+            snap = described.get(target) or manifest.topic_configs[source]
+            limits[source] = TargetLimits(target, target in missing,
+                                          topic_configs.deletes_before(snap.configs, now_ms),
+                                          topic_configs.refuses_before(snap.configs, now_ms))
+        return limits
+
+    def _check_limits(self, cp: layout.RestoreCheckpoint, limits: dict[str, TargetLimits]) -> None:
+        """Refuse, in one line, a restore whose target would delete (or reject) records in scope."""
+        for source, lim in limits.items():
+            scope = sum(c.records for c in cp.partitions if c.topic == source)
+            how = "will be created with" if lim.created else "has"
+            when = (f"the oldest is {topic_configs.iso(lim.oldest)}" if lim.oldest is not None else "")
+            if lim.refused:
+                assert lim.refuses is not None
+                message = (f"target topic {lim.target!r} {how} {lim.refuses[1]}: {lim.refused} of {scope} records "
+                           f"in scope are older ({when}) and the broker would reject them")
+                self._error("retention", message)
+                raise ConfigError(f"restore.topic_map: {message}; raise that setting on the target (create it "
+                                  "yourself first) or map it to a topic without the limit")
+            if lim.deleted:
+                assert lim.deletes is not None
+                message = (f"target topic {lim.target!r} {how} {lim.deletes[1]}: {lim.deleted} of {scope} records "
+                           f"in scope are older ({when}) and the broker would delete them soon after the restore")
+                self._error("retention", message)
+                if not self.cfg.allow_retention_loss:
+                    raise ConfigError(f"restore.allow_retention_loss: {message}; raise the target's retention.ms "
+                                      "(-1 keeps records forever; create the topic yourself first if it does not "
+                                      "exist) or pass --allow-retention-loss to accept the loss")
+                log.warning("%s; going on: --allow-retention-loss", message)
+
+    def _create_topics(self, missing: dict[str, int], mapping: dict[str, str] | None = None,
+                       manifest: layout.Manifest | None = None) -> None:
+        """Missing targets get the source's partition count and recorded configuration (retention, cleanup
+        policy, compaction, message size, timestamp type ...), and the broker's default replication.
+        A backup too old to have recorded the configuration gives the broker's defaults."""
         if not missing:
             return
+        source_of = {t: s for s, t in (mapping or {}).items()}
+        recorded = manifest.topic_configs if manifest is not None else {}
+
+        def new_topic(target: str, partitions: int) -> NewTopic:
+            snap = recorded.get(source_of.get(target, ""))
+            return NewTopic(target, partitions, config=dict(snap.configs) if snap else {})
+
         admin = AdminClient(client_config(self.bootstrap))
-        futures = admin.create_topics([NewTopic(t, n) for t, n in missing.items()], operation_timeout=15)
+        futures = admin.create_topics([new_topic(t, n) for t, n in missing.items()], operation_timeout=15)
         for name, fut in futures.items():
             try:
                 fut.result(15)
@@ -356,25 +447,43 @@ class RestoreWorker:
                 return
             time.sleep(0.2)
 
-    def _scope(self, mapping: dict[str, str], counts: dict[str, int]) -> layout.RestoreCheckpoint:
+    def _scope(self, mapping: dict[str, str], counts: dict[str, int],
+               limits: dict[str, TargetLimits] | None = None) -> layout.RestoreCheckpoint:
+        """Records in scope per partition, exactly; with ``limits``, also how many of them each target
+        would delete or refuse, and the oldest one's timestamp (``TargetLimits``)."""
         now = time.time()
         cp = layout.RestoreCheckpoint(self.id, self.backup_id, mapping, 0, self.window.from_time,
                                       self.window.to_time, created_ts=now, updated_ts=now)
         for topic in mapping:
+            lim = (limits or {}).get(topic)
+            cutoffs = [lim.deletes[0] if lim and lim.deletes else None, lim.refuses[0] if lim and lim.refuses else None]
             for p in range(counts[topic]):
                 bcp = self._backup_checkpoint(topic, p)
-                records = sum(self._count(seg) for seg in bcp.segments)
+                records = 0
+                for seg in self.segments_of[(topic, p)]:
+                    n, older, oldest = self._count(seg, cutoffs)
+                    records += n
+                    if lim is not None:
+                        lim.deleted += older[0]
+                        lim.refused += older[1]
+                        if oldest is not None:
+                            lim.oldest = oldest if lim.oldest is None else min(lim.oldest, oldest)
                 cp.partitions.append(layout.RestoreCursor(topic, p, mapping[topic], bcp.next_offset, records))
                 cp.total_records += records
         log.info("restore %s: %d records in scope", self.id, cp.total_records)
         return cp
 
     def _backup_checkpoint(self, topic: str, partition: int) -> layout.Checkpoint:
-        raw = self.storage.get_optional(layout.checkpoint_key(self.backup_id, topic, partition), "checkpoint",
-                                        report=True)
+        key = layout.checkpoint_key(self.backup_id, topic, partition)
+        raw = self.storage.get_optional(key, "checkpoint", report=True)
         # a partition that never had a record has no checkpoint: it is empty, not missing
-        cp = layout.decode_checkpoint(raw) if raw else layout.Checkpoint(topic, partition, 0)
-        self.segments_of[(topic, partition)] = sorted(cp.segments, key=lambda s: s.start_offset)
+        cp = layout.decode_checkpoint(raw, key) if raw else layout.Checkpoint(topic, partition, 0)
+        if (cp.topic, cp.partition) != (topic, partition):
+            raise layout.MetadataError(key, f"belongs to {cp.topic}/{cp.partition}, not {topic}/{partition}",
+                                       "integrity")
+        listed = layout.all_segments(cp, lambda k: self.storage.get(k, "index"), self.backup_id)
+        self.segments_of[(topic, partition)] = sorted(listed, key=lambda s: s.start_offset)
+        self.owner_of.update((seg.key, (topic, partition)) for seg in listed)
         return cp
 
     def _segments(self, cur: layout.RestoreCursor) -> list[layout.SegmentInfo]:
@@ -383,17 +492,28 @@ class RestoreWorker:
             self._backup_checkpoint(cur.topic, cur.partition)
         return self.segments_of[key]
 
-    def _count(self, seg: layout.SegmentInfo) -> int:
-        if self.window.covers(seg):
-            return seg.records
+    def _count(self, seg: layout.SegmentInfo,
+               cutoffs: list[int | None] | None = None) -> tuple[int, list[int], int | None]:
+        """Records of ``seg`` in the window; of those, how many are older than each cutoff; the oldest's time.
+
+        Read only when the checkpoint's ``min_ts``/``max_ts`` cannot answer (a window edge or a
+        cutoff falls inside the segment)."""
+        cutoffs = cutoffs or []
         if self.window.misses(seg):
-            return 0
+            return 0, [0] * len(cutoffs), None
+        known = seg.min_ts is not None and seg.max_ts is not None
+        if self.window.covers(seg) and known and all(
+                c is None or seg.max_ts < c or seg.min_ts >= c for c in cutoffs):
+            return seg.records, [seg.records if c is not None and seg.max_ts < c else 0 for c in cutoffs], seg.min_ts
+        if self.window.covers(seg) and not cutoffs:
+            return seg.records, [], seg.min_ts
         records = self._load(seg)
-        n = sum(1 for r in records if self.window.contains(r.timestamp))
-        if n and self.cache_bytes + seg.uncompressed_bytes <= PARTIAL_CACHE_BYTES:
+        inside = [r.timestamp for r in records if self.window.contains(r.timestamp)]
+        if inside and self.cache_bytes + seg.uncompressed_bytes <= PARTIAL_CACHE_BYTES:
             self.cache[seg.key] = records
             self.cache_bytes += seg.uncompressed_bytes
-        return n
+        older = [0 if c is None else sum(1 for t in inside if t < c) for c in cutoffs]
+        return len(inside), older, min(inside, default=None)
 
     def _load(self, seg: layout.SegmentInfo) -> list[segments.StoredRecord]:
         cached = self.cache.pop(seg.key, None)
@@ -401,12 +521,21 @@ class RestoreWorker:
             self.cache_bytes -= seg.uncompressed_bytes
             return cached
         data = self.storage.get(seg.key, "segment")
+        topic, partition = self._owner(seg)
         try:
-            return segments.decode(data, seg.algorithm).records
-        except segments.CorruptSegment as err:
-            self._error("codec", f"{seg.key}: {err}", operation="read")
-            raise RestoreFailed(f"segment {seg.key} is corrupt ({err}); records before it are restored and "
-                                "checkpointed, its own records are not") from None
+            records = layout.read_segment(data, seg, topic, partition)
+        except layout.SegmentDamaged as err:
+            self._error(err.error_type, str(err), operation="read")
+            raise RestoreFailed(f"segment {err}; it is refused (records before it are restored and "
+                                "checkpointed, its own records are not)") from None
+        self.checked.add(seg.key)
+        if not seg.sha256:
+            self.unverified.add(seg.key)
+        return records
+
+    def _owner(self, seg: layout.SegmentInfo) -> tuple[str, int]:
+        """The partition whose index names ``seg``: its records must be that partition's."""
+        return self.owner_of[seg.key]
 
     def _records(self, cur: layout.RestoreCursor, start: int) -> Iterator[segments.StoredRecord]:
         """The partition's in-scope records from source offset ``start``, in offset order."""

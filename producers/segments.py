@@ -53,11 +53,31 @@ def compress(data: bytes, algorithm: str) -> bytes:
     return bytes(codec.compress(data))
 
 
-def decompress(data: bytes, algorithm: str) -> bytes:
+def decompress(data: bytes, algorithm: str, size: int | None = None) -> bytes:
+    """Decompress; with ``size`` (the uncompressed size the checkpoint recorded) never allocate more.
+
+    The output buffer is ``size + 1`` bytes, fixed: a stream inflating beyond it (a damaged or
+    malicious object, e.g. a small zstd bomb) fails as soon as it overflows, without allocating
+    what it claims; one that inflates to another size than recorded is corrupt too.
+    """
     if algorithm == "none":
+        if size is not None and len(data) != size:
+            raise CorruptSegment(f"holds {len(data)} bytes, the checkpoint recorded {size}")
         return data
     codec = {"zstd": cramjam.zstd, "lz4": cramjam.lz4, "snappy": cramjam.snappy, "gzip": cramjam.gzip}[algorithm]
-    return bytes(codec.decompress(data))
+    if size is None:
+        return bytes(codec.decompress(data))
+    out = bytearray(size + 1)
+    try:
+        n = codec.decompress_into(data, out)
+    except cramjam.DecompressionError as err:
+        if "whole buffer" in str(err):
+            raise CorruptSegment(f"inflates beyond the {size} bytes the checkpoint recorded") from None
+        raise
+    if n != size:
+        raise CorruptSegment(f"inflates to {n} bytes, the checkpoint recorded {size}")
+    del out[n:]
+    return bytes(out)
 
 
 def encode(topic: str, partition: int, records: list[StoredRecord], algorithm: str) -> tuple[bytes, int]:
@@ -66,9 +86,10 @@ def encode(topic: str, partition: int, records: list[StoredRecord], algorithm: s
     return compress(raw, algorithm), len(raw)
 
 
-def decode(data: bytes, algorithm: str) -> Segment:
+def decode(data: bytes, algorithm: str, size: int | None = None) -> Segment:
+    """``size``: the recorded uncompressed size, which bounds decompression (see :func:`decompress`)."""
     try:
-        segment = _decoder.decode(decompress(data, algorithm))
+        segment = _decoder.decode(decompress(data, algorithm, size))
     except (msgspec.DecodeError, msgspec.ValidationError, cramjam.DecompressionError) as err:
         raise CorruptSegment(str(err)) from None
     if segment.version > FORMAT_VERSION:

@@ -40,7 +40,11 @@ class FileBackend:
         self.root = os.path.abspath(root)
 
     def _path(self, key: str) -> str:
-        return os.path.join(self.root, *key.split("/"))
+        path = os.path.normpath(os.path.join(self.root, *key.split("/")))
+        if path != self.root and not path.startswith(self.root.rstrip(os.sep) + os.sep):
+            # keys come from metadata too: one naming "../x" must not reach outside the storage root
+            raise StorageError("auth", f"{key}: outside the storage root {self.root}; refused")
+        return path
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)

@@ -247,7 +247,7 @@ TELEMETRY_DROPPED = _m(
 BACKUP_STATUS = _m(
     "kafka_backup_status", "stateset", "",
     "Backup health evaluated like Burrow: OK, WARN (lag grows while offsets advance), STALL (no progress "
-    "while lagging), STOP (no report for longer than metrics.worker_stop_after_s), ERROR (last run failed)",
+    "while lagging), STOP (no report for longer than metrics.worker_stop_after_s), ERROR (last run failed or was interrupted)",
     ("backup_id",), section=S6, extension=True,
     note="One series per state, value 1 for the current one. Alert on kafka_backup_status{kafka_backup_status!=\"OK\"} == 1.")
 WORKER_LAST_SEEN = _m(
@@ -298,6 +298,35 @@ RESTORE_ERRORS_TOTAL = _m(
     ("restore_id", "error_type"), section=S7, extension=True,
     note="A restore's errors are its own: counting them in the backup's kafka_backup_errors_total let any "
          "restore (or a forged restore event) raise a backup's error alerts.")
+
+# 8. Verification
+S8 = "8. Verification"
+VERIFY_DURATION = _m(
+    "kafka_backup_verify_duration_seconds", "histogram", "seconds",
+    "kafka-backup verify run duration, observed once per run when it ends", ("backup_id", "status"),
+    DURATION_BUCKETS, section=S8, extension=True)
+LAST_VERIFIED = _m(
+    "kafka_backup_last_verified_timestamp_seconds", "gauge", "seconds",
+    "Unix time of the last verify run that checked every segment of the backup (whatever it found)",
+    ("backup_id",), section=S8, extension=True,
+    note="Proven restorable: kafka_backup_verify_failed_segments == 0 and kafka_backup_verify_gaps == 0, "
+         "with time() - kafka_backup_last_verified_timestamp_seconds below your verification interval.")
+VERIFY_FAILED_SEGMENTS = _m(
+    "kafka_backup_verify_failed_segments", "gauge", "segments",
+    "Segments that failed a check (missing, size, SHA-256, decoding, records not as indexed) in the last "
+    "complete verify run", ("backup_id",), section=S8, extension=True)
+VERIFY_GAPS = _m(
+    "kafka_backup_verify_gaps", "gauge", "gaps",
+    "Holes or overlaps in a partition's offset coverage found by the last complete verify run",
+    ("backup_id",), section=S8, extension=True)
+VERIFY_SEGMENTS_TOTAL = _m(
+    "kafka_backup_verify_segments_total", "counter", "segments",
+    "Segments read and checked by verify runs", ("backup_id",), section=S8, extension=True)
+UNVERIFIED_SEGMENTS_TOTAL = _m(
+    "kafka_backup_unverified_segments_total", "counter", "segments",
+    "Segments restored or verified without a digest to check (written by layout 1): integrity unknown",
+    ("backup_id",), section=S8, extension=True,
+    note="Non-zero means an old backup: run a new backup (its segments get digests) to make it checkable.")
 
 
 def render_markdown() -> str:

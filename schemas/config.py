@@ -104,9 +104,16 @@ class RestoreConfig(_Section):
     from_time: int | None = None  # epoch ms, inclusive
     to_time: int | None = None  # epoch ms, exclusive
     rate_limit: Annotated[int, msgspec.Meta(ge=0)] = 0  # records per second; 0 = unlimited
-    create_topics: bool = True
+    create_topics: bool = True  # missing targets are created with the source's recorded configuration
+    allow_retention_loss: bool = False  # restore even if the targets' retention would delete records in scope
     batch_records: Positive = 1000
     instance_id: str = ""
+
+
+class VerifyConfig(_Section):
+    backup_id: str = ""
+    storage: str = ""  # file:///dir or s3://bucket/prefix, as given to the backup
+    s3_endpoint_url: str = ""
 
 
 class OffsetResetConfig(_Section):
@@ -138,6 +145,7 @@ class Config(_Section):
     restore: RestoreConfig = msgspec.field(default_factory=RestoreConfig)
     offset_reset: OffsetResetConfig = msgspec.field(default_factory=OffsetResetConfig)
     aggregator: AggregatorConfig = msgspec.field(default_factory=AggregatorConfig)
+    verify: VerifyConfig = msgspec.field(default_factory=VerifyConfig)
 
 
 class ConfigError(Exception):

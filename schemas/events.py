@@ -50,8 +50,9 @@ TopicPartitionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,249
 Text = Annotated[str, msgspec.Meta(max_length=2000)]  # free text for people, never a label
 MAX_LIST = 100_000
 
-JobKind = Literal["backup", "restore", "offset_reset"]
-Status = Literal["success", "failure"]
+JobKind = Literal["backup", "restore", "offset_reset", "verify"]
+# interrupted: stopped (SIGTERM, SIGINT) before the run's work was done; not a success, resumed by the next run
+Status = Literal["success", "failure", "interrupted"]
 Direction = Literal["write", "read"]
 
 
@@ -82,7 +83,12 @@ class JobStarted(Event, tag="job_started"):
 
 
 class JobEnded(Event, tag="job_ended"):
-    """A run ended; ``duration_s`` is measured by the worker's monotonic clock."""
+    """A run ended; ``duration_s`` is measured by the worker's monotonic clock.
+
+    ``status`` ``interrupted`` (a run stopped by a signal before its work was done) and the job
+    kind ``verify`` were added after the first release: an aggregator older than them skips such
+    events as ``invalid_field`` (counted), so upgrade aggregators before workers.
+    """
 
     status: Status
     duration_s: Seconds
@@ -230,6 +236,24 @@ class TelemetryDropped(Event, tag="telemetry_dropped"):
     total: Count
 
 
+class SegmentsChecked(Event, tag="segments_checked"):
+    """Segments a ``verify`` or ``restore`` run read and checked, sent once at the end of the run.
+
+    ``segments`` were read and checked (size, SHA-256, decoding, records against the index);
+    ``bad`` failed a check (missing, altered, undecodable, not the records claimed); ``unverified``
+    had no digest to check (written by layout 1); ``gaps`` are holes or overlaps in a partition's
+    offset coverage. ``complete``: every segment the backup's index names was checked (a verify
+    run that got to the end), so ``bad`` and ``gaps`` are the backup's whole count.
+    """
+
+    backup_id: JobIdOrNone = ""
+    segments: Count = 0
+    bad: Count = 0
+    unverified: Count = 0
+    gaps: Count = 0
+    complete: bool = False
+
+
 AnyEvent = (
     JobStarted
     | JobEnded
@@ -242,6 +266,7 @@ AnyEvent = (
     | OffsetsCommitted
     | RestoreProgress
     | TelemetryDropped
+    | SegmentsChecked
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]

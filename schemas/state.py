@@ -172,7 +172,7 @@ class JobState(msgspec.Struct, omit_defaults=True):
     job: str
     v: int = STATE_VERSION
     backup_id: str = ""
-    status: str = "running"  # running | success | failure
+    status: str = "running"  # running | success | failure | interrupted
     mode: str = ""
     started_ts: float | None = None
     ended_ts: float | None = None
@@ -205,6 +205,11 @@ class JobState(msgspec.Struct, omit_defaults=True):
     restored_total: int = 0  # restore: cumulative, including resumed runs
     dropped: dict[str, int] = {}  # instance -> cumulative dropped events
     seen: dict[str, list[float]] = {}  # instance -> [highest seq, last event ts]
+    checked_segments: int = 0  # verify/restore: segments read and checked, all runs
+    unverified_segments: int = 0  # verify/restore: of those, without a digest (layout 1)
+    verified_ts: float | None = None  # verify: event time of the last run that checked every segment
+    verify_bad: int = 0  # verify: bad segments found by that run
+    verify_gaps: int = 0  # verify: offset gaps found by that run
 
     def storage_bytes_by(self) -> list[tuple[str, str, int]]:
         """(direction, backend, bytes) of every storage call, legacy counts included."""

@@ -203,7 +203,7 @@ def _job_started(state: JobState, e: ev.JobStarted, s: Settings) -> None:
 
 
 DURATION_METRIC = {"backup": cat.BACKUP_DURATION, "restore": cat.RESTORE_DURATION,
-                   "offset_reset": cat.OFFSET_RESET_DURATION}
+                   "offset_reset": cat.OFFSET_RESET_DURATION, "verify": cat.VERIFY_DURATION}
 
 
 def _job_ended(state: JobState, e: ev.JobEnded, s: Settings) -> None:
@@ -353,6 +353,18 @@ def _telemetry_dropped(state: JobState, e: ev.TelemetryDropped, s: Settings) -> 
     state.dropped[e.instance] = max(state.dropped.get(e.instance, 0), e.total)
 
 
+def _segments_checked(state: JobState, e: ev.SegmentsChecked, s: Settings) -> None:
+    """Counters add up over runs; a verify run that checked everything sets the backup's verdict."""
+    if e.backup_id:
+        state.backup_id = e.backup_id
+    state.checked_segments = _sum(state.checked_segments, e.segments)
+    state.unverified_segments = _sum(state.unverified_segments, e.unverified)
+    if e.complete:
+        state.verified_ts = e.ts
+        state.verify_bad = e.bad
+        state.verify_gaps = e.gaps
+
+
 _HANDLERS = {
     ev.JobStarted: _job_started,
     ev.JobEnded: _job_ended,
@@ -365,5 +377,6 @@ _HANDLERS = {
     ev.OffsetsCommitted: _offsets_committed,
     ev.RestoreProgress: _restore_progress,
     ev.TelemetryDropped: _telemetry_dropped,
+    ev.SegmentsChecked: _segments_checked,
 }
 assert set(_HANDLERS) == set(ev.EVENT_TYPES), "every event type needs a handler"

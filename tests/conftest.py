@@ -280,3 +280,18 @@ def shared_pipeline(broker, tmp_path_factory):
     p = Pipeline(broker, str(tmp_path_factory.mktemp("pipeline"))).start()
     yield p
     p.stop()
+
+
+def indexed_segments(root: str, checkpoint: dict) -> list[dict]:
+    """Every segment entry a partition's checkpoint names, read independently of producers/layout.py:
+    the sealed index chunks (layout 2, followed through ``index`` and ``previous``) then the head's own."""
+    import json
+
+    out: list[dict] = []
+    ref = checkpoint.get("index")
+    while ref:
+        with open(os.path.join(root, *ref["key"].split("/")), "rb") as fh:
+            chunk = json.load(fh)
+        out[:0] = chunk["segments"]
+        ref = chunk.get("previous")
+    return out + checkpoint["segments"]

@@ -16,7 +16,15 @@ from confluent_kafka.admin import AdminClient
 
 from cli.devbroker import free_port
 from schemas import catalogue as cat
-from tests.conftest import ROOT, create_topic, parse_prometheus, produce, wait_for, watermarks
+from tests.conftest import (
+    ROOT,
+    create_topic,
+    indexed_segments,
+    parse_prometheus,
+    produce,
+    wait_for,
+    watermarks,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +61,8 @@ def test_up_runs_the_whole_pipeline_and_reports_what_is_on_disk(tmp_path):
         total = 0
         for path in glob.glob(str(tmp_path / "kafka-backup-data" / "demo" / "topics" / "*" / "*" / "checkpoint.json")):
             with open(path) as fh:
-                total += sum(s["records"] for s in json.load(fh)["segments"])
+                total += sum(s["records"] for s in indexed_segments(str(tmp_path / "kafka-backup-data"),
+                                                                    json.load(fh)))
         return total
 
     try:

@@ -30,6 +30,7 @@ from tests.conftest import (
     backup,
     cli,
     create_topic,
+    indexed_segments,
     produce,
     unique,
     wait_for,
@@ -42,7 +43,7 @@ def stored_records(root: str, backup_id: str) -> int:
     total = 0
     for path in glob.glob(os.path.join(root, backup_id, "topics", "*", "*", "checkpoint.json")):
         with open(path) as fh:
-            total += sum(s["records"] for s in json.load(fh)["segments"])
+            total += sum(s["records"] for s in indexed_segments(root, json.load(fh)))
     return total
 
 
@@ -147,7 +148,7 @@ def test_reports_that_died_in_a_workers_queue_are_sent_again_by_its_next_run(bro
            "--telemetry-bootstrap-servers", f"127.0.0.1:{free_port()}", "--telemetry-delivery-timeout-ms", "500")
     assert read_job_events(broker, "backup", bid) == []
     assert [cp["reported_offset"] for cp in checkpoints(store, bid)] == [0, 0]
-    segments_on_disk = sum(len(cp["segments"]) for cp in checkpoints(store, bid))
+    segments_on_disk = sum(len(indexed_segments(store, cp)) for cp in checkpoints(store, bid))
     assert segments_on_disk >= 8
     # The next run finds nothing new to back up, reports every unconfirmed segment once...
     backup(broker, topic, bid, f"file://{store}", "--backup-segment-max-records", "50")
@@ -167,7 +168,7 @@ def test_reports_that_died_in_a_workers_queue_are_sent_again_by_its_next_run(bro
     by_run = [e.instance for e in reports]
     second_run, third_run = dict.fromkeys(by_run)
     assert by_run.count(second_run) == segments_on_disk
-    assert by_run.count(third_run) == sum(len(cp["segments"]) for cp in checkpoints(store, bid)) - segments_on_disk
+    assert by_run.count(third_run) == sum(len(indexed_segments(store, cp)) for cp in checkpoints(store, bid)) - segments_on_disk
 
 
 def test_duplicated_and_replayed_events_change_no_aggregate(broker, shared_pipeline, tmp_path):
