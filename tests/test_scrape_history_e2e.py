@@ -71,9 +71,11 @@ def test_no_scrape_is_older_than_the_last_while_jobs_expire_and_the_exporter_is_
     with ScrapeHistory(pipe) as history, SteadyWorkload(broker, running_topic, rate=200):
         worker = continuous_backup(broker, running_topic, running, store, str(tmp_path / "run.log"))
         try:
-            for topic in ended:  # two one-shot backups that end, then expire; they share storage series
+            # two one-shot backups that end, then expire (a scheduled backup's series outlive its next due
+            # run by the expiry: an interval of 1 s lets them go after 16 s); they share storage series
+            for topic in ended:
                 produce(broker, topic, 2, 300)
-                backup(broker, topic, topic, f"file://{store}")
+                backup(broker, topic, topic, f"file://{store}", "--backup-expected-interval-s", "1")
             pipe.wait_value(cat.RECORDS_TOTAL.name, 300, 60, backup_id=ended[1])
             # both ended jobs gone from the scrape while the continuous one is still exported
             wait_for(lambda: pipe.scrape().get_value(cat.EXPORTER_EXPIRED_JOBS.name) == 2, 90,
