@@ -129,8 +129,8 @@ def create_app(cfg: Config) -> faust.App:
             try:
                 reason = handle(event.key, event.value, msg.partition, ts)
             except PartitionsMismatch as err:  # the topics changed under us: folding cannot go on
-                exit_now(f"{err} (the telemetry topic's partitions changed while running; restart the "
-                         "aggregator to check them again)")
+                exit_now(f"{' '.join(str(err).split())} (the telemetry topic's partitions changed while "
+                         "running; start the aggregator again to check them)")
                 return
             except Exception as err:  # never let one record kill the agent (Faust would skip it)
                 reason = "internal_error"
