@@ -80,6 +80,9 @@ class KafkaConfig(_Section):
     telemetry_sasl_password: Secret = ""
     telemetry_sasl_password_file: str = ""
     telemetry_ssl_ca_location: str = ""
+    # librdkafka refuses a fetch reply above this (0: its default, 100 MB). Real Kafka keeps replies
+    # small; the embedded dev broker sends all it holds, so `up` raises it (docs/architecture.md).
+    receive_message_max_bytes: Annotated[int, msgspec.Meta(ge=0, le=2_147_483_647)] = 0
 
 
 class TelemetryConfig(_Section):
