@@ -27,7 +27,7 @@ from tests.test_exposition_e2e import self_signed
 pytestmark = pytest.mark.e2e
 
 IDLE_CLIENTS = 3000
-HEADER_TIMEOUT_S = 6
+HEADER_TIMEOUT_S = 8  # long enough to connect 3,000 clients and scrape on a loaded machine
 
 
 class Exporter:
@@ -95,6 +95,7 @@ def test_idle_clients_cost_no_thread_and_do_not_delay_a_scrape(exporter):
     threads_before, fds_before = exporter.proc_status("Threads"), exporter.open_fds()
     idle = []
     try:
+        first_connected_at = time.monotonic()
         for _ in range(IDLE_CLIENTS):  # TCP connected; no ClientHello, no request, ever
             idle.append(socket.create_connection(("127.0.0.1", exporter.port), timeout=10))
         connected_at = time.monotonic()
@@ -107,7 +108,7 @@ def test_idle_clients_cost_no_thread_and_do_not_delay_a_scrape(exporter):
         started = time.monotonic()
         samples = exporter.metrics()
         assert time.monotonic() - started < 3.0, "a real scrape waited behind idle clients"
-        assert time.monotonic() - connected_at < HEADER_TIMEOUT_S  # so they were all still connected then
+        assert time.monotonic() - first_connected_at < HEADER_TIMEOUT_S, "too slow: some idle clients timed out"
         assert samples.get_value(cat.EXPORTER_CONNECTIONS_CLOSED.name, reason="header_timeout") is None
 
         def all_closed_by_the_server() -> bool:
