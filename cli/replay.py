@@ -76,7 +76,7 @@ def run_replay(cfg: Config, args: argparse.Namespace) -> int:
     if args.record:
         with open(args.record, "wb") as fh:
             fh.write(write_log(records))
-    result = replay(records, until, fold.Settings(cfg.aggregator.throughput_window_s))
+    result = replay(records, until, fold.Settings.of(cfg.aggregator))
     if restore_id:
         result.jobs = {k: v for k, v in result.jobs.items() if v.kind == "restore" and v.job == restore_id}
     elif backup_id:

@@ -23,6 +23,7 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     StateSetMetricFamily,
 )
 from prometheus_client.registry import Collector
@@ -52,6 +53,7 @@ class View:
     now: float
     window: int
     jobs: list[JobState] = field(default_factory=list)
+    everyone: list[tuple[JobState, bool]] = field(default_factory=list)  # every job, in key order, and live?
     pipelines: list[PipelineState] = field(default_factory=list)
     stop_after_s: float = 60.0
     expired: int = 0
@@ -69,8 +71,14 @@ class View:
 
 
 def expired(s: JobState, now: float, expire_after_s: float) -> bool:
-    """Ended long ago, or silent long ago (a vanished worker): its series would only add cardinality."""
+    """Ended long ago, or silent long ago (a vanished worker): its series would only add cardinality.
+
+    A scheduled backup is quiet between runs by design: it expires only ``expire_after_s`` after
+    its next run was due, so "no recent success" fires for that long before its series go.
+    """
     last = s.ended_ts if s.status != "running" and s.ended_ts is not None else s.last_event_ts
+    if s.expected_interval_s is not None and s.mode != "continuous":
+        expire_after_s += s.expected_interval_s
     return bool(last) and now - last > expire_after_s
 
 
@@ -79,7 +87,9 @@ def make_view(snapshot: Mapping[str, Any], now: float, window: int, expire_after
     view = View(now=now, window=window, stop_after_s=stop_after_s)
     for _, value in sorted(snapshot.items()):
         if isinstance(value, JobState):
-            if expired(value, now, expire_after_s):
+            live = not expired(value, now, expire_after_s)
+            view.everyone.append((value, live))
+            if not live:
                 view.expired += 1
                 continue
             view.jobs.append(value)
@@ -91,12 +101,52 @@ def make_view(snapshot: Mapping[str, Any], now: float, window: int, expire_after
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def _summed(pairs: Iterable[tuple[tuple[str, ...], float]]) -> Iterator[Sample]:
-    """Merge samples that share a label set: two jobs may map to one (e.g. restores of one backup)."""
-    totals: dict[tuple[str, ...], float] = {}
-    for labels, value in pairs:
-        totals[labels] = totals.get(labels, 0) + value
-    return iter(totals.items())
+Contribution = Callable[[JobState], Iterable[tuple[tuple[str, ...], Any]]]
+
+
+def _shared(view: View, contribution: Contribution, merge: Callable[[Any, Any], Any]) -> dict[tuple[str, ...], Any]:
+    """Merge what several jobs add to one series (storage by backend, restores of one backup, ...).
+
+    A series is served while at least one of its jobs is live, and then it holds the share of
+    every job, expired ones included: dropping an expired job's share would make the counter
+    fall, which Prometheus reads as a reset (``rate()`` and ``increase()`` spike). A series may
+    disappear; it never goes down.
+    """
+    totals: dict[tuple[str, ...], Any] = {}
+    live: set[tuple[str, ...]] = set()
+    # One order for every scrape (the snapshot's key order), whoever is live: float sums in another
+    # order can come out an ulp lower, and Prometheus reads even that as a reset. In a fixed order,
+    # adding a job or growing a share can only raise the rounded sum.
+    for s, is_live in view.everyone:
+        for labels, value in contribution(s):
+            totals[labels] = value if labels not in totals else merge(totals[labels], value)
+            if is_live:
+                live.add(labels)
+    return {labels: value for labels, value in totals.items() if labels in live}
+
+
+def _shared_sum(contribution: Contribution) -> Builder:
+    return lambda view: iter(_shared(view, contribution, lambda a, b: a + b).items())
+
+
+def _shared_histogram(contribution: Contribution, metric: cat.Metric) -> Builder:
+    """``contribution`` yields (labels, Histogram); buckets of older layouts are moved over exactly."""
+
+    def fitted(s: JobState) -> Iterator[tuple[tuple[str, ...], Histogram]]:
+        for labels, h in contribution(s):
+            f = h.fitted(metric.buckets, metric.legacy_buckets)
+            if f is not None:
+                yield labels, f
+
+    def merge(a: Histogram, b: Histogram) -> Histogram:
+        return Histogram(counts=[x + y for x, y in zip(a.counts, b.counts, strict=True)], sum=a.sum + b.sum,
+                         count=a.count + b.count)
+
+    def build(view: View) -> Iterator[Sample]:
+        for labels, h in _shared(view, fitted, merge).items():
+            yield labels, cumulative(h.counts, metric.buckets), h.sum
+
+    return build
 
 
 def cumulative(counts: list[int], buckets: tuple[float, ...]) -> list[tuple[str, int]]:
@@ -108,16 +158,6 @@ def cumulative(counts: list[int], buckets: tuple[float, ...]) -> list[tuple[str,
         out.append((le, running))
     return out
 
-
-def _fits(h: Histogram, metric: cat.Metric) -> bool:
-    """A histogram written with other buckets (catalogue changed) cannot be exposed correctly."""
-    return len(h.counts) == len(metric.buckets) + 1
-
-
-def _merge(acc: dict[tuple[str, ...], list], labels: tuple[str, ...], h: Histogram) -> None:
-    slot = acc.setdefault(labels, [[0] * len(h.counts), 0.0])
-    slot[0] = [a + b for a, b in zip(slot[0], h.counts, strict=True)]
-    slot[1] += h.sum
 
 
 def partition_lag(p: PartitionState) -> int | None:
@@ -255,57 +295,45 @@ def _fetches_total(view: View) -> Iterator[Sample]:
 def _duration(kind: str, metric: cat.Metric, label: Callable[[JobState], str]) -> Builder:
     """Per job kind; restores are labelled by the backup they read, so runs of several merge."""
 
-    def build(view: View) -> Iterator[Sample]:
-        acc: dict[tuple[str, ...], list] = {}
-        for s in view.jobs:
-            if s.kind != kind:
-                continue
+    def contribution(s: JobState) -> Iterator[tuple[tuple[str, ...], Histogram]]:
+        if s.kind == kind:
             for status, h in s.durations.items():
-                if _fits(h, metric):
-                    _merge(acc, (label(s), status), h)
-        for labels, (counts, total) in acc.items():
-            yield labels, cumulative(counts, metric.buckets), total
+                yield (label(s), status), h
 
-    return build
+    return _shared_histogram(contribution, metric)
 
 
 # ---- 4. storage -----------------------------------------------------------------------------
 
 
 def _storage_latency(direction: str, metric: cat.Metric) -> Builder:
-    def build(view: View) -> Iterator[Sample]:
-        acc: dict[tuple[str, ...], list] = {}
-        for s in view.jobs:
-            for key, h in s.storage_latency.items():
-                parts = key.split("|", 2)
-                if len(parts) == 3 and parts[0] == direction and _fits(h, metric):
-                    _merge(acc, (parts[1], parts[2]), h)
-        for labels, (counts, total) in acc.items():
-            yield labels, cumulative(counts, metric.buckets), total
+    """The PRD's family: every call of that direction, whatever its outcome."""
 
-    return build
+    def contribution(s: JobState) -> Iterator[tuple[tuple[str, ...], Histogram]]:
+        for c in s.all_storage_calls():
+            if c.direction == direction:
+                yield (c.backend, c.operation), c.latency
+
+    return _shared_histogram(contribution, metric)
+
+
+def _storage_calls(s: JobState) -> Iterator[tuple[tuple[str, ...], Histogram]]:
+    for c in s.all_storage_calls():
+        yield (c.direction, c.backend, c.operation, c.outcome), c.latency
 
 
 def _storage_bytes(direction: str) -> Builder:
-    def pairs(view: View) -> Iterator[tuple[tuple[str, ...], float]]:
-        for s in view.jobs:
-            for key, n in s.storage_bytes.items():
-                parts = key.split("|", 1)
-                if len(parts) == 2 and parts[0] == direction:
-                    yield (parts[1], reader_id(s)), n
+    def contribution(s: JobState) -> Iterator[tuple[tuple[str, ...], float]]:
+        for d, backend, n in s.storage_bytes_by():
+            if d == direction:
+                yield (backend, reader_id(s)), n
 
-    return lambda view: _summed(pairs(view))
+    return _shared_sum(contribution)
 
 
-def _storage_errors(view: View) -> Iterator[Sample]:
-    def pairs() -> Iterator[tuple[tuple[str, ...], float]]:
-        for s in view.jobs:
-            for key, n in s.storage_errors.items():
-                parts = key.split("|", 1)
-                if len(parts) == 2:
-                    yield (parts[0], parts[1]), n
-
-    return _summed(pairs())
+def _storage_errors(s: JobState) -> Iterator[tuple[tuple[str, ...], float]]:
+    for backend, error_type, n in s.storage_errors_by():
+        yield (backend, error_type), n
 
 
 # ---- 5. compression -------------------------------------------------------------------------
@@ -330,22 +358,26 @@ def _compression_bytes(index: int) -> Builder:
 # ---- 6. errors and health -------------------------------------------------------------------
 
 
-def _by_key(attr: str) -> Builder:
-    """Counters kept as ``{label: n}`` dicts (errors by type, retries by operation).
+def _by_key(attr: str, kinds: tuple[str, ...] = ("backup",)) -> Builder:
+    """Counters kept as ``{label: n}`` dicts (errors by type, retries by operation), per backup.
 
-    Backups' and restores': a restore's are labelled with the backup it read, as
-    its storage traffic and durations are. The PRD's ``codec`` category (a
-    segment that does not decode) can only happen on restore, and a corrupt
-    segment is that backup's problem.
+    A restore's errors are its own (``kafka_restore_errors_total``): a restore must not raise the
+    error count of the backup it reads. Its storage retries are storage traffic of that backup,
+    labelled with it like its storage bytes and durations.
     """
 
-    def pairs(view: View) -> Iterator[tuple[tuple[str, ...], float]]:
-        for s in view.jobs:
-            if s.kind in ("backup", "restore"):
-                for key, n in getattr(s, attr).items():
-                    yield (reader_id(s), key), n
+    def contribution(s: JobState) -> Iterator[tuple[tuple[str, ...], float]]:
+        if s.kind in kinds:
+            for key, n in getattr(s, attr).items():
+                yield (reader_id(s), key), n
 
-    return lambda view: _summed(pairs(view))
+    return _shared_sum(contribution)
+
+
+def _restore_errors(view: View) -> Iterator[Sample]:
+    for s in view.restores:
+        for error_type, n in s.errors.items():
+            yield (s.job, error_type), n
 
 
 def _last_commit(view: View) -> Iterator[Sample]:
@@ -353,6 +385,36 @@ def _last_commit(view: View) -> Iterator[Sample]:
         for p in s.partitions.values():
             if p.last_commit_ts is not None:
                 yield (s.job, p.topic, str(p.partition)), p.last_commit_ts
+
+
+def _job_info(view: View) -> Iterator[Sample]:
+    return (((s.job, s.mode or "one-shot"),) for s in view.backups)
+
+
+def _last_success(view: View) -> Iterator[Sample]:
+    for s in view.backups:
+        ts = s.last_success_ts
+        if ts is None and s.status == "success":  # state of an older aggregator: the last run's end
+            ts = s.ended_ts
+        if ts is not None:
+            yield (s.job,), ts
+
+
+def _expected_interval(view: View) -> Iterator[Sample]:
+    return (((s.job,), s.expected_interval_s) for s in view.backups
+            if s.expected_interval_s is not None and s.mode != "continuous")
+
+
+def _newest_stored(view: View) -> Iterator[Sample]:
+    for s in view.backups:
+        for p in s.partitions.values():
+            if p.newest_stored_ts is not None:
+                yield _tp(s, p), p.newest_stored_ts / 1000
+
+
+def _rpo(view: View) -> Iterator[Sample]:
+    return (((s.job,), s.recovery_point_objective_s) for s in view.backups
+            if s.recovery_point_objective_s is not None)
 
 
 def _rebalances(view: View) -> Iterator[Sample]:
@@ -399,8 +461,8 @@ def _status(view: View) -> Iterator[Sample]:
 
 def _last_seen(view: View) -> Iterator[Sample]:
     for s in view.jobs:
-        for instance, (_seq, ts) in s.seen.items():
-            yield (s.kind, s.job, instance), ts
+        for worker, (_seq, ts) in s.seen.items():
+            yield (s.kind, s.job, worker), ts
 
 
 def _dropped_series(view: View) -> Iterator[Sample]:
@@ -412,7 +474,11 @@ def _expired_jobs(view: View) -> Iterator[Sample]:
 
 
 def _invalid(view: View) -> Iterator[Sample]:
-    return _summed(((reason,), n) for p in view.pipelines for reason, n in p.invalid.items())
+    totals: dict[tuple[str, ...], int] = {}
+    for p in view.pipelines:  # one per telemetry partition; they never expire
+        for reason, n in p.invalid.items():
+            totals[(reason,)] = totals.get((reason,), 0) + n
+    return iter(totals.items())
 
 
 # ---- 7. restore -----------------------------------------------------------------------------
@@ -471,13 +537,20 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.STORAGE_READ_LATENCY: _storage_latency("read", cat.STORAGE_READ_LATENCY),
     cat.STORAGE_WRITE_BYTES: _storage_bytes("write"),
     cat.STORAGE_READ_BYTES: _storage_bytes("read"),
-    cat.STORAGE_ERRORS: _storage_errors,
+    cat.STORAGE_CALL_DURATION: _shared_histogram(_storage_calls, cat.STORAGE_CALL_DURATION),
+    cat.STORAGE_ERRORS: _shared_sum(_storage_errors),
     cat.COMPRESSION_RATIO: _compression_ratio,
     cat.COMPRESSED_BYTES: _compression_bytes(0),
     cat.UNCOMPRESSED_BYTES: _compression_bytes(1),
     cat.ERRORS_TOTAL: _by_key("errors"),
-    cat.RETRIES_TOTAL: _by_key("retries"),
+    cat.PERMANENT_ERRORS_TOTAL: _by_key("permanent_errors"),
+    cat.RETRIES_TOTAL: _by_key("retries", ("backup", "restore")),
     cat.LAST_SUCCESSFUL_COMMIT: _last_commit,
+    cat.JOB_INFO: _job_info,
+    cat.LAST_SUCCESS: _last_success,
+    cat.EXPECTED_INTERVAL: _expected_interval,
+    cat.NEWEST_STORED_RECORD: _newest_stored,
+    cat.RECOVERY_POINT_OBJECTIVE: _rpo,
     cat.REBALANCES_TOTAL: _rebalances,
     cat.TELEMETRY_DROPPED: _dropped,
     cat.TELEMETRY_INVALID: _invalid,
@@ -489,16 +562,19 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.RESTORE_ETA: _restore_eta,
     cat.RESTORE_THROUGHPUT: _restore_throughput,
     cat.RESTORE_RECORDS_TOTAL: _restore_records,
+    cat.RESTORE_ERRORS_TOTAL: _restore_errors,
 }
 
 _FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily,
-             "stateset": StateSetMetricFamily}
+             "stateset": StateSetMetricFamily, "info": InfoMetricFamily}
 _LAST = (cat.EXPORTER_DROPPED_SERIES,)  # built after the others: it reports on them
 
 
 def new_family(m: cat.Metric):
     if m.type == "stateset":
         return StateSetMetricFamily(m.family_name, m.help, labels=m.labels)
+    if m.type == "info":  # every label travels in the info value: see _build
+        return InfoMetricFamily(m.family_name, m.help, labels=())
     return _FAMILIES[m.type](m.family_name, m.help, labels=m.labels, unit=m.om_unit)
 
 
@@ -546,7 +622,10 @@ class StateCollector(Collector):
                 if n >= self._max_series:
                     view.dropped_series[m.name] = view.dropped_series.get(m.name, 0) + 1
                     continue
-                family.add_metric(*sample)
+                if m.type == "info":
+                    family.add_metric([], dict(zip(m.labels, sample[0], strict=True)))
+                else:
+                    family.add_metric(*sample)
         except Exception:
             log.exception("cannot build %s", m.name)
             return new_family(m)

@@ -317,6 +317,11 @@ class MetricsServer:
 
     def respond(self, path: str, accept: str) -> tuple[int, bytes, str]:
         if path == self.path:
+            if not self._ready():
+                # Re-reading the state topic meets older values of a key before newer ones: serving
+                # them would show counters going down. Nothing until the copy is at least as new as
+                # the table was when this process started, so no scrape is older than a previous one.
+                return 503, b"catching up with the state topic\n", TEXT
             return self._metrics(accept)
         if path == HEALTH_PATH:
             return (200, b"ok\n", TEXT) if self._ready() else (503, b"catching up\n", TEXT)

@@ -127,7 +127,9 @@ class BackupWorker:
     def run(self) -> int:
         started = time.monotonic()
         self.emitter.emit(ev.JobStarted, mode="continuous" if self.cfg.continuous else "one-shot",
-                          topics=list(self.cfg.topics), backend=self.storage.name, compression=self.cfg.compression)
+                          topics=list(self.cfg.topics), backend=self.storage.name, compression=self.cfg.compression,
+                          expected_interval_s=None if self.cfg.continuous else self.cfg.expected_interval_s,
+                          recovery_point_objective_s=self.cfg.recovery_point_objective_s)
         status, reason = "failure", ""
         try:
             self._start()
@@ -252,7 +254,8 @@ class BackupWorker:
         # Unflushed records are simply dropped: the next owner re-reads them from the checkpoint.
         for tp in partitions:
             self.parts.pop(f"{tp.topic}/{tp.partition}", None)
-        self.emitter.emit(ev.Rebalance, revoked=[f"{tp.topic}/{tp.partition}" for tp in partitions])
+        if partitions:  # an empty revocation is no news; the assignment that follows counts the rebalance
+            self.emitter.emit(ev.Rebalance, revoked=[f"{tp.topic}/{tp.partition}" for tp in partitions])
 
     def _loop(self) -> None:
         log.info("backing up %s", {w.tp: (w.next_offset, w.target) for w in self.parts.values()})

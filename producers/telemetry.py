@@ -104,9 +104,10 @@ class Emitter:
 
     def storage_op(self, backend: str, r: OpReport) -> None:
         """A timed storage call (the Storage listener of every worker)."""
+        outcome = "success" if r.error is None else r.error.error_type
+        self.emit(ev.StorageOp, backend=backend, operation=r.operation, direction=r.direction,
+                  latency_s=r.latency_s, bytes=r.nbytes, outcome=outcome)
         if r.error is None:
-            self.emit(ev.StorageOp, backend=backend, operation=r.operation, direction=r.direction,
-                      latency_s=r.latency_s, bytes=r.nbytes)
             return
         self.emit(ev.ErrorRaised, error_type="storage_io", transient=r.error.transient, operation=r.operation,
                   backend=backend, storage_error=r.error.error_type, message=str(r.error)[:500])

@@ -17,10 +17,18 @@ from typing import Literal
 
 import msgspec
 
-MetricType = Literal["counter", "gauge", "histogram", "stateset"]
+MetricType = Literal["counter", "gauge", "histogram", "stateset", "info"]
 
-DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-STORAGE_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Runs last from seconds (an offset reset, a small one-shot backup) to weeks (a continuous
+# backup is observed when it stops): up to an hour as before, then 2 h, 4 h, 8 h, a day, two
+# days, a week and 30 days, so neither a nightly backup nor a long restore lands in +Inf.
+DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+                    7200.0, 14400.0, 28800.0, 86400.0, 172800.0, 604800.0, 2592000.0)
+# Storage calls: 10 ms to 10 s as before, then 30 s and 60 s, where client timeouts fire.
+STORAGE_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Former layouts: state written with them is moved over exactly (each is a subset of today's bounds).
+LEGACY_DURATION_BUCKETS = ((1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0),)
+LEGACY_STORAGE_LATENCY_BUCKETS = ((0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),)
 OFFSET_RESET_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -32,6 +40,7 @@ class Metric(msgspec.Struct, frozen=True):
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
     section: str = ""
+    legacy_buckets: tuple[tuple[float, ...], ...] = ()  # earlier bucket layouts, each a subset of ``buckets``
     extension: bool = False
     note: str = ""
 
@@ -40,6 +49,8 @@ class Metric(msgspec.Struct, frozen=True):
         """Name handed to prometheus_client, which appends ``_total`` to counters itself."""
         if self.type == "counter":
             return self.name.removesuffix("_total")
+        if self.type == "info":
+            return self.name.removesuffix("_info")
         return self.name
 
     @property
@@ -115,12 +126,13 @@ S3 = "3. Operation durations"
 BACKUP_DURATION = _m(
     "kafka_backup_duration_seconds", "histogram", "seconds",
     "Backup run duration, observed once per run when it ends", ("backup_id", "status"),
-    DURATION_BUCKETS, section=S3)
+    DURATION_BUCKETS, section=S3, legacy_buckets=LEGACY_DURATION_BUCKETS,
+    note="Buckets reach 30 days: a continuous backup is observed when it stops, after days or weeks.")
 
 RESTORE_DURATION = _m(
     "kafka_restore_duration_seconds", "histogram", "seconds",
     "Restore run duration, observed once per run when it ends", ("backup_id", "status"),
-    DURATION_BUCKETS, section=S3)
+    DURATION_BUCKETS, section=S3, legacy_buckets=LEGACY_DURATION_BUCKETS)
 OFFSET_RESET_DURATION = _m(
     "kafka_offset_reset_duration_seconds", "histogram", "seconds",
     "Offset reset duration per consumer group", ("consumer_group", "status"),
@@ -130,12 +142,21 @@ OFFSET_RESET_DURATION = _m(
 S4 = "4. Storage I/O"
 STORAGE_WRITE_LATENCY = _m(
     "kafka_backup_storage_write_latency_seconds", "histogram", "seconds",
-    "Storage write latency from request to response", ("backend", "operation"),
-    STORAGE_LATENCY_BUCKETS, section=S4)
+    "Storage write latency from request to response, of every call whatever its outcome", ("backend", "operation"),
+    STORAGE_LATENCY_BUCKETS, section=S4, legacy_buckets=LEGACY_STORAGE_LATENCY_BUCKETS,
+    note="Failed and timed-out calls are observed too, so a p99 shows the timeouts; "
+         "kafka_backup_storage_call_duration_seconds splits them by outcome.")
 STORAGE_READ_LATENCY = _m(
     "kafka_backup_storage_read_latency_seconds", "histogram", "seconds",
-    "Storage read latency from request to response", ("backend", "operation"),
-    STORAGE_LATENCY_BUCKETS, section=S4)
+    "Storage read latency from request to response, of every call whatever its outcome", ("backend", "operation"),
+    STORAGE_LATENCY_BUCKETS, section=S4, legacy_buckets=LEGACY_STORAGE_LATENCY_BUCKETS)
+STORAGE_CALL_DURATION = _m(
+    "kafka_backup_storage_call_duration_seconds", "histogram", "seconds",
+    "Storage call latency by outcome: success, or the error type of a failed call (timeout, auth, not_found, "
+    "quota, unknown)", ("direction", "backend", "operation", "outcome"),
+    STORAGE_LATENCY_BUCKETS, section=S4, extension=True, legacy_buckets=LEGACY_STORAGE_LATENCY_BUCKETS,
+    note="The PRD's two latency families mix successes and failures; this one tells them apart "
+         "(e.g. the p99 of successful writes only).")
 STORAGE_WRITE_BYTES = _m(
     "kafka_backup_storage_write_bytes_total", "counter", "bytes",
     "Bytes written to storage (segments, checkpoints, manifests)", ("backend", "backup_id"), section=S4)
@@ -165,19 +186,55 @@ UNCOMPRESSED_BYTES = _m(
 S6 = "6. Errors and health"
 ERRORS_TOTAL = _m(
     "kafka_backup_errors_total", "counter", "errors",
-    "Errors by category (broker_connection, consumer_timeout, deserialization, storage_io, codec, offset_invalid)",
-    ("backup_id", "error_type"), section=S6)
+    "A backup's errors by category (broker_connection, consumer_timeout, deserialization, storage_io, "
+    "offset_invalid)", ("backup_id", "error_type"), section=S6,
+    note="The PRD's `codec` category (a segment that does not decode) is a restore's error: "
+         "kafka_restore_errors_total.")
+PERMANENT_ERRORS_TOTAL = _m(
+    "kafka_backup_permanent_errors_total", "counter", "errors",
+    "Errors a retry cannot fix (authentication, missing topic or object, deleted offsets, ...), by category",
+    ("backup_id", "error_type"), section=S6, extension=True,
+    note="The PRD's OKR asks for transient vs permanent errors: kafka_backup_errors_total counts both, this "
+         "one the permanent ones; transient = errors_total - permanent_errors_total.")
 RETRIES_TOTAL = _m(
     "kafka_backup_retries_total", "counter", "retries",
-    "Retried operations (fetch, commit, write)", ("backup_id", "operation"), section=S6)
+    "Retried operations: commit (offset commit), write and read (storage calls)", ("backup_id", "operation"),
+    section=S6, note="The PRD also names fetch: librdkafka retries fetches inside the client, unseen, so "
+                     "the value never occurs.")
 LAST_SUCCESSFUL_COMMIT = _m(
     "kafka_backup_last_successful_commit", "gauge", "timestamp",
     "Unix time of the last successful offset commit", ("backup_id", "topic", "partition"), section=S6,
     note="Alert on time() - kafka_backup_last_successful_commit to catch stalled backups.")
+JOB_INFO = _m(
+    "kafka_backup_job_info", "info", "",
+    "One series per backup, value 1: its mode (continuous or one-shot), to scope alerts with "
+    "`and on (backup_id) kafka_backup_job_info{mode=\"continuous\"}`", ("backup_id", "mode"),
+    section=S6, extension=True,
+    note="Continuous backups are judged by progress (lag, commits); one-shot (scheduled) backups by outcome "
+         "and recovery point, since their lag is frozen at the end of each run.")
+LAST_SUCCESS = _m(
+    "kafka_backup_last_success_timestamp_seconds", "gauge", "seconds",
+    "Unix time at which the backup's last successful run ended", ("backup_id",), section=S6, extension=True,
+    note="Alert on time() - this > kafka_backup_expected_interval_seconds for scheduled backups.")
+EXPECTED_INTERVAL = _m(
+    "kafka_backup_expected_interval_seconds", "gauge", "seconds",
+    "One-shot backups: a successful run is due at least this often (backup.expected_interval_s)",
+    ("backup_id",), section=S6, extension=True,
+    note="Set it to the schedule's period plus the longest expected run (default 26 h: daily plus 2 h).")
+NEWEST_STORED_RECORD = _m(
+    "kafka_backup_newest_stored_record_timestamp_seconds", "gauge", "seconds",
+    "Record timestamp of the newest durably backed-up record of each partition: the recovery point",
+    ("topic", "partition", "backup_id"), section=S6, extension=True,
+    note="time() - this is the data a restore would miss, while the partition has records beyond it.")
+RECOVERY_POINT_OBJECTIVE = _m(
+    "kafka_backup_recovery_point_objective_seconds", "gauge", "seconds",
+    "How old the newest backed-up record may be while newer records wait (backup.recovery_point_objective_s)",
+    ("backup_id",), section=S6, extension=True)
 REBALANCES_TOTAL = _m(
     "kafka_backup_consumer_rebalance_total", "counter", "rebalances",
     "Consumer group rebalances (partition assignments) seen by the backup's workers", ("backup_id",),
-    section=S6, note="PRD name kept; this counter's samples end in _total as OpenMetrics requires.")
+    section=S6, note="PRD name kept; this counter's samples end in _total as OpenMetrics requires. One "
+                     "rebalance (revoke, then assign) counts once.")
 TELEMETRY_DROPPED = _m(
     "kafka_backup_telemetry_dropped_events_total", "counter", "events",
     "Telemetry events a worker could not deliver (buffer full or delivery timed out)",
@@ -195,8 +252,10 @@ BACKUP_STATUS = _m(
     note="One series per state, value 1 for the current one. Alert on kafka_backup_status{kafka_backup_status!=\"OK\"} == 1.")
 WORKER_LAST_SEEN = _m(
     "kafka_backup_worker_last_seen_timestamp_seconds", "gauge", "seconds",
-    "Event time of the last telemetry event from each worker instance of a job", ("kind", "job_id", "instance"),
-    section=S6, extension=True, note="Instances are per process start; the newest 64 per job are kept.")
+    "Event time of the last telemetry event from each worker process of a job", ("kind", "job_id", "worker"),
+    section=S6, extension=True,
+    note="`worker` is the event's `instance` (one per process start); the newest 64 per job are kept. Not "
+         "labelled `instance`: Prometheus owns that label and would rename ours to `exported_instance`.")
 EXPORTER_DROPPED_SERIES = _m(
     "kafka_backup_exporter_dropped_series", "gauge", "series",
     "Label combinations left out of the last scrape because their family exceeded metrics.max_series_per_family",
@@ -233,6 +292,12 @@ RESTORE_THROUGHPUT = _m(
 RESTORE_RECORDS_TOTAL = _m(
     "kafka_restore_records_total", "counter", "records",
     "Records restored (produced and acknowledged by the target cluster)", ("restore_id",), section=S7)
+RESTORE_ERRORS_TOTAL = _m(
+    "kafka_restore_errors_total", "counter", "errors",
+    "A restore's errors by category (codec: a segment that does not decode; storage_io; broker_connection; ...)",
+    ("restore_id", "error_type"), section=S7, extension=True,
+    note="A restore's errors are its own: counting them in the backup's kafka_backup_errors_total let any "
+         "restore (or a forged restore event) raise a backup's error alerts.")
 
 # 8. The exporter's own endpoint (appended last: counted by the exporter process itself, not from state)
 S8 = "8. Exporter endpoint"
@@ -273,7 +338,7 @@ def render_markdown() -> str:
             out += [f"## {section}", "", "| Metric | Type | Unit | Labels | Buckets | Description |",
                     "|---|---|---|---|---|---|"]
         labels = ", ".join(f"`{label}`" for label in m.labels) or "—"
-        buckets = ", ".join(f"{b:g}" for b in m.buckets) or "—"
+        buckets = ", ".join(f"{b:.10g}" for b in m.buckets) or "—"
         desc = m.help + (f". *Note:* {m.note}" if m.note else "")
         name = f"`{m.name}`" + (" *(extension)*" if m.extension else "")
         out.append(f"| {name} | {m.type} | {m.unit} | {labels} | {buckets} | {desc} |")

@@ -108,6 +108,8 @@ class BackupConfig(_Section):
     flush_interval_ms: Positive = 5000
     segment_max_records: Positive = 50_000
     segment_max_bytes: Positive = 16 * 1024 * 1024
+    expected_interval_s: Positive = 26 * 3600  # one-shot: alert when no run succeeded for this long (daily + 2 h)
+    recovery_point_objective_s: Positive = 48 * 3600  # alert when the newest stored record is older, while lagging
 
 
 class RestoreConfig(_Section):
@@ -139,6 +141,10 @@ class AggregatorConfig(_Section):
     throughput_window_s: Positive = 60
     dead_letter_topic: str = ""  # skipped telemetry records are copied here when set
     recovery_stall_s: Positive = 30  # table recovery without progress this long: the worker restarts itself
+    max_future_s: Positive = 300  # event time ahead of the record's timestamp and the clock by more: refused
+    max_keys_per_map: Positive = 256  # per job: error types, storage calls, topics, algorithms, ... (refused beyond)
+    max_partitions_per_job: Positive = 2000  # per job (a backup id); split bigger backups into several ids
+    max_state_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1_000_000)] = 900_000  # one job's encoded state
 
 
 class Config(_Section):

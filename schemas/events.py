@@ -22,11 +22,33 @@ new event types get new tags; a reader skips unknown tags and counts them.
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
 import msgspec
 
 SCHEMA_VERSION = 1
+
+# Constraints every decoded event meets (msgspec checks them while decoding; a violation is
+# refused as ``bad_value``). Numbers are finite and non-negative where a negative means nothing,
+# and fit a signed 64-bit integer, so no sum of them can poison or overflow an aggregate.
+# Strings that become label values or state keys keep to a safe character set and length.
+MAX_INT = 2**63 - 1
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+OffsetOrUnknown = Annotated[int, msgspec.Meta(ge=-1, le=MAX_INT)]  # -1: not known (yet)
+PartitionId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=10 * 365 * 86400.0)]  # a duration: finite, up to 10 years
+EpochSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=4_102_444_800.0)]  # finite, before 2100
+EpochMillis = Annotated[int, msgspec.Meta(ge=0, le=4_102_444_800_000)]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{0,64}$")]  # a label value from a short vocabulary
+TopicName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")]  # Kafka's own rule
+JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")]  # config.SAFE_ID
+JobIdOrNone = Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,199})?$")]
+WorkerId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")]
+TopicPartitionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,249}/[0-9]{1,10}$")]
+Text = Annotated[str, msgspec.Meta(max_length=2000)]  # free text for people, never a label
+MAX_LIST = 100_000
 
 JobKind = Literal["backup", "restore", "offset_reset"]
 Status = Literal["success", "failure"]
@@ -37,32 +59,34 @@ class Event(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
     """Envelope shared by every event."""
 
     v: int = SCHEMA_VERSION
-    instance: str
-    seq: int
-    ts: float
+    instance: WorkerId
+    seq: Count
+    ts: EpochSeconds
     kind: JobKind = "backup"
-    job: str
+    job: JobId
 
 
 class JobStarted(Event, tag="job_started"):
     """A run of a job began. ``mode`` is ``one-shot`` or ``continuous``."""
 
-    mode: str = "one-shot"
-    topics: list[str] = []
-    backend: str = ""
-    compression: str = ""
-    backup_id: str = ""  # for restores: the backup being restored
-    total_records: int | None = None  # for restores: records in the restore's scope (whole window, all runs)
-    restored_total: int = 0  # for restores: records already restored by earlier runs (resumed)
-    restored_bytes: int = -1  # for restores: their key+value bytes (-1: an older worker, unknown)
+    mode: Name = "one-shot"
+    topics: Annotated[list[TopicName], msgspec.Meta(max_length=MAX_LIST)] = []
+    backend: Name = ""
+    compression: Name = ""
+    backup_id: JobIdOrNone = ""  # for restores: the backup being restored
+    total_records: Count | None = None  # for restores: records in the restore's scope (whole window, all runs)
+    restored_total: Count = 0  # for restores: records already restored by earlier runs (resumed)
+    restored_bytes: OffsetOrUnknown = -1  # for restores: their key+value bytes (-1: an older worker, unknown)
+    expected_interval_s: Seconds | None = None  # one-shot backups: a successful run is due at least this often
+    recovery_point_objective_s: Seconds | None = None  # backups: the newest stored record may be this old at most
 
 
 class JobEnded(Event, tag="job_ended"):
     """A run ended; ``duration_s`` is measured by the worker's monotonic clock."""
 
     status: Status
-    duration_s: float
-    reason: str = ""
+    duration_s: Seconds
+    reason: Text = ""
 
 
 class PartitionProgress(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -73,28 +97,28 @@ class PartitionProgress(msgspec.Struct, array_like=True, omit_defaults=True):
     Timestamps are record timestamps in epoch milliseconds.
     """
 
-    topic: str
-    partition: int
-    committed: int
-    high_watermark: int
-    newest_stored_ts: int | None = None
-    newest_available_ts: int | None = None
+    topic: TopicName
+    partition: PartitionId
+    committed: OffsetOrUnknown
+    high_watermark: OffsetOrUnknown
+    newest_stored_ts: EpochMillis | None = None
+    newest_available_ts: EpochMillis | None = None
 
 
 class TopicConsumed(msgspec.Struct, array_like=True):
     """Records and key+value bytes fetched from one topic since the last Progress."""
 
-    topic: str
-    records: int
-    bytes: int
+    topic: TopicName
+    records: Count
+    bytes: Count
 
 
 class Progress(Event, tag="progress"):
     """One per poll cycle, carrying every assigned partition (few, dense events)."""
 
-    partitions: list[PartitionProgress] = []
-    consumed: list[TopicConsumed] = []
-    fetches: int = 0
+    partitions: Annotated[list[PartitionProgress], msgspec.Meta(max_length=MAX_LIST)] = []
+    consumed: Annotated[list[TopicConsumed], msgspec.Meta(max_length=MAX_LIST)] = []
+    fetches: Count = 0
 
 
 class SegmentStored(Event, tag="segment_stored"):
@@ -114,60 +138,73 @@ class SegmentStored(Event, tag="segment_stored"):
     ``-1`` (older workers) means ``start_offset``.
     """
 
-    topic: str
-    partition: int
-    start_offset: int
-    end_offset: int  # exclusive: the next offset to back up
-    records: int
-    bytes: int
-    uncompressed_bytes: int
-    stored_bytes: int
-    algorithm: str
-    min_ts: int | None = None
-    max_ts: int | None = None
-    covers_from: int = -1
+    topic: TopicName
+    partition: PartitionId
+    start_offset: Offset
+    end_offset: Offset  # exclusive: the next offset to back up
+    records: Count
+    bytes: Count
+    uncompressed_bytes: Count
+    stored_bytes: Count
+    algorithm: Name
+    min_ts: EpochMillis | None = None
+    max_ts: EpochMillis | None = None
+    covers_from: OffsetOrUnknown = -1
 
 
 class StorageOp(Event, tag="storage_op"):
-    """One successful storage call, timed from request to response."""
+    """One storage call, timed from request to response, whatever its outcome.
 
-    backend: str
-    operation: str  # segment | manifest | checkpoint
+    ``outcome`` is ``success`` or, for a failed call, its storage error type
+    (``timeout``, ``auth``, ``not_found``, ``quota``, ``unknown``); a failed
+    call also sends an ``error`` event. Older workers sent successful calls only.
+    """
+
+    backend: Name
+    operation: Name  # segment | manifest | checkpoint
     direction: Direction
-    latency_s: float
-    bytes: int
+    latency_s: Seconds
+    bytes: Count
+    outcome: Name = "success"
 
 
 class ErrorRaised(Event, tag="error"):
     """A classified failure. ``backend`` and ``storage_error`` are set for storage failures."""
 
-    error_type: str
+    error_type: Name
     transient: bool
-    operation: str = ""
-    backend: str = ""
-    storage_error: str = ""
-    message: str = ""
+    operation: Name = ""
+    backend: Name = ""
+    storage_error: Name = ""
+    message: Text = ""
 
 
 class Retry(Event, tag="retry"):
-    operation: str  # fetch | commit | write | read | produce
+    operation: Name  # commit | write | read
 
 
 class Rebalance(Event, tag="rebalance"):
-    assigned: list[str] = []  # "topic/partition"
-    revoked: list[str] = []
+    """Partitions assigned to (one event per rebalance) or revoked from the worker.
+
+    The aggregator counts the assignments: a rebalance revokes and then assigns, and
+    counting both would count it twice. Workers send a revocation only when it
+    names partitions.
+    """
+
+    assigned: Annotated[list[TopicPartitionName], msgspec.Meta(max_length=MAX_LIST)] = []  # "topic/partition"
+    revoked: Annotated[list[TopicPartitionName], msgspec.Meta(max_length=MAX_LIST)] = []
 
 
 class TopicPartitionOffset(msgspec.Struct, array_like=True):
-    topic: str
-    partition: int
-    offset: int
+    topic: TopicName
+    partition: PartitionId
+    offset: Offset
 
 
 class OffsetsCommitted(Event, tag="offsets_committed"):
     """The group commit succeeded for these offsets (at ``ts``)."""
 
-    offsets: list[TopicPartitionOffset] = []
+    offsets: Annotated[list[TopicPartitionOffset], msgspec.Meta(max_length=MAX_LIST)] = []
 
 
 class RestoreProgress(Event, tag="restore_progress"):
@@ -181,16 +218,16 @@ class RestoreProgress(Event, tag="restore_progress"):
     twice (written, then adopted after a crash) is not counted twice.
     """
 
-    records: int
-    restored_total: int
-    bytes: int = 0
-    restored_bytes: int = -1  # cumulative like restored_total; -1 from older workers (count ``bytes``)
+    records: Count
+    restored_total: Count
+    bytes: Count = 0
+    restored_bytes: OffsetOrUnknown = -1  # cumulative like restored_total; -1 from older workers (count ``bytes``)
 
 
 class TelemetryDropped(Event, tag="telemetry_dropped"):
     """Cumulative count of events this instance could not deliver; max() is idempotent."""
 
-    total: int
+    total: Count
 
 
 AnyEvent = (
@@ -230,6 +267,7 @@ class _Envelope(msgspec.Struct):
     v: int = 0
 
 
+_CONSTRAINT = re.compile(r"Expected `[^`]+` (>=|<=|>|<|matching regex|of length)")
 _KNOWN_TAGS = frozenset(t.__struct_config__.tag for t in EVENT_TYPES)
 _envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
 
@@ -240,7 +278,9 @@ def decode(data: bytes | None) -> AnyEvent:
     Reasons: ``malformed`` (not msgpack of our shape), ``unknown_type`` (a tag
     this reader does not know, e.g. written by a newer worker),
     ``future_version`` (an incompatible schema version), ``invalid_field``
-    (a known type with a field of the wrong type or missing).
+    (a known type with a field of the wrong type or missing), ``bad_value``
+    (a field outside its constraints: not finite, negative, too large, a label
+    value with characters outside its set).
     """
     if not data:
         raise InvalidEvent("malformed", "empty record")
@@ -254,7 +294,9 @@ def decode(data: bytes | None) -> AnyEvent:
         raise InvalidEvent("unknown_type", env.type or "(none)")
     try:
         return _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+    except msgspec.ValidationError as err:
+        raise InvalidEvent("bad_value" if _CONSTRAINT.search(str(err)) else "invalid_field", str(err)) from None
+    except msgspec.DecodeError as err:
         raise InvalidEvent("invalid_field", str(err)) from None
 
 

@@ -34,6 +34,26 @@ class Histogram(msgspec.Struct, array_like=True):
     def empty(cls, buckets: tuple[float, ...]) -> Histogram:
         return cls(counts=[0] * (len(buckets) + 1))
 
+    def fitted(self, buckets: tuple[float, ...], legacy: tuple[tuple[float, ...], ...] = ()) -> Histogram | None:
+        """These counts laid out for ``buckets``; None when they cannot be, exactly.
+
+        A histogram written with an older bucket layout (``legacy``, the catalogue's former
+        buckets) is moved over when every old bound is also a new one: each old bucket's
+        count goes to the new bucket with the same upper bound, so ``_count``, ``_sum`` and
+        every ``le`` that existed before keep their values and nothing a scraper saw falls.
+        """
+        if len(self.counts) == len(buckets) + 1:
+            return self
+        index = {b: i for i, b in enumerate(buckets)}
+        for old in legacy:
+            if len(old) + 1 == len(self.counts) and all(b in index for b in old):
+                counts = [0] * (len(buckets) + 1)
+                for b, n in zip(old, self.counts, strict=False):
+                    counts[index[b]] += n
+                counts[-1] += self.counts[-1]
+                return Histogram(counts=counts, sum=self.sum, count=self.count)
+        return None
+
     def observe(self, value: float, buckets: tuple[float, ...]) -> None:
         i = 0
         while i < len(buckets) and value > buckets[i]:
@@ -102,6 +122,29 @@ class PartitionState(msgspec.Struct, omit_defaults=True):
         return True
 
 
+class StorageCalls(msgspec.Struct):
+    """Every storage call of one kind and outcome: how long each took, and the bytes moved.
+
+    ``outcome`` is ``success`` or the storage error type of a failed call (``timeout``,
+    ``auth``, ...): a failed call is timed too, so a p99 shows the timeouts.
+    """
+
+    direction: str
+    backend: str
+    operation: str
+    outcome: str
+    latency: Histogram
+    bytes: int = 0
+
+
+class StorageErrors(msgspec.Struct, array_like=True):
+    """Failed storage calls of one backend and error type."""
+
+    backend: str
+    error_type: str
+    count: int
+
+
 class RateSample(msgspec.Struct, array_like=True):
     """What was consumed in one second (epoch second) of event time."""
 
@@ -133,6 +176,9 @@ class JobState(msgspec.Struct, omit_defaults=True):
     mode: str = ""
     started_ts: float | None = None
     ended_ts: float | None = None
+    last_success_ts: float | None = None  # end of the last run that succeeded
+    expected_interval_s: float | None = None  # one-shot backups: a success is due at least this often
+    recovery_point_objective_s: float | None = None  # newest stored record may be at most this old
     last_event_ts: float = 0.0
     runs: int = 0
     records: int = 0
@@ -142,11 +188,16 @@ class JobState(msgspec.Struct, omit_defaults=True):
     partitions: dict[str, PartitionState] = {}  # "topic/partition"
     rates: list[RateSample] = []
     durations: dict[str, Histogram] = {}  # status
+    storage_calls: list[StorageCalls] = []
+    storage_failures: list[StorageErrors] = []
+    # Written by older aggregators with joined "a|b" keys (a "|" in a value shifted labels); read,
+    # never written: storage_latency moves into storage_calls on the job's next storage event.
     storage_latency: dict[str, Histogram] = {}  # "direction|backend|operation"
-    storage_bytes: dict[str, int] = {}  # "direction|backend"
-    storage_errors: dict[str, int] = {}  # "backend|error_type"
+    storage_bytes: dict[str, int] = {}  # "direction|backend", frozen
+    storage_errors: dict[str, int] = {}  # "backend|error_type", frozen
     compression: dict[str, list[int]] = {}  # algorithm -> [compressed, uncompressed]
-    errors: dict[str, int] = {}
+    errors: dict[str, int] = {}  # error_type -> count, transient and permanent
+    permanent_errors: dict[str, int] = {}  # error_type -> count of those a retry cannot fix
     retries: dict[str, int] = {}
     rebalances: int = 0
     window: list[StatusSample] = []  # for the worker status (OK/WARN/STALL/STOP/ERROR)
@@ -154,6 +205,36 @@ class JobState(msgspec.Struct, omit_defaults=True):
     restored_total: int = 0  # restore: cumulative, including resumed runs
     dropped: dict[str, int] = {}  # instance -> cumulative dropped events
     seen: dict[str, list[float]] = {}  # instance -> [highest seq, last event ts]
+
+    def storage_bytes_by(self) -> list[tuple[str, str, int]]:
+        """(direction, backend, bytes) of every storage call, legacy counts included."""
+        out = [(c.direction, c.backend, c.bytes) for c in self.storage_calls]
+        for key, n in self.storage_bytes.items():
+            parts = key.split("|", 1)
+            if len(parts) == 2:
+                out.append((parts[0], parts[1], n))
+        return out
+
+    def storage_errors_by(self) -> list[tuple[str, str, int]]:
+        """(backend, error_type, count) of failed storage calls, legacy counts included."""
+        out = [(f.backend, f.error_type, f.count) for f in self.storage_failures]
+        for key, n in self.storage_errors.items():
+            parts = key.split("|", 1)
+            if len(parts) == 2:
+                out.append((parts[0], parts[1], n))
+        return out
+
+    def all_storage_calls(self) -> list[StorageCalls]:
+        """Storage timings, legacy ``storage_latency`` entries (successful calls, joined keys) included."""
+        if not self.storage_latency:
+            return self.storage_calls
+        legacy = []
+        for key, h in self.storage_latency.items():
+            parts = key.split("|", 2)
+            if len(parts) == 3:
+                legacy.append(StorageCalls(direction=parts[0], backend=parts[1], operation=parts[2],
+                                           outcome="success", latency=h))
+        return legacy + self.storage_calls
 
 
 class PipelineState(msgspec.Struct, omit_defaults=True):

@@ -33,7 +33,6 @@ from schemas.kafka_admin import Security, client_config, ensure_telemetry_topic,
 from schemas.state import (
     PipelineState,
     decode_pipeline,
-    decode_state,
     encode_state,
     pipeline_key,
 )
@@ -60,7 +59,7 @@ def create_app(cfg: Config) -> faust.App:
         producer_linger=0.05,
         stream_wait_empty=False,
     )
-    settings = fold.Settings(throughput_window_s=cfg.aggregator.throughput_window_s)
+    settings = fold.Settings.of(cfg.aggregator)
     topic = app.topic(cfg.telemetry.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                       value_serializer="raw", partitions=cfg.telemetry.partitions)
     # key_type/value_type bytes make Faust pick the raw serializer for the changelog too; a
@@ -78,35 +77,51 @@ def create_app(cfg: Config) -> faust.App:
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(app, revoked, **kwargs) -> None:
-        guard.forget({tp.partition for tp in revoked if tp.topic == cfg.telemetry.topic})
+        partitions = {tp.partition for tp in revoked if tp.topic == cfg.telemetry.topic}
+        guard.forget(partitions)
+        for p in partitions:  # uncommitted: their records are read and counted again by the next owner
+            skips.take(p)
 
     async def dead_letter(key: bytes | None, value: bytes | None, reason: str) -> None:
         if dead_letters is not None:
             await dead_letters.send(key=key, value=value, headers={"kafka-backup-reason": reason.encode()})
 
-    def skip(partition: int, reason: str, detail: object, n: int = 1) -> None:
-        key = pipeline_key(partition).encode()
-        raw = table.get(key)
-        state = decode_pipeline(raw) if raw else PipelineState(partition=partition)
-        state.invalid[reason] = state.invalid.get(reason, 0) + n
-        table[key] = encode_state(state)
-        log.warning("skipped telemetry record on partition %d: %s (%s)", partition, reason, detail)
+    skips = SkipCounts()
 
-    def handle(key: bytes | None, value: bytes | None, partition: int, record_ts: float | None) -> str | None:
+    def skip(partition: int, offset: int, reason: str, detail: object, n: int = 1) -> None:
+        """Count a skipped record in memory; :func:`flush_skips` writes the counts in one table write."""
+        skips.add(partition, reason, n)
+        guard.hold(partition, offset)  # no commit past it before its count is in the table
+        skips.log(partition, reason, detail)
+
+    def flush_skips(partition: int) -> None:
+        pending = skips.take(partition)
+        if pending:
+            key = pipeline_key(partition).encode()
+            raw = table.get(key)
+            state = decode_pipeline(raw) if raw else PipelineState(partition=partition)
+            for reason, n in pending.items():
+                state.invalid[reason] = state.invalid.get(reason, 0) + n
+            table[key] = encode_state(state)
+        guard.release(partition)
+
+    def handle(key: bytes | None, value: bytes | None, partition: int, offset: int,
+               record_ts: float | None) -> str | None:
         """Fold one record; return the reason when it had to be skipped."""
         try:
             event = ev.decode(value)
-            fold.check(event, record_ts)
+            fold.check(event, record_ts, time.time(), settings)
             if key is None or key.decode("utf-8", "replace") != ev.event_key(event.kind, event.job):
                 raise ev.InvalidEvent("bad_key", repr(key))
         except ev.InvalidEvent as err:
-            skip(partition, err.reason, err)
+            skip(partition, offset, err.reason, err)
             return err.reason
-        table_key = key
-        raw = table.get(table_key)
-        new = fold.apply(decode_state(raw) if raw else None, event, settings)
+        new, refused = fold.apply_bytes(table.get(key), event, settings)
+        if refused is not None:
+            skip(partition, offset, refused, f"{event.kind}:{event.job}")
+            return refused
         if new is not None:
-            table[table_key] = encode_state(new)
+            table[key] = new
         return None
 
     @app.agent(topic, concurrency=1)
@@ -118,7 +133,9 @@ def create_app(cfg: Config) -> faust.App:
                 continue
             if verdict == "gap" and guard.next[msg.partition] < (earliest := offsets.earliest(msg.partition)):
                 lost = earliest - guard.next[msg.partition]
-                skip(msg.partition, "expired", f"{lost} records deleted by retention before they were read", lost)
+                skip(msg.partition, guard.next[msg.partition], "expired",
+                     f"{lost} records deleted by retention before they were read", lost)
+                flush_skips(msg.partition)
                 guard.folded(msg.partition, earliest - 1)
                 verdict = guard.admit(msg.partition, msg.offset)
             if verdict == "gap":
@@ -127,19 +144,72 @@ def create_app(cfg: Config) -> faust.App:
                 return
             ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
             try:
-                reason = handle(event.key, event.value, msg.partition, ts)
+                reason = handle(event.key, event.value, msg.partition, msg.offset, ts)
             except PartitionsMismatch as err:  # the topics changed under us: folding cannot go on
                 exit_now(f"{' '.join(str(err).split())} (the telemetry topic's partitions changed while "
                          "running; start the aggregator again to check them)")
                 return
             except Exception as err:  # never let one record kill the agent (Faust would skip it)
                 reason = "internal_error"
-                skip(msg.partition, reason, repr(err))
+                log.exception("telemetry partition %d offset %d: unexpected failure", msg.partition, msg.offset)
+                skip(msg.partition, msg.offset, reason, repr(err))
             if reason is not None:
                 await dead_letter(event.key, event.value, reason)
             guard.folded(msg.partition, msg.offset)
+            if skips.due(msg.partition, after_good=reason is None):
+                flush_skips(msg.partition)
 
     return app
+
+
+class SkipCounts:
+    """Skipped records counted in memory per telemetry partition, written to the table in batches.
+
+    A flood of bad records (a broken or hostile producer) then costs one small table write per
+    ``batch`` records or ``max_age_s``, not one per record; the offset guard holds the commit back
+    until the counts are written, so a crash re-reads and counts them again, exactly once. Log
+    lines are limited to one per reason and partition every ``log_every_s``, with the untrusted
+    detail escaped and cut.
+    """
+
+    def __init__(self, batch: int = 500, max_age_s: float = 0.2, log_every_s: float = 10.0) -> None:
+        self.batch, self.max_age_s, self.log_every_s = batch, max_age_s, log_every_s
+        self._pending: dict[int, dict[str, int]] = {}
+        self._since: dict[int, float] = {}
+        self._logged: dict[tuple[int, str], tuple[float, int]] = {}  # -> (last logged, suppressed since)
+
+    def add(self, partition: int, reason: str, n: int) -> None:
+        counts = self._pending.setdefault(partition, {})
+        counts[reason] = counts.get(reason, 0) + n
+        self._since.setdefault(partition, time.monotonic())
+
+    def due(self, partition: int, after_good: bool) -> bool:
+        counts = self._pending.get(partition)
+        if not counts:
+            return False
+        return after_good or sum(counts.values()) >= self.batch or (
+            time.monotonic() - self._since[partition] >= self.max_age_s)
+
+    def take(self, partition: int) -> dict[str, int]:
+        self._since.pop(partition, None)
+        return self._pending.pop(partition, {})
+
+    def log(self, partition: int, reason: str, detail: object) -> None:
+        now = time.monotonic()
+        last, suppressed = self._logged.get((partition, reason), (-self.log_every_s, 0))
+        if now - last < self.log_every_s:
+            self._logged[(partition, reason)] = (last, suppressed + 1)
+            return
+        self._logged[(partition, reason)] = (now, 0)
+        more = f"; {suppressed} more since the last line" if suppressed else ""
+        log.warning("skipped telemetry record on partition %d: %s (%s)%s", partition, reason,
+                    escaped(detail), more)
+
+
+def escaped(value: object, limit: int = 200) -> str:
+    """An untrusted value for a log line: one line, printable, cut to ``limit`` characters."""
+    text = repr(str(value))[1:-1]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class GroupOffsets:

@@ -29,57 +29,79 @@ from schemas.state import (
     RateSample,
     SizeSample,
     StatusSample,
+    StorageCalls,
+    StorageErrors,
+    decode_state,
+    encode_state,
 )
 
 MAX_INSTANCES_PER_JOB = 64  # bound on dedup marks kept per job; oldest (by last event) go first
 
 
 class Settings:
-    """Aggregation parameters that shape state (not presentation)."""
+    """Aggregation parameters that shape state (not presentation), and the limits that protect it."""
 
-    def __init__(self, throughput_window_s: int = 60) -> None:
+    def __init__(self, throughput_window_s: int = 60, max_future_s: float = 300.0,
+                 max_keys_per_map: int = 256, max_partitions_per_job: int = 2000,
+                 max_state_bytes: int = 900_000) -> None:
         self.throughput_window_s = throughput_window_s
+        self.max_future_s = max_future_s
+        self.max_keys_per_map = max_keys_per_map
+        self.max_partitions_per_job = max_partitions_per_job
+        self.max_state_bytes = max_state_bytes
+
+
+    @classmethod
+    def of(cls, aggregator) -> Settings:
+        """From the ``aggregator:`` configuration section."""
+        return cls(throughput_window_s=aggregator.throughput_window_s, max_future_s=aggregator.max_future_s,
+                   max_keys_per_map=aggregator.max_keys_per_map,
+                   max_partitions_per_job=aggregator.max_partitions_per_job,
+                   max_state_bytes=aggregator.max_state_bytes)
 
 
 DEFAULT_SETTINGS = Settings()
 
 
 MIN_EVENT_TS = 1_577_836_800.0  # 2020-01-01: older event times are a broken clock
-MAX_FUTURE_S = 24 * 3600.0  # event time may lead the record's Kafka timestamp by at most a day
-MAX_DELAY_S = 90 * 24 * 3600.0  # and trail it (spooled, buffered) by at most 90 days
+MAX_DELAY_S = 90 * 24 * 3600.0  # event time may trail the record's Kafka timestamp (spooled, buffered) by 90 days
 
 
-def check(event: ev.Event, record_ts: float | None) -> None:
-    """Reject absurd values before they touch any aggregate (raises ``InvalidEvent``).
+def check(event: ev.Event, record_ts: float | None, now: float | None = None,
+          settings: Settings = DEFAULT_SETTINGS) -> None:
+    """Reject what the Struct constraints cannot see, before it touches any aggregate (``InvalidEvent``).
 
-    ``record_ts`` is the Kafka record timestamp in seconds: comparing with it,
-    not with the aggregator's clock, keeps a replay's verdict identical.
+    Single fields (finite, non-negative, in range, safe label characters) were checked while
+    decoding. Here: event time against the record's Kafka timestamp and the aggregator's clock
+    (``now``; a record timestamp of 0 bounds nothing), and fields that must agree with each other.
+    An event time ahead of both by more than ``max_future_s`` is a bad clock: accepted, it would
+    keep ``last_event_ts`` in the future and hide a dead worker's STOP for that long.
     """
-    if event.ts < MIN_EVENT_TS or event.seq < 0:
-        raise ev.InvalidEvent("bad_timestamp" if event.ts < MIN_EVENT_TS else "bad_value", "envelope")
-    if record_ts is not None and not (record_ts - MAX_DELAY_S <= event.ts <= record_ts + MAX_FUTURE_S):
+    if event.ts < MIN_EVENT_TS:
+        raise ev.InvalidEvent("bad_timestamp", f"event time {event.ts} before 2020")
+    bounds = [t for t in (record_ts, now) if t is not None]
+    if bounds and event.ts > min(bounds) + settings.max_future_s:
+        raise ev.InvalidEvent("bad_timestamp", f"event time {event.ts} ahead of record/clock time {min(bounds)}")
+    if record_ts is not None and event.ts < record_ts - MAX_DELAY_S:
         raise ev.InvalidEvent("bad_timestamp", f"event time {event.ts} vs record time {record_ts}")
-    negative = False
+    problem = ""
     if isinstance(event, ev.Progress):
-        negative = event.fetches < 0 or any(c.records < 0 or c.bytes < 0 for c in event.consumed) or any(
-            p.committed < -1 or p.high_watermark < -1 or (p.high_watermark >= 0 and p.committed > p.high_watermark)
-            for p in event.partitions
-        )
+        if any(p.high_watermark >= 0 and p.committed > p.high_watermark for p in event.partitions):
+            problem = "committed offset above the high watermark"
     elif isinstance(event, ev.SegmentStored):
-        negative = (
-            min(event.records, event.bytes, event.uncompressed_bytes, event.stored_bytes, event.start_offset) < 0
-            or event.end_offset < event.start_offset
-        )
-    elif isinstance(event, ev.StorageOp):
-        negative = event.latency_s < 0 or event.bytes < 0
-    elif isinstance(event, ev.JobEnded):
-        negative = event.duration_s < 0
-    elif isinstance(event, ev.RestoreProgress):
-        negative = min(event.records, event.bytes, event.restored_total) < 0
-    elif isinstance(event, ev.TelemetryDropped):
-        negative = event.total < 0
-    if negative:
-        raise ev.InvalidEvent("bad_value", type(event).__name__)
+        if event.end_offset < event.start_offset:
+            problem = "end_offset below start_offset"
+        elif event.covers_from > event.start_offset:
+            problem = "covers_from above start_offset"
+        elif event.records > event.end_offset - event.start_offset:
+            problem = "more records than offsets in the range"
+        elif event.min_ts is not None and event.max_ts is not None and event.min_ts > event.max_ts:
+            problem = "min_ts above max_ts"
+    elif isinstance(event, ev.JobStarted):
+        if event.total_records is not None and event.restored_total > event.total_records:
+            problem = "restored_total above total_records"
+    if problem:
+        raise ev.InvalidEvent("bad_value", f"{type(event).__name__}: {problem}")
 
 
 def new_state(event: ev.Event) -> JobState:
@@ -106,6 +128,39 @@ def apply(state: JobState | None, event: ev.Event, settings: Settings = DEFAULT_
     return state
 
 
+def apply_bytes(raw: bytes | None, event: ev.Event,
+                settings: Settings = DEFAULT_SETTINGS) -> tuple[bytes | None, str | None]:
+    """Fold one event into an encoded state, within the limits.
+
+    Returns ``(new value, None)``; ``(None, None)`` for a duplicate; or ``(None, reason)`` when
+    the event is refused because the job's state would outgrow a limit (``too_many_keys``,
+    ``state_too_large``). A refused event changes nothing: the old value stays, so a job that
+    floods its own maps (say, 20,000 error types) loses only those events, and neither crashes
+    the aggregator nor costs any other job a thing.
+    """
+    new = apply(decode_state(raw) if raw else None, event, settings)
+    if new is None:
+        return None, None
+    reason = over_limit(new, settings)
+    if reason is not None:
+        return None, reason
+    data = encode_state(new)
+    if len(data) > settings.max_state_bytes:
+        return None, "state_too_large"
+    return data, None
+
+
+def over_limit(state: JobState, settings: Settings) -> str | None:
+    """Every map and list keyed by a value from events is capped (``aggregator.max_keys_per_map``)."""
+    if len(state.partitions) > settings.max_partitions_per_job:
+        return "too_many_keys"
+    maps = (state.errors, state.permanent_errors, state.retries, state.storage_calls, state.storage_failures,
+            state.compression, state.consumed, state.dropped)
+    if any(len(m) > settings.max_keys_per_map for m in maps):
+        return "too_many_keys"
+    return None
+
+
 def _partition(state: JobState, topic: str, partition: int) -> PartitionState:
     key = f"{topic}/{partition}"
     p = state.partitions.get(key)
@@ -114,15 +169,22 @@ def _partition(state: JobState, topic: str, partition: int) -> PartitionState:
     return p
 
 
-def _observe(hists: dict[str, Histogram], key: str, value: float, buckets: tuple[float, ...]) -> None:
+def _observe(hists: dict[str, Histogram], key: str, value: float, metric: cat.Metric) -> None:
     h = hists.get(key)
+    h = Histogram.empty(metric.buckets) if h is None else h.fitted(metric.buckets, metric.legacy_buckets)
     if h is None:
-        h = hists[key] = Histogram.empty(buckets)
-    h.observe(value, buckets)
+        return  # written with buckets that cannot be moved over exactly: the exporter skips it too
+    h.observe(value, metric.buckets)
+    hists[key] = h
+
+
+def _sum(a: int, b: int) -> int:
+    """Counters saturate at the largest signed 64-bit value instead of growing past what msgpack encodes."""
+    return min(a + b, ev.MAX_INT)
 
 
 def _add(counter: dict[str, int], key: str, n: int = 1) -> None:
-    counter[key] = counter.get(key, 0) + n
+    counter[key] = _sum(counter.get(key, 0), n)
 
 
 def _job_started(state: JobState, e: ev.JobStarted, s: Settings) -> None:
@@ -131,6 +193,8 @@ def _job_started(state: JobState, e: ev.JobStarted, s: Settings) -> None:
     state.started_ts = e.ts
     state.ended_ts = None
     state.mode = e.mode
+    state.expected_interval_s = e.expected_interval_s
+    state.recovery_point_objective_s = e.recovery_point_objective_s
     if e.backup_id:
         state.backup_id = e.backup_id
     if e.total_records is not None:
@@ -143,10 +207,11 @@ DURATION_METRIC = {"backup": cat.BACKUP_DURATION, "restore": cat.RESTORE_DURATIO
 
 
 def _job_ended(state: JobState, e: ev.JobEnded, s: Settings) -> None:
-    buckets = DURATION_METRIC[e.kind].buckets
-    _observe(state.durations, e.status, e.duration_s, buckets)
+    _observe(state.durations, e.status, e.duration_s, DURATION_METRIC[e.kind])
     state.status = e.status
     state.ended_ts = e.ts
+    if e.status == "success":
+        state.last_success_ts = e.ts
 
 
 def _progress(state: JobState, e: ev.Progress, s: Settings) -> None:
@@ -165,10 +230,10 @@ def _progress(state: JobState, e: ev.Progress, s: Settings) -> None:
     second = int(e.ts)
     for c in e.consumed:
         totals = state.consumed.setdefault(c.topic, [0, 0])
-        totals[0] += c.records
-        totals[1] += c.bytes
+        totals[0] = _sum(totals[0], c.records)
+        totals[1] = _sum(totals[1], c.bytes)
         _rate(state, second, c.topic, c.records, c.bytes, 0)
-    state.fetches += e.fetches
+    state.fetches = _sum(state.fetches, e.fetches)
     if e.fetches:
         _rate(state, second, FETCHES_TOPIC, 0, 0, e.fetches)
     horizon = second - s.throughput_window_s
@@ -180,9 +245,9 @@ def _rate(state: JobState, second: int, topic: str, records: int, nbytes: int, f
         if r.second != second:
             break
         if r.topic == topic:
-            r.records += records
-            r.bytes += nbytes
-            r.fetches += fetches
+            r.records = _sum(r.records, records)
+            r.bytes = _sum(r.bytes, nbytes)
+            r.fetches = _sum(r.fetches, fetches)
             return
     state.rates.append(RateSample(second=second, topic=topic, records=records, bytes=nbytes, fetches=fetches))
 
@@ -192,34 +257,58 @@ def _segment_stored(state: JobState, e: ev.SegmentStored, s: Settings) -> None:
     if not p.claim(e.covers_from, e.end_offset):
         return  # this offset range is already counted (reported again by another instance or run)
     p.committed = max(p.committed, e.end_offset)
-    p.records += e.records
-    p.bytes += e.bytes
+    p.records = _sum(p.records, e.records)
+    p.bytes = _sum(p.bytes, e.bytes)
     if e.max_ts is not None:
         p.newest_stored_ts = max(p.newest_stored_ts or 0, e.max_ts)
-    state.records += e.records
-    state.bytes += e.bytes
+    state.records = _sum(state.records, e.records)
+    state.bytes = _sum(state.bytes, e.bytes)
     comp = state.compression.setdefault(e.algorithm, [0, 0])
-    comp[0] += e.stored_bytes
-    comp[1] += e.uncompressed_bytes
+    comp[0] = _sum(comp[0], e.stored_bytes)
+    comp[1] = _sum(comp[1], e.uncompressed_bytes)
     minute = int(e.ts // 60)
     if p.sizes and p.sizes[-1].minute == minute:
-        p.sizes[-1].records += e.records
-        p.sizes[-1].bytes += e.bytes
+        p.sizes[-1].records = _sum(p.sizes[-1].records, e.records)
+        p.sizes[-1].bytes = _sum(p.sizes[-1].bytes, e.bytes)
     else:
         p.sizes.append(SizeSample(minute=minute, records=e.records, bytes=e.bytes))
     p.sizes = [x for x in p.sizes if x.minute > minute - SIZE_WINDOW_MINUTES]
 
 
+STORAGE_LATENCY_METRIC = {"write": cat.STORAGE_WRITE_LATENCY, "read": cat.STORAGE_READ_LATENCY}
+
+
 def _storage_op(state: JobState, e: ev.StorageOp, s: Settings) -> None:
-    metric = cat.STORAGE_WRITE_LATENCY if e.direction == "write" else cat.STORAGE_READ_LATENCY
-    _observe(state.storage_latency, f"{e.direction}|{e.backend}|{e.operation}", e.latency_s, metric.buckets)
-    _add(state.storage_bytes, f"{e.direction}|{e.backend}", e.bytes)
+    if state.storage_latency:  # state written by an older aggregator: move it over once
+        state.storage_calls = state.all_storage_calls()
+        state.storage_latency = {}
+    metric = STORAGE_LATENCY_METRIC[e.direction]
+    for c in state.storage_calls:
+        if (c.direction, c.backend, c.operation, c.outcome) == (e.direction, e.backend, e.operation, e.outcome):
+            calls = c
+            break
+    else:
+        calls = StorageCalls(direction=e.direction, backend=e.backend, operation=e.operation, outcome=e.outcome,
+                             latency=Histogram.empty(metric.buckets))
+        state.storage_calls.append(calls)
+    fitted = calls.latency.fitted(metric.buckets, metric.legacy_buckets)
+    if fitted is not None:
+        fitted.observe(e.latency_s, metric.buckets)
+        calls.latency = fitted
+    calls.bytes = _sum(calls.bytes, e.bytes)
 
 
 def _error(state: JobState, e: ev.ErrorRaised, s: Settings) -> None:
     _add(state.errors, e.error_type)
+    if not e.transient:
+        _add(state.permanent_errors, e.error_type)
     if e.storage_error:
-        _add(state.storage_errors, f"{e.backend}|{e.storage_error}")
+        for f in state.storage_failures:
+            if (f.backend, f.error_type) == (e.backend, e.storage_error):
+                f.count = _sum(f.count, 1)
+                break
+        else:
+            state.storage_failures.append(StorageErrors(backend=e.backend, error_type=e.storage_error, count=1))
 
 
 def _retry(state: JobState, e: ev.Retry, s: Settings) -> None:
@@ -227,7 +316,8 @@ def _retry(state: JobState, e: ev.Retry, s: Settings) -> None:
 
 
 def _rebalance(state: JobState, e: ev.Rebalance, s: Settings) -> None:
-    state.rebalances += 1
+    if not e.revoked:  # one rebalance revokes, then assigns: count the assignment only
+        state.rebalances = _sum(state.rebalances, 1)
 
 
 def _offsets_committed(state: JobState, e: ev.OffsetsCommitted, s: Settings) -> None:
@@ -251,7 +341,7 @@ def _restored(state: JobState, restored_total: int, restored_bytes: int) -> None
 
 def _restore_progress(state: JobState, e: ev.RestoreProgress, s: Settings) -> None:
     if e.restored_bytes < 0:  # an older worker: only per-batch bytes
-        state.bytes += e.bytes
+        state.bytes = _sum(state.bytes, e.bytes)
     _restored(state, e.restored_total, e.restored_bytes)
     second = int(e.ts)
     _rate(state, second, FETCHES_TOPIC, e.records, e.bytes, 0)

@@ -46,6 +46,7 @@ class OffsetGuard:
         self.topic = topic
         self.start_offset = start_offset
         self.next: dict[int, int] = {}  # partition -> next offset to fold
+        self.held: dict[int, int] = {}  # partition -> first offset whose effect is not yet in the table
 
     def admit(self, partition: int, offset: int) -> str:
         """``"fold"``, ``"duplicate"`` (already folded) or ``"gap"`` (events before it were skipped)."""
@@ -59,9 +60,17 @@ class OffsetGuard:
     def folded(self, partition: int, offset: int) -> None:
         self.next[partition] = offset + 1
 
+    def hold(self, partition: int, offset: int) -> None:
+        """Commit nothing of ``partition`` from ``offset`` on until :meth:`release` (its effect is still in memory)."""
+        self.held.setdefault(partition, offset)
+
+    def release(self, partition: int) -> None:
+        self.held.pop(partition, None)
+
     def forget(self, partitions: set[int]) -> None:
         for p in partitions:
             self.next.pop(p, None)
+            self.held.pop(p, None)
 
     def allowed(self, offsets: dict[Any, int]) -> dict[Any, int]:
         """Offsets Faust wants to commit, each held back to the folded frontier of its partition."""
@@ -70,7 +79,7 @@ class OffsetGuard:
             if tp.topic != self.topic:
                 out[tp] = offset
             elif tp.partition in self.next:
-                out[tp] = min(offset, self.next[tp.partition])
+                out[tp] = min(offset, self.next[tp.partition], self.held.get(tp.partition, offset))
         return out
 
     def guard_commits(self, consumer: Any) -> None:

@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from schemas import events as ev
 from schemas.kafka_admin import client_config
-from schemas.state import JobState, PipelineState
+from schemas.state import JobState, PipelineState, decode_state
 from streams import fold
 
 
@@ -103,7 +103,8 @@ def replay(records: Iterable[LogRecord], until: float | None = None,
     for rec in records:
         try:
             event = ev.decode(rec.value)
-            fold.check(event, rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None)
+            # no clock here: the report is a function of the log alone (``until`` bounds event time)
+            fold.check(event, rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None, None, settings)
             key = ev.event_key(event.kind, event.job)
             if rec.key is None or rec.key.decode("utf-8", "replace") != key:
                 raise ev.InvalidEvent("bad_key", repr(rec.key))
@@ -117,11 +118,18 @@ def replay(records: Iterable[LogRecord], until: float | None = None,
         unique.setdefault(key, {}).setdefault((event.instance, event.seq), event)
     for key in sorted(unique):
         ordered = sorted(unique[key].values(), key=lambda e: (e.ts, e.instance, e.seq))
-        state = None
+        raw, kept = None, []
         for event in ordered:
-            state = fold.apply(state, event, settings) or state
-        result.jobs[key] = state
-        result.events[key] = ordered
+            new, refused = fold.apply_bytes(raw, event, settings)
+            if refused is not None:
+                result.invalid.invalid[refused] = result.invalid.invalid.get(refused, 0) + 1
+                continue
+            raw = new if new is not None else raw
+            kept.append(event)
+        if raw is None:
+            continue
+        result.jobs[key] = decode_state(raw)
+        result.events[key] = kept
     return result
 
 

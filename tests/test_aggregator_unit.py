@@ -150,3 +150,44 @@ def test_offset_guard_holds_commits_back_to_what_was_folded():
     other = TP("agg-__assignor-__leader", 0)
     asyncio.run(consumer._commit_offsets({TP("telemetry", 0): 130, TP("telemetry", 1): 12, other: 3}))
     assert sent == [{TP("telemetry", 0): 100, other: 3}]
+
+
+def test_skipped_records_hold_the_commit_until_their_count_is_written():
+    from faust.types import TP
+
+    from streams.guards import OffsetGuard
+
+    guard = OffsetGuard("telemetry", lambda p: 0)
+    guard.admit(0, 0)
+    guard.folded(0, 9)
+    guard.hold(0, 10)  # offset 10 was skipped; its count is still in memory
+    guard.folded(0, 49)
+    assert guard.allowed({TP("telemetry", 0): 50}) == {TP("telemetry", 0): 10}
+    guard.release(0)  # the count is in the table
+    assert guard.allowed({TP("telemetry", 0): 50}) == {TP("telemetry", 0): 50}
+
+
+def test_skip_counts_flush_in_batches_and_log_a_bounded_escaped_line(caplog, monkeypatch):
+    import logging
+
+    from streams import app
+
+    clock = [1000.0]
+    monkeypatch.setattr(app.time, "monotonic", lambda: clock[0])
+    skips = app.SkipCounts(batch=500, max_age_s=0.2, log_every_s=10.0)
+    with caplog.at_level(logging.WARNING, logger="kafka_backup.aggregator"):
+        for i in range(499):
+            skips.add(0, "bad_value", 1)
+            skips.log(0, "bad_value", f"evil\nline {i} " + "x" * 500)
+            assert not skips.due(0, after_good=False)
+        skips.add(0, "bad_value", 1)
+        assert skips.due(0, after_good=False)  # 500 pending: one write
+    assert skips.take(0) == {"bad_value": 500}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "\n" not in lines[0] and "evil\\nline 0" in lines[0] and len(lines[0]) < 400
+    skips.add(1, "malformed", 1)
+    assert not skips.due(1, after_good=False)
+    clock[0] += 0.2
+    assert skips.due(1, after_good=False)  # old enough
+    skips.add(2, "malformed", 1)
+    assert skips.due(2, after_good=True)  # a good record on the partition writes what is pending

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import yaml
 
 from schemas import catalogue as cat
 from schemas.config import ConfigError, load
@@ -28,9 +29,20 @@ def test_catalogue_names_are_unique_and_well_formed():
         assert list(m.buckets) == sorted(m.buckets)
 
 
-def test_prd_buckets_are_kept():
-    assert cat.BACKUP_DURATION.buckets == (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
-    assert cat.STORAGE_WRITE_LATENCY.buckets == (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+def test_prd_buckets_are_kept_and_extended():
+    """The PRD's bounds stay (queries on them keep working); longer runs and slow calls get more."""
+    prd_duration = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+    prd_storage = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+    assert cat.BACKUP_DURATION.buckets[:10] == prd_duration
+    assert cat.BACKUP_DURATION.buckets[-1] == 30 * 86400
+    assert cat.STORAGE_WRITE_LATENCY.buckets[:9] == prd_storage
+    assert cat.STORAGE_WRITE_LATENCY.buckets[-1] == 60
+
+
+def test_every_legacy_bucket_layout_moves_over_exactly():
+    for m in cat.CATALOGUE:
+        for old in m.legacy_buckets:
+            assert set(old) <= set(m.buckets), m.name
 
 
 def test_yaml_file_then_flags(tmp_path):
@@ -83,3 +95,20 @@ def test_configuration_reference_is_generated_and_current():
 
     with open(os.path.join(ROOT, "docs", "configuration.md"), encoding="utf-8") as fh:
         assert fh.read() == config.render_markdown(), "stale: python -m schemas.config > docs/configuration.md"
+
+
+def test_no_metric_uses_a_label_prometheus_owns():
+    """Prometheus attaches `job` and `instance` to every scraped series and renames ours to `exported_*`."""
+    for m in cat.CATALOGUE:
+        assert not {"job", "instance"} & set(m.labels), m.name
+
+
+def test_every_shipped_alert_has_a_case_that_fires_and_stays_quiet_for_a_fleet_at_rest():
+    with open(os.path.join(ROOT, "docker", "prometheus", "rules.yml"), encoding="utf-8") as fh:
+        alerts = {r["alert"] for g in yaml.safe_load(fh)["groups"] for r in g["rules"] if "alert" in r}
+    with open(os.path.join(ROOT, "tests", "prometheus", "rules_test.yml"), encoding="utf-8") as fh:
+        cases = yaml.safe_load(fh)["tests"]
+    fires = {t["alertname"] for case in cases for t in case.get("alert_rule_test", []) if t["exp_alerts"]}
+    assert alerts <= fires, f"no firing case for {alerts - fires}"
+    at_rest = cases[-1]["alert_rule_test"]  # the last case: a healthy fleet for 3 hours
+    assert {t["alertname"] for t in at_rest if t["eval_time"] == "3h" and t["exp_alerts"] == []} == alerts

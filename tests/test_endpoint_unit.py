@@ -108,7 +108,11 @@ def test_a_non_ascii_username_can_be_configured():
 
 
 class Reader:
-    ready = threading.Event()
+    """A state reader that has caught up (/metrics answers 503 until then)."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.ready.set()
 
     def snapshot(self):
         return {}

@@ -126,6 +126,11 @@ def test_real_prometheus_scrapes_exact_values(backed_up, tmp_path):
         assert float(up[0]["value"][1]) == 1
         buckets = query(f'kafka_backup_duration_seconds_count{{backup_id="{bid}",status="success"}}')
         assert float(buckets[0]["value"][1]) == 1
+        # Prometheus owns `job` and `instance`: a series of ours carrying them would be renamed
+        seen = query(f'kafka_backup_worker_last_seen_timestamp_seconds{{job_id="{bid}"}}')
+        assert seen and all("worker" in r["metric"] for r in seen)
+        renamed = query('{__name__=~"kafka_.+", exported_instance!=""} or {__name__=~"kafka_.+", exported_job!=""}')
+        assert renamed == []
 
 
 def self_signed(tmp_path) -> tuple[str, str]:

@@ -64,7 +64,7 @@ def test_status_is_a_stateset_with_one_current_state():
     values = {state: s.get_value(cat.BACKUP_STATUS.name, backup_id="b1", kafka_backup_status=state)
               for state in ("OK", "WARN", "STALL", "STOP", "ERROR")}
     assert values == {"OK": 0, "WARN": 1, "STALL": 0, "STOP": 0, "ERROR": 0}
-    assert s.get_value(cat.WORKER_LAST_SEEN.name, kind="backup", job_id="b1", instance="w1") == LAST
+    assert s.get_value(cat.WORKER_LAST_SEEN.name, kind="backup", job_id="b1", worker="w1") == LAST
 
 
 def test_jobs_expire_after_the_configured_time():
@@ -78,6 +78,35 @@ def test_jobs_expire_after_the_configured_time():
     assert s.get_value(cat.EXPORTER_EXPIRED_JOBS.name) == 0
     s = render([old, live], T0 + 999 + 1801 - 949, expire_after_s=1800)
     assert s.get_value(cat.EXPORTER_EXPIRED_JOBS.name) == 1  # live's last event was at T0 + 50
+
+
+def test_a_scheduled_backup_expires_only_after_its_next_run_was_due_plus_the_expiry():
+    """Else a weekly backup whose scheduler died would vanish before "no recent success" could fire."""
+    state = fold.apply(None, ev.JobStarted(instance="n1", seq=1, ts=T0, job="weekly", mode="one-shot",
+                                           expected_interval_s=7 * 86400.0))
+    state = fold.apply(state, ev.JobEnded(instance="n1", seq=2, ts=T0 + 60, job="weekly", status="success",
+                                          duration_s=60.0))
+    s = render([state], T0 + 60 + 7 * 86400 + 1800, expire_after_s=1800)
+    assert s.get_value(cat.LAST_SUCCESS.name, backup_id="weekly") == T0 + 60
+    assert s.get_value(cat.EXPECTED_INTERVAL.name, backup_id="weekly") == 7 * 86400
+    assert s.get_value(cat.JOB_INFO.name, backup_id="weekly", mode="one-shot") == 1
+    s = render([state], T0 + 60 + 7 * 86400 + 1801, expire_after_s=1800)
+    assert s.get_value(cat.LAST_SUCCESS.name, backup_id="weekly") is None
+
+
+def test_newest_stored_record_and_objectives_are_exported():
+    state = fold.apply(None, ev.JobStarted(instance="c1", seq=1, ts=T0, job="c", mode="continuous",
+                                           recovery_point_objective_s=3600.0))
+    state = fold.apply(state, ev.SegmentStored(instance="c1", seq=2, ts=T0 + 5, job="c", topic="t", partition=3,
+                                               start_offset=0, end_offset=10, records=10, bytes=100,
+                                               uncompressed_bytes=120, stored_bytes=50, algorithm="zstd",
+                                               min_ts=1_789_000_000_000, max_ts=1_789_000_123_456))
+    s = render([state], T0 + 10)
+    assert s.get_value(cat.NEWEST_STORED_RECORD.name, backup_id="c", topic="t", partition=3) == 1_789_000_123.456
+    assert s.get_value(cat.RECOVERY_POINT_OBJECTIVE.name, backup_id="c") == 3600
+    assert s.get_value(cat.EXPECTED_INTERVAL.name, backup_id="c") is None  # continuous: judged by progress
+    assert s.get_value(cat.JOB_INFO.name, backup_id="c", mode="continuous") == 1
+    assert s.get_value(cat.LAST_SUCCESS.name, backup_id="c") is None
 
 
 def test_series_beyond_the_family_limit_are_dropped_and_counted():

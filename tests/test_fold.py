@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
 
+from schemas import catalogue as cat
 from schemas import events as ev
-from schemas.state import MAX_HOLES, encode_state
+from schemas.state import MAX_HOLES, Histogram, JobState, decode_state, encode_state
 from streams import fold
 
 T0 = 1_790_000_000.0
@@ -26,6 +28,13 @@ def segment(w, start, end, records=None, nbytes=10, covers_from=-1):
     return w(ev.SegmentStored, topic="t", partition=0, start_offset=start, end_offset=end,
              records=records if records is not None else end - start, bytes=nbytes, uncompressed_bytes=20,
              stored_bytes=5, algorithm="zstd", covers_from=covers_from)
+
+
+def hist_of(values, buckets):
+    h = Histogram.empty(buckets)
+    for v in values:
+        h.observe(v, buckets)
+    return h
 
 
 def fold_all(events):
@@ -52,8 +61,9 @@ def test_duplicates_and_reordered_replays_change_nothing():
     assert encode_state(twice) == encode_state(once)
     assert (twice.records, twice.bytes, twice.runs) == (150, 20, 1)
     assert twice.durations["success"].count == 1
-    assert twice.storage_errors == {"s3|timeout": 1}
-    assert twice.storage_latency["write|s3|segment"].count == 1
+    assert twice.storage_errors_by() == [("s3", "timeout", 1)]
+    assert [(c.direction, c.backend, c.operation, c.outcome, c.latency.count) for c in twice.storage_calls] == [
+        ("write", "s3", "segment", "success", 1)]
 
 
 def test_same_range_reported_by_a_second_instance_counts_once():
@@ -117,10 +127,78 @@ def test_a_restarted_worker_counts_from_its_new_instance():
 
 def test_histogram_buckets_follow_the_catalogue():
     w = Worker()
-    state = fold_all([w(ev.JobEnded, status="success", duration_s=d) for d in (0.5, 1.0, 4.0, 3600.0, 5000.0)])
-    # buckets 1,5,15,...,3600 then +Inf; le is inclusive
-    assert state.durations["success"].counts == [2, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1]
-    assert state.durations["success"].sum == pytest.approx(8605.5)
+    durations = (0.5, 1.0, 4.0, 3600.0, 5000.0, 3 * 86400.0, 40 * 86400.0)
+    state = fold_all([w(ev.JobEnded, status="success", duration_s=d) for d in durations])
+    # buckets 1,5,15,...,3600, 7200, ..., 172800, 604800, 2592000, then +Inf; le is inclusive
+    assert state.durations["success"].counts == [2, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 1]
+    assert state.durations["success"].sum == pytest.approx(sum(durations))
+
+
+def test_a_histogram_of_the_former_buckets_moves_over_exactly_when_next_observed():
+    """State written before the buckets grew: every le that existed keeps its cumulative count."""
+    old_buckets = cat.LEGACY_DURATION_BUCKETS[0]
+    old = Histogram.empty(old_buckets)
+    for d in (0.5, 30.0, 3600.0, 5000.0, 90000.0):
+        old.observe(d, old_buckets)
+    state = JobState(kind="backup", job="b", durations={"success": old})
+    w = Worker()
+    fold.apply(state, w(ev.JobEnded, status="success", duration_s=10000.0))
+    h = state.durations["success"]
+    assert len(h.counts) == len(cat.BACKUP_DURATION.buckets) + 1
+    cum = dict(zip([*cat.BACKUP_DURATION.buckets, float("inf")], itertools.accumulate(h.counts), strict=True))
+    assert [cum[b] for b in (1.0, 30.0, 3600.0)] == [1, 2, 3]  # as before
+    assert cum[14400.0] == 4  # the new 10000 s run; the old >3600 s ones stay in +Inf: their size is unknown
+    assert cum[float("inf")] == 6 and h.count == 6
+    assert h.sum == pytest.approx(0.5 + 30 + 3600 + 5000 + 90000 + 10000)
+
+
+def test_failed_storage_calls_are_timed_by_outcome_and_permanent_errors_counted():
+    w = Worker()
+    state = fold_all([
+        w(ev.StorageOp, backend="s3", operation="segment", direction="write", latency_s=0.03, bytes=5),
+        w(ev.StorageOp, backend="s3", operation="segment", direction="write", latency_s=45.0, bytes=0,
+          outcome="timeout"),
+        w(ev.ErrorRaised, error_type="storage_io", transient=True, backend="s3", storage_error="timeout"),
+        w(ev.ErrorRaised, error_type="storage_io", transient=False, backend="s3", storage_error="auth"),
+        w(ev.ErrorRaised, error_type="offset_invalid", transient=False),
+    ])
+    calls = {c.outcome: c.latency for c in state.storage_calls}
+    assert sorted(calls) == ["success", "timeout"]
+    assert calls["timeout"].count == 1 and calls["timeout"].sum == 45.0
+    assert state.errors == {"storage_io": 2, "offset_invalid": 1}
+    assert state.permanent_errors == {"storage_io": 1, "offset_invalid": 1}
+
+
+def test_legacy_joined_storage_keys_move_to_structured_calls_once():
+    old = hist_of([0.2], cat.LEGACY_STORAGE_LATENCY_BUCKETS[0])
+    state = JobState(kind="backup", job="b", storage_latency={"write|s3|segment": old})
+    fold.apply(state, Worker()(ev.StorageOp, backend="s3", operation="segment", direction="write",
+                               latency_s=0.3, bytes=1))
+    assert state.storage_latency == {}
+    (calls,) = state.storage_calls
+    assert (calls.direction, calls.backend, calls.operation, calls.outcome, calls.latency.count) == (
+        "write", "s3", "segment", "success", 2)
+    assert len(calls.latency.counts) == len(cat.STORAGE_WRITE_LATENCY.buckets) + 1
+
+
+def test_one_rebalance_counts_once():
+    w = Worker()
+    state = fold_all([w(ev.Rebalance, assigned=["t/0", "t/1"]),  # first assignment
+                      w(ev.Rebalance, revoked=["t/0", "t/1"]), w(ev.Rebalance, assigned=["t/1"]),  # a rebalance
+                      w(ev.Rebalance)])  # an assignment that gave this worker nothing is a rebalance too
+    assert state.rebalances == 3
+
+
+def test_last_success_and_objectives_follow_the_runs():
+    w = Worker()
+    state = fold_all([w(ev.JobStarted, expected_interval_s=3600.0, recovery_point_objective_s=7200.0),
+                      w(ev.JobEnded, status="success", duration_s=1.0)])
+    ok_ts = state.ended_ts
+    assert state.last_success_ts == ok_ts
+    assert (state.expected_interval_s, state.recovery_point_objective_s) == (3600.0, 7200.0)
+    state = fold.apply(state, w(ev.JobStarted))
+    state = fold.apply(state, w(ev.JobEnded, status="failure", duration_s=1.0))
+    assert state.last_success_ts == ok_ts and state.ended_ts > ok_ts
 
 
 def test_dedup_marks_are_bounded():
@@ -131,18 +209,58 @@ def test_dedup_marks_are_bounded():
     assert state.retries == {"commit": fold.MAX_INSTANCES_PER_JOB + 10}
 
 
+def seg(**fields):
+    base = dict(instance="i", seq=1, ts=T0, job="j", topic="t", partition=0, start_offset=0, end_offset=10,
+                records=10, bytes=0, uncompressed_bytes=0, stored_bytes=0, algorithm="none")
+    return ev.SegmentStored(**{**base, **fields})
+
+
+def op(**fields):
+    base = dict(instance="i", seq=1, ts=T0, job="j", backend="s3", operation="segment", direction="write",
+                latency_s=0.1, bytes=1)
+    return ev.StorageOp(**{**base, **fields})
+
+
+NAN, INF = float("nan"), float("inf")
+
+
 @pytest.mark.parametrize("event,reason", [
     (ev.Progress(instance="i", seq=1, ts=T0, job="j",
                  partitions=[ev.PartitionProgress("t", 0, committed=10, high_watermark=5)]), "bad_value"),
-    (ev.SegmentStored(instance="i", seq=1, ts=T0, job="j", topic="t", partition=0, start_offset=0, end_offset=1,
-                      records=-1, bytes=0, uncompressed_bytes=0, stored_bytes=0, algorithm="none"), "bad_value"),
+    (seg(records=-1), "bad_value"),
+    (seg(bytes=-5), "bad_value"),
+    (op(latency_s=NAN), "bad_value"),
+    (op(latency_s=INF), "bad_value"),
+    (op(latency_s=-INF), "bad_value"),
+    (ev.JobEnded(instance="i", seq=1, ts=T0, job="j", status="success", duration_s=NAN), "bad_value"),
+    (ev.Retry(instance="i", seq=1, ts=NAN, job="j", operation="x"), "bad_value"),
+    (seg(end_offset=2**63), "bad_value"),  # above a signed 64-bit offset
+    (seg(start_offset=20, end_offset=10, records=0), "bad_value"),  # inverted range
+    (seg(start_offset=5, covers_from=7, records=5), "bad_value"),  # covers from above its start
+    (seg(records=11), "bad_value"),  # more records than offsets
+    (op(backend="s3|write"), "bad_value"),  # a `|` would have shifted labels
+    (op(operation="x" * 65), "bad_value"),
+    (ev.Retry(instance="i", seq=1, ts=T0, job="j/../x", operation="x"), "bad_value"),  # not a safe job id
+    (ev.ErrorRaised(instance="i", seq=1, ts=T0, job="j", error_type="e\nINJECTED", transient=True), "bad_value"),
+    (ev.TelemetryDropped(instance="i", seq=1, ts=T0, job="j", total=2**64 - 1), "bad_value"),
+    (ev.Retry(instance="i", seq=1, ts=T0 + 301, job="j", operation="x"), "bad_timestamp"),  # 5 min ahead
     (ev.Retry(instance="i", seq=1, ts=T0 + 3 * 365 * 86400, job="j", operation="x"), "bad_timestamp"),
     (ev.Retry(instance="i", seq=1, ts=1000.0, job="j", operation="x"), "bad_timestamp"),
 ])
-def test_absurd_values_are_rejected(event, reason):
+def test_absurd_values_are_refused_with_a_reason(event, reason):
     with pytest.raises(ev.InvalidEvent) as err:
-        fold.check(event, record_ts=T0)
+        fold.check(ev.decode(ev.encode(event)), record_ts=T0)
     assert err.value.reason == reason
+
+
+def test_event_time_is_bounded_by_the_clock_when_the_record_has_no_timestamp():
+    ahead = ev.decode(ev.encode(ev.Retry(instance="i", seq=1, ts=T0 + 3600, job="j", operation="x")))
+    fold.check(ahead, record_ts=None)  # nothing to compare with (a replay without timestamps)
+    with pytest.raises(ev.InvalidEvent, match="bad_timestamp"):
+        fold.check(ahead, record_ts=None, now=T0)
+    fold.check(ahead, record_ts=None, now=T0, settings=fold.Settings(max_future_s=7200))
+    within = ev.decode(ev.encode(ev.Retry(instance="i", seq=1, ts=T0 + 299, job="j", operation="x")))
+    fold.check(within, record_ts=T0, now=T0)
 
 
 def restore_run(instance):
@@ -173,3 +291,43 @@ def test_an_older_restore_worker_without_cumulative_bytes_still_adds_its_batches
                       w(ev.RestoreProgress, records=10, restored_total=10, bytes=100),
                       w(ev.RestoreProgress, records=20, restored_total=30, bytes=200)])
     assert (state.records, state.bytes) == (30, 300)
+
+
+def test_a_flood_of_new_keys_is_refused_beyond_the_cap_and_changes_nothing():
+    settings = fold.Settings(max_keys_per_map=8)
+    w = Worker()
+    raw, refused = None, 0
+    for i in range(20):
+        new, reason = fold.apply_bytes(raw, w(ev.ErrorRaised, error_type=f"type{i}", transient=True), settings)
+        if reason is not None:
+            assert reason == "too_many_keys" and new is None
+            refused += 1
+        else:
+            raw = new
+    state = decode_state(raw)
+    assert refused == 12 and len(state.errors) == 8
+    assert fold.apply_bytes(raw, w(ev.ErrorRaised, error_type="type0", transient=True), settings)[1] is None
+
+
+def test_a_state_beyond_the_size_cap_is_refused():
+    settings = fold.Settings(max_state_bytes=4096)
+    w = Worker()
+    raw, reason = None, None
+    for i in range(200):
+        event = w(ev.Progress, partitions=[ev.PartitionProgress(f"topic-{i}", 0, committed=1, high_watermark=2)])
+        new, reason = fold.apply_bytes(raw, event, settings)
+        if reason:
+            break
+        raw = new
+    assert reason == "state_too_large"
+    assert len(raw) <= 4096
+
+
+def test_counters_saturate_instead_of_outgrowing_msgpack():
+    w = Worker()
+    big = ev.MAX_INT
+    other = w(ev.SegmentStored, topic="t", partition=1, start_offset=0, end_offset=big, records=big, bytes=big,
+              uncompressed_bytes=big, stored_bytes=big, algorithm="zstd")
+    state = fold_all([segment(w, 0, big, records=big, nbytes=big), other])  # two partitions: 2 * (2^63 - 1)
+    assert state.records == state.bytes == ev.MAX_INT
+    assert decode_state(encode_state(state)).records == ev.MAX_INT
