@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from exporter.collector import StateCollector
+from schemas import signing
 from schemas.config import Config, ConfigError, require_safe_id
 from streams import audit, fold
 from streams.replay import read_log, read_topic, replay, snapshot, write_log
@@ -76,7 +77,7 @@ def run_replay(cfg: Config, args: argparse.Namespace) -> int:
     if args.record:
         with open(args.record, "wb") as fh:
             fh.write(write_log(records))
-    result = replay(records, until, fold.Settings.of(cfg.aggregator))
+    result = replay(records, until, fold.Settings.of(cfg.aggregator), signing.load_key(cfg.telemetry.signing_key_file))
     if restore_id:
         result.jobs = {k: v for k, v in result.jobs.items() if v.kind == "restore" and v.job == restore_id}
     elif backup_id:

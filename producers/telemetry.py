@@ -25,6 +25,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from producers.spool import Spool
 from producers.storage import OpReport, StorageError
 from schemas import events as ev
+from schemas import signing
 from schemas.config import TelemetryConfig
 from schemas.kafka_admin import client_config, ensure_telemetry_topic
 
@@ -68,6 +69,7 @@ class Emitter:
         self.delivered = 0
         self.delivered_at = self.lost_at = 0.0
         self.queue_limit = tcfg.buffer_max_events
+        self._signing_key = signing.load_key(tcfg.signing_key_file)
         self._reported_dropped = 0
         self._last_drop_report = 0.0
         try:
@@ -143,7 +145,8 @@ class Emitter:
                     self._on_delivery(err, msg)
                     then(err is None)
             try:
-                self._producer.produce(self.topic, payload, self.key, on_delivery=callback)
+                self._producer.produce(self.topic, payload, self.key, headers=self._headers(payload),
+                                       on_delivery=callback)
             except BufferError:
                 if self._spool is not None:
                     self._settle(on_delivered, self._to_spool(payload))
@@ -155,6 +158,9 @@ class Emitter:
                 self._settle(on_delivered, False)
         self._producer.poll(0)
         self._maybe_report_drops()
+
+    def _headers(self, payload: bytes) -> list[tuple[str, bytes]] | None:
+        return signing.headers(self._signing_key, self.key, payload)
 
     @staticmethod
     def _settle(on_delivered: Callable[[bool], None] | None, safe: bool) -> None:
@@ -183,7 +189,8 @@ class Emitter:
         while spool is not None and spool.pending:
             payload = spool.peek()
             try:
-                self._producer.produce(self.topic, payload, self.key, on_delivery=self._on_delivery)
+                self._producer.produce(self.topic, payload, self.key, headers=self._headers(payload),
+                                       on_delivery=self._on_delivery)
             except BufferError:
                 return
             spool.pop()
@@ -219,7 +226,9 @@ class Emitter:
         event = ev.TelemetryDropped(instance=self.instance, seq=self.seq, ts=time.time(), kind=self.kind,
                                     job=self.job, total=total)
         try:
-            self._producer.produce(self.topic, ev.encode(event), self.key, on_delivery=self._on_delivery)
+            payload = ev.encode(event)
+            self._producer.produce(self.topic, payload, self.key, headers=self._headers(payload),
+                                   on_delivery=self._on_delivery)
             self._reported_dropped = total
             log.warning("telemetry: %d events dropped so far by instance %s", total, self.instance)
         except BufferError:

@@ -94,6 +94,7 @@ class TelemetryConfig(_Section):
     delivery_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 300_000
     spool_dir: str = ""  # when set, events the queue cannot hold go to disk here instead of being dropped
     spool_max_bytes: Positive = 1024 * 1024 * 1024
+    signing_key_file: str = ""  # shared by workers and aggregator: records are HMAC-signed, unsigned ones refused
 
 
 class BackupConfig(_Section):

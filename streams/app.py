@@ -28,6 +28,7 @@ from confluent_kafka.admin import AdminClient
 from faust.exceptions import PartitionsMismatch
 
 from schemas import events as ev
+from schemas import signing
 from schemas.config import Config, ConfigError
 from schemas.kafka_admin import Security, client_config, ensure_telemetry_topic, security_for
 from schemas.state import (
@@ -38,7 +39,7 @@ from schemas.state import (
 )
 from schemas.topics import STATE_TABLE, state_topic
 from streams import fold
-from streams.guards import ChangelogBarrier, OffsetGuard
+from streams.guards import ChangelogBarrier, OffsetGuard, check_faust_version, write_outside_event
 
 log = logging.getLogger("kafka_backup.aggregator")
 
@@ -94,7 +95,7 @@ def create_app(cfg: Config) -> faust.App:
         guard.hold(partition, offset)  # no commit past it before its count is in the table
         skips.log(partition, reason, detail)
 
-    def flush_skips(partition: int) -> None:
+    def flush_skips(partition: int, in_event: bool = True) -> None:
         pending = skips.take(partition)
         if pending:
             key = pipeline_key(partition).encode()
@@ -102,13 +103,26 @@ def create_app(cfg: Config) -> faust.App:
             state = decode_pipeline(raw) if raw else PipelineState(partition=partition)
             for reason, n in pending.items():
                 state.invalid[reason] = state.invalid.get(reason, 0) + n
-            table[key] = encode_state(state)
+            if in_event:
+                table[key] = encode_state(state)
+            else:
+                write_outside_event(table, partition, key, encode_state(state))
         guard.release(partition)
 
+    @app.timer(SkipCounts.MAX_AGE_S)
+    async def flush_quiet_partitions() -> None:
+        """A burst of bad records followed by silence: no later event would write its count."""
+        for partition in skips.stale():
+            flush_skips(partition, in_event=False)
+
+    signing_key = signing.load_key(cfg.telemetry.signing_key_file)
+
     def handle(key: bytes | None, value: bytes | None, partition: int, offset: int,
-               record_ts: float | None) -> str | None:
+               record_ts: float | None, headers: object = None) -> str | None:
         """Fold one record; return the reason when it had to be skipped."""
         try:
+            if not signing.verified(signing_key, key, value, headers):
+                raise ev.InvalidEvent("bad_signature", "missing or wrong kafka-backup-sig header")
             event = ev.decode(value)
             fold.check(event, record_ts, time.time(), settings)
             if key is None or key.decode("utf-8", "replace") != ev.event_key(event.kind, event.job):
@@ -144,7 +158,7 @@ def create_app(cfg: Config) -> faust.App:
                 return
             ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
             try:
-                reason = handle(event.key, event.value, msg.partition, msg.offset, ts)
+                reason = handle(event.key, event.value, msg.partition, msg.offset, ts, event.headers)
             except PartitionsMismatch as err:  # the topics changed under us: folding cannot go on
                 exit_now(f"{' '.join(str(err).split())} (the telemetry topic's partitions changed while "
                          "running; start the aggregator again to check them)")
@@ -172,7 +186,9 @@ class SkipCounts:
     detail escaped and cut.
     """
 
-    def __init__(self, batch: int = 500, max_age_s: float = 0.2, log_every_s: float = 10.0) -> None:
+    MAX_AGE_S = 0.5
+
+    def __init__(self, batch: int = 500, max_age_s: float = MAX_AGE_S, log_every_s: float = 10.0) -> None:
         self.batch, self.max_age_s, self.log_every_s = batch, max_age_s, log_every_s
         self._pending: dict[int, dict[str, int]] = {}
         self._since: dict[int, float] = {}
@@ -189,6 +205,11 @@ class SkipCounts:
             return False
         return after_good or sum(counts.values()) >= self.batch or (
             time.monotonic() - self._since[partition] >= self.max_age_s)
+
+    def stale(self) -> list[int]:
+        """Partitions whose counts have waited ``max_age_s`` or longer."""
+        now = time.monotonic()
+        return [p for p, since in self._since.items() if now - since >= self.max_age_s]
 
     def take(self, partition: int) -> dict[str, int]:
         self._since.pop(partition, None)
@@ -325,6 +346,7 @@ def recovery_watchdog(app: faust.App, stall_s: float, restart=restart_in_place,
 
 def run(cfg: Config, loglevel: str = "WARNING") -> None:
     """Run the aggregator in the foreground until SIGINT/SIGTERM (graceful LeaveGroup on exit)."""
+    check_faust_version()
     ensure_telemetry_topic(cfg.kafka.bootstrap_servers, cfg.telemetry)
     settle_partitions(cfg)
     app = create_app(cfg)

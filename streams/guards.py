@@ -31,7 +31,31 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from schemas.config import ConfigError
+
 log = logging.getLogger("kafka_backup.aggregator")
+
+
+FAUST_VERSION = "0.15.3"  # every workaround in this module was written for, and tested with, this version
+
+
+def check_faust_version() -> None:
+    """The workarounds below reach into Faust's internals: refuse to run on a Faust they were not tested with."""
+    import faust
+
+    if faust.__version__ != FAUST_VERSION:
+        raise ConfigError(f"faust-streaming {faust.__version__} is installed; the aggregator's guards were "
+                           f"written for {FAUST_VERSION}: pip install faust-streaming=={FAUST_VERSION}")
+
+
+def write_outside_event(table: Any, partition: int, key: bytes, value: bytes) -> None:
+    """Set a table value from a timer, where Faust's ``table[key] = value`` refuses (no current event).
+
+    It does what ``__setitem__`` does for a memory-store table: the local value, then the changelog
+    record on ``partition`` (through ``send_changelog``, so the barrier still tracks it).
+    """
+    table.data[key] = value
+    table.send_changelog(partition, key, value)
 
 
 class OffsetGuard:

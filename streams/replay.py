@@ -21,6 +21,7 @@ import msgspec
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from schemas import events as ev
+from schemas import signing
 from schemas.kafka_admin import client_config
 from schemas.state import JobState, PipelineState, decode_state
 from streams import fold
@@ -34,6 +35,7 @@ class LogRecord(msgspec.Struct, array_like=True):
     timestamp_ms: int
     key: bytes | None
     value: bytes | None
+    headers: list[tuple[str, bytes]] = []  # recorded since signing; older logs have none
 
 
 def read_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> Iterator[LogRecord]:
@@ -63,7 +65,8 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> Iterator[
                     ends.pop(msg.partition(), None)
                     continue
                 ts_type, ts = msg.timestamp()
-                yield LogRecord(msg.partition(), msg.offset(), ts, msg.key(), msg.value())
+                yield LogRecord(msg.partition(), msg.offset(), ts, msg.key(), msg.value(),
+                                [(k, v or b"") for k, v in msg.headers() or []])
                 if msg.offset() + 1 >= ends.get(msg.partition(), 0):
                     ends.pop(msg.partition(), None)
         if ends:
@@ -95,13 +98,18 @@ class Replay:
 
 
 def replay(records: Iterable[LogRecord], until: float | None = None,
-           settings: fold.Settings = fold.DEFAULT_SETTINGS) -> Replay:
-    """Fold every valid event with event time before ``until`` (default: all)."""
+           settings: fold.Settings = fold.DEFAULT_SETTINGS, signing_key: bytes | None = None) -> Replay:
+    """Fold every valid event with event time before ``until`` (default: all).
+
+    With ``signing_key``, records not signed with it are refused (``bad_signature``), as live.
+    """
     result = Replay(until=until if until is not None else float("inf"))
     unique: dict[str, dict[tuple[str, int], ev.AnyEvent]] = {}
     skipped: set[tuple[str, bytes | None, bytes | None]] = set()  # a duplicate of a bad record is one bad record
     for rec in records:
         try:
+            if not signing.verified(signing_key, rec.key, rec.value, rec.headers):
+                raise ev.InvalidEvent("bad_signature", "missing or wrong kafka-backup-sig header")
             event = ev.decode(rec.value)
             # no clock here: the report is a function of the log alone (``until`` bounds event time)
             fold.check(event, rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None, None, settings)
