@@ -210,3 +210,35 @@ def test_a_client_that_sends_no_headers_is_closed_after_the_timeout():
             cat.EXPORTER_CONNECTIONS_CLOSED.name, reason="header_timeout") == 1, 10, 0.1)
     finally:
         srv.shutdown()
+
+
+def test_when_every_connection_is_being_answered_a_newcomer_is_refused_and_counted():
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowReader(Reader):
+        def snapshot(self):
+            entered.set()
+            release.wait(30)
+            return {}
+
+    srv = serve(load(None, {"metrics.port": 0, "metrics.max_connections": 1, "metrics.update_interval_ms": 1}),
+                SlowReader())
+    try:
+        first: list = []
+        scraper = threading.Thread(target=lambda: first.append(get(srv.port, "/metrics")))
+        scraper.start()
+        assert entered.wait(10)  # the only slot is busy rendering, not reading headers: nothing to evict
+        with socket.create_connection(("127.0.0.1", srv.port)) as newcomer:
+            newcomer.settimeout(10)
+            try:
+                assert newcomer.recv(1) == b""  # closed unanswered
+            except ConnectionResetError:
+                pass  # closed with a reset: unanswered too
+        release.set()
+        scraper.join(30)
+        assert first[0][0] == 200
+        body = get(srv.port, "/metrics")[1]
+        assert parse_prometheus(body).get_value(cat.EXPORTER_CONNECTIONS_CLOSED.name, reason="connection_limit") == 1
+    finally:
+        release.set()
+        srv.shutdown()
