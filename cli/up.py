@@ -26,6 +26,10 @@ DEMO_TOPIC = "demo.orders"
 DEMO_PARTITIONS = 3
 DEMO_BACKUP_ID = "demo"
 DEMO_RATE = 200  # records per second
+# The embedded broker answers a fetch with everything it holds past the offset, and never compacts:
+# the state topic grows about 45 MB an hour here, and a reply above librdkafka's 100 MB default is
+# refused, stalling the reader. 1 GB keeps a restarted exporter able to catch up for about 20 hours.
+DEV_BROKER_RECEIVE_MAX_BYTES = 1_000_000_000
 
 
 def _demo_workload(bootstrap: str, stop: threading.Event) -> None:
@@ -56,12 +60,15 @@ def run_up(cfg: Config) -> int:
     workload.start()
     storage = cfg.backup.storage or f"file://{os.path.abspath('kafka-backup-data')}"
     me = [sys.executable, "-m", "cli.main"]
-    common = ["--bootstrap-servers", bootstrap, "--app-id", cfg.aggregator.app_id]
+    # children that read the embedded broker need to accept its oversized fetch replies
+    receive = (["--kafka-receive-message-max-bytes", str(DEV_BROKER_RECEIVE_MAX_BYTES)] if broker
+               else [f"--kafka-receive-message-max-bytes={cfg.kafka.receive_message_max_bytes}"])
+    common = ["--bootstrap-servers", bootstrap, "--app-id", cfg.aggregator.app_id, *receive]
     procs = [
         subprocess.Popen([*me, "aggregate", *common]),
         subprocess.Popen([*me, "exporter", *common, "--bind", cfg.metrics.bind, "--port", str(cfg.metrics.port),
                           "--metrics-path", cfg.metrics.path]),
-        subprocess.Popen([*me, "backup", "--bootstrap-servers", bootstrap, "--topics", DEMO_TOPIC,
+        subprocess.Popen([*me, "backup", "--bootstrap-servers", bootstrap, *receive, "--topics", DEMO_TOPIC,
                           "--backup-id", DEMO_BACKUP_ID, "--storage", storage, "--continuous",
                           "--compression", cfg.backup.compression]),
     ]

@@ -12,6 +12,7 @@ knows them.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class View:
     stop_after_s: float = 60.0
     expired: int = 0
     dropped_series: dict[str, int] = field(default_factory=dict)
+    endpoint: EndpointCounters | None = None  # the exporter's own counters (section 8)
 
     # cached: about twenty builders ask for them on every scrape; ``jobs`` is complete before the first
     @cached_property
@@ -628,7 +630,9 @@ class StateCollector(Collector):
         stop_after_s: float = 60.0,
         expire_after_s: float = 7 * 24 * 3600.0,
         max_series_per_family: int = 10_000,
+        endpoint: EndpointCounters | None = None,
     ) -> None:
+        self._endpoint = endpoint
         self._snapshot = snapshot
         self._window = throughput_window_s
         self._clock = clock
@@ -641,6 +645,7 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator:
         view = make_view(self._snapshot(), self._clock(), self._window, self._expire_after_s, self._stop_after_s)
+        view.endpoint = self._endpoint
         families = {}
         for m in cat.CATALOGUE:
             builder = BUILDERS.get(m)
@@ -666,3 +671,37 @@ class StateCollector(Collector):
             log.exception("cannot build %s", m.name)
             return new_family(m)
         return family
+
+
+# ---- 8. the exporter's own endpoint ---------------------------------------------------------
+# Appended last. Counted by exporter.server as requests arrive (they are not in the state topic),
+# served through the same catalogue-driven builders as every other family.
+
+
+class EndpointCounters:
+    """Counters by reason for the catalogue's section 8, shared by the HTTP server's threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[cat.Metric, dict[str, int]] = {}
+
+    def add(self, metric: cat.Metric, reason: str, n: int = 1) -> None:
+        with self._lock:
+            by_reason = self._counts.setdefault(metric, {})
+            by_reason[reason] = by_reason.get(reason, 0) + n
+
+    def get(self, metric: cat.Metric) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts.get(metric, {}))
+
+
+def _endpoint(metric: cat.Metric) -> Builder:
+    def build(view: View) -> Iterator[Sample]:
+        counts = view.endpoint.get(metric) if view.endpoint is not None else {}
+        return iter([((reason,), n) for reason, n in sorted(counts.items())])
+
+    return build
+
+
+BUILDERS[cat.EXPORTER_AUTH_FAILURES] = _endpoint(cat.EXPORTER_AUTH_FAILURES)
+BUILDERS[cat.EXPORTER_CONNECTIONS_CLOSED] = _endpoint(cat.EXPORTER_CONNECTIONS_CLOSED)

@@ -4,69 +4,142 @@ Rendering is cached per format for ``update_interval_ms`` so that many
 scrapers (or an impatient curl loop) cost one render per interval, and the
 registry holds only the state collector: process metrics of the exporter
 itself would be mistaken for the backup's.
+
+Connections live on one asyncio event loop, not one thread each: a client that
+connects and then says nothing (or never finishes its TLS handshake) costs a
+socket until ``metrics.header_timeout_s``, never a thread, and at most
+``metrics.max_connections`` are open (when full, the oldest connection still
+sending its request is closed for the new one, so idle clients cannot lock a
+scraper out). Rendering and password checks (bcrypt is slow on purpose) run in
+a small thread pool, so the loop keeps accepting while they work. Each
+connection serves one request (HTTP/1.0 semantics, as before).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import email.utils
 import errno
 import hashlib
 import hmac
+import http
+import http.client
+import io
 import ipaddress
 import logging
+import re
+import resource
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
+import bcrypt
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from exporter.collector import StateCollector
-from schemas.config import Config, ConfigError
+from exporter.collector import EndpointCounters, StateCollector
+from schemas import catalogue as cat
+from schemas.config import HEALTH_PATH, Config, ConfigError
 
 log = logging.getLogger("kafka_backup.exporter")
 
-HEALTH_PATH = "/health"
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    app: MetricsServer
-
-
-class _HTTPServer6(_HTTPServer):
-    address_family = socket.AF_INET6
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _HTTPServer
-    server_version = "kafka-backup-exporter"
-
-    def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
-        app = self.server.app
-        path = urlsplit(self.path).path
-        if path != HEALTH_PATH and not app.authorized(self.headers.get("Authorization", "")):
-            status, body, ctype = 401, b"unauthorized\n", TEXT
-        else:
-            status, body, ctype = app.respond(path, self.headers.get("Accept", ""))
-        self.send_response(status)
-        if status == 401:
-            self.send_header("WWW-Authenticate", 'Basic realm="kafka-backup"')
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature inherited
-        """Scrapes every few seconds would drown the exporter's own messages."""
-
-
 TEXT = "text/plain; charset=utf-8"
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers; a scrape sends a few hundred bytes
+BACKLOG = 1024
+WORKER_THREADS = 2  # renders (one at a time, cached) and password checks
+FAILED_LOGIN_LOG_INTERVAL_S = 10.0
+FD_HEADROOM = 256  # files beyond the connections: the Kafka client, logs, the listening socket
+
+
+class BasicAuth:
+    """One user, its password as a bcrypt hash (or, deprecated, an unsalted SHA-256 digest).
+
+    Credentials are compared as bytes: ``hmac.compare_digest`` refuses ``str`` with non-ASCII
+    characters. A bcrypt check costs tens of milliseconds by design, so credentials that passed
+    once are remembered (by their SHA-256, never in clear), as Prometheus' exporter-toolkit does;
+    a wrong password pays the full price every time.
+    """
+
+    CACHE_MAX = 64
+
+    def __init__(self, username: str, bcrypt_hash: bytes | None = None, sha256_hex: str | None = None) -> None:
+        self._user = username.encode("utf-8")
+        self._bcrypt = bcrypt_hash
+        self._sha256 = sha256_hex.encode() if sha256_hex else None
+        self._verified: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def check(self, header: str) -> str | None:
+        """None when ``header`` (the Authorization value) holds this user and password, else the reason."""
+        if not header:
+            return "missing"
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "basic":
+            return "malformed"
+        try:
+            raw = base64.b64decode(token.strip(), validate=True)
+        except binascii.Error:
+            return "malformed"
+        user, sep, password = raw.partition(b":")
+        if not sep:
+            return "malformed"
+        fingerprint = hashlib.sha256(raw).digest()
+        with self._lock:
+            if fingerprint in self._verified:
+                return None
+        user_ok = hmac.compare_digest(user, self._user)
+        password_ok = self._password_ok(password)  # checked even for a wrong user: same time either way
+        if not user_ok:
+            return "unknown_user"
+        if not password_ok:
+            return "wrong_password"
+        with self._lock:
+            if len(self._verified) >= self.CACHE_MAX:
+                self._verified.clear()
+            self._verified.add(fingerprint)
+        return None
+
+    def _password_ok(self, password: bytes) -> bool:
+        if self._bcrypt is not None:
+            try:
+                return bcrypt.checkpw(password, self._bcrypt)
+            except ValueError:  # bcrypt >= 5 refuses passwords longer than 72 bytes
+                return False
+        assert self._sha256 is not None
+        return hmac.compare_digest(hashlib.sha256(password).hexdigest().encode(), self._sha256)
+
+
+class _FailedLogins:
+    """One log line per interval at most, saying how many were not logged: a password-guessing
+    client must not fill the disk."""
+
+    def __init__(self, interval_s: float = FAILED_LOGIN_LOG_INTERVAL_S) -> None:
+        self._interval = interval_s
+        self._last = float("-inf")
+        self._unlogged = 0
+
+    def note(self, reason: str, peer: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._unlogged += 1
+            return
+        more = f"; {self._unlogged} more refused since the last message" if self._unlogged else ""
+        log.warning("metrics endpoint: refused credentials from %s (%s)%s; counted in %s",
+                    peer, reason, more, cat.EXPORTER_AUTH_FAILURES.name)
+        self._last, self._unlogged = now, 0
+
+
+class _Conn:
+    __slots__ = ("reading",)
+
+    def __init__(self) -> None:
+        self.reading = True  # still in its TLS handshake or request headers
 
 
 class MetricsServer:
@@ -81,50 +154,166 @@ class MetricsServer:
         update_interval_ms: int,
         ready_fn: Callable[[], bool],
         tls: ssl.SSLContext | None = None,
-        basic_auth: tuple[str, str] | None = None,
+        basic_auth: BasicAuth | None = None,
+        header_timeout_s: float = 10.0,
+        max_connections: int = 1000,
+        counters: EndpointCounters | None = None,
     ) -> None:
         self.path = path
         self._auth = basic_auth
+        self._tls = tls
+        self._timeout = header_timeout_s
+        self._max = max_connections
+        self._counters = counters if counters is not None else EndpointCounters()
+        self._failed_logins = _FailedLogins()
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(collector)
         self._interval = update_interval_ms / 1000
         self._ready = ready_fn
         self._cache: dict[str, tuple[float, bytes]] = {}
         self._lock = threading.Lock()
-        cls = _HTTPServer6 if ":" in bind else _HTTPServer
-        self._httpd = cls((bind, port), _Handler)
-        self._httpd.app = self
-        if tls is not None:
-            # handshake in the handler thread, not in the accept loop, so one slow client cannot block others
-            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True, do_handshake_on_connect=False)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        self._sock = socket.create_server((bind, port), family=family, backlog=BACKLOG)
+        self._conns: dict[asyncio.Task, _Conn] = {}  # insertion order: oldest first
+        self._pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="metrics-worker")
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._serving = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-http", daemon=True)
 
     @property
     def port(self) -> int:
-        return self._httpd.server_address[1]
+        return self._sock.getsockname()[1]
 
     def start(self) -> MetricsServer:
         self._thread.start()
+        self._serving.wait(10)
         return self
 
     def shutdown(self) -> None:
         if self._thread.is_alive():
-            self._httpd.shutdown()
-        self._httpd.server_close()
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(10)
+        else:
+            self._sock.close()
+            self._loop.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def authorized(self, header: str) -> bool:
-        """Basic auth against a SHA-256 digest: the password itself is never stored in the config."""
-        if self._auth is None:
-            return True
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "basic":
-            return False
+    # ---- the event loop ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
         try:
-            user, _, password = base64.b64decode(token, validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        digest = hashlib.sha256(password.encode()).hexdigest()
-        return hmac.compare_digest(user, self._auth[0]) & hmac.compare_digest(digest, self._auth[1].lower())
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        server = await asyncio.start_server(self._accepted, sock=self._sock, limit=MAX_HEADER_BYTES,
+                                            backlog=BACKLOG)
+        self._serving.set()
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            tasks = list(self._conns)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _closed(self, reason: str) -> None:
+        self._counters.add(cat.EXPORTER_CONNECTIONS_CLOSED, reason)
+
+    def _evict_oldest_reading(self) -> bool:
+        for task, conn in self._conns.items():
+            if conn.reading:
+                del self._conns[task]
+                task.cancel()
+                self._closed("connection_limit")
+                return True
+        return False
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._conns) >= self._max and not self._evict_oldest_reading():
+            self._closed("connection_limit")  # every slot is busy answering: refuse the newcomer
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        conn = self._conns[task] = _Conn()
+        try:
+            await self._exchange(reader, writer, conn)
+        except asyncio.CancelledError:
+            pass  # evicted (already counted) or shutting down
+        except Exception:
+            log.exception("metrics endpoint: unexpected error serving a request")
+        finally:
+            self._conns.pop(task, None)
+            if not writer.transport.is_closing():
+                writer.transport.abort()
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn) -> None:
+        handshaking = self._tls is not None
+        try:
+            async with asyncio.timeout(self._timeout):  # one deadline for the handshake and the headers
+                if self._tls is not None:
+                    await writer.start_tls(self._tls)
+                    handshaking = False
+                head = await reader.readuntil(b"\r\n\r\n")
+        except TimeoutError:
+            self._closed("header_timeout")
+            return
+        except asyncio.LimitOverrunError:
+            self._closed("bad_request")
+            return
+        except (OSError, asyncio.IncompleteReadError):
+            if handshaking:  # plain HTTP on the TLS port, an unknown CA on the client...
+                self._closed("tls_handshake")
+            return  # otherwise the client left before asking anything: nothing was refused
+        conn.reading = False
+        status, body, ctype, extra = await self._answer(head, writer)
+        response = (f"HTTP/1.0 {status} {http.HTTPStatus(status).phrase}\r\n"
+                    f"Server: kafka-backup-exporter\r\nDate: {email.utils.formatdate(usegmt=True)}\r\n"
+                    f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+                    f"{extra}\r\n").encode("latin-1")
+        writer.write(response + body)
+        try:
+            async with asyncio.timeout(self._timeout):  # a client that does not read is not waited for
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+        except (TimeoutError, OSError):
+            pass
+
+    async def _answer(self, head: bytes, writer: asyncio.StreamWriter) -> tuple[int, bytes, str, str]:
+        request_line, _, rest = head.partition(b"\r\n")
+        try:
+            method, target, version = request_line.decode("latin-1").split(" ")
+            if not version.startswith("HTTP/"):
+                raise ValueError(version)
+            headers = http.client.parse_headers(io.BytesIO(rest))
+        except (ValueError, http.client.HTTPException):
+            self._closed("bad_request")
+            return 400, b"bad request\n", TEXT, ""
+        if method != "GET":
+            return 405, b"only GET\n", TEXT, "Allow: GET\r\n"
+        path = urlsplit(target).path
+        loop = asyncio.get_running_loop()
+        if path != HEALTH_PATH and self._auth is not None:
+            reason = await loop.run_in_executor(self._pool, self._auth.check, headers.get("Authorization", ""))
+            if reason is not None:
+                self._counters.add(cat.EXPORTER_AUTH_FAILURES, reason)
+                peer = writer.get_extra_info("peername")
+                self._failed_logins.note(reason, peer[0] if peer else "?")
+                return 401, b"unauthorized\n", TEXT, 'WWW-Authenticate: Basic realm="kafka-backup"\r\n'
+        if path == self.path:
+            status, body, ctype = await loop.run_in_executor(self._pool, self.respond, path,
+                                                             headers.get("Accept", ""))
+        else:
+            status, body, ctype = self.respond(path, "")
+        return status, body, ctype, ""
+
+    # ---- what is answered ----------------------------------------------------------------------
 
     def respond(self, path: str, accept: str) -> tuple[int, bytes, str]:
         if path == self.path:
@@ -162,22 +351,39 @@ class MetricsServer:
 def serve(cfg: Config, reader) -> MetricsServer:
     """Start serving ``reader``'s state as configured; a busy port is a configuration mistake."""
     m = cfg.metrics
+    counters = EndpointCounters()
     collector = StateCollector(reader.snapshot, cfg.aggregator.throughput_window_s,
                                stop_after_s=cfg.metrics.worker_stop_after_s,
                                expire_after_s=cfg.metrics.expire_after_s,
-                               max_series_per_family=cfg.metrics.max_series_per_family)
+                               max_series_per_family=cfg.metrics.max_series_per_family,
+                               endpoint=counters)
     tls, auth = _tls(m), _basic_auth(m)
     if auth is None and not _is_loopback(m.bind):
         log.warning("metrics endpoint on %s has no authentication; set metrics.basic_auth_* or keep it on "
                     "127.0.0.1 behind a proxy", m.bind)
+    _raise_open_files_limit(m.max_connections + FD_HEADROOM)
     try:
         server = MetricsServer(m.bind, m.port, m.path, collector, m.update_interval_ms, reader.ready.is_set,
-                               tls, auth)
+                               tls, auth, header_timeout_s=m.header_timeout_s, max_connections=m.max_connections,
+                               counters=counters)
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             raise ConfigError(f"metrics.port: {m.port} is in use on {m.bind}; choose another with --port") from None
         raise ConfigError(f"metrics.bind: cannot listen on {m.bind}:{m.port}: {err.strerror or err}") from None
     return server.start()
+
+
+def _raise_open_files_limit(need: int) -> None:
+    """Each open connection is a file descriptor: lift the soft limit to what metrics.max_connections needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < need:
+        log.warning("metrics.max_connections: needs about %d open files but the hard limit is %d; "
+                    "lower metrics.max_connections or raise the limit (ulimit -n)", need, hard)
 
 
 def _is_loopback(bind: str) -> bool:
@@ -203,13 +409,39 @@ def _tls(m) -> ssl.SSLContext | None:
     return ctx
 
 
-def _basic_auth(m) -> tuple[str, str] | None:
-    if not (m.basic_auth_username or m.basic_auth_password_sha256):
+BCRYPT_HASH = re.compile(rb"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+MAKE_BCRYPT = 'htpasswd -nbBC 10 "" "$PASSWORD" | cut -d: -f2'
+_sha256_warned = False
+
+
+def _basic_auth(m) -> BasicAuth | None:
+    bcrypt_hash, sha256 = m.basic_auth_password_bcrypt.strip(), m.basic_auth_password_sha256.strip().lower()
+    if not (m.basic_auth_username or bcrypt_hash or sha256):
         return None
     if not m.basic_auth_username:
-        raise ConfigError("metrics.basic_auth_username: required with metrics.basic_auth_password_sha256")
-    digest = m.basic_auth_password_sha256.strip().lower()
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ConfigError("metrics.basic_auth_username: required with a metrics.basic_auth_password_* key")
+    if bcrypt_hash and sha256:
+        raise ConfigError("metrics.basic_auth_password_sha256: remove it; metrics.basic_auth_password_bcrypt "
+                          "is set and replaces it")
+    if bcrypt_hash:
+        hashed = bcrypt_hash.encode()
+        try:
+            valid = BCRYPT_HASH.fullmatch(hashed) is not None and bcrypt.checkpw(b"", hashed) in (True, False)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ConfigError(f"metrics.basic_auth_password_bcrypt: not a bcrypt hash ($2b$...); make one with "
+                              f"{MAKE_BCRYPT}")
+        return BasicAuth(m.basic_auth_username, bcrypt_hash=hashed)
+    if not sha256:
+        raise ConfigError(f"metrics.basic_auth_password_bcrypt: required with metrics.basic_auth_username; "
+                          f"make one with {MAKE_BCRYPT}")
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise ConfigError("metrics.basic_auth_password_sha256: expected 64 hex digits "
                           "(printf %s \"$PASSWORD\" | sha256sum)")
-    return m.basic_auth_username, digest
+    global _sha256_warned
+    if not _sha256_warned:
+        _sha256_warned = True
+        log.warning("metrics.basic_auth_password_sha256 is deprecated: an unsalted SHA-256 digest is quick to "
+                    "guess; set metrics.basic_auth_password_bcrypt instead (%s)", MAKE_BCRYPT)
+    return BasicAuth(m.basic_auth_username, sha256_hex=sha256)

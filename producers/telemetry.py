@@ -44,7 +44,8 @@ def classify_kafka_error(err: KafkaError) -> tuple[str, bool]:
         return "consumer_timeout", True
     if code in (KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET):
         return "offset_invalid", False
-    if code in (KafkaError._BAD_MSG, KafkaError.CORRUPT_MESSAGE, KafkaError._VALUE_DESERIALIZATION,
+    # INVALID_MSG is the broker's CORRUPT_MESSAGE (code 2, a CRC mismatch); librdkafka has no CORRUPT_MESSAGE name
+    if code in (KafkaError._BAD_MSG, KafkaError.INVALID_MSG, KafkaError._VALUE_DESERIALIZATION,
                 KafkaError._KEY_DESERIALIZATION):
         return "deserialization", False
     return "broker_connection" if err.retriable() else "consumer_error", bool(err.retriable())

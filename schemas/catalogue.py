@@ -328,6 +328,23 @@ UNVERIFIED_SEGMENTS_TOTAL = _m(
     ("backup_id",), section=S8, extension=True,
     note="Non-zero means an old backup: run a new backup (its segments get digests) to make it checkable.")
 
+# 9. The exporter's own endpoint (appended last: counted by the exporter process itself, not from state)
+S9 = "9. Exporter endpoint"
+EXPORTER_AUTH_FAILURES = _m(
+    "kafka_backup_exporter_auth_failures_total", "counter", "requests",
+    "Requests refused with 401 (every path but /health asks for credentials), by reason: missing, malformed, "
+    "unknown_user, wrong_password",
+    ("reason",), section=S9, extension=True,
+    note="Counted since the exporter started; failed logins are also logged, at most one line per 10 s.")
+EXPORTER_CONNECTIONS_CLOSED = _m(
+    "kafka_backup_exporter_connections_closed_total", "counter", "connections",
+    "Connections the exporter closed without answering, by reason: header_timeout (no complete request "
+    "within metrics.header_timeout_s), tls_handshake (failed), connection_limit (metrics.max_connections "
+    "reached: the oldest connection still sending headers is closed), bad_request",
+    ("reason",), section=S9, extension=True,
+    note="Slow or idle clients cost a socket, not a thread, and never lock a scraper out.")
+
+
 
 def render_markdown() -> str:
     """docs/metrics.md, generated: never edit the file by hand."""

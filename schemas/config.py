@@ -7,8 +7,10 @@ and bad values are rejected with one line that names the field
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 import yaml
@@ -18,6 +20,12 @@ from schemas import topics
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Compression = Literal["zstd", "lz4", "snappy", "gzip", "none"]
+# A password-like key. Each one also takes its value from a file (the key ``<key>_file``,
+# declared next to it) or from the environment (:func:`env_for`), so that no secret has to be
+# written on a command line, where every user of the machine can read it in ``ps``.
+Secret = Annotated[str, msgspec.Meta(extra={"secret": True})]
+
+HEALTH_PATH = "/health"  # the exporter's readiness endpoint, open without authentication
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -35,8 +43,13 @@ class MetricsConfig(_Section):
     max_series_per_family: Positive = 10_000
     tls_cert_file: str = ""  # PEM; with tls_key_file, the endpoint speaks HTTPS
     tls_key_file: str = ""
-    basic_auth_username: str = ""  # with basic_auth_password_sha256, /metrics asks for credentials
-    basic_auth_password_sha256: str = ""  # hex digest: printf %s "$PASSWORD" | sha256sum
+    basic_auth_username: str = ""  # with basic_auth_password_bcrypt, /metrics asks for credentials
+    basic_auth_password_bcrypt: Secret = ""  # bcrypt hash: htpasswd -nbBC 10 "" "$PASSWORD" | cut -d: -f2
+    basic_auth_password_bcrypt_file: str = ""
+    basic_auth_password_sha256: Secret = ""  # deprecated (unsalted, fast to guess): use the bcrypt key
+    basic_auth_password_sha256_file: str = ""
+    header_timeout_s: Positive = 10  # a client must finish its TLS handshake and request headers within this
+    max_connections: Positive = 1000  # open connections; when full, the oldest still sending headers is closed
 
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL", ""]
@@ -55,7 +68,8 @@ class KafkaConfig(_Section):
     security_protocol: SecurityProtocol = "PLAINTEXT"
     sasl_mechanism: SaslMechanism = "PLAIN"
     sasl_username: str = ""
-    sasl_password: str = ""
+    sasl_password: Secret = ""
+    sasl_password_file: str = ""
     ssl_ca_location: str = ""
     ssl_certificate_location: str = ""
     ssl_key_location: str = ""
@@ -63,8 +77,12 @@ class KafkaConfig(_Section):
     telemetry_security_protocol: SecurityProtocol = ""
     telemetry_sasl_mechanism: SaslMechanism = ""
     telemetry_sasl_username: str = ""
-    telemetry_sasl_password: str = ""
+    telemetry_sasl_password: Secret = ""
+    telemetry_sasl_password_file: str = ""
     telemetry_ssl_ca_location: str = ""
+    # librdkafka refuses a fetch reply above this (0: its default, 100 MB). Real Kafka keeps replies
+    # small; the embedded dev broker sends all it holds, so `up` raises it (docs/architecture.md).
+    receive_message_max_bytes: Annotated[int, msgspec.Meta(ge=0, le=2_147_483_647)] = 0
 
 
 class TelemetryConfig(_Section):
@@ -205,8 +223,61 @@ def all_keys() -> list[tuple[str, Any]]:
     return out
 
 
-def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file, then ``overrides`` ({"backup.topics": [...]}), validated once."""
+def secret_keys() -> list[str]:
+    """Every password-like ``section.key`` (typed :data:`Secret`)."""
+    out = []
+    for section in msgspec.structs.fields(Config):
+        for f in msgspec.structs.fields(section.type):
+            if any(isinstance(a, msgspec.Meta) and (a.extra or {}).get("secret") for a in get_args(f.type)[1:]):
+                out.append(f"{section.name}.{f.name}")
+    return out
+
+
+def env_for(key: str) -> str:
+    """``kafka.sasl_password`` -> ``KAFKA_BACKUP_KAFKA_SASL_PASSWORD``."""
+    return "KAFKA_BACKUP_" + key.replace(".", "_").upper()
+
+
+def _resolve_secrets(cfg: Config, environ: Mapping[str, str]) -> None:
+    """Fill each secret from the file or the environment variable, when the key itself is not set.
+
+    Setting a key and its ``_file`` both is a mistake (which one wins would be a guess); the
+    environment is used only when neither is set. A file's trailing newline is not part of it.
+    """
+    for key in secret_keys():
+        section_name, name = key.split(".")
+        section = getattr(cfg, section_name)
+        value, path = getattr(section, name), getattr(section, name + "_file")
+        if value and path:
+            raise ConfigError(f"{key}_file: set either {key} or {key}_file, not both")
+        if path:
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    value = fh.read().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as err:
+                raise ConfigError(f"{key}_file: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+            if not value:
+                raise ConfigError(f"{key}_file: {path} is empty")
+        elif not value:
+            value = environ.get(env_for(key), "")
+        setattr(section, name, value)
+
+
+def _check(cfg: Config) -> None:
+    """Rules across one key's value that msgspec's types cannot say."""
+    path, flag = cfg.metrics.path, flag_for("metrics.path")
+    if not path.startswith("/") or any(c in path for c in "?# "):
+        raise ConfigError(f"metrics.path: {path!r} must start with '/' and hold no '?', '#' or space, "
+                          f"e.g. /metrics ({flag})")
+    if path == HEALTH_PATH:
+        raise ConfigError(f"metrics.path: {path!r} would shadow {HEALTH_PATH}, which answers without "
+                          f"authentication; choose another, e.g. /metrics ({flag})")
+
+
+def load(path: str | None = None, overrides: dict[str, Any] | None = None,
+         environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the YAML file, then ``overrides`` ({"backup.topics": [...]}), validated once;
+    then secrets from their files or the environment (``environ``, default ``os.environ``)."""
     raw: dict[str, Any] = {}
     if path:
         try:
@@ -229,7 +300,10 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
         if not isinstance(target, dict):
             raise ConfigError(f"{section}: must be a mapping of keys")
         target[key] = value
-    return _validate(raw)
+    cfg = _validate(raw)
+    _check(cfg)
+    _resolve_secrets(cfg, os.environ if environ is None else environ)
+    return cfg
 
 
 def require_safe_id(field: str, value: str) -> None:
@@ -275,7 +349,28 @@ def render_markdown() -> str:
     ]
     for key, default in all_keys():
         out.append(f"| `{key}` | `{flag_for(key)}` | `{default!r}` |")
-    out.append("")
+    out += [
+        "",
+        "## Secrets",
+        "",
+        "Keep passwords off the command line (any user of the machine can read it).",
+        "Each password-like key below also takes its value from a file, `<key>_file`",
+        "(trailing newline ignored), or, when neither is set, from the environment",
+        "variable shown. Setting a key and its `_file` both is an error.",
+        "",
+        "| key | file key | environment variable |",
+        "|---|---|---|",
+    ]
+    for key in secret_keys():
+        out.append(f"| `{key}` | `{key}_file` | `{env_for(key)}` |")
+    out += [
+        "",
+        "The exporter's password is stored only as a bcrypt hash, as in Prometheus'",
+        "`web-config.yml`: `htpasswd -nbBC 10 \"\" \"$PASSWORD\" | cut -d: -f2`, or",
+        "`python -c 'import bcrypt,getpass; print(bcrypt.hashpw(getpass.getpass().encode(), bcrypt.gensalt()).decode())'`.",
+        "`metrics.basic_auth_password_sha256` (unsalted) still works and logs a deprecation warning.",
+        "",
+    ]
     return "\n".join(out)
 
 

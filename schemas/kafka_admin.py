@@ -23,6 +23,7 @@ class Security(msgspec.Struct, frozen=True):
     ssl_ca_location: str = ""
     ssl_certificate_location: str = ""
     ssl_key_location: str = ""
+    receive_message_max_bytes: int = 0  # not security, but per cluster like it: 0 keeps librdkafka's default
 
     @property
     def sasl(self) -> bool:
@@ -42,6 +43,8 @@ class Security(msgspec.Struct, frozen=True):
                            ("ssl.key.location", self.ssl_key_location)):
             if value and self.tls:
                 conf[key] = value
+        if self.receive_message_max_bytes:
+            conf["receive.message.max.bytes"] = self.receive_message_max_bytes
         return conf
 
 
@@ -50,7 +53,8 @@ _REGISTRY: dict[str, Security] = {}
 
 def source_security(k: KafkaConfig, prefix: str = "kafka") -> Security:
     sec = Security(k.security_protocol or "PLAINTEXT", k.sasl_mechanism or "PLAIN", k.sasl_username,
-                   k.sasl_password, k.ssl_ca_location, k.ssl_certificate_location, k.ssl_key_location)
+                   k.sasl_password, k.ssl_ca_location, k.ssl_certificate_location, k.ssl_key_location,
+                   k.receive_message_max_bytes)
     _check(sec, prefix, "")
     return sec
 
@@ -65,6 +69,7 @@ def telemetry_security(k: KafkaConfig) -> Security:
         k.telemetry_sasl_password or base.sasl_password,
         k.telemetry_ssl_ca_location or base.ssl_ca_location,
         base.ssl_certificate_location, base.ssl_key_location,
+        k.receive_message_max_bytes,
     )
     _check(sec, "kafka", "telemetry_")
     return sec

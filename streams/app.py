@@ -24,10 +24,12 @@ import time
 
 import faust
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from faust.exceptions import PartitionsMismatch
 
 from schemas import events as ev
 from schemas import signing
-from schemas.config import Config
+from schemas.config import Config, ConfigError
 from schemas.kafka_admin import Security, client_config, ensure_telemetry_topic, security_for
 from schemas.state import (
     PipelineState,
@@ -35,7 +37,7 @@ from schemas.state import (
     encode_state,
     pipeline_key,
 )
-from schemas.topics import STATE_TABLE
+from schemas.topics import STATE_TABLE, state_topic
 from streams import fold
 from streams.guards import ChangelogBarrier, OffsetGuard, check_faust_version, write_outside_event
 
@@ -157,6 +159,10 @@ def create_app(cfg: Config) -> faust.App:
             ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
             try:
                 reason = handle(event.key, event.value, msg.partition, msg.offset, ts, event.headers)
+            except PartitionsMismatch as err:  # the topics changed under us: folding cannot go on
+                exit_now(f"{' '.join(str(err).split())} (the telemetry topic's partitions changed while "
+                         "running; start the aggregator again to check them)")
+                return
             except Exception as err:  # never let one record kill the agent (Faust would skip it)
                 reason = "internal_error"
                 log.exception("telemetry partition %d offset %d: unexpected failure", msg.partition, msg.offset)
@@ -244,6 +250,44 @@ class GroupOffsets:
         return max(0, low)
 
 
+def settle_partitions(cfg: Config) -> None:
+    """Take the telemetry topic's partition count as it is; refuse to start when it cannot work.
+
+    The table is co-partitioned with the telemetry topic, so its changelog (the state topic) must
+    have as many partitions. A telemetry topic that already exists with another count (created
+    by hand, or auto-created by the broker with 1 partition) is adopted as it is. A state topic
+    made for another count cannot be, and Faust would only fail at the first table write with
+    PartitionsMismatch, killing the agent while the process stays up folding nothing: stop here
+    instead, with one line saying what to do.
+    """
+    admin = AdminClient(client_config(cfg.kafka.bootstrap_servers))
+    topics = admin.list_topics(timeout=15).topics
+    meta = topics.get(cfg.telemetry.topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        return
+    have = len(meta.partitions)
+    changelog = state_topic(cfg.aggregator.app_id)
+    state = topics.get(changelog)
+    if state is not None and state.error is None and state.partitions and len(state.partitions) != have:
+        raise ConfigError(
+            f"telemetry.topic: {cfg.telemetry.topic} has {have} partitions but the state topic {changelog} "
+            f"has {len(state.partitions)}; they must match: start the aggregator and the exporter with a new --app-id "
+            f"(the state is rebuilt from the telemetry log), or recreate {cfg.telemetry.topic} with "
+            f"{len(state.partitions)} partitions")
+    if have != cfg.telemetry.partitions:
+        log.warning("telemetry topic %s has %d partitions, not %d (telemetry.partitions); using %d",
+                    cfg.telemetry.topic, have, cfg.telemetry.partitions, have)
+        cfg.telemetry.partitions = have
+
+
+def exit_now(why: str) -> None:
+    """Stop the whole process, non-zero: an agent that died would leave it up doing nothing."""
+    log.error("%s; exiting", why)
+    sys.stderr.write(f"kafka-backup aggregate: failed: {why}\n")
+    logging.shutdown()
+    os._exit(1)
+
+
 def faust_credentials(sec: Security):
     """The same cluster settings, in aiokafka's terms (Faust does not use librdkafka)."""
     import ssl
@@ -304,6 +348,7 @@ def run(cfg: Config, loglevel: str = "WARNING") -> None:
     """Run the aggregator in the foreground until SIGINT/SIGTERM (graceful LeaveGroup on exit)."""
     check_faust_version()
     ensure_telemetry_topic(cfg.kafka.bootstrap_servers, cfg.telemetry)
+    settle_partitions(cfg)
     app = create_app(cfg)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.spinner = None  # a terminal spinner's escape codes would garble the shared console of `up`

@@ -157,20 +157,23 @@ def self_signed(tmp_path) -> tuple[str, str]:
     return str(cert_path), str(key_path)
 
 
-def test_tls_and_basic_auth_endpoint_scraped_by_prometheus(backed_up, tmp_path):
+def test_tls_and_basic_auth_endpoint_scraped_by_prometheus(backed_up, tmp_path, monkeypatch):
     import base64
-    import hashlib
     import ssl
+
+    import bcrypt
 
     from tests.conftest import Proc
 
     pipe, bid, _ = backed_up
     cert, key = self_signed(tmp_path)
     port = free_port()
+    # the hash from the environment, not the command line (the process inherits this test's environment)
+    monkeypatch.setenv("KAFKA_BACKUP_METRICS_BASIC_AUTH_PASSWORD_BCRYPT",
+                       bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode())
     exporter = Proc(["exporter", "--bootstrap-servers", pipe.bootstrap, "--app-id", pipe.app_id, "--port", str(port),
                      "--metrics-tls-cert-file", cert, "--metrics-tls-key-file", key,
-                     "--metrics-basic-auth-username", "prom",
-                     "--metrics-basic-auth-password-sha256", hashlib.sha256(b"s3cret").hexdigest()],
+                     "--metrics-basic-auth-username", "prom"],
                     str(tmp_path / "exporter.log")).start()
     ctx = ssl.create_default_context(cafile=cert)
 
