@@ -34,8 +34,8 @@ SCHEMA_VERSION = 1
 # and fit a signed 64-bit integer, so no sum of them can poison or overflow an aggregate.
 # Strings that become label values or state keys keep to a safe character set and length.
 MAX_INT = 2**63 - 1
-Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
-Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT, description="a count")]
+Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT, description="a Kafka offset")]
 OffsetOrUnknown = Annotated[int, msgspec.Meta(ge=-1, le=MAX_INT)]  # -1: not known (yet)
 PartitionId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=10 * 365 * 86400.0)]  # a duration: finite, up to 10 years
@@ -355,6 +355,17 @@ def render_markdown() -> str:
         "",
         fields(Event),
         "",
+        "## Constrained types",
+        "",
+        "Checked while decoding; an event breaking one is refused and counted as",
+        "`kafka_backup_telemetry_invalid_events_total{reason=\"bad_value\"}`. Numbers are",
+        "finite and fit a signed 64-bit integer, so no sum of them can poison or overflow an",
+        "aggregate; strings that become label values or state keys keep to a safe set.",
+        "",
+        "| type | values |",
+        "|---|---|",
+        *[f"| `{name}` | {text} |" for name, (_, text) in CONSTRAINED.items()],
+        "",
         "## Evolution rules",
         "",
         "- A new field is added with a default; readers of older versions ignore it, and",
@@ -383,9 +394,39 @@ def render_markdown() -> str:
     return "\n".join(out)
 
 
+CONSTRAINED = {
+    "Count": (Count, "integer, 0 to 2^63-1"),
+    "Offset": (Offset, "integer, 0 to 2^63-1"),
+    "OffsetOrUnknown": (OffsetOrUnknown, "integer, -1 (unknown) to 2^63-1"),
+    "PartitionId": (PartitionId, "integer, 0 to 2^31-1"),
+    "Seconds": (Seconds, "finite float, 0 to 10 years"),
+    "EpochSeconds": (EpochSeconds, "finite float, Unix seconds before 2100"),
+    "EpochMillis": (EpochMillis, "integer, Unix milliseconds before 2100"),
+    "Name": (Name, "label value: 0-64 of `A-Z a-z 0-9 _ . -`"),
+    "TopicName": (TopicName, "Kafka topic name: 1-249 of `A-Z a-z 0-9 . _ -`"),
+    "JobId": (JobId, "job id: 1-200 of `A-Z a-z 0-9 . _ -`, starting with a letter or digit"),
+    "JobIdOrNone": (JobIdOrNone, "a job id or empty"),
+    "WorkerId": (WorkerId, "worker process id: 1-200 of `A-Z a-z 0-9 . _ : @ -`"),
+    "TopicPartitionName": (TopicPartitionName, "`topic/partition`"),
+    "Text": (Text, "free text for people, at most 2,000 characters"),
+}
+_ALIAS = {id(t): name for name, (t, _) in CONSTRAINED.items()}
+
+
 def _type_name(t: object) -> str:
+    import typing
+
+    if id(t) in _ALIAS:
+        return _ALIAS[id(t)]
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if origin is typing.Annotated:
+        return f"{_type_name(args[0])} (max {args[1].max_length})" if args[1].max_length else _type_name(args[0])
+    if origin is typing.Union or type(t).__name__ == "UnionType":
+        return " | ".join(_type_name(a) for a in args)
     if isinstance(t, type):
-        return t.__name__
+        return "None" if t is type(None) else t.__name__
     return str(t).replace("typing.", "").replace("schemas.events.", "").replace("__main__.", "")
 
 
