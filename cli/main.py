@@ -1,9 +1,10 @@
 """``kafka-backup``: one console script, one subcommand per process role.
 
-Every configuration key is a flag (``--section-key``), generated from
-``schemas.config``; the short names of the command-line contract
-(``--bootstrap-servers``, ``--topics``, ``--port`` ...) are aliases of those.
-User mistakes print one line and exit 2; a failed backup exits 1.
+Every configuration key a command reads is a flag of it (``--section-key``) and an
+environment variable (``KAFKA_BACKUP_SECTION_KEY``), generated from ``schemas.config``;
+the short names of the command-line contract (``--bootstrap-servers``, ``--topics``,
+``--port`` ...) are aliases of those. User mistakes print one line and exit 2; a failed
+backup exits 1.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import os
 import sys
 from typing import Any
 
-from schemas.config import Config, ConfigError, all_keys, flag_for, load, require_safe_id
+from schemas import logs
+from schemas.config import Config, ConfigError, env_for, flag_for, keys_for, load, require_safe_id
 from schemas.kafka_admin import register, source_security, telemetry_security
 
 ENV_BOOTSTRAP = "KAFKA_BOOTSTRAP_SERVERS"
@@ -69,15 +71,28 @@ def _list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _property(value: str) -> dict[str, str]:
+    """``--kafka-property KEY=VALUE`` (repeatable): one raw librdkafka setting."""
+    key, sep, val = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE, e.g. sasl.mechanism=OAUTHBEARER")
+    return {key.strip(): val}
+
+
+class _MergeProperties(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), **values})
+
+
 def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML configuration file (flags override it)")
-    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--config", metavar="FILE", help="YAML configuration file (environment and flags override it)")
     aliases = ALIASES.get(command, {})
     by_key: dict[str, list[str]] = {}
     for flag, key in aliases.items():
         by_key.setdefault(key, []).append(flag)
-    group = p.add_argument_group("configuration keys (each also settable in the YAML file)")
-    for key, default in all_keys():
+    group = p.add_argument_group("configuration keys (each also settable in the YAML file and as the "
+                                 "environment variable shown)")
+    for key, default in keys_for(command):
         flags = [*by_key.get(key, []), flag_for(key)]
         # an alias wins over another key's generated flag (restore's --backup-id is restore.backup_id)
         flags = [f for f in flags if aliases.get(f, key) == key]
@@ -87,7 +102,14 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
         if isinstance(default, list):
             kwargs["type"] = _list
             kwargs["metavar"] = "A,B"
-        group.add_argument(*dict.fromkeys(flags), help=f"{key} (default: {default!r})", **kwargs)
+        elif isinstance(default, dict):
+            kwargs.update(type=_property, metavar="KEY=VALUE", action=_MergeProperties)
+        elif key == "log.level":
+            kwargs.update(choices=["DEBUG", "INFO", "WARNING", "ERROR"], metavar=None)
+        elif key == "log.format":
+            kwargs.update(choices=["text", "json"], metavar=None)
+        group.add_argument(*dict.fromkeys(flags), help=f"{key}, ${env_for(key)} (default: {default!r})",
+                           **kwargs)
     if command == "backup":
         p.add_argument("--continuous", dest="backup.continuous", action="store_const", const=True,
                        default=argparse.SUPPRESS, help="keep backing up until stopped (default: one-shot)")
@@ -102,8 +124,27 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
             p.add_argument(flag, dest=key, action="store_const", const=True, default=argparse.SUPPRESS, help=help_)
 
 
+def version_line() -> str:
+    """``kafka-backup --version``: this package and the libraries that decide its behaviour."""
+    from schemas.build import build_info
+
+    info = build_info()
+    return (f"kafka-backup {info['version']} (python {info['python']}, faust {info['faust']}, "
+            f"confluent-kafka {info['confluent_kafka']})")
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kafka-backup", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action=_Version, help="print the version (and its libraries') and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("dev-broker", help="run the embedded test broker (noida-db) in the foreground")
     p.add_argument("--port", type=int, default=9092)
@@ -155,12 +196,13 @@ def cmd_backup(cfg: Config) -> int:
                       cfg.telemetry, storage)
 
 
-def cmd_aggregate(cfg: Config, loglevel: str) -> int:
+def cmd_aggregate(cfg: Config, logging_config: dict[str, Any]) -> int:
     from streams.app import run
 
     _require_bootstrap(cfg)
     require_safe_id("aggregator.app_id", cfg.aggregator.app_id)
-    run(cfg, loglevel)
+    logs.set_context(job=cfg.aggregator.app_id, instance=cfg.aggregator.instance_id)
+    run(cfg, logging_config)
     return 0
 
 
@@ -220,18 +262,28 @@ def cmd_dev_broker(port: int, data_dir: str | None) -> int:
     return 0
 
 
+def long_running(command: str, cfg: Config) -> bool:
+    return command in ("aggregate", "exporter", "up") or (command == "backup" and cfg.backup.continuous)
+
+
+def setup_logging(command: str, cfg: Config) -> dict[str, Any]:
+    """One configuration for our loggers, Faust/mode and librdkafka (schemas.logs)."""
+    level = cfg.log.level or (logs.LONG_RUNNING_LEVEL if long_running(command, cfg) else logs.ONE_SHOT_LEVEL)
+    return logs.configure(level, cfg.log.format)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "WARNING"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level="WARNING", format=logs.TEXT_FORMAT)  # until the configuration is read
     try:
         if args.command == "dev-broker":
             return cmd_dev_broker(args.port, args.data_dir)
         cfg = config_from(args)
+        logging_config = setup_logging(args.command, cfg)
         if args.command == "backup":
             return cmd_backup(cfg)
         if args.command == "aggregate":
-            return cmd_aggregate(cfg, args.log_level)
+            return cmd_aggregate(cfg, logging_config)
         if args.command == "exporter":
             return cmd_exporter(cfg)
         if args.command == "restore":

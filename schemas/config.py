@@ -1,8 +1,10 @@
-"""Configuration: one YAML file (the PRD's ``metrics:`` section plus ours), every key also a flag.
+"""Configuration: one YAML file (the PRD's ``metrics:`` section plus ours), every key also a flag
+and an environment variable.
 
-Precedence: built-in defaults < YAML file < command-line flags. Unknown keys
-and bad values are rejected with one line that names the field
-(``backup.compression``) and the flag that sets it.
+Precedence: built-in defaults < YAML file < environment (``KAFKA_BACKUP_<SECTION>_<KEY>``) <
+command-line flags. Flags, environment variables and docs/configuration.md are all generated
+from the one key list below (:func:`all_keys`). Unknown keys and bad values are rejected with
+one line that names the field (``backup.compression``) and where its value came from.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ Compression = Literal["zstd", "lz4", "snappy", "gzip", "none"]
 # declared next to it) or from the environment (:func:`env_for`), so that no secret has to be
 # written on a command line, where every user of the machine can read it in ``ps``.
 Secret = Annotated[str, msgspec.Meta(extra={"secret": True})]
+PropertyValue = str | int | float | bool
 
 HEALTH_PATH = "/health"  # the exporter's readiness endpoint, open without authentication
 
@@ -83,6 +86,12 @@ class KafkaConfig(_Section):
     # librdkafka refuses a fetch reply above this (0: its default, 100 MB). Real Kafka keeps replies
     # small; the embedded dev broker sends all it holds, so `up` raises it (docs/architecture.md).
     receive_message_max_bytes: Annotated[int, msgspec.Meta(ge=0, le=2_147_483_647)] = 0
+    # Raw librdkafka settings (OAUTHBEARER, GSSAPI, cloud IAM, tuning) for every client of the source
+    # cluster, over the keys above; the aggregator maps them to aiokafka or refuses them (streams/app.py).
+    properties: dict[str, PropertyValue] = {}
+    properties_file: str = ""  # a Java-style client.properties (KEY=VALUE lines), under `properties`
+    telemetry_properties: dict[str, PropertyValue] = {}  # empty: the source's, when telemetry goes there
+    telemetry_properties_file: str = ""
 
 
 class TelemetryConfig(_Section):
@@ -155,6 +164,14 @@ class AggregatorConfig(_Section):
     max_state_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1_000_000)] = 900_000  # one job's encoded state
 
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", ""]
+
+
+class LogConfig(_Section):
+    level: LogLevel = ""  # empty: INFO for long-running processes (aggregate, exporter, continuous backup), else WARNING
+    format: Literal["text", "json"] = "text"  # json: one JSON object a line, for log shippers
+
+
 class Config(_Section):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
@@ -164,6 +181,31 @@ class Config(_Section):
     offset_reset: OffsetResetConfig = msgspec.field(default_factory=OffsetResetConfig)
     aggregator: AggregatorConfig = msgspec.field(default_factory=AggregatorConfig)
     verify: VerifyConfig = msgspec.field(default_factory=VerifyConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+
+# Which sections each command reads: its --help shows these keys only, and only these are flags
+# of it. Entries with a dot name one key of a section the command otherwise does not read.
+COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
+    "backup": ("kafka", "telemetry", "backup", "log"),
+    "restore": ("kafka", "telemetry", "restore", "log"),
+    "verify": ("kafka", "telemetry", "verify", "log"),
+    "offset-reset": ("kafka", "telemetry", "offset_reset", "log"),
+    "aggregate": ("kafka", "telemetry", "aggregator", "log"),
+    "exporter": ("metrics", "kafka", "log", "aggregator.app_id", "aggregator.throughput_window_s"),
+    "replay": ("metrics", "kafka", "telemetry", "aggregator", "log", "backup.backup_id", "restore.restore_id"),
+    "up": ("metrics", "kafka", "telemetry", "backup", "aggregator", "log"),
+}
+
+
+def keys_for(command: str) -> list[tuple[str, Any]]:
+    """The ``section.key`` s (with defaults) a command reads, in key-list order."""
+    wanted = COMMAND_SECTIONS.get(command, ())
+    return [(k, d) for k, d in all_keys() if k in wanted or k.split(".")[0] in wanted]
+
+
+def commands_for(section: str) -> list[str]:
+    return [c for c, secs in COMMAND_SECTIONS.items() if section in secs]
 
 
 class ConfigError(Exception):
@@ -174,11 +216,14 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 def flag_for(path: str) -> str:
-    """``backup.compression`` -> ``--backup-compression``; ``backup.backup_id`` -> ``--backup-id``."""
+    """``backup.compression`` -> ``--backup-compression``; ``backup.backup_id`` -> ``--backup-id``;
+    a mapping (``kafka.properties``) is a repeatable ``--kafka-property KEY=VALUE``."""
     section, _, key = path.partition(".")
+    if key.endswith("properties"):
+        key = key.removesuffix("properties") + "property"
     if key.startswith(section + "_"):
         return "--" + key.replace("_", "-")
-    return "--" + path.replace(".", "-").replace("_", "-")
+    return "--" + f"{section}.{key}".replace(".", "-").replace("_", "-")
 
 
 def _path_of(err: msgspec.ValidationError) -> tuple[str, str]:
@@ -193,16 +238,30 @@ def _path_of(err: msgspec.ValidationError) -> tuple[str, str]:
     return where, message
 
 
-def _validate(raw: dict[str, Any]) -> Config:
+def _validate(raw: dict[str, Any], origins: Mapping[str, str] | None = None) -> Config:
     try:
         return msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as err:
         where, message = _path_of(err)
+        where = re.sub(r"\[[^\]]*\]", "", where)  # kafka.properties[...] -> kafka.properties
         if message == "unknown key":
             section = where.split(".")[0]
             valid = _keys_of(section)
             raise ConfigError(f"{where}: unknown key; valid keys here: {', '.join(valid)}") from None
-        raise ConfigError(f"{where}: {message} (set it in the YAML file or with {flag_for(where)})") from None
+        origin = _origin_of(where, origins or {})
+        if origin.startswith("environment "):
+            raise ConfigError(f"{origin}: {message} ({where})") from None
+        raise ConfigError(f"{where}: {message} (set it in the YAML file, with {flag_for(where)} "
+                          f"or {env_for(where)})") from None
+
+
+def _origin_of(where: str, origins: Mapping[str, str]) -> str:
+    """The source of ``where`` or of the key it is inside (``kafka.properties.x`` -> ``kafka.properties``)."""
+    while where:
+        if where in origins:
+            return origins[where]
+        where = where.rpartition(".")[0]
+    return ""
 
 
 def _keys_of(section: str) -> list[str]:
@@ -234,16 +293,64 @@ def secret_keys() -> list[str]:
 
 
 def env_for(key: str) -> str:
-    """``kafka.sasl_password`` -> ``KAFKA_BACKUP_KAFKA_SASL_PASSWORD``."""
+    """``metrics.port`` -> ``KAFKA_BACKUP_METRICS_PORT``; every key has one."""
     return "KAFKA_BACKUP_" + key.replace(".", "_").upper()
 
 
-def _resolve_secrets(cfg: Config, environ: Mapping[str, str]) -> None:
-    """Fill each secret from the file or the environment variable, when the key itself is not set.
+def _from_env(key: str, default: Any, text: str) -> Any:
+    """An environment variable's text as the key's value: lists are comma-separated, mappings are
+    YAML (``{sasl.mechanism: OAUTHBEARER}``) or ``KEY=VALUE`` lines; the rest is converted by type."""
+    if isinstance(default, list):
+        return [v.strip() for v in text.split(",") if v.strip()]
+    if isinstance(default, dict):
+        return parse_properties(text, f"environment {env_for(key)}")
+    return text
 
-    Setting a key and its ``_file`` both is a mistake (which one wins would be a guess); the
-    environment is used only when neither is set. A file's trailing newline is not part of it.
-    """
+
+def parse_properties(text: str, source: str) -> dict[str, Any]:
+    """A mapping written as YAML (``{a.b: 1}``) or as ``KEY=VALUE`` lines (``#`` comments), as in a
+    Java client.properties file."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            loaded = yaml.safe_load(stripped)
+        except yaml.YAMLError:
+            loaded = None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: not a YAML mapping; write {{key: value, ...}} or KEY=VALUE lines")
+        return {str(k): v for k, v in loaded.items()}
+    out: dict[str, Any] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source}: line {n} is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Every ``KAFKA_BACKUP_<SECTION>_<KEY>`` set (and not empty) in ``environ``, as ``{section.key: value}``."""
+    out = {}
+    for key, default in all_keys():
+        text = environ.get(env_for(key), "")
+        if text != "":
+            out[key] = _from_env(key, default, text)
+    return out
+
+
+def _pair(key: str) -> tuple[str, ...]:
+    """A secret and its ``_file`` form are one setting for precedence: the pair, else nothing."""
+    base = key.removesuffix("_file")
+    return (base, base + "_file") if base in secret_keys() else ()
+
+
+def _resolve_secrets(cfg: Config) -> None:
+    """Fill each secret from its file, when set; setting a key and its ``_file`` both (in one
+    place: a higher-precedence source replaces both) is a mistake. A file's trailing newline is
+    not part of it."""
     for key in secret_keys():
         section_name, name = key.split(".")
         section = getattr(cfg, section_name)
@@ -251,16 +358,23 @@ def _resolve_secrets(cfg: Config, environ: Mapping[str, str]) -> None:
         if value and path:
             raise ConfigError(f"{key}_file: set either {key} or {key}_file, not both")
         if path:
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    value = fh.read().rstrip("\r\n")
-            except (OSError, UnicodeDecodeError) as err:
-                raise ConfigError(f"{key}_file: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+            value = _read_file(key + "_file", path)
             if not value:
                 raise ConfigError(f"{key}_file: {path} is empty")
-        elif not value:
-            value = environ.get(env_for(key), "")
         setattr(section, name, value)
+    for name in ("properties", "telemetry_properties"):
+        path = getattr(cfg.kafka, name + "_file")
+        if path:
+            from_file = parse_properties(_read_file(f"kafka.{name}_file", path), f"kafka.{name}_file: {path}")
+            setattr(cfg.kafka, name, {**from_file, **getattr(cfg.kafka, name)})
+
+
+def _read_file(field: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{field}: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
 
 
 def _check(cfg: Config) -> None:
@@ -276,9 +390,14 @@ def _check(cfg: Config) -> None:
 
 def load(path: str | None = None, overrides: dict[str, Any] | None = None,
          environ: Mapping[str, str] | None = None) -> Config:
-    """Defaults, then the YAML file, then ``overrides`` ({"backup.topics": [...]}), validated once;
-    then secrets from their files or the environment (``environ``, default ``os.environ``)."""
+    """Defaults, then the YAML file, then the environment (``environ``, default ``os.environ``), then
+    ``overrides`` (the flags: {"backup.topics": [...]}), validated once; then secrets from their files.
+
+    A secret and its ``_file`` are one setting: the source that sets either replaces both from lower
+    sources. Mappings (``kafka.properties``) merge key by key, the higher source winning.
+    """
     raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if path:
         try:
             with open(path, encoding="utf-8") as fh:
@@ -294,15 +413,23 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config: {path} must hold a mapping of sections (metrics:, kafka:, ...)")
         raw = loaded
-    for dotted, value in (overrides or {}).items():
-        section, key = dotted.split(".", 1)
-        target = raw.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"{section}: must be a mapping of keys")
-        target[key] = value
-    cfg = _validate(raw)
+    env = environment(os.environ if environ is None else environ)
+    for layer, label in ((env, lambda k: f"environment {env_for(k)}"), (overrides or {}, lambda k: flag_for(k))):
+        for dotted, value in layer.items():
+            section, key = dotted.split(".", 1)
+            target = raw.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{section}: must be a mapping of keys")
+            for other in _pair(dotted):  # this source replaces the whole setting from lower ones
+                if other not in layer:
+                    target.pop(other.split(".", 1)[1], None)
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                value = {**target[key], **value}
+            target[key] = value
+            origins[dotted] = label(dotted)
+    cfg = _validate(raw, origins)
     _check(cfg)
-    _resolve_secrets(cfg, os.environ if environ is None else environ)
+    _resolve_secrets(cfg)
     return cfg
 
 
@@ -323,9 +450,18 @@ def render_markdown() -> str:
         "<!-- Generated by `python -m schemas.config > docs/configuration.md`; do not edit. -->",
         "",
         "One YAML file (`--config FILE`) with the sections below; every key is also a",
-        "flag, and flags win over the file. Unknown keys and bad values stop the command",
-        "with one line naming the key, and exit status 2. The `metrics:` section is the",
-        "PRD's.",
+        "flag and an environment variable `KAFKA_BACKUP_<SECTION>_<KEY>`. Precedence:",
+        "flags > environment > YAML file > defaults. Unknown keys and bad values stop the",
+        "command with one line naming the key and where its value came from (e.g.",
+        "\"environment KAFKA_BACKUP_METRICS_PORT: Expected `int`, got `str` (metrics.port)\"),",
+        "and exit status 2. The `metrics:` section is the PRD's.",
+        "",
+        "In the environment, a list is comma-separated (`KAFKA_BACKUP_BACKUP_TOPICS=orders,payments`),",
+        "a boolean is `true`/`false`, a mapping (`kafka.properties`) is a YAML mapping",
+        "(`{sasl.mechanism: OAUTHBEARER}`) or `KEY=VALUE` lines; an empty variable counts as unset.",
+        "",
+        "Each command reads only some sections, and only their keys are its flags (`--help`",
+        "lists them); a shared YAML file may hold every section.",
         "",
         "```yaml",
         "metrics:",
@@ -344,25 +480,39 @@ def render_markdown() -> str:
         "  continuous: true",
         "```",
         "",
-        "| key | flag | default |",
-        "|---|---|---|",
     ]
+    section = None
     for key, default in all_keys():
-        out.append(f"| `{key}` | `{flag_for(key)}` | `{default!r}` |")
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            users = [c for c, secs in COMMAND_SECTIONS.items() if section in secs]
+            some = [c for c, secs in COMMAND_SECTIONS.items() if any(s.startswith(section + ".") for s in secs)]
+            used = ", ".join(f"`{c}`" for c in users) + (
+                f" (and {', '.join(f'`{c}`' for c in some)}: some keys)" if some else "")
+            out += ["", f"### `{section}:`", "", f"Read by: {used}.", "",
+                    "| key | flag | environment variable | default |", "|---|---|---|---|"]
+        flag = flag_for(key) + (" KEY=VALUE (repeatable)" if isinstance(default, dict) else "")
+        out.append(f"| `{key}` | `{flag}` | `{env_for(key)}` | `{default!r}` |")
     out += [
         "",
         "## Secrets",
         "",
         "Keep passwords off the command line (any user of the machine can read it).",
         "Each password-like key below also takes its value from a file, `<key>_file`",
-        "(trailing newline ignored), or, when neither is set, from the environment",
-        "variable shown. Setting a key and its `_file` both is an error.",
+        "(trailing newline ignored), and both forms from the environment. A key and its",
+        "`_file` are one setting: the source of higher precedence that sets either one",
+        "replaces both (`KAFKA_BACKUP_KAFKA_SASL_PASSWORD_FILE` in the environment wins over",
+        "`sasl_password:` in the YAML file); setting both in one source is an error.",
+        "Raw client properties holding secrets (`sasl.oauthbearer.client.secret`, ...) go in",
+        "`kafka.properties_file`, a Java-style `client.properties` file of `KEY=VALUE` lines",
+        "(as `kafka-consumer-groups --command-config` takes); `kafka.properties` entries win",
+        "over it key by key.",
         "",
-        "| key | file key | environment variable |",
+        "| key | file key | environment variables |",
         "|---|---|---|",
     ]
     for key in secret_keys():
-        out.append(f"| `{key}` | `{key}_file` | `{env_for(key)}` |")
+        out.append(f"| `{key}` | `{key}_file` | `{env_for(key)}`, `{env_for(key + '_file')}` |")
     out += [
         "",
         "The exporter's password is stored only as a bcrypt hash, as in Prometheus'",

@@ -3,10 +3,15 @@
 A cluster is named by its bootstrap list. The command line registers the
 security settings (SASL, TLS) of each cluster it talks to once, at start;
 every client built with :func:`client_config` for that bootstrap list then
-gets them, so no code path can forget them.
+gets them, so no code path can forget them: the raw librdkafka ``kafka.properties``
+(OAUTHBEARER, GSSAPI, cloud IAM) over the named keys, and the ``logger`` that sends
+librdkafka's own log lines through Python logging (one format for the whole process).
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 import msgspec
 from confluent_kafka import KafkaException
@@ -24,14 +29,21 @@ class Security(msgspec.Struct, frozen=True):
     ssl_certificate_location: str = ""
     ssl_key_location: str = ""
     receive_message_max_bytes: int = 0  # not security, but per cluster like it: 0 keeps librdkafka's default
+    properties: tuple[tuple[str, Any], ...] = ()  # raw librdkafka settings, applied last
+    properties_key: str = "kafka.properties"  # the configuration key they came from, for error messages
+
+    @property
+    def effective_protocol(self) -> str:
+        """The security protocol in effect (a raw property wins), upper case."""
+        return str(dict(self.properties).get("security.protocol", self.protocol)).upper()
 
     @property
     def sasl(self) -> bool:
-        return self.protocol.startswith("SASL")
+        return self.effective_protocol.startswith("SASL")
 
     @property
     def tls(self) -> bool:
-        return self.protocol.endswith("SSL")
+        return self.effective_protocol.endswith("SSL")
 
     def librdkafka(self) -> dict[str, str]:
         conf = {"security.protocol": self.protocol.lower()}
@@ -45,7 +57,17 @@ class Security(msgspec.Struct, frozen=True):
                 conf[key] = value
         if self.receive_message_max_bytes:
             conf["receive.message.max.bytes"] = self.receive_message_max_bytes
-        return conf
+        return conf | dict(self.properties)
+
+    @property
+    def mechanism(self) -> str:
+        """The SASL mechanism in effect (a raw property wins), upper case."""
+        return str(dict(self.properties).get("sasl.mechanism", self.sasl_mechanism)).upper()
+
+
+# librdkafka's own log lines (connection failures, ...) go through this logger, so they get the
+# process's log format (text or JSON) instead of librdkafka's own lines on stderr.
+LIBRDKAFKA_LOGGER = logging.getLogger("librdkafka")
 
 
 _REGISTRY: dict[str, Security] = {}
@@ -54,7 +76,7 @@ _REGISTRY: dict[str, Security] = {}
 def source_security(k: KafkaConfig, prefix: str = "kafka") -> Security:
     sec = Security(k.security_protocol or "PLAINTEXT", k.sasl_mechanism or "PLAIN", k.sasl_username,
                    k.sasl_password, k.ssl_ca_location, k.ssl_certificate_location, k.ssl_key_location,
-                   k.receive_message_max_bytes)
+                   k.receive_message_max_bytes, tuple(k.properties.items()))
     _check(sec, prefix, "")
     return sec
 
@@ -70,13 +92,21 @@ def telemetry_security(k: KafkaConfig) -> Security:
         k.telemetry_ssl_ca_location or base.ssl_ca_location,
         base.ssl_certificate_location, base.ssl_key_location,
         k.receive_message_max_bytes,
+        tuple(k.telemetry_properties.items()) or base.properties,
+        "kafka.telemetry_properties" if k.telemetry_properties else base.properties_key,
     )
     _check(sec, "kafka", "telemetry_")
     return sec
 
 
 def _check(sec: Security, section: str, prefix: str) -> None:
-    if sec.sasl and not (sec.sasl_username and sec.sasl_password):
+    """Username and password for the mechanisms that use them (GSSAPI and OAUTHBEARER, set in
+    ``kafka.properties``, bring their own credentials)."""
+    props = dict(sec.properties)
+    if sec.mechanism not in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        return
+    if sec.sasl and not ((sec.sasl_username or props.get("sasl.username"))
+                         and (sec.sasl_password or props.get("sasl.password"))):
         raise ConfigError(f"{section}.{prefix}sasl_username: {sec.protocol} needs a username and a password "
                           f"({section}.{prefix}sasl_username, {section}.{prefix}sasl_password)")
 
@@ -92,7 +122,10 @@ def security_for(bootstrap_servers: str) -> Security:
 
 
 def client_config(bootstrap_servers: str, **extra: object) -> dict[str, object]:
-    return {"bootstrap.servers": bootstrap_servers, **security_for(bootstrap_servers).librdkafka(), **extra}
+    """Settings of every confluent-kafka client: the cluster's registered settings, its raw
+    properties, then the caller's own (which the code needs: group.id, idempotence, ...)."""
+    return {"bootstrap.servers": bootstrap_servers, **security_for(bootstrap_servers).librdkafka(),
+            "logger": LIBRDKAFKA_LOGGER, **extra}
 
 
 def ensure_topic(admin: AdminClient, name: str, partitions: int, replication: int = 1,

@@ -15,6 +15,7 @@ id and partition count come from the configuration.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
@@ -28,7 +29,7 @@ from confluent_kafka.admin import AdminClient
 from faust.exceptions import PartitionsMismatch
 
 from schemas import events as ev
-from schemas import signing
+from schemas import logs, signing
 from schemas.config import Config, ConfigError
 from schemas.kafka_admin import Security, client_config, ensure_telemetry_topic, security_for
 from schemas.state import (
@@ -288,18 +289,55 @@ def exit_now(why: str) -> None:
     os._exit(1)
 
 
+# Raw librdkafka properties (kafka.properties) the aggregator maps to aiokafka; other security
+# settings have no aiokafka equivalent and are refused, and the rest (tuning) apply to librdkafka only.
+FAUST_MAPPED = frozenset({
+    "security.protocol", "sasl.mechanism", "sasl.mechanisms", "sasl.username", "sasl.password",
+    "sasl.kerberos.service.name", "sasl.kerberos.domain.name", "ssl.ca.location", "ssl.certificate.location",
+    "ssl.key.location", "ssl.key.password", "ssl.endpoint.identification.algorithm",
+})
+SECURITY_PREFIXES = ("security.", "sasl.", "ssl.", "ssl_", "enable.ssl")
+
+
 def faust_credentials(sec: Security):
-    """The same cluster settings, in aiokafka's terms (Faust does not use librdkafka)."""
+    """The same cluster settings, in aiokafka's terms (Faust does not use librdkafka).
+
+    Computed from the librdkafka settings in effect, raw ``kafka.properties`` included, so the
+    aggregator authenticates as the workers do; a property it cannot honour stops it with one line.
+    """
     import ssl
 
+    conf = sec.librdkafka()
+    props = dict(sec.properties)
+    for name in sorted(props):
+        if name in FAUST_MAPPED:
+            continue
+        if name.startswith(SECURITY_PREFIXES):
+            raise ConfigError(f"{sec.properties_key}: {name} is not supported by the aggregator (Faust speaks "
+                              f"Kafka through aiokafka, not librdkafka); remove it from the aggregator's "
+                              f"configuration or use a mechanism it supports (PLAIN, SCRAM-SHA-256/512, GSSAPI)")
+        log.info("%s: %s applies to librdkafka clients only, not to Faust's aiokafka", sec.properties_key, name)
+    mechanism = str(conf.get("sasl.mechanism") or conf.get("sasl.mechanisms") or sec.sasl_mechanism).upper()
+    if sec.sasl and mechanism == "OAUTHBEARER":
+        raise ConfigError(f"{sec.properties_key}: sasl.mechanism=OAUTHBEARER is not supported by the aggregator "
+                          "(aiokafka needs a token provider object, librdkafka's sasl.oauthbearer.* settings "
+                          "have no equivalent); give the aggregator SCRAM or GSSAPI credentials")
     context = None
     if sec.tls:
-        context = ssl.create_default_context(cafile=sec.ssl_ca_location or None)
-        if sec.ssl_certificate_location:
-            context.load_cert_chain(sec.ssl_certificate_location, sec.ssl_key_location or None)
+        context = ssl.create_default_context(cafile=conf.get("ssl.ca.location") or None)
+        if conf.get("ssl.certificate.location"):
+            context.load_cert_chain(conf["ssl.certificate.location"], conf.get("ssl.key.location") or None,
+                                    conf.get("ssl.key.password") or None)
+        if str(conf.get("ssl.endpoint.identification.algorithm", "https")).lower() == "none":
+            context.check_hostname = False
+    if sec.sasl and mechanism == "GSSAPI":
+        return faust.GSSAPICredentials(kerberos_service_name=str(conf.get("sasl.kerberos.service.name", "kafka")),
+                                       kerberos_domain_name=conf.get("sasl.kerberos.domain.name") or None,
+                                       ssl_context=context)
     if sec.sasl:
-        return faust.SASLCredentials(username=sec.sasl_username, password=sec.sasl_password,
-                                     mechanism=sec.sasl_mechanism, ssl_context=context)
+        return faust.SASLCredentials(username=str(conf.get("sasl.username", "")),
+                                     password=str(conf.get("sasl.password", "")),
+                                     mechanism=mechanism, ssl_context=context)
     if context is not None:
         return faust.SSLCredentials(context)
     return None
@@ -344,13 +382,20 @@ def recovery_watchdog(app: faust.App, stall_s: float, restart=restart_in_place,
     return thread
 
 
-def run(cfg: Config, loglevel: str = "WARNING") -> None:
-    """Run the aggregator in the foreground until SIGINT/SIGTERM (graceful LeaveGroup on exit)."""
+def run(cfg: Config, logging_config: dict | None = None) -> None:
+    """Run the aggregator in the foreground until SIGINT/SIGTERM (graceful LeaveGroup on exit).
+
+    ``logging_config`` (schemas.logs.dict_config) is the process's: mode's worker clears the root
+    logger's handlers when it starts and applies its own dictConfig, so it is handed ours to apply.
+    """
     check_faust_version()
     ensure_telemetry_topic(cfg.kafka.bootstrap_servers, cfg.telemetry)
     settle_partitions(cfg)
     app = create_app(cfg)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    if logging_config is None:
+        logging_config = logs.dict_config(logs.LONG_RUNNING_LEVEL, "text")
+    worker = faust.Worker(app, loglevel=logging_config["root"]["level"], quiet=True,
+                          logging_config=copy.deepcopy(logging_config))  # dictConfig consumes it
     worker.spinner = None  # a terminal spinner's escape codes would garble the shared console of `up`
     recovery_watchdog(app, cfg.aggregator.recovery_stall_s)
     worker.execute_from_commandline()

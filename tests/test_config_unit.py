@@ -1,0 +1,102 @@
+"""Issue 11: every key from the environment, precedence, per-command flags, raw client properties."""
+
+from __future__ import annotations
+
+import pytest
+
+from cli.main import build_parser
+from schemas import kafka_admin
+from schemas.config import COMMAND_SECTIONS, ConfigError, all_keys, env_for, flag_for, keys_for, load
+from streams.app import faust_credentials
+
+
+def test_every_key_has_an_environment_variable_and_precedence_is_flags_env_file_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("metrics:\n  port: 9100\n  bind: 0.0.0.0\n  path: /m\nbackup:\n  topics: [x]\n")
+    env = {"KAFKA_BACKUP_METRICS_PORT": "9200", "KAFKA_BACKUP_METRICS_BIND": "10.0.0.1",
+           "KAFKA_BACKUP_BACKUP_TOPICS": "a, b", "KAFKA_BACKUP_BACKUP_CONTINUOUS": "true",
+           "KAFKA_BACKUP_RESTORE_FROM_TIME": "5", "KAFKA_BACKUP_LOG_FORMAT": "json", "KAFKA_BACKUP_METRICS_PATH": ""}
+    cfg = load(str(path), {"metrics.port": "9300"}, environ=env)
+    assert cfg.metrics.port == 9300  # flag > environment
+    assert cfg.metrics.bind == "10.0.0.1"  # environment > file
+    assert cfg.metrics.path == "/m"  # an empty variable is unset
+    assert (cfg.backup.topics, cfg.backup.continuous, cfg.restore.from_time, cfg.log.format) == (
+        ["a", "b"], True, 5, "json")
+    assert cfg.metrics.update_interval_ms == 500  # default
+    assert len({env_for(k) for k, _ in all_keys()}) == len(all_keys())
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"KAFKA_BACKUP_METRICS_PORT": "eighty"},
+     "environment KAFKA_BACKUP_METRICS_PORT: Expected `int`, got `str` (metrics.port)"),
+    ({"KAFKA_BACKUP_METRICS_PORT": "70000"},
+     "environment KAFKA_BACKUP_METRICS_PORT: Expected `int` <= 65535 (metrics.port)"),
+    ({"KAFKA_BACKUP_BACKUP_COMPRESSION": "brotli"},
+     "environment KAFKA_BACKUP_BACKUP_COMPRESSION: Invalid enum value 'brotli' (backup.compression)"),
+    ({"KAFKA_BACKUP_KAFKA_PROPERTIES": "no equals sign"},
+     "environment KAFKA_BACKUP_KAFKA_PROPERTIES: line 1 is not KEY=VALUE"),
+])
+def test_a_bad_environment_value_names_the_variable(env, needle):
+    with pytest.raises(ConfigError) as err:
+        load(None, None, environ=env)
+    assert str(err.value) == needle
+
+
+def test_a_secret_and_its_file_are_one_setting_across_sources(tmp_path):
+    (tmp_path / "pw").write_text("from-file\n")
+    path = tmp_path / "c.yaml"
+    path.write_text("kafka:\n  sasl_password: from-yaml\n")
+    env = {"KAFKA_BACKUP_KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "pw")}
+    assert load(str(path), None, environ=env).kafka.sasl_password == "from-file"  # env's file beats the yaml
+    assert load(str(path), {"kafka.sasl_password": "flag"}, environ=env).kafka.sasl_password == "flag"
+    with pytest.raises(ConfigError, match="^kafka.sasl_password_file: set either"):
+        load(None, None, environ={**env, "KAFKA_BACKUP_KAFKA_SASL_PASSWORD": "x"})
+
+
+def test_each_command_shows_its_own_settings_only():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    exporter_help = sub["exporter"].format_help()
+    assert "--metrics-port" in exporter_help and "--app-id" in exporter_help
+    for foreign in ("--restore-id", "--offset-reset-group", "--group", "--topic-map", "--backup-compression",
+                    "--aggregator-dead-letter-topic", "--telemetry-topic"):
+        assert foreign not in exporter_help, foreign
+    assert "--metrics-port" not in sub["backup"].format_help()
+    assert "--group" in sub["offset-reset"].format_help()
+    for command in COMMAND_SECTIONS:
+        shown = sub[command].format_help()
+        for key, _ in keys_for(command):
+            if key not in ("backup.backup_id", "restore.backup_id", "verify.backup_id"):  # aliased --backup-id
+                assert flag_for(key) in shown or key in shown, (command, key)
+
+
+def test_raw_properties_reach_every_client_and_the_aggregator_or_are_refused(tmp_path):
+    (tmp_path / "client.properties").write_text("# as for kafka-consumer-groups --command-config\n"
+                                                "sasl.kerberos.service.name=kafka-prod\nsocket.keepalive.enable=true\n")
+    cfg = load(None, {"kafka.security_protocol": "SASL_PLAINTEXT", "kafka.properties": {"sasl.mechanism": "GSSAPI"},
+                      "kafka.properties_file": str(tmp_path / "client.properties")}, environ={})
+    sec = kafka_admin.source_security(cfg.kafka)  # GSSAPI needs no username or password
+    kafka_admin.register("gss:9092", sec)
+    conf = kafka_admin.client_config("gss:9092", **{"group.id": "g"})
+    assert (conf["sasl.mechanism"], conf["sasl.kerberos.service.name"], conf["socket.keepalive.enable"],
+            conf["group.id"]) == ("GSSAPI", "kafka-prod", "true", "g")
+    creds = faust_credentials(sec)
+    assert (type(creds).__name__, creds.kerberos_service_name) == ("GSSAPICredentials", "kafka-prod")
+
+    oauth = load(None, {"kafka.properties": {"security.protocol": "SASL_SSL", "sasl.mechanism": "OAUTHBEARER",
+                                             "sasl.oauthbearer.method": "oidc"}}, environ={})
+    sec = kafka_admin.source_security(oauth.kafka)
+    assert sec.librdkafka()["sasl.oauthbearer.method"] == "oidc"
+    with pytest.raises(ConfigError) as err:
+        faust_credentials(sec)
+    assert str(err.value).startswith("kafka.properties: sasl.oauthbearer.method is not supported by the aggregator")
+
+
+def test_repeated_property_flags_merge_over_the_environment(monkeypatch):
+    from cli.main import config_from
+
+    args = build_parser().parse_args(["backup", "--kafka-property", "client.rack=a", "--kafka-property",
+                                      "socket.timeout.ms=5000", "--kafka-property", "client.rack=b"])
+    monkeypatch.setenv("KAFKA_BACKUP_KAFKA_PROPERTIES", "{client.id: env, client.rack: env}")
+    cfg = config_from(args)
+    assert cfg.kafka.properties == {"client.id": "env", "client.rack": "b", "socket.timeout.ms": "5000"}
