@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from schemas import catalogue as cat
+from schemas.build import build_info
 from schemas.state import (
     FETCHES_TOPIC,
     SIZE_WINDOW_MINUTES,
@@ -705,3 +706,15 @@ def _endpoint(metric: cat.Metric) -> Builder:
 
 BUILDERS[cat.EXPORTER_AUTH_FAILURES] = _endpoint(cat.EXPORTER_AUTH_FAILURES)
 BUILDERS[cat.EXPORTER_CONNECTIONS_CLOSED] = _endpoint(cat.EXPORTER_CONNECTIONS_CLOSED)
+
+
+def _build_info(view: View) -> Iterator[Sample]:
+    """The live exporter's own build (a replay, which has no endpoint, reports none: its output
+    must not depend on the machine it runs on)."""
+    if view.endpoint is None:
+        return iter([])
+    info = build_info()
+    return iter([(tuple(info[label] for label in cat.BUILD_INFO.labels), 1)])
+
+
+BUILDERS[cat.BUILD_INFO] = _build_info

@@ -343,6 +343,12 @@ EXPORTER_CONNECTIONS_CLOSED = _m(
     "reached: the oldest connection still sending headers is closed), bad_request",
     ("reason",), section=S9, extension=True,
     note="Slow or idle clients cost a socket, not a thread, and never lock a scraper out.")
+BUILD_INFO = _m(
+    "kafka_backup_build_info", "gauge", "",
+    "Always 1: the exporter's version and the versions of Python, Faust and confluent-kafka it runs with "
+    "(kafka-backup --version prints the same)",
+    ("version", "python", "faust", "confluent_kafka"), section=S9, extension=True,
+    note="Join on it to see which version each exporter runs, e.g. during a rolling upgrade.")
 
 
 
