@@ -36,6 +36,7 @@ ALIASES: dict[str, dict[str, str]] = {
     "aggregate": {"--bootstrap-servers": "kafka.bootstrap_servers", "--app-id": "aggregator.app_id",
                   "--instance-id": "aggregator.instance_id"},
     "replay": {"--bootstrap-servers": "kafka.bootstrap_servers"},
+    "up": {"--bootstrap-servers": "kafka.bootstrap_servers", "--app-id": "aggregator.app_id"},
     "exporter": {"--bootstrap-servers": "kafka.bootstrap_servers", "--bind": "metrics.bind",
                  "--port": "metrics.port", "--app-id": "aggregator.app_id"},
     "restore": {
@@ -166,9 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration keys given as flags: {"backup.topics": [...]}."""
+    return {k: v for k, v in vars(args).items() if "." in k}
+
+
 def config_from(args: argparse.Namespace) -> Config:
-    overrides = {k: v for k, v in vars(args).items() if "." in k}
-    cfg = load(getattr(args, "config", None), overrides)
+    cfg = load(getattr(args, "config", None), overrides_of(args))
     if not cfg.kafka.bootstrap_servers and os.environ.get(ENV_BOOTSTRAP):
         cfg.kafka.bootstrap_servers = os.environ[ENV_BOOTSTRAP]
     # every client made for these clusters picks up their SASL/TLS settings (schemas.kafka_admin)
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             from cli.up import run_up
 
-            return run_up(cfg)
+            return run_up(cfg, overrides_of(args), getattr(args, "config", None))
     except ConfigError as err:
         print(f"kafka-backup {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -14,12 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
+import yaml
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from cli.devbroker import DevBroker
-from schemas.config import Config
+from schemas.config import Config, env_for, keys_for
 from schemas.kafka_admin import client_config, ensure_topic
 
 DEMO_TOPIC = "demo.orders"
@@ -47,7 +49,53 @@ def _demo_workload(bootstrap: str, stop: threading.Event) -> None:
     producer.flush(10)
 
 
-def run_up(cfg: Config) -> int:
+def env_value(value: Any) -> str:
+    """A configuration value as its environment variable's text (schemas.config reads it back)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+    return str(value)
+
+
+def child_env(command: str, overrides: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the ``command`` child: ours (so KAFKA_BACKUP_* variables reach it too),
+    plus each setting given to ``up`` as a flag that ``command`` reads, as its variable: in the
+    environment, not on the command line, so a secret given to ``up`` does not show in ``ps``."""
+    env = dict(os.environ if environ is None else environ)
+    reads = {key for key, _ in keys_for(command)}
+    for key, value in overrides.items():
+        if key in reads and value is not None:
+            env[env_for(key)] = env_value(value)
+    return env
+
+
+def child_commands(cfg: Config, overrides: dict[str, Any], config_path: str | None, bootstrap: str,
+                   embedded: bool, storage: str) -> list[tuple[str, list[str]]]:
+    """(command, argv) of the three processes: the configuration file, then what ``up`` decides.
+
+    Everything else ``up`` was given (security, telemetry topic, signing key, auth, log format ...)
+    reaches them through :func:`child_env`; the flags here win over it.
+    """
+    me = [sys.executable, "-m", "cli.main"]
+    conf = ["--config", config_path] if config_path else []
+    # children that read the embedded broker need to accept its oversized fetch replies
+    receive = (["--kafka-receive-message-max-bytes", str(DEV_BROKER_RECEIVE_MAX_BYTES)] if embedded
+               else [f"--kafka-receive-message-max-bytes={cfg.kafka.receive_message_max_bytes}"])
+    common = ["--bootstrap-servers", bootstrap, "--app-id", cfg.aggregator.app_id, *receive]
+    return [
+        ("aggregate", [*me, "aggregate", *conf, *common]),
+        ("exporter", [*me, "exporter", *conf, *common, "--bind", cfg.metrics.bind, "--port", str(cfg.metrics.port),
+                      "--metrics-path", cfg.metrics.path]),
+        ("backup", [*me, "backup", *conf, "--bootstrap-servers", bootstrap, *receive, "--topics", DEMO_TOPIC,
+                    "--backup-id", DEMO_BACKUP_ID, "--storage", storage, "--continuous",
+                    "--compression", cfg.backup.compression]),
+    ]
+
+
+def run_up(cfg: Config, overrides: dict[str, Any] | None = None, config_path: str | None = None) -> int:
     broker = None
     bootstrap = cfg.kafka.bootstrap_servers
     if not bootstrap:
@@ -59,19 +107,10 @@ def run_up(cfg: Config) -> int:
     workload = threading.Thread(target=_demo_workload, args=(bootstrap, stop), daemon=True)
     workload.start()
     storage = cfg.backup.storage or f"file://{os.path.abspath('kafka-backup-data')}"
-    me = [sys.executable, "-m", "cli.main"]
-    # children that read the embedded broker need to accept its oversized fetch replies
-    receive = (["--kafka-receive-message-max-bytes", str(DEV_BROKER_RECEIVE_MAX_BYTES)] if broker
-               else [f"--kafka-receive-message-max-bytes={cfg.kafka.receive_message_max_bytes}"])
-    common = ["--bootstrap-servers", bootstrap, "--app-id", cfg.aggregator.app_id, *receive]
-    procs = [
-        subprocess.Popen([*me, "aggregate", *common]),
-        subprocess.Popen([*me, "exporter", *common, "--bind", cfg.metrics.bind, "--port", str(cfg.metrics.port),
-                          "--metrics-path", cfg.metrics.path]),
-        subprocess.Popen([*me, "backup", "--bootstrap-servers", bootstrap, *receive, "--topics", DEMO_TOPIC,
-                          "--backup-id", DEMO_BACKUP_ID, "--storage", storage, "--continuous",
-                          "--compression", cfg.backup.compression]),
-    ]
+    config_path = os.path.abspath(config_path) if config_path else None
+    procs = [subprocess.Popen(argv, env=child_env(command, overrides or {}))
+             for command, argv in child_commands(cfg, overrides or {}, config_path, bootstrap, broker is not None,
+                                                 storage)]
     url = f"http://{cfg.metrics.bind}:{cfg.metrics.port}{cfg.metrics.path}"
     print(f"up: demo workload -> {DEMO_TOPIC} ({DEMO_RATE} records/s), continuous backup '{DEMO_BACKUP_ID}' "
           f"-> {storage}", flush=True)

@@ -100,3 +100,40 @@ def test_repeated_property_flags_merge_over_the_environment(monkeypatch):
     monkeypatch.setenv("KAFKA_BACKUP_KAFKA_PROPERTIES", "{client.id: env, client.rack: env}")
     cfg = config_from(args)
     assert cfg.kafka.properties == {"client.id": "env", "client.rack": "b", "socket.timeout.ms": "5000"}
+
+
+def test_up_hands_its_configuration_to_every_process_it_starts(tmp_path, monkeypatch):
+    """Each child's own command line and environment, read back by the child's own parser and loader."""
+    from cli.main import config_from, overrides_of
+    from cli.up import child_commands, child_env
+
+    (tmp_path / "pw").write_text("kafka-pw\n")
+    (tmp_path / "key").write_text("k" * 32 + "\n")
+    (tmp_path / "c.yaml").write_text("aggregator:\n  throughput_window_s: 30\nbackup:\n  poll_interval_ms: 250\n")
+    monkeypatch.setenv("KAFKA_BACKUP_METRICS_MAX_CONNECTIONS", "7")  # from up's environment
+    args = build_parser().parse_args([
+        "up", "--config", str(tmp_path / "c.yaml"), "--bootstrap-servers", "b:9092",
+        "--kafka-security-protocol", "SASL_SSL", "--kafka-sasl-username", "u",
+        "--kafka-sasl-password-file", str(tmp_path / "pw"), "--telemetry-topic", "tele",
+        "--telemetry-signing-key-file", str(tmp_path / "key"), "--metrics-basic-auth-username", "prom",
+        "--kafka-property", "client.rack=r1", "--log-format", "json", "--app-id", "agg1", "--metrics-port", "9999"])
+    cfg = config_from(args)
+    children = child_commands(cfg, overrides_of(args), str(tmp_path / "c.yaml"), "b:9092", False, "file:///s")
+    assert [c for c, _ in children] == ["aggregate", "exporter", "backup"]
+    seen = {}
+    for command, argv in children:
+        assert "kafka-pw" not in " ".join(argv)  # secrets travel in the environment only
+        env = child_env(command, overrides_of(args))
+        monkeypatch.setattr("os.environ", env)
+        seen[command] = config_from(build_parser().parse_args(argv[3:]))
+    for command, child in seen.items():
+        assert (child.kafka.security_protocol, child.kafka.sasl_username, child.kafka.sasl_password,
+                child.kafka.properties, child.log.format) == ("SASL_SSL", "u", "kafka-pw", {"client.rack": "r1"},
+                                                              "json"), command
+    for command in ("aggregate", "backup"):
+        assert (seen[command].telemetry.topic, seen[command].telemetry.signing_key_file) == (
+            "tele", str(tmp_path / "key"))
+    assert seen["aggregate"].aggregator.throughput_window_s == 30  # from the forwarded --config
+    assert seen["backup"].backup.poll_interval_ms == 250
+    assert (seen["exporter"].metrics.basic_auth_username, seen["exporter"].metrics.port,
+            seen["exporter"].metrics.max_connections, seen["exporter"].aggregator.app_id) == ("prom", 9999, 7, "agg1")
