@@ -206,15 +206,17 @@ def cmd_aggregate(cfg: Config, logging_config: dict[str, Any]) -> int:
 
     _require_bootstrap(cfg)
     require_safe_id("aggregator.app_id", cfg.aggregator.app_id)
-    logs.set_context(job=cfg.aggregator.app_id, instance=cfg.aggregator.instance_id)
     run(cfg, logging_config)
     return 0
 
 
 def cmd_exporter(cfg: Config) -> int:
+    import socket
+
     from exporter.main import run
 
     _require_bootstrap(cfg)
+    logs.set_context(job=cfg.aggregator.app_id, instance=f"exporter@{socket.gethostname()}")
     run(cfg)
     return 0
 

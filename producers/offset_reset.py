@@ -35,7 +35,7 @@ from producers.backup import BackupFailed
 from producers.telemetry import Emitter
 from schemas import events as ev
 from schemas.config import ConfigError, OffsetResetConfig, TelemetryConfig
-from schemas.kafka_admin import client_config
+from schemas.kafka_admin import client_config, serve_logs
 
 log = logging.getLogger("kafka_backup.offset_reset")
 
@@ -96,6 +96,7 @@ class OffsetReset:
             reason = f"kafka: {err.args[0].str()}"
             raise OffsetResetFailed(reason) from None
         finally:
+            serve_logs(self.admin)
             self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started,
                               reason=reason[:500])
         return 0

@@ -25,7 +25,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from producers.spool import Spool
 from producers.storage import OpReport, StorageError
 from schemas import events as ev
-from schemas import signing
+from schemas import logs, signing
 from schemas.config import TelemetryConfig
 from schemas.kafka_admin import client_config, ensure_telemetry_topic
 
@@ -64,6 +64,7 @@ class Emitter:
         self.job = job
         self.key = ev.event_key(kind, job).encode()
         self.instance = instance or new_instance_id()
+        logs.set_context(job=job, instance=self.instance)  # on this process's JSON log lines
         self.seq = 0
         self.dropped = 0
         self.delivered = 0

@@ -128,9 +128,26 @@ def client_config(bootstrap_servers: str, **extra: object) -> dict[str, object]:
             "logger": LIBRDKAFKA_LOGGER, **extra}
 
 
+def serve_logs(client: Any) -> None:
+    """Deliver the log lines librdkafka queued for a client nobody polls (an AdminClient, a consumer
+    used only for offsets): with ``logger`` set they wait in its queue until a poll serves them."""
+    try:
+        client.poll(0)
+    except Exception:  # a closed client: nothing to serve
+        pass
+
+
 def ensure_topic(admin: AdminClient, name: str, partitions: int, replication: int = 1,
                  config: dict[str, str] | None = None, timeout: float = 15.0) -> bool:
     """Create ``name`` unless it exists; True when this call created it."""
+    try:
+        return _ensure_topic(admin, name, partitions, replication, config, timeout)
+    finally:
+        serve_logs(admin)
+
+
+def _ensure_topic(admin: AdminClient, name: str, partitions: int, replication: int,
+                  config: dict[str, str] | None, timeout: float) -> bool:
     if name in admin.list_topics(timeout=timeout).topics:
         return False
     futures = admin.create_topics([NewTopic(name, partitions, replication, config=config or {})],

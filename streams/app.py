@@ -31,7 +31,7 @@ from faust.exceptions import PartitionsMismatch
 from schemas import events as ev
 from schemas import logs, signing
 from schemas.config import Config, ConfigError
-from schemas.kafka_admin import Security, client_config, ensure_telemetry_topic, security_for
+from schemas.kafka_admin import Security, client_config, ensure_telemetry_topic, security_for, serve_logs
 from schemas.state import (
     PipelineState,
     decode_pipeline,
@@ -45,9 +45,14 @@ from streams.guards import ChangelogBarrier, OffsetGuard, check_faust_version, w
 log = logging.getLogger("kafka_backup.aggregator")
 
 
+def member_id(cfg: Config) -> str:
+    """This worker's static group member id (also the ``instance`` of its log lines)."""
+    return cfg.aggregator.instance_id or f"{cfg.aggregator.app_id}@{socket.gethostname()}"
+
+
 def create_app(cfg: Config) -> faust.App:
     bootstrap = cfg.kafka.bootstrap_servers
-    instance = cfg.aggregator.instance_id or f"{cfg.aggregator.app_id}@{socket.gethostname()}"
+    instance = member_id(cfg)
     app = faust.App(
         cfg.aggregator.app_id,
         broker_credentials=faust_credentials(security_for(bootstrap)),
@@ -244,10 +249,12 @@ class GroupOffsets:
     def start(self, partition: int) -> int:
         """Where folding a partition starts: its committed offset, else its earliest offset."""
         committed = self._client.committed([TopicPartition(self.topic, partition)], timeout=15)[0].offset
+        serve_logs(self._client)
         return committed if committed >= 0 else self.earliest(partition)
 
     def earliest(self, partition: int) -> int:
         low, _ = self._client.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15, cached=False)
+        serve_logs(self._client)
         return max(0, low)
 
 
@@ -263,6 +270,7 @@ def settle_partitions(cfg: Config) -> None:
     """
     admin = AdminClient(client_config(cfg.kafka.bootstrap_servers))
     topics = admin.list_topics(timeout=15).topics
+    serve_logs(admin)
     meta = topics.get(cfg.telemetry.topic)
     if meta is None or meta.error is not None or not meta.partitions:
         return
@@ -388,6 +396,7 @@ def run(cfg: Config, logging_config: dict | None = None) -> None:
     ``logging_config`` (schemas.logs.dict_config) is the process's: mode's worker clears the root
     logger's handlers when it starts and applies its own dictConfig, so it is handed ours to apply.
     """
+    logs.set_context(job=cfg.aggregator.app_id, instance=member_id(cfg))
     check_faust_version()
     ensure_telemetry_topic(cfg.kafka.bootstrap_servers, cfg.telemetry)
     settle_partitions(cfg)
