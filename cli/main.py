@@ -64,6 +64,7 @@ ALIASES: dict[str, dict[str, str]] = {
         "--group": "offset_reset.group",
         "--topics": "offset_reset.topics",
         "--to-timestamp": "offset_reset.to_timestamp",
+        "--to-datetime": "offset_reset.to_timestamp",
     },
 }
 
@@ -121,7 +122,9 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
     if command == "offset-reset":
         for flag, key, help_ in [("--to-earliest", "offset_reset.to_earliest", "reset to the earliest offset"),
                                  ("--to-latest", "offset_reset.to_latest", "reset to the latest offset"),
-                                 ("--force", "offset_reset.force", "reset even if the group has active members")]:
+                                 ("--force", "offset_reset.force", "reset even if the group has active members"),
+                                 ("--execute", "offset_reset.execute",
+                                  "change the offsets (without it: only print what would be set)")]:
             p.add_argument(flag, dest=key, action="store_const", const=True, default=argparse.SUPPRESS, help=help_)
 
 
@@ -249,7 +252,7 @@ def cmd_offset_reset(cfg: Config) -> int:
     _require_bootstrap(cfg)
     require_safe_id("offset_reset.group", cfg.offset_reset.group)
     return run_offset_reset(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers,
-                            cfg.offset_reset, cfg.telemetry, out=sys.stdout)
+                            cfg.offset_reset, cfg.telemetry, out=sys.stdout, err=sys.stderr)
 
 
 def cmd_dev_broker(port: int, data_dir: str | None) -> int:

@@ -8,7 +8,6 @@ shows what the live exporter shows.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 
 import msgspec
@@ -18,23 +17,9 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from exporter.collector import StateCollector
 from schemas import signing
 from schemas.config import Config, ConfigError, require_safe_id
+from schemas.times import parse_time
 from streams import audit, fold
 from streams.replay import read_log, read_topic, replay, snapshot, write_log
-
-
-def parse_time(field: str, value: str | None) -> float | None:
-    """ISO 8601 (a zone-less time is UTC) or epoch milliseconds, to epoch seconds."""
-    if value is None or value == "":
-        return None
-    if value.lstrip("-").isdigit():
-        return int(value) / 1000
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(f"{field}: {value!r} is neither ISO 8601 (2026-01-31T00:00:00Z) nor epoch ms") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

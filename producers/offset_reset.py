@@ -17,7 +17,12 @@ as the same one-line error. So ``--force`` skips this tool's check only (for a
 membership answer known to be stale, or a broker that allows the change); on
 those brokers the group's consumers must still be stopped first.
 
-Target offsets. ``--to-timestamp`` uses ``offsets_for_times``: the first
+Preview first. Without ``--execute`` nothing is changed: the offsets a reset would
+set are printed (``topic, partition, committed -> target``) and no telemetry is
+sent, as ``kafka-consumer-groups --reset-offsets`` does without ``--execute``.
+
+Target offsets. ``--to-timestamp`` (epoch milliseconds or ISO 8601, as ``replay``
+takes) uses ``offsets_for_times``: the first
 offset whose record timestamp is at or after the time; a partition with no
 such record goes to its end (the high watermark), as
 ``kafka-consumer-groups --reset-offsets --to-datetime`` does.
@@ -36,6 +41,7 @@ from producers.telemetry import Emitter
 from schemas import events as ev
 from schemas.config import ConfigError, OffsetResetConfig, TelemetryConfig
 from schemas.kafka_admin import client_config, serve_logs
+from schemas.times import parse_time
 
 log = logging.getLogger("kafka_backup.offset_reset")
 
@@ -54,7 +60,7 @@ def target_of(cfg: OffsetResetConfig) -> str:
                                    ("to_earliest", cfg.to_earliest), ("to_latest", cfg.to_latest)) if on]
     if len(given) != 1:
         what = "none" if not given else " and ".join("--" + g.replace("_", "-") for g in given)
-        raise ConfigError(f"offset_reset.to_timestamp|to_earliest|to_latest: give exactly one of --to-timestamp MS, "
+        raise ConfigError(f"offset_reset.to_timestamp|to_earliest|to_latest: give exactly one of --to-timestamp TIME, "
                           f"--to-earliest or --to-latest (got {what})")
     return given[0]
 
@@ -63,22 +69,46 @@ def validate(cfg: OffsetResetConfig) -> str:
     if not cfg.topics:
         raise ConfigError("offset_reset.topics: no topics given; use --topics t1,t2")
     target = target_of(cfg)
-    if cfg.to_timestamp is not None and cfg.to_timestamp < 0:
-        raise ConfigError(f"offset_reset.to_timestamp: {cfg.to_timestamp} is negative; give epoch milliseconds")
+    to_ms = timestamp_ms(cfg)
+    if to_ms is not None and to_ms < 0:
+        raise ConfigError(f"offset_reset.to_timestamp: {cfg.to_timestamp} is before 1970; give epoch milliseconds "
+                          "or an ISO 8601 time (--to-timestamp 2026-01-31T00:00:00Z)")
     return target
 
 
+def timestamp_ms(cfg: OffsetResetConfig) -> int | None:
+    """``--to-timestamp`` in epoch milliseconds (it takes those or ISO 8601)."""
+    seconds = parse_time("offset_reset.to_timestamp", cfg.to_timestamp)
+    return None if seconds is None else round(seconds * 1000)
+
+
 class OffsetReset:
-    def __init__(self, bootstrap: str, cfg: OffsetResetConfig, emitter: Emitter, out=None) -> None:
+    def __init__(self, bootstrap: str, cfg: OffsetResetConfig, emitter: Emitter | None, out=None) -> None:
         self.bootstrap = bootstrap
         self.cfg = cfg
         self.group = cfg.group
         self.target = validate(cfg)
+        self.to_ms = timestamp_ms(cfg)
         self.emitter = emitter
         self.out = out
         self.admin = AdminClient(client_config(bootstrap))
 
+    def preview(self) -> int:
+        """What ``run`` would set, changing nothing (the same checks, so a refusal shows here too)."""
+        try:
+            counts = self._partitions()
+            if not self.cfg.force:
+                self._refuse_if_active()
+            offsets = self._targets(counts)
+            self._report(offsets, self._committed(offsets))
+        except KafkaException as err:
+            raise OffsetResetFailed(f"kafka: {err.args[0].str()}") from None
+        finally:
+            serve_logs(self.admin)
+        return 0
+
     def run(self) -> int:
+        assert self.emitter is not None
         started = time.monotonic()
         self.emitter.emit(ev.JobStarted, mode=self.target.replace("_", "-"), topics=list(self.cfg.topics))
         status, reason = "failure", ""
@@ -135,7 +165,7 @@ class OffsetReset:
             if self.target == "to_latest":
                 return [TopicPartition(tp.topic, tp.partition, ends[(tp.topic, tp.partition)][1]) for tp in tps]
             found = consumer.offsets_for_times(
-                [TopicPartition(tp.topic, tp.partition, self.cfg.to_timestamp) for tp in tps], timeout=15)
+                [TopicPartition(tp.topic, tp.partition, self.to_ms) for tp in tps], timeout=15)
             out = []
             for tp in found:
                 if tp.error is not None:
@@ -163,10 +193,14 @@ class OffsetReset:
             if code not in UNSUPPORTED:
                 raise
             self._commit_as_outsider(offsets)
+        self._report(offsets, before)
+
+    def _report(self, offsets: list[TopicPartition], before: dict[tuple[str, int], int]) -> None:
+        """One line per partition: ``topic<TAB>partition<TAB>committed -> target``."""
         for tp in offsets:
             old = before.get((tp.topic, tp.partition))
             line = f"{tp.topic}\t{tp.partition}\t{'-' if old is None or old < 0 else old} -> {tp.offset}"
-            log.info("offset reset %s: %s", self.group, line)
+            log.info("offset reset %s%s: %s", self.group, "" if self.cfg.execute else " (preview)", line)
             if self.out is not None:
                 print(line, file=self.out)
 
@@ -196,8 +230,13 @@ class OffsetReset:
 
 
 def run_offset_reset(bootstrap: str, telemetry_bootstrap: str, cfg: OffsetResetConfig, tcfg: TelemetryConfig,
-                     out=None) -> int:
+                     out=None, err=None) -> int:
     validate(cfg)  # user mistakes fail before anything is emitted
+    if not cfg.execute:  # a preview changes nothing, so it is no job: no telemetry
+        code = OffsetReset(bootstrap, cfg, None, out).preview()
+        if err is not None:
+            print("offset-reset: preview only, no offset was changed; add --execute to set them", file=err)
+        return code
     emitter = Emitter(telemetry_bootstrap or bootstrap, tcfg, "offset_reset", cfg.group)
     try:
         return OffsetReset(bootstrap, cfg, emitter, out).run()

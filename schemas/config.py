@@ -146,10 +146,11 @@ class VerifyConfig(_Section):
 class OffsetResetConfig(_Section):
     group: str = ""
     topics: list[str] = []
-    to_timestamp: int | None = None
+    to_timestamp: int | str | None = None  # epoch ms or ISO 8601 (2026-01-31T00:00:00Z; zone-less is UTC)
     to_earliest: bool = False
     to_latest: bool = False
     force: bool = False
+    execute: bool = False  # false: only print the offsets a reset would set (as kafka-consumer-groups)
 
 
 class AggregatorConfig(_Section):

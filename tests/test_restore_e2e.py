@@ -7,6 +7,7 @@ from the sizes of the objects in storage, offsets from the broker.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -448,8 +449,9 @@ def committed_offsets(broker: str, group: str, topic: str, n: int) -> dict[int, 
         c.close()
 
 
-def offset_reset(broker: str, group: str, topic: str, *target: str):
-    return cli("offset-reset", "--bootstrap-servers", broker, "--group", group, "--topics", topic, *target)
+def offset_reset(broker: str, group: str, topic: str, *target: str, execute: bool = True):
+    return cli("offset-reset", "--bootstrap-servers", broker, "--group", group, "--topics", topic, *target,
+               *(["--execute"] if execute else []))
 
 
 def test_offset_reset_to_earliest_latest_and_timestamp(broker, shared_pipeline):
@@ -461,6 +463,13 @@ def test_offset_reset_to_earliest_latest_and_timestamp(broker, shared_pipeline):
     c.commit(offsets=[TopicPartition(topic, 0, 5), TopicPartition(topic, 1, 7)], asynchronous=False)
     c.close()
 
+    # without --execute: the plan is printed, nothing changes, and no job is reported (counts below)
+    r = offset_reset(broker, group, topic, "--to-earliest", execute=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{topic}\t0\t5 -> 0\n{topic}\t1\t7 -> 0\n"
+    assert "no offset was changed; add --execute" in r.stderr
+    assert committed_offsets(broker, group, topic, 2) == {0: 5, 1: 7}
+
     r = offset_reset(broker, group, topic, "--to-earliest")
     assert r.returncode == 0, r.stderr
     assert committed_offsets(broker, group, topic, 2) == {0: 0, 1: 0}
@@ -468,7 +477,8 @@ def test_offset_reset_to_earliest_latest_and_timestamp(broker, shared_pipeline):
     assert r.returncode == 0, r.stderr
     assert committed_offsets(broker, group, topic, 2) == {0: 20, 1: 20}
     ts = base + 105
-    r = offset_reset(broker, group, topic, "--to-timestamp", str(ts))
+    iso = dt.datetime.fromtimestamp(ts / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    r = offset_reset(broker, group, topic, "--to-timestamp", iso)  # ISO 8601, as replay takes
     assert r.returncode == 0, r.stderr
     first_at_or_after = {p: next(j for j, x in enumerate(recs) if x.timestamp >= ts) for p, recs in truth.items()}
     assert committed_offsets(broker, group, topic, 2) == first_at_or_after == {0: 6, 1: 5}

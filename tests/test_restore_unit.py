@@ -104,6 +104,10 @@ def test_offset_reset_needs_exactly_one_target():
     (["offset-reset", "--group", "g", "--topics", "t", "--to-latest", "--to-timestamp", "5"],
      "(got --to-timestamp and --to-latest)"),
     (["offset-reset", "--group", "g", "--to-latest"], "offset_reset.topics: no topics given"),
+    (["offset-reset", "--group", "g", "--topics", "t", "--to-timestamp", "yesterday"],
+     "offset_reset.to_timestamp: 'yesterday' is neither ISO 8601 (2026-01-31T00:00:00Z) nor epoch ms"),
+    (["offset-reset", "--group", "g", "--topics", "t", "--to-timestamp", "1969-12-31T00:00:00Z"],
+     "offset_reset.to_timestamp: 1969-12-31T00:00:00Z is before 1970"),
     (["offset-reset", "--group", "", "--topics", "t", "--to-latest"], "offset_reset.group: '' is not a safe id"),
 ])
 def test_cli_mistakes_exit_2_with_one_line(args, needle):
@@ -136,3 +140,13 @@ def test_reported_optional_read_counts_hits_and_misses_without_errors(tmp_path):
     assert storage.get_optional("a/cp.json", "checkpoint") == b"12345"  # unreported, as the backup reads
     assert [(r.direction, r.operation, r.nbytes, r.error) for r in reports] == [
         ("read", "checkpoint", 5, None), ("read", "checkpoint", 0, None)]
+
+
+@pytest.mark.parametrize("given,ms", [("1785000000123", 1785000000123), ("2026-07-25T17:20:00.123Z", 1785000000123),
+                                      ("2026-07-25T19:20:00.123+02:00", 1785000000123),
+                                      ("2026-07-25T17:20:00.123", 1785000000123)])  # zone-less is UTC
+def test_offset_reset_takes_epoch_ms_or_iso_8601(given, ms):
+    from producers.offset_reset import timestamp_ms
+    from schemas.config import load
+
+    assert timestamp_ms(load(None, {"offset_reset.to_timestamp": given}, environ={}).offset_reset) == ms
