@@ -24,6 +24,7 @@ ENV_BOOTSTRAP = "KAFKA_BOOTSTRAP_SERVERS"
 # contract flag -> config key, per subcommand
 ALIASES: dict[str, dict[str, str]] = {
     "backup": {
+        "--metrics-output": "run.metrics_output",
         "--bootstrap-servers": "kafka.bootstrap_servers",
         "--telemetry-bootstrap-servers": "kafka.telemetry_bootstrap_servers",
         "--topics": "backup.topics",
@@ -40,6 +41,7 @@ ALIASES: dict[str, dict[str, str]] = {
     "exporter": {"--bootstrap-servers": "kafka.bootstrap_servers", "--bind": "metrics.bind",
                  "--port": "metrics.port", "--app-id": "aggregator.app_id"},
     "restore": {
+        "--metrics-output": "run.metrics_output",
         "--bootstrap-servers": "kafka.bootstrap_servers",
         "--telemetry-bootstrap-servers": "kafka.telemetry_bootstrap_servers",
         "--backup-id": "restore.backup_id",
@@ -52,6 +54,7 @@ ALIASES: dict[str, dict[str, str]] = {
         "--rate-limit": "restore.rate_limit",
     },
     "verify": {
+        "--metrics-output": "run.metrics_output",
         "--bootstrap-servers": "kafka.bootstrap_servers",
         "--telemetry-bootstrap-servers": "kafka.telemetry_bootstrap_servers",
         "--backup-id": "verify.backup_id",
@@ -59,6 +62,7 @@ ALIASES: dict[str, dict[str, str]] = {
         "--s3-endpoint-url": "verify.s3_endpoint_url",
     },
     "offset-reset": {
+        "--metrics-output": "run.metrics_output",
         "--bootstrap-servers": "kafka.bootstrap_servers",
         "--telemetry-bootstrap-servers": "kafka.telemetry_bootstrap_servers",
         "--group": "offset_reset.group",
@@ -255,6 +259,9 @@ def cmd_offset_reset(cfg: Config) -> int:
                             cfg.offset_reset, cfg.telemetry, out=sys.stdout, err=sys.stderr)
 
 
+WORKERS = {"backup": cmd_backup, "restore": cmd_restore, "verify": cmd_verify, "offset-reset": cmd_offset_reset}
+
+
 def cmd_dev_broker(port: int, data_dir: str | None) -> int:
     import signal
     import threading
@@ -270,6 +277,20 @@ def cmd_dev_broker(port: int, data_dir: str | None) -> int:
         pass
     broker.stop()
     return 0
+
+
+def with_metrics_output(cfg: Config, command) -> int:
+    """Run a worker, keeping its events, and write its metrics when it ends, whatever the outcome."""
+    from cli import metrics_output
+    from producers.telemetry import keep_run_events
+
+    metrics_output.check_writable(cfg.run.metrics_output)
+    events = keep_run_events()
+    try:
+        return command(cfg)
+    finally:
+        if events:  # a run that emitted nothing (refused at its start) leaves the previous file alone
+            metrics_output.write(cfg, cfg.run.metrics_output, events)
 
 
 def long_running(command: str, cfg: Config) -> bool:
@@ -290,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_dev_broker(args.port, args.data_dir)
         cfg = config_from(args)
         logging_config = setup_logging(args.command, cfg)
+        if args.command in WORKERS and cfg.run.metrics_output:
+            return with_metrics_output(cfg, WORKERS[args.command])
         if args.command == "backup":
             return cmd_backup(cfg)
         if args.command == "aggregate":

@@ -33,6 +33,17 @@ log = logging.getLogger("kafka_backup.telemetry")
 
 DROP_REPORT_INTERVAL_S = 5.0
 
+# This process's own events (key, payload), kept only when the command line asks for the run's
+# metrics at its end (``--metrics-output``: cli/metrics_output.py folds them); None: not kept.
+RUN_EVENTS: list[tuple[bytes, bytes]] | None = None
+
+
+def keep_run_events() -> list[tuple[bytes, bytes]]:
+    """From now on, keep every event this process's emitters emit (delivered or not)."""
+    global RUN_EVENTS
+    RUN_EVENTS = []
+    return RUN_EVENTS
+
 
 def classify_kafka_error(err: KafkaError) -> tuple[str, bool]:
     """PRD error type and whether it is transient."""
@@ -103,7 +114,10 @@ class Emitter:
         self.seq += 1
         event = event_type(instance=self.instance, seq=self.seq, ts=time.time(), kind=self.kind, job=self.job,
                            **fields)
-        self._send(ev.encode(event), on_delivered)
+        payload = ev.encode(event)
+        if RUN_EVENTS is not None:
+            RUN_EVENTS.append((self.key, payload))
+        self._send(payload, on_delivered)
 
     def storage_op(self, backend: str, r: OpReport) -> None:
         """A timed storage call (the Storage listener of every worker)."""
@@ -230,6 +244,8 @@ class Emitter:
             payload = ev.encode(event)
             self._producer.produce(self.topic, payload, self.key, headers=self._headers(payload),
                                    on_delivery=self._on_delivery)
+            if RUN_EVENTS is not None:
+                RUN_EVENTS.append((self.key, payload))
             self._reported_dropped = total
             log.warning("telemetry: %d events dropped so far by instance %s", total, self.instance)
         except BufferError:

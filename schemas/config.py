@@ -165,6 +165,14 @@ class AggregatorConfig(_Section):
     max_state_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1_000_000)] = 900_000  # one job's encoded state
 
 
+class RunConfig(_Section):
+    """A worker's run (backup, restore, verify, offset-reset), apart from the telemetry it sends."""
+
+    # At the end of the run, its metrics from its own events: a Prometheus textfile (node_exporter's
+    # textfile collector; name it *.prom), or JSON when the name ends in .json. Written atomically.
+    metrics_output: str = ""
+
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", ""]
 
 
@@ -183,15 +191,16 @@ class Config(_Section):
     aggregator: AggregatorConfig = msgspec.field(default_factory=AggregatorConfig)
     verify: VerifyConfig = msgspec.field(default_factory=VerifyConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    run: RunConfig = msgspec.field(default_factory=RunConfig)
 
 
 # Which sections each command reads: its --help shows these keys only, and only these are flags
 # of it. Entries with a dot name one key of a section the command otherwise does not read.
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
-    "backup": ("kafka", "telemetry", "backup", "log"),
-    "restore": ("kafka", "telemetry", "restore", "log"),
-    "verify": ("kafka", "telemetry", "verify", "log"),
-    "offset-reset": ("kafka", "telemetry", "offset_reset", "log"),
+    "backup": ("kafka", "telemetry", "backup", "run", "log"),
+    "restore": ("kafka", "telemetry", "restore", "run", "log"),
+    "verify": ("kafka", "telemetry", "verify", "run", "log"),
+    "offset-reset": ("kafka", "telemetry", "offset_reset", "run", "log"),
     "aggregate": ("kafka", "telemetry", "aggregator", "log"),
     "exporter": ("metrics", "kafka", "log", "aggregator.app_id", "aggregator.throughput_window_s"),
     "replay": ("metrics", "kafka", "telemetry", "aggregator", "log", "backup.backup_id", "restore.restore_id"),

@@ -19,7 +19,7 @@ import pytest
 from cli.devbroker import free_port
 from schemas import catalogue as cat
 from schemas.topics import state_topic
-from tests.conftest import ROOT, create_topic, parse_prometheus, unique, wait_for
+from tests.conftest import ROOT, backup, cli, create_topic, parse_prometheus, produce, unique, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -132,3 +132,52 @@ def test_the_aggregator_logs_json_from_our_code_faust_and_librdkafka(broker, tmp
                for r in rdkafka), rdkafka
     assert any(r["logger"].startswith(("faust.", "mode.")) and r["level"] == "INFO" for r in records)
     assert not any(r["level"] == "DEBUG" for r in records)  # a long-running process defaults to INFO
+
+
+def test_metrics_output_textfile_and_json_hold_the_runs_own_metrics(broker, tmp_path):
+    """A one-shot backup and a verify write their metrics at the end; read back by Prometheus' own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    topic, bid = unique("orders"), unique("bk")
+    create_topic(broker, topic, 3)
+    truth = produce(broker, topic, 3, 600)
+    store = tmp_path / "store"
+    prom = tmp_path / "textfile" / "backup.prom"
+    prom.parent.mkdir()
+    backup(broker, topic, bid, f"file://{store}", "--metrics-output", str(prom))
+    assert [p.name for p in prom.parent.iterdir()] == ["backup.prom"]  # no temporary file left behind
+    samples = {}
+    for family in text_string_to_metric_families(prom.read_text()):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    want = {
+        (cat.RECORDS_TOTAL.name, frozenset({("backup_id", bid)})): truth.total_records,
+        (cat.BYTES_TOTAL.name, frozenset({("backup_id", bid)})): truth.total_bytes,
+        (cat.BACKUP_DURATION.name + "_count", frozenset({("backup_id", bid), ("status", "success")})): 1,
+    }
+    for key, value in want.items():
+        assert samples.get(key) == value, key
+    for p in range(3):  # caught up at the end of the run: the lag it reported is 0 on every partition
+        key = (cat.LAG_RECORDS.name, frozenset({("topic", topic), ("partition", str(p)), ("backup_id", bid)}))
+        assert samples[key] == 0
+    segments = [os.path.join(d, f) for d, _, fs in os.walk(store / bid) for f in fs if ".seg" in f]
+    assert samples[(cat.COMPRESSED_BYTES.name, frozenset({("algorithm", "zstd"), ("backup_id", bid)}))] == sum(
+        os.path.getsize(f) for f in segments)
+
+    out = tmp_path / "verify.json"
+    r = cli("verify", "--bootstrap-servers", broker, "--backup-id", bid, "--storage", f"file://{store}",
+            "--metrics-output", str(out))
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics[cat.VERIFY_SEGMENTS_TOTAL.name] == [{"labels": {"backup_id": bid}, "value": len(segments)}]
+    assert metrics[cat.VERIFY_FAILED_SEGMENTS.name] == [{"labels": {"backup_id": bid}, "value": 0}]
+    assert metrics[cat.VERIFY_DURATION.name + "_count"] == [
+        {"labels": {"backup_id": bid, "status": "success"}, "value": 1}]
+
+
+def test_metrics_output_to_a_missing_directory_is_refused_before_the_run(tmp_path):
+    r = cli("backup", "--bootstrap-servers", "127.0.0.1:1", "--topics", "t", "--backup-id", "b",
+            "--storage", f"file://{tmp_path}", "--metrics-output", str(tmp_path / "no" / "m.prom"), timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("kafka-backup backup: error: run.metrics_output: cannot write ")
+    assert len(r.stderr.splitlines()) == 1
