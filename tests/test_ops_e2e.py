@@ -181,3 +181,35 @@ def test_metrics_output_to_a_missing_directory_is_refused_before_the_run(tmp_pat
     assert r.returncode == 2
     assert r.stderr.startswith("kafka-backup backup: error: run.metrics_output: cannot write ")
     assert len(r.stderr.splitlines()) == 1
+
+
+def test_raw_properties_from_a_file_reach_librdkafka_and_the_aggregator(broker, tmp_path):
+    """SASL set only as raw client properties, from a client.properties file named in the environment.
+
+    The dev broker accepts any SASL/PLAIN credentials but no SCRAM: the aggregator (aiokafka) logging
+    its PLAIN login as the file's user, a backup succeeding with them, and one with SCRAM given as a
+    --kafka-property failing, show the properties reach both kinds of client.
+    """
+    props = tmp_path / "client.properties"
+    props.write_text("security.protocol=SASL_PLAINTEXT\nsasl.mechanism=PLAIN\nsasl.username=props-user\n"
+                     "sasl.password=props-secret\n")
+    env = {"KAFKA_BACKUP_KAFKA_PROPERTIES_FILE": str(props)}
+    app_id = unique("agg")
+    log_path = tmp_path / "aggregator.log"
+    proc = start(["aggregate", "--bootstrap-servers", broker, "--app-id", app_id], log_path, env)
+    try:
+        wait_for(lambda: "Authenticated as props-user via PLAIN" in log_path.read_text(), 90, 0.5,
+                 what="the aggregator's aiokafka login with the file's credentials")
+    finally:
+        assert stop(proc) == 0, log_path.read_text()[-2000:]
+
+    topic, bid = unique("props"), unique("bk-props")
+    create_topic(broker, topic, 2)
+    produce(broker, topic, 2, 50)
+    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
+            "--storage", f"file://{tmp_path}/store", env=env)
+    assert r.returncode == 0, r.stderr[-1000:]
+    r = cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", unique("bk-scram"),
+            "--storage", f"file://{tmp_path}/store", "--kafka-property", "sasl.mechanism=SCRAM-SHA-512",
+            "--telemetry-bootstrap-servers", broker.replace("127.0.0.1", "localhost"), env=env)
+    assert r.returncode == 1 and "failed: kafka:" in r.stderr, r.stderr[-1000:]
