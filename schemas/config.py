@@ -357,10 +357,15 @@ def _pair(key: str) -> tuple[str, ...]:
     return (base, base + "_file") if base in secret_keys() else ()
 
 
-def _resolve_secrets(cfg: Config) -> None:
+def _resolve_secrets(cfg: Config, origins: Mapping[str, str]) -> None:
     """Fill each secret from its file, when set; setting a key and its ``_file`` both (in one
     place: a higher-precedence source replaces both) is a mistake. A file's trailing newline is
-    not part of it."""
+    not part of it. Errors name the variable when the file was named in the environment."""
+
+    def field(key: str) -> str:
+        origin = origins.get(key, "")
+        return origin if origin.startswith("environment ") else key
+
     for key in secret_keys():
         section_name, name = key.split(".")
         section = getattr(cfg, section_name)
@@ -368,14 +373,15 @@ def _resolve_secrets(cfg: Config) -> None:
         if value and path:
             raise ConfigError(f"{key}_file: set either {key} or {key}_file, not both")
         if path:
-            value = _read_file(key + "_file", path)
+            value = _read_file(field(key + "_file"), path)
             if not value:
-                raise ConfigError(f"{key}_file: {path} is empty")
+                raise ConfigError(f"{field(key + '_file')}: {path} is empty")
         setattr(section, name, value)
     for name in ("properties", "telemetry_properties"):
         path = getattr(cfg.kafka, name + "_file")
         if path:
-            from_file = parse_properties(_read_file(f"kafka.{name}_file", path), f"kafka.{name}_file: {path}")
+            where = field(f"kafka.{name}_file")
+            from_file = parse_properties(_read_file(where, path), f"{where}: {path}")
             setattr(cfg.kafka, name, {**from_file, **getattr(cfg.kafka, name)})
 
 
@@ -439,7 +445,7 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
             origins[dotted] = label(dotted)
     cfg = _validate(raw, origins)
     _check(cfg)
-    _resolve_secrets(cfg)
+    _resolve_secrets(cfg, origins)
     return cfg
 
 

@@ -35,6 +35,8 @@ def test_every_key_has_an_environment_variable_and_precedence_is_flags_env_file_
      "environment KAFKA_BACKUP_BACKUP_COMPRESSION: Invalid enum value 'brotli' (backup.compression)"),
     ({"KAFKA_BACKUP_KAFKA_PROPERTIES": "no equals sign"},
      "environment KAFKA_BACKUP_KAFKA_PROPERTIES: line 1 is not KEY=VALUE"),
+    ({"KAFKA_BACKUP_KAFKA_SASL_PASSWORD_FILE": "/nonexistent/pw"},
+     "environment KAFKA_BACKUP_KAFKA_SASL_PASSWORD_FILE: cannot read /nonexistent/pw: No such file or directory"),
 ])
 def test_a_bad_environment_value_names_the_variable(env, needle):
     with pytest.raises(ConfigError) as err:
