@@ -201,6 +201,7 @@ def cmd_backup(cfg: Config) -> int:
 
     _require_bootstrap(cfg)
     require_safe_id("backup.backup_id", cfg.backup.backup_id)
+    logs.set_context(job=cfg.backup.backup_id)
     if not cfg.backup.topics:
         raise ConfigError("backup.topics: no topics given; use --topics t1,t2")
     storage = Storage(open_backend(cfg.backup.storage, cfg.backup.s3_endpoint_url))
@@ -235,6 +236,7 @@ def cmd_restore(cfg: Config) -> int:
     _require_bootstrap(cfg)
     require_safe_id("restore.restore_id", cfg.restore.restore_id)
     require_safe_id("restore.backup_id", cfg.restore.backup_id)
+    logs.set_context(job=cfg.restore.restore_id)
     storage = Storage(open_backend(cfg.restore.storage, cfg.restore.s3_endpoint_url, field="restore.storage"))
     return run_restore(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers, cfg.restore,
                        cfg.telemetry, storage)
@@ -245,6 +247,7 @@ def cmd_verify(cfg: Config) -> int:
     from producers.verify import run_verify
 
     require_safe_id("verify.backup_id", cfg.verify.backup_id)
+    logs.set_context(job=cfg.verify.backup_id)
     storage = Storage(open_backend(cfg.verify.storage, cfg.verify.s3_endpoint_url, field="verify.storage"))
     return run_verify(cfg.kafka.telemetry_bootstrap_servers or cfg.kafka.bootstrap_servers, cfg.verify,
                       cfg.telemetry, storage, out=sys.stdout)
@@ -255,6 +258,7 @@ def cmd_offset_reset(cfg: Config) -> int:
 
     _require_bootstrap(cfg)
     require_safe_id("offset_reset.group", cfg.offset_reset.group)
+    logs.set_context(job=cfg.offset_reset.group)
     return run_offset_reset(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers,
                             cfg.offset_reset, cfg.telemetry, out=sys.stdout, err=sys.stderr)
 

@@ -38,3 +38,30 @@ def test_the_exporter_serves_build_info_and_a_replay_does_not():
     live = scrape(EndpointCounters())
     assert live.matching(cat.BUILD_INFO.name) == {(cat.BUILD_INFO.name, frozenset(_expected().items())): 1.0}
     assert scrape(None).matching(cat.BUILD_INFO.name) == {}  # replay output stays machine-independent
+
+
+def test_json_log_lines_carry_zone_level_logger_message_job_and_instance(capsys):
+    import datetime as dt
+    import json
+    import logging
+
+    from schemas import logs
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, dict(logs._context))
+    try:
+        logs.configure("INFO", "json")
+        logs.set_context(job="orders-bk", instance="host-1-42")
+        logging.getLogger("kafka_backup.backup").warning("partition %d: %s", 3, "slow")
+        logging.getLogger("librdkafka").info("FAIL [rdkafka#consumer-1] connect refused")
+        logging.getLogger("faust.worker").debug("below the level: not written")
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logs._context.clear()
+        logs._context.update(saved[2])
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(r["level"], r["logger"], r["message"], r["job"], r["instance"]) for r in lines] == [
+        ("WARNING", "kafka_backup.backup", "partition 3: slow", "orders-bk", "host-1-42"),
+        ("INFO", "librdkafka", "FAIL [rdkafka#consumer-1] connect refused", "orders-bk", "host-1-42")]
+    for r in lines:
+        assert dt.datetime.fromisoformat(r["time"]).utcoffset() == dt.timedelta(0)
