@@ -99,9 +99,29 @@ def telemetry_security(k: KafkaConfig) -> Security:
     return sec
 
 
+_QUIET = logging.getLogger("kafka_backup.config_check")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
+
+def _check_properties(sec: Security) -> None:
+    """librdkafka's own verdict on the raw properties, before any client is made: an unknown name
+    or a bad value is one line naming it, not a traceback from the first client."""
+    if not sec.properties:
+        return
+    from confluent_kafka import Producer
+
+    try:  # no bootstrap servers: the client is built (and the settings checked) but connects nowhere
+        Producer({**sec.librdkafka(), "logger": _QUIET})
+    except KafkaException as err:
+        raise ConfigError(f"{sec.properties_key}: {err.args[0].str().removeprefix('Failed to create producer: ')}"
+                          ) from None
+
+
 def _check(sec: Security, section: str, prefix: str) -> None:
     """Username and password for the mechanisms that use them (GSSAPI and OAUTHBEARER, set in
-    ``kafka.properties``, bring their own credentials)."""
+    ``kafka.properties``, bring their own credentials); the raw properties as librdkafka sees them."""
+    _check_properties(sec)
     props = dict(sec.properties)
     if sec.mechanism not in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
         return

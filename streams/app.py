@@ -317,6 +317,11 @@ def faust_credentials(sec: Security):
 
     conf = sec.librdkafka()
     props = dict(sec.properties)
+    mechanism = str(conf.get("sasl.mechanism") or conf.get("sasl.mechanisms") or sec.sasl_mechanism).upper()
+    if sec.sasl and mechanism == "OAUTHBEARER":
+        raise ConfigError(f"{sec.properties_key}: sasl.mechanism=OAUTHBEARER is not supported by the aggregator "
+                          "(aiokafka needs a token provider object, librdkafka's sasl.oauthbearer.* settings "
+                          "have no equivalent); give the aggregator SCRAM or GSSAPI credentials")
     for name in sorted(props):
         if name in FAUST_MAPPED:
             continue
@@ -325,11 +330,6 @@ def faust_credentials(sec: Security):
                               f"Kafka through aiokafka, not librdkafka); remove it from the aggregator's "
                               f"configuration or use a mechanism it supports (PLAIN, SCRAM-SHA-256/512, GSSAPI)")
         log.info("%s: %s applies to librdkafka clients only, not to Faust's aiokafka", sec.properties_key, name)
-    mechanism = str(conf.get("sasl.mechanism") or conf.get("sasl.mechanisms") or sec.sasl_mechanism).upper()
-    if sec.sasl and mechanism == "OAUTHBEARER":
-        raise ConfigError(f"{sec.properties_key}: sasl.mechanism=OAUTHBEARER is not supported by the aggregator "
-                          "(aiokafka needs a token provider object, librdkafka's sasl.oauthbearer.* settings "
-                          "have no equivalent); give the aggregator SCRAM or GSSAPI credentials")
     context = None
     if sec.tls:
         context = ssl.create_default_context(cafile=conf.get("ssl.ca.location") or None)
@@ -398,6 +398,7 @@ def run(cfg: Config, logging_config: dict | None = None) -> None:
     """
     logs.set_context(job=cfg.aggregator.app_id, instance=member_id(cfg))
     check_faust_version()
+    faust_credentials(security_for(cfg.kafka.bootstrap_servers))  # refuse what aiokafka cannot do, first
     ensure_telemetry_topic(cfg.kafka.bootstrap_servers, cfg.telemetry)
     settle_partitions(cfg)
     app = create_app(cfg)

@@ -74,24 +74,37 @@ def test_each_command_shows_its_own_settings_only():
 
 def test_raw_properties_reach_every_client_and_the_aggregator_or_are_refused(tmp_path):
     (tmp_path / "client.properties").write_text("# as for kafka-consumer-groups --command-config\n"
-                                                "sasl.kerberos.service.name=kafka-prod\nsocket.keepalive.enable=true\n")
-    cfg = load(None, {"kafka.security_protocol": "SASL_PLAINTEXT", "kafka.properties": {"sasl.mechanism": "GSSAPI"},
+                                                "sasl.username=from-file\nsasl.password=pw\n"
+                                                "socket.keepalive.enable=true\n")
+    cfg = load(None, {"kafka.properties": {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-256"},
                       "kafka.properties_file": str(tmp_path / "client.properties")}, environ={})
-    sec = kafka_admin.source_security(cfg.kafka)  # GSSAPI needs no username or password
-    kafka_admin.register("gss:9092", sec)
-    conf = kafka_admin.client_config("gss:9092", **{"group.id": "g"})
-    assert (conf["sasl.mechanism"], conf["sasl.kerberos.service.name"], conf["socket.keepalive.enable"],
-            conf["group.id"]) == ("GSSAPI", "kafka-prod", "true", "g")
+    sec = kafka_admin.source_security(cfg.kafka)  # the credentials in the file satisfy the SASL check
+    kafka_admin.register("props:9092", sec)
+    conf = kafka_admin.client_config("props:9092", **{"group.id": "g"})
+    assert (conf["security.protocol"], conf["sasl.mechanism"], conf["sasl.username"], conf["socket.keepalive.enable"],
+            conf["group.id"]) == ("SASL_PLAINTEXT", "SCRAM-SHA-256", "from-file", "true", "g")
     creds = faust_credentials(sec)
+    assert (creds.username, creds.password, str(creds.mechanism.value)) == ("from-file", "pw", "SCRAM-SHA-256")
+
+    # GSSAPI maps to aiokafka's Kerberos credentials (this librdkafka build has no GSSAPI, so no check here)
+    gss = kafka_admin.Security("SASL_PLAINTEXT", properties=(("sasl.mechanism", "GSSAPI"),
+                                                              ("sasl.kerberos.service.name", "kafka-prod")))
+    creds = faust_credentials(gss)
     assert (type(creds).__name__, creds.kerberos_service_name) == ("GSSAPICredentials", "kafka-prod")
 
-    oauth = load(None, {"kafka.properties": {"security.protocol": "SASL_SSL", "sasl.mechanism": "OAUTHBEARER",
-                                             "sasl.oauthbearer.method": "oidc"}}, environ={})
+    oauth = load(None, {"kafka.properties": {
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "OAUTHBEARER", "sasl.oauthbearer.method": "oidc",
+        "sasl.oauthbearer.token.endpoint.url": "https://idp.example/token", "sasl.oauthbearer.client.id": "c",
+        "sasl.oauthbearer.client.secret": "s"}}, environ={})
     sec = kafka_admin.source_security(oauth.kafka)
     assert sec.librdkafka()["sasl.oauthbearer.method"] == "oidc"
     with pytest.raises(ConfigError) as err:
         faust_credentials(sec)
-    assert str(err.value).startswith("kafka.properties: sasl.oauthbearer.method is not supported by the aggregator")
+    assert str(err.value).startswith("kafka.properties: sasl.mechanism=OAUTHBEARER is not supported by the aggregator")
+    # any other security setting aiokafka has no equivalent for is refused by name
+    with pytest.raises(ConfigError) as err:
+        faust_credentials(kafka_admin.Security("SSL", properties=(("ssl.crl.location", "/crl.pem"),)))
+    assert str(err.value).startswith("kafka.properties: ssl.crl.location is not supported by the aggregator")
 
 
 def test_repeated_property_flags_merge_over_the_environment(monkeypatch):
@@ -139,3 +152,27 @@ def test_up_hands_its_configuration_to_every_process_it_starts(tmp_path, monkeyp
     assert seen["backup"].backup.poll_interval_ms == 250
     assert (seen["exporter"].metrics.basic_auth_username, seen["exporter"].metrics.port,
             seen["exporter"].metrics.max_connections, seen["exporter"].aggregator.app_id) == ("prom", 9999, 7, "agg1")
+
+
+@pytest.mark.parametrize("props,needle", [
+    ({"foo.bar": "1"}, 'kafka.properties: No such configuration property: "foo.bar"'),
+    ({"socket.timeout.ms": "soon"}, 'kafka.properties: Invalid value for configuration property "socket.timeout.ms"'),
+    ({"security.protocol": "SASL_SSL", "sasl.mechanism": "OAUTHBEARER", "sasl.oauthbearer.method": "oidc"},
+     "kafka.properties: `sasl.oauthbearer.token.endpoint.url` is mandatory when `sasl.oauthbearer.method=oidc`"),
+])
+def test_librdkafka_refuses_bad_properties_in_one_line_before_any_client(props, needle):
+    cfg = load(None, {"kafka.properties": props}, environ={})
+    with pytest.raises(ConfigError) as err:
+        kafka_admin.source_security(cfg.kafka)
+    assert str(err.value).startswith(needle), str(err.value)
+
+
+def test_the_aggregator_refuses_oauthbearer_in_one_line_before_connecting():
+    from tests.conftest import cli
+
+    r = cli("aggregate", "--bootstrap-servers", "127.0.0.1:1", "--kafka-property", "security.protocol=SASL_SSL",
+            "--kafka-property", "sasl.mechanism=OAUTHBEARER", timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("kafka-backup aggregate: error: kafka.properties: sasl.mechanism=OAUTHBEARER is not "
+                               "supported by the aggregator"), r.stderr
+    assert len(r.stderr.splitlines()) == 1
