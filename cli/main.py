@@ -34,6 +34,8 @@ ALIASES: dict[str, dict[str, str]] = {
     "aggregate": {"--bootstrap-servers": "kafka.bootstrap_servers", "--app-id": "aggregator.app_id",
                   "--instance-id": "aggregator.instance_id"},
     "replay": {"--bootstrap-servers": "kafka.bootstrap_servers"},
+    "status": {"--bootstrap-servers": "kafka.bootstrap_servers", "--app-id": "aggregator.app_id",
+               "--backup-id": "backup.backup_id", "--restore-id": "restore.restore_id"},
     "exporter": {"--bootstrap-servers": "kafka.bootstrap_servers", "--bind": "metrics.bind",
                  "--port": "metrics.port", "--app-id": "aggregator.app_id"},
     "restore": {
@@ -120,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     from cli.replay import add_arguments
 
     add_arguments(p)
+    p = sub.add_parser("status", help="the fleet at a glance: one row per job, read from the state topic")
+    _add_config_flags(p, "status")
+    from cli.status import add_arguments as add_status_arguments
+
+    add_status_arguments(p)
     p = sub.add_parser("up", help="broker + demo workload + backup + aggregator + exporter, until Ctrl-C")
     _add_config_flags(p, "up")
     return parser
@@ -244,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             from cli.replay import run_replay
 
             return run_replay(cfg, args)
+        if args.command == "status":
+            from cli.status import run_status
+
+            return run_status(cfg, args)
         if args.command == "up":
             from cli.up import run_up
 
