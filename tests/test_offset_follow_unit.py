@@ -1,0 +1,127 @@
+"""offset-reset --from-backup without a broker: the search against brute force, the documents, the mistakes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from cli.main import main
+from producers import group_offsets, layout
+from producers.offset_follow import _original_offset, first_at_or_after
+
+
+def brute_force(records: list[tuple[int, int | None]], lo: int, hi: int, recorded: int) -> int | None:
+    """The definition, by reading every record: records = [(target offset, original offset or None)]."""
+    restored = [(t, o) for t, o in records if lo <= t < hi and o is not None]
+    if not restored:
+        return None
+    at_or_after = [t for t, o in restored if o >= recorded]
+    return at_or_after[0] if at_or_after else restored[-1][0] + 1
+
+
+def probe_of(records: list[tuple[int, int | None]], calls: list[int]):
+    def probe(m: int):
+        calls.append(m)
+        return next(((t, o) for t, o in records if t >= m and o is not None), None)
+    return probe
+
+
+LAYOUTS = {
+    # target offsets 0..: unrelated records (None) before and after, original offsets with holes (a time
+    # window, compaction), a target offset gap (transaction marker) and one-record partitions
+    "plain": [(t, t + 100) for t in range(10)],
+    "prefix-and-suffix": [(t, None) for t in range(5)] + [(t, 3 * t) for t in range(5, 20)] + [(20, None)],
+    "window-holes": [(t, o) for t, o in zip(range(3, 40), itertools.count(17, 4), strict=False)],
+    "target-gap": [(0, None), (1, 5), (2, 6), (4, 9), (5, 10), (7, None)],
+    "one": [(0, None), (1, 42)],
+    "none": [(0, None), (1, None)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_search_equals_brute_force_for_every_recorded_offset(name):
+    records = LAYOUTS[name]
+    end = max(t for t, _ in records) + 1
+    originals = [o for _, o in records if o is not None] or [0]
+    for lo, hi in ((0, end), (records[0][0], end)):
+        for recorded in range(min(originals) - 2, max(originals) + 3):
+            calls: list[int] = []
+            got = first_at_or_after(probe_of(records, calls), lo, hi, recorded)
+            assert got == brute_force(records, lo, hi, recorded), (name, lo, hi, recorded)
+            assert len(set(calls)) <= (hi - lo).bit_length() + 2, "binary search, not a scan"
+
+
+def test_search_edges_of_a_point_in_time_restore():
+    # originals 17, 21, ..., 161 restored at target offsets 3..39
+    records = LAYOUTS["window-holes"]
+    probe = probe_of(records, [])
+    assert first_at_or_after(probe, 3, 40, 0) == 3  # before the window: the first restored record
+    assert first_at_or_after(probe, 3, 40, 21) == 4  # exactly restored
+    assert first_at_or_after(probe, 3, 40, 22) == 5  # not restored (a hole): the next restored one
+    assert first_at_or_after(probe, 3, 40, 161) == 39  # the last
+    assert first_at_or_after(probe, 3, 40, 162) == 40  # after the window: the end
+    assert first_at_or_after(probe, 7, 7, 5) is None  # nothing restored in the range
+
+
+def test_original_offset_header():
+    assert _original_offset([("h", b"1"), (layout.OFFSET_HEADER, b"12")]) == 12
+    assert _original_offset([(layout.OFFSET_HEADER, b"1"), (layout.OFFSET_HEADER, b"7")]) == 7  # last wins
+    assert _original_offset([(layout.OFFSET_HEADER, b"-1")]) is None
+    assert _original_offset([(layout.OFFSET_HEADER, None)]) is None
+    assert _original_offset([(layout.OFFSET_HEADER, b"\xff")]) is None
+    assert _original_offset(None) is None
+
+
+def test_groups_document_round_trip_merge_and_older_documents():
+    doc = layout.GroupsDocument("bk")
+    a = layout.GroupSnapshot(10.0, [layout.GroupOffset("t", 0, 5)])
+    b = layout.GroupSnapshot(11.0, [layout.GroupOffset("t", 1, 0)])
+    group_offsets.merge(doc, {"b": b, "a": a})
+    later = layout.GroupSnapshot(12.0, [layout.GroupOffset("t", 0, 9)])
+    group_offsets.merge(doc, {"a": later})  # a read again replaces a; b keeps its last read
+    got = layout.decode_groups(layout.encode(doc))
+    assert list(got.groups) == ["a", "b"]
+    assert got.groups["a"] == later and got.groups["b"] == b and got.version == 2
+    with pytest.raises(layout.MetadataError, match="invalid value"):
+        layout.decode_groups(b'{"backup_id": "bk", "groups": {"a": {"read_ts": 1, "offsets": '
+                             b'[{"topic": "t", "partition": 0, "offset": -3}]}}}')
+    # a restore checkpoint written before the header existed: restored without it
+    old = layout.decode_restore_checkpoint(b'{"restore_id": "r", "backup_id": "b", "topic_map": {}, '
+                                           b'"total_records": 0, "version": 2}')
+    assert old.offset_header is False
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--from-backup", "a/b", "--storage", "/tmp/x", "--groups", "g"], "offset_reset.from_backup: 'a/b' is not"),
+    (["--from-backup", "bk", "--groups", "g"], "offset_reset.storage: no storage given"),
+    (["--from-backup", "bk", "--storage", "/tmp/x"], "offset_reset.groups: no groups given"),
+    (["--from-backup", "bk", "--storage", "/tmp/x", "--groups", "g", "--to-latest"],
+     "offset_reset.from_backup: --from-backup moves --groups to the restored records; drop --to-latest"),
+    (["--from-backup", "bk", "--storage", "/tmp/x", "--groups", "g", "--restore-id", "r", "--topic-map", "a:b"],
+     "offset_reset.topic_map: give --restore-id"),
+    (["--from-backup", "bk", "--storage", "/tmp/x", "--groups", "g", "--topic-map", "a"],
+     "offset_reset.topic_map: 'a' is not source:target"),
+])
+def test_from_backup_mistakes_exit_2_with_one_line(args, needle, capsys):
+    assert main(["offset-reset", "--bootstrap-servers", "127.0.0.1:1", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unknown_group_and_missing_backup_name_the_fix(tmp_path, capsys):
+    store = tmp_path / "store"
+    (store / "bk").mkdir(parents=True)
+    (store / "bk" / "manifest.json").write_bytes(layout.encode(layout.Manifest("bk", topics={"t": 1})))
+    base = ["offset-reset", "--bootstrap-servers", "127.0.0.1:1", "--storage", f"file://{store}"]
+    assert main([*base, "--from-backup", "bk", "--groups", "g"]) == 2  # a backup without groups.json
+    err = capsys.readouterr().err
+    assert "offset_reset.groups: backup 'bk' recorded no offsets of group 'g'" in err and "none" in err
+    (store / "bk" / "groups.json").write_bytes(layout.encode(group_offsets.merge(
+        layout.GroupsDocument("bk"), {"billing": layout.GroupSnapshot(1.0, [layout.GroupOffset("t", 0, 3)])})))
+    assert main([*base, "--from-backup", "bk", "--groups", "g"]) == 2
+    assert "groups recorded: billing" in capsys.readouterr().err
+    assert main([*base, "--from-backup", "ghost", "--groups", "g"]) == 2
+    assert "offset_reset.from_backup: no backup 'ghost'" in capsys.readouterr().err
+    assert main([*base, "--from-backup", "bk", "--groups", "billing", "--restore-id", "nope"]) == 2
+    assert "offset_reset.restore_id: no restore 'nope'" in capsys.readouterr().err
