@@ -20,6 +20,7 @@ from schemas.topics import consumer_group
 ALL = "*"
 OWN_PREFIX = consumer_group("")  # "kafka-backup.": the backups' own groups are not the applications'
 TIMEOUT_S = 15
+BATCH = 50
 
 
 def _text(err) -> str:
@@ -41,23 +42,32 @@ def read(admin: AdminClient, topics: set[str], wanted: list[str]) -> tuple[dict[
         problems += [f"list_consumer_groups: {_text(e)}" for e in listed.errors]
         names += sorted(g.group_id for g in listed.valid if not g.group_id.startswith(OWN_PREFIX))
     found: dict[str, layout.GroupSnapshot] = {}
-    for group in dict.fromkeys(names):
-        try:
-            result = admin.list_consumer_group_offsets(
-                [ConsumerGroupTopicPartitions(group)], request_timeout=TIMEOUT_S)[group].result(TIMEOUT_S)
-        except KafkaException as err:
-            problems.append(f"list_consumer_group_offsets({group}): {_text(err)}")
-            continue
-        offsets = []
-        for tp in result.topic_partitions or []:
-            if tp.topic not in topics:
+    names = list(dict.fromkeys(names))
+    for i in range(0, len(names), BATCH):  # requests of a batch in flight together: a cluster may have many groups
+        pending = {}
+        for group in names[i:i + BATCH]:
+            try:
+                pending[group] = admin.list_consumer_group_offsets(
+                    [ConsumerGroupTopicPartitions(group)], request_timeout=TIMEOUT_S)[group]
+            except KafkaException as err:
+                problems.append(f"list_consumer_group_offsets({group}): {_text(err)}")
+        for group, future in pending.items():
+            try:
+                result = future.result(TIMEOUT_S)
+            except KafkaException as err:
+                problems.append(f"list_consumer_group_offsets({group}): {_text(err)}")
                 continue
-            if tp.error is not None:
-                problems.append(f"list_consumer_group_offsets({group}) {tp.topic}/{tp.partition}: {_text(tp.error)}")
-            elif tp.offset >= 0:
-                offsets.append(layout.GroupOffset(tp.topic, tp.partition, tp.offset))
-        if offsets:
-            found[group] = layout.GroupSnapshot(time.time(), sorted(offsets, key=lambda o: (o.topic, o.partition)))
+            offsets = []
+            for tp in result.topic_partitions or []:
+                if tp.topic not in topics:
+                    continue
+                if tp.error is not None:
+                    problems.append(f"list_consumer_group_offsets({group}) {tp.topic}/{tp.partition}: "
+                                    f"{_text(tp.error)}")
+                elif tp.offset >= 0:
+                    offsets.append(layout.GroupOffset(tp.topic, tp.partition, tp.offset))
+            if offsets:
+                found[group] = layout.GroupSnapshot(time.time(), sorted(offsets, key=lambda o: (o.topic, o.partition)))
     return found, problems
 
 

@@ -125,3 +125,88 @@ def test_unknown_group_and_missing_backup_name_the_fix(tmp_path, capsys):
     assert "offset_reset.from_backup: no backup 'ghost'" in capsys.readouterr().err
     assert main([*base, "--from-backup", "bk", "--groups", "billing", "--restore-id", "nope"]) == 2
     assert "offset_reset.restore_id: no restore 'nope'" in capsys.readouterr().err
+
+
+class _Future:
+    def __init__(self, value=None, error: Exception | None = None) -> None:
+        self.value, self.error = value, error
+
+    def result(self, _timeout=None):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Admin:
+    """list_consumer_groups / list_consumer_group_offsets as confluent_kafka answers them."""
+
+    def __init__(self, offsets: dict, fail_listing: bool = False) -> None:
+        self.offsets = offsets
+        self.fail_listing = fail_listing
+
+    def list_consumer_groups(self, **_kw):
+        from types import SimpleNamespace
+
+        from confluent_kafka import KafkaError, KafkaException
+        if self.fail_listing:
+            return _Future(error=KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED)))
+        return _Future(SimpleNamespace(valid=[SimpleNamespace(group_id=g) for g in self.offsets], errors=[]))
+
+    def list_consumer_group_offsets(self, requests, **_kw):
+        from types import SimpleNamespace
+
+        from confluent_kafka import TopicPartition
+        group = requests[0].group_id
+        tps = [TopicPartition(t, p, o) for t, p, o in self.offsets.get(group, [])]
+        return {group: _Future(SimpleNamespace(topic_partitions=tps))}
+
+
+class _Emitter:
+    def __init__(self) -> None:
+        self.events: list[tuple[type, dict]] = []
+
+    def emit(self, cls, **kw) -> None:
+        self.events.append((cls, kw))
+
+
+def _worker(tmp_path, admin, groups=("*",)):
+    from producers.backup import BackupWorker
+    from producers.storage import FileBackend, Storage
+    from schemas.config import BackupConfig
+
+    w = BackupWorker.__new__(BackupWorker)  # no Kafka client: only the groups step is exercised
+    w.cfg = BackupConfig(backup_id="bk", topics=["t"], consumer_groups=list(groups))
+    w.id, w.manifest, w.groups_due, w._admin = "bk", None, 0.0, admin
+    w.storage, w.emitter = Storage(FileBackend(str(tmp_path))), _Emitter()
+    return w
+
+
+def test_backup_records_the_applications_groups_on_its_topics_only(tmp_path):
+    admin = _Admin({"app": [("t", 1, 9), ("t", 0, 4), ("other", 0, 1), ("t", 2, -1001)],
+                    "kafka-backup.bk": [("t", 0, 100)],  # the backup's own group
+                    "idle": [("other", 0, 3)]})
+    w = _worker(tmp_path, admin)
+    w._record_groups()
+    doc = layout.decode_groups((tmp_path / "bk" / "groups.json").read_bytes())
+    assert list(doc.groups) == ["app"]
+    assert doc.groups["app"].offsets == [layout.GroupOffset("t", 0, 4), layout.GroupOffset("t", 1, 9)]
+    assert w.emitter.events == []
+    named = _worker(tmp_path, admin, groups=("kafka-backup.bk",))  # named explicitly: recorded
+    named._record_groups()
+    assert list(layout.decode_groups((tmp_path / "bk" / "groups.json").read_bytes()).groups) == [
+        "app", "kafka-backup.bk"]
+
+
+def test_a_failed_admin_call_is_counted_and_never_fails_the_backup(tmp_path, caplog):
+    from schemas import events as ev
+
+    w = _worker(tmp_path, _Admin({}, fail_listing=True))
+    w._record_groups()  # no exception
+    assert not (tmp_path / "bk" / "groups.json").exists()
+    [(cls, kw)] = w.emitter.events
+    assert cls is ev.ErrorRaised and kw["error_type"] == "consumer_groups" and kw["operation"] == "consumer_groups"
+    assert "list_consumer_groups" in kw["message"] and "AUTHORIZATION" in kw["message"].upper()
+    assert len([r for r in caplog.records if "consumer group offsets not recorded" in r.getMessage()]) == 1
+    off = _worker(tmp_path, _Admin({}, fail_listing=True), groups=())  # backup.consumer_groups: [] reads nothing
+    off._record_groups()
+    assert off.emitter.events == []
