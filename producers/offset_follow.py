@@ -104,9 +104,8 @@ def validate(cfg: OffsetResetConfig) -> None:
         raise ConfigError("offset_reset.storage: no storage given; use --storage URL (the one the backup wrote to)")
     if not cfg.groups:
         raise ConfigError("offset_reset.groups: no groups given; use --groups g1,g2 (groups the backup recorded)")
-    for group in cfg.groups:
-        if not group or len(group) > 249 or any(c.isspace() for c in group):
-            raise ConfigError(f"offset_reset.groups: {group!r} is not a group id; use --groups g1,g2")
+    for group in cfg.groups:  # a group is a job id of the telemetry, as for --group
+        require_safe_id("offset_reset.groups", group)
     others = [flag for flag, on in (("--group", cfg.group), ("--topics", cfg.topics),
                                     ("--to-timestamp", cfg.to_timestamp is not None),
                                     ("--to-earliest", cfg.to_earliest), ("--to-latest", cfg.to_latest)) if on]

@@ -210,3 +210,9 @@ def test_a_failed_admin_call_is_counted_and_never_fails_the_backup(tmp_path, cap
     off = _worker(tmp_path, _Admin({}, fail_listing=True), groups=())  # backup.consumer_groups: [] reads nothing
     off._record_groups()
     assert off.emitter.events == []
+
+
+def test_a_group_id_must_be_a_safe_id(capsys):
+    assert main(["offset-reset", "--bootstrap-servers", "127.0.0.1:1", "--from-backup", "bk", "--storage", "/tmp/x",
+                 "--groups", "ok,bad group"]) == 2
+    assert "offset_reset.groups: 'bad group' is not a safe id" in capsys.readouterr().err
