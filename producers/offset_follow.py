@@ -238,6 +238,9 @@ class OffsetFollow:
                 "group.id": f"kafka-backup-offset-follow.{self.id}",  # never joined, never committed
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
+                # a probe below the log start (retention deleted the restore's first records) reads the
+                # first record left, which is the first at or after the probe: never jump to the end
+                "auto.offset.reset": "earliest",
             }))
         return self._consumer
 
