@@ -42,33 +42,50 @@ def read(admin: AdminClient, topics: set[str], wanted: list[str]) -> tuple[dict[
         problems += [f"list_consumer_groups: {_text(e)}" for e in listed.errors]
         names += sorted(g.group_id for g in listed.valid if not g.group_id.startswith(OWN_PREFIX))
     found: dict[str, layout.GroupSnapshot] = {}
-    names = list(dict.fromkeys(names))
-    for i in range(0, len(names), BATCH):  # requests of a batch in flight together: a cluster may have many groups
+    results, failed = _fetch(admin, list(dict.fromkeys(names)))
+    retry = [g for g, err in failed.items() if _retriable(err)]
+    if retry:  # a coordinator moving, a group rebalancing: once more before counting it
+        again, failed_again = _fetch(admin, retry)
+        results.update(again)
+        failed = {**{g: e for g, e in failed.items() if g not in retry}, **failed_again}
+    problems += [f"list_consumer_group_offsets({g}): {_text(err)}" for g, err in failed.items()]
+    for group, result in results.items():
+        offsets = []
+        for tp in result.topic_partitions or []:
+            if tp.topic not in topics:
+                continue
+            if tp.error is not None:
+                problems.append(f"list_consumer_group_offsets({group}) {tp.topic}/{tp.partition}: {_text(tp.error)}")
+            elif tp.offset >= 0:
+                offsets.append(layout.GroupOffset(tp.topic, tp.partition, tp.offset))
+        if offsets:
+            found[group] = layout.GroupSnapshot(time.time(), sorted(offsets, key=lambda o: (o.topic, o.partition)))
+    return found, problems
+
+
+def _fetch(admin: AdminClient, groups: list[str]) -> tuple[dict, dict]:
+    """Each group's ``list_consumer_group_offsets`` answer, or its error; a batch of requests in flight
+    together (one group per request is the client's limit; a cluster may hold many groups)."""
+    results, failed = {}, {}
+    for i in range(0, len(groups), BATCH):
         pending = {}
-        for group in names[i:i + BATCH]:
+        for group in groups[i:i + BATCH]:
             try:
                 pending[group] = admin.list_consumer_group_offsets(
                     [ConsumerGroupTopicPartitions(group)], request_timeout=TIMEOUT_S)[group]
             except KafkaException as err:
-                problems.append(f"list_consumer_group_offsets({group}): {_text(err)}")
+                failed[group] = err
         for group, future in pending.items():
             try:
-                result = future.result(TIMEOUT_S)
+                results[group] = future.result(TIMEOUT_S)
             except KafkaException as err:
-                problems.append(f"list_consumer_group_offsets({group}): {_text(err)}")
-                continue
-            offsets = []
-            for tp in result.topic_partitions or []:
-                if tp.topic not in topics:
-                    continue
-                if tp.error is not None:
-                    problems.append(f"list_consumer_group_offsets({group}) {tp.topic}/{tp.partition}: "
-                                    f"{_text(tp.error)}")
-                elif tp.offset >= 0:
-                    offsets.append(layout.GroupOffset(tp.topic, tp.partition, tp.offset))
-            if offsets:
-                found[group] = layout.GroupSnapshot(time.time(), sorted(offsets, key=lambda o: (o.topic, o.partition)))
-    return found, problems
+                failed[group] = err
+    return results, failed
+
+
+def _retriable(err: KafkaException) -> bool:
+    inner = err.args[0] if err.args else None
+    return bool(getattr(inner, "retriable", lambda: False)())
 
 
 def merge(doc: layout.GroupsDocument, found: dict[str, layout.GroupSnapshot]) -> layout.GroupsDocument:

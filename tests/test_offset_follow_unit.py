@@ -140,9 +140,10 @@ class _Future:
 class _Admin:
     """list_consumer_groups / list_consumer_group_offsets as confluent_kafka answers them."""
 
-    def __init__(self, offsets: dict, fail_listing: bool = False) -> None:
+    def __init__(self, offsets: dict, fail_listing: bool = False, fail: dict | None = None) -> None:
         self.offsets = offsets
         self.fail_listing = fail_listing
+        self.fail = fail or {}  # group -> [KafkaError code, ...] answered before its offsets
 
     def list_consumer_groups(self, **_kw):
         from types import SimpleNamespace
@@ -157,6 +158,10 @@ class _Admin:
 
         from confluent_kafka import TopicPartition
         group = requests[0].group_id
+        if self.fail.get(group):
+            from confluent_kafka import KafkaError, KafkaException
+            code = self.fail[group].pop(0)
+            return {group: _Future(error=KafkaException(KafkaError(code, retriable=code < 0)))}
         tps = [TopicPartition(t, p, o) for t, p, o in self.offsets.get(group, [])]
         return {group: _Future(SimpleNamespace(topic_partitions=tps))}
 
@@ -216,3 +221,15 @@ def test_a_group_id_must_be_a_safe_id(capsys):
     assert main(["offset-reset", "--bootstrap-servers", "127.0.0.1:1", "--from-backup", "bk", "--storage", "/tmp/x",
                  "--groups", "ok,bad group"]) == 2
     assert "offset_reset.groups: 'bad group' is not a safe id" in capsys.readouterr().err
+
+
+def test_a_retriable_group_error_is_retried_once_then_counted():
+    from confluent_kafka import KafkaError
+
+    admin = _Admin({"a": [("t", 0, 1)], "b": [("t", 0, 2)], "c": [("t", 0, 3)]},
+                   fail={"a": [KafkaError._TRANSPORT], "b": [KafkaError._TRANSPORT, KafkaError._TRANSPORT],
+                         "c": [KafkaError.GROUP_AUTHORIZATION_FAILED]})
+    found, problems = group_offsets.read(admin, {"t"}, ["*"])
+    assert list(found) == ["a"]  # b failed twice, c is not retriable
+    assert sorted(p.split(":")[0] for p in problems) == ["list_consumer_group_offsets(b)",
+                                                         "list_consumer_group_offsets(c)"]
