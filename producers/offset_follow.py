@@ -179,7 +179,8 @@ class OffsetFollow:
                 move = Move(group, o.topic, o.partition, o.offset, snap.read_ts, mapping[o.topic])
                 lo_hi = ranges.get((o.topic, o.partition)) if self.cfg.restore_id else self._watermarks(move)
                 if lo_hi is None:
-                    move.note = "partition not in the restore"
+                    move.note = ("partition not in the restore" if self.cfg.restore_id
+                                 else "target partition does not exist")
                 else:
                     self._locate(move, *lo_hi)
                 moves.append(move)
