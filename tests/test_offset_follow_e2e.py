@@ -18,13 +18,10 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from producers.layout import OFFSET_HEADER
-from tests.conftest import cli, create_topic, unique, wait_for, watermarks
+from tests.conftest import Proc, cli, create_topic, unique, wait_for, watermarks
 from tests.test_restore_e2e import backup, one_line, produce_records, read_topic, restore
 
 pytestmark = pytest.mark.e2e
-
-NONE = -1001  # librdkafka's OFFSET_INVALID: no committed offset
-
 
 def commit(broker: str, group: str, topic: str, offsets: dict[int, int]) -> None:
     c = Consumer({"bootstrap.servers": broker, "group.id": group, "enable.auto.commit": False})
@@ -148,7 +145,10 @@ def test_groups_follow_the_data_into_a_topic_with_another_offset_base(broker, tm
     restored = {p: list(range(60)) for p in range(2)}
     groups = sorted(recorded)
 
-    # preview: the plan, and nothing changed
+    # preview: the plan, and nothing changed (the groups' offsets on the target, set here, stay)
+    placed = {0: 1, 1: 2}
+    for group in groups:
+        commit(broker, group, target, placed)
     r = follow(broker, bid, url, groups, "--restore-id", rid)
     assert r.returncode == 0, r.stderr
     rows = plan_rows(r.stdout)
@@ -158,7 +158,7 @@ def test_groups_follow_the_data_into_a_topic_with_another_offset_base(broker, tm
     assert rows[(edge, 1)][1] == "after the last restored record: the end"
     assert "preview: nothing changed" in r.stdout
     for group in groups:
-        assert committed(broker, group, target, 2) == {0: NONE, 1: NONE}
+        assert committed(broker, group, target, 2) == placed
 
     # a group with an active member: refused in one line, nothing changed for any group
     mid = next(g for g in groups if g.startswith("fg-mid"))
@@ -171,7 +171,7 @@ def test_groups_follow_the_data_into_a_topic_with_another_offset_base(broker, tm
         line = one_line(r.stderr)
         assert "offset_reset.groups" in line and mid in line and "active member" in line
         for group in groups:
-            assert committed(broker, group, target, 2) == {0: NONE, 1: NONE}
+            assert committed(broker, group, target, 2) == placed
     finally:
         member.close()
 
@@ -228,3 +228,25 @@ def test_point_in_time_restore_maps_before_inside_and_after_the_window(broker, t
         check_positioned(broker, group, target, truth, pre, restored, recorded[group])
     assert committed(broker, before, target, 2) == {0: 4, 1: 11}  # the first restored records
     assert committed(broker, after, target, 2) == {0: 44, 1: 51}  # the end
+
+
+def test_a_continuous_backup_records_the_offsets_again_as_they_move(broker, tmp_path):
+    src, bid, group = unique("contf"), unique("bk-contf"), unique("cg")
+    create_topic(broker, src, 1)
+    produce_records(broker, src, 1, 20, int(time.time() * 1000) - 3_600_000)
+    commit(broker, group, src, {0: 3})
+    store = tmp_path / "store"
+    proc = Proc(["backup", "--bootstrap-servers", broker, "--topics", src, "--backup-id", bid, "--storage",
+                 f"file://{store}", "--continuous", "--backup-consumer-groups", group,
+                 "--backup-consumer-groups-interval-s", "1"], str(tmp_path / "backup.log")).start()
+
+    def recorded() -> list:
+        return groups_doc(store, bid)["groups"][group]["offsets"]
+
+    try:
+        wait_for(lambda: recorded() == [{"topic": src, "partition": 0, "offset": 3}], 120, what="first read")
+        commit(broker, group, src, {0: 11})
+        wait_for(lambda: recorded() == [{"topic": src, "partition": 0, "offset": 11}], 120, what="read again")
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.log()
