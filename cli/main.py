@@ -66,6 +66,13 @@ ALIASES: dict[str, dict[str, str]] = {
         "--group": "offset_reset.group",
         "--topics": "offset_reset.topics",
         "--to-timestamp": "offset_reset.to_timestamp",
+        # --from-backup: groups follow the data (producers/offset_follow.py)
+        "--from-backup": "offset_reset.from_backup",
+        "--storage": "offset_reset.storage",
+        "--s3-endpoint-url": "offset_reset.s3_endpoint_url",
+        "--restore-id": "offset_reset.restore_id",
+        "--topic-map": "offset_reset.topic_map",
+        "--groups": "offset_reset.groups",
     },
 }
 
@@ -106,7 +113,9 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
     if command == "offset-reset":
         for flag, key, help_ in [("--to-earliest", "offset_reset.to_earliest", "reset to the earliest offset"),
                                  ("--to-latest", "offset_reset.to_latest", "reset to the latest offset"),
-                                 ("--force", "offset_reset.force", "reset even if the group has active members")]:
+                                 ("--force", "offset_reset.force", "reset even if the group has active members"),
+                                 ("--execute", "offset_reset.execute",
+                                  "--from-backup: change the offsets (default: print the plan only)")]:
             p.add_argument(flag, dest=key, action="store_const", const=True, default=argparse.SUPPRESS, help=help_)
 
 
@@ -218,6 +227,15 @@ def cmd_offset_reset(cfg: Config) -> int:
     from producers.offset_reset import run_offset_reset
 
     _require_bootstrap(cfg)
+    if cfg.offset_reset.from_backup:
+        from producers.offset_follow import run_offset_follow, validate
+        from producers.storage import Storage, open_backend
+
+        validate(cfg.offset_reset)
+        storage = Storage(open_backend(cfg.offset_reset.storage, cfg.offset_reset.s3_endpoint_url,
+                                       field="offset_reset.storage"))
+        return run_offset_follow(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers,
+                                 cfg.offset_reset, cfg.telemetry, storage, out=sys.stdout)
     require_safe_id("offset_reset.group", cfg.offset_reset.group)
     return run_offset_reset(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers,
                             cfg.offset_reset, cfg.telemetry, out=sys.stdout)

@@ -10,6 +10,13 @@ never read; a segment straddling a window edge is read and its records counted
 one by one, so ``total_records`` is exact. Such a segment is kept decoded (up
 to ``PARTIAL_CACHE_BYTES``) so it is read from storage once per run.
 
+Original offsets. Offsets are not preserved (the target assigns its own), so
+each restored record carries its source offset in a last header
+``kafka-backup.offset`` (decimal ASCII), unless ``restore.offset_header`` is
+off when the restore begins (the choice is kept in the restore checkpoint).
+``offset-reset --from-backup`` follows it to move consumer groups
+(``producers/offset_follow.py``).
+
 Commit point, per batch: produce with the idempotent producer, wait until the
 target cluster acknowledged every record, write the restore checkpoint
 (``{backup_id}/restores/{restore_id}/checkpoint.json``), then emit
@@ -277,6 +284,9 @@ class RestoreWorker:
             cp = layout.decode_restore_checkpoint(raw, key)
             mapping = resolve_topic_map(self.requested_map, dict.fromkeys(cp.topic_map, 0), self.backup_id)
             self._check_same_restore(cp, mapping)
+            if cp.offset_header != self.cfg.offset_header:
+                log.warning("restore %s was started with offset_header %s: resuming with it (a restore's "
+                            "records are all alike)", self.id, cp.offset_header)
             counts: dict[str, int] = {}
             for cur in cp.partitions:
                 counts[cur.topic] = max(counts.get(cur.topic, 0), cur.partition + 1)
@@ -456,7 +466,8 @@ class RestoreWorker:
         would delete or refuse, and the oldest one's timestamp (``TargetLimits``)."""
         now = time.time()
         cp = layout.RestoreCheckpoint(self.id, self.backup_id, mapping, 0, self.window.from_time,
-                                      self.window.to_time, created_ts=now, updated_ts=now)
+                                      self.window.to_time, created_ts=now, updated_ts=now,
+                                      offset_header=self.cfg.offset_header)
         for topic in mapping:
             lim = (limits or {}).get(topic)
             cutoffs = [lim.deletes[0] if lim and lim.deletes else None, lim.refuses[0] if lim and lim.refuses else None]
@@ -598,7 +609,7 @@ class RestoreWorker:
         extra = hwm - cur.target_next
         expected = list(islice(self._records(cur, cur.next_offset), extra))
         actual = self._read_target(cur.target_topic, cur.partition, cur.target_next, extra)
-        if len(expected) != extra or [(r.key, r.value, list(r.headers)) for r in expected] != actual:
+        if len(expected) != extra or [(r.key, r.value, self._headers(r)) for r in expected] != actual:
             self._error("offset_invalid", f"target {where} has {extra} records after {cur.target_next} "
                                           "that this restore did not write")
             raise RestoreFailed(f"target partition {where} has {extra} records after offset {cur.target_next} "
@@ -691,6 +702,14 @@ class RestoreWorker:
             raise RestoreInterrupted("stop requested")
         self.paced += n
 
+    def _headers(self, r: segments.StoredRecord) -> list[tuple[str, bytes | None]]:
+        """The record's headers, and (unless ``restore.offset_header`` was off when the restore began)
+        ``kafka-backup.offset``: its source offset, appended last, for ``offset-reset --from-backup``."""
+        assert self.checkpoint is not None
+        if not self.checkpoint.offset_header:
+            return list(r.headers)
+        return [*r.headers, (layout.OFFSET_HEADER, str(r.offset).encode())]
+
     def _send(self, cur: layout.RestoreCursor, batch: list[segments.StoredRecord]) -> None:
         self._pace(len(batch))
         offsets: list[int] = []
@@ -707,7 +726,7 @@ class RestoreWorker:
                 try:
                     self.producer.produce(cur.target_topic, value=r.value, key=r.key, partition=cur.partition,
                                           timestamp=r.timestamp if r.timestamp > 0 else 0,
-                                          headers=r.headers or None, on_delivery=delivered)
+                                          headers=self._headers(r) or None, on_delivery=delivered)
                     break
                 except BufferError:  # local queue full: serve deliveries, then retry this record
                     self.producer.poll(0.1)

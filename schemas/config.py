@@ -111,6 +111,10 @@ class BackupConfig(_Section):
     segment_max_bytes: Positive = 16 * 1024 * 1024
     expected_interval_s: Positive = 26 * 3600  # one-shot: alert when no run succeeded for this long (daily + 2 h)
     recovery_point_objective_s: Positive = 48 * 3600  # alert when the newest stored record is older, while lagging
+    # consumer groups whose committed offsets on the backed-up topics are recorded ({backup_id}/groups.json):
+    # "*" every group the cluster lists, or names; [] (--backup-consumer-groups "") records none
+    consumer_groups: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    consumer_groups_interval_s: Positive = 60  # continuous: how often they are read again (and at the end)
 
 
 class RestoreConfig(_Section):
@@ -126,6 +130,7 @@ class RestoreConfig(_Section):
     allow_retention_loss: bool = False  # restore even if the targets' retention would delete records in scope
     batch_records: Positive = 1000
     instance_id: str = ""
+    offset_header: bool = True  # each record gets a kafka-backup.offset header: its offset in the source
 
 
 class VerifyConfig(_Section):
@@ -141,6 +146,14 @@ class OffsetResetConfig(_Section):
     to_earliest: bool = False
     to_latest: bool = False
     force: bool = False
+    # --from-backup: move --groups to the restored records following the offsets the backup recorded
+    from_backup: str = ""  # backup id
+    storage: str = ""  # file:///dir or s3://bucket/prefix, as given to the backup
+    s3_endpoint_url: str = ""
+    restore_id: str = ""  # the restore whose targets to use (exact: its checkpoint's topic map and offsets)
+    topic_map: list[str] = []  # without restore_id: "source:target" pairs, as given to the restore
+    groups: list[str] = []
+    execute: bool = False  # without it, only print the plan
 
 
 class AggregatorConfig(_Section):

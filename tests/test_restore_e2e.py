@@ -21,6 +21,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from producers.layout import OFFSET_HEADER
 from schemas import catalogue as cat
 from tests.conftest import ROOT, cli, create_topic, unique, wait_for, watermarks
 
@@ -54,6 +55,13 @@ def produce_records(bootstrap: str, topic: str, partitions: int, n: int, base_ts
         truth[part].append(rec)
     assert prod.flush(30) == 0
     return truth
+
+
+def with_offsets(truth: dict[int, list[Rec]]) -> dict[int, list[Rec]]:
+    """What a restore writes (``restore.offset_header`` on, the default): each record with its source offset
+    in a last ``kafka-backup.offset`` header. The test's source topics are fresh: record j has offset j."""
+    return {p: [Rec(r.key, r.value, r.headers + ((OFFSET_HEADER, str(j).encode()),), r.timestamp)
+                for j, r in enumerate(recs)] for p, recs in truth.items()}
 
 
 def read_topic(bootstrap: str, topic: str, partitions: int) -> dict[int, list[Rec]]:
@@ -161,7 +169,7 @@ def test_round_trip_two_compressions_every_field_and_exact_metrics(broker, share
         assert partitions_of(broker, f"{src}-restored") == n  # created with the source's partition count
         got = read_topic(broker, f"{src}-restored", n)
         for p in range(n):
-            assert got[p] == truth[p], f"{src}/{p}: restored records differ from what was produced"
+            assert got[p] == with_offsets(truth)[p], f"{src}/{p}: restored records differ from what was produced"
     total = 750
 
     s = shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 1, backup_id=bid, status="success")
@@ -196,9 +204,10 @@ def test_round_trip_over_s3(broker, shared_pipeline, s3_endpoint):
            "--backup-segment-max-records", "50")
     objects = {o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"backups/{bid}/")["Contents"]}
 
-    r = restore(broker, bid, url, rid, "--s3-endpoint-url", s3_endpoint, "--topic-map", f"{topic}:{topic}-r")
+    r = restore(broker, bid, url, rid, "--s3-endpoint-url", s3_endpoint, "--topic-map", f"{topic}:{topic}-r",
+                "--restore-offset-header", "false")
     assert r.returncode == 0, r.stderr
-    assert read_topic(broker, f"{topic}-r", 2) == truth
+    assert read_topic(broker, f"{topic}-r", 2) == truth  # headers byte-identical: no kafka-backup.offset
     s = shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 1, backup_id=bid, status="success")
     assert s.get_value(cat.RESTORE_RECORDS_TOTAL.name, restore_id=rid) == 240
     assert s.get_value(cat.STORAGE_READ_BYTES.name, backend="s3", backup_id=bid) == sum(objects.values())
@@ -274,7 +283,7 @@ def test_time_window_restores_only_records_inside_and_reads_only_needed_segments
                 "--topic-map", f"{topic}:{topic}-pit")
     assert r.returncode == 0, r.stderr
 
-    expected = {p: [x for x in recs if lo <= x.timestamp < hi] for p, recs in truth.items()}
+    expected = {p: [x for x in recs if lo <= x.timestamp < hi] for p, recs in with_offsets(truth).items()}
     assert sum(map(len, expected.values())) == 150
     assert read_topic(broker, f"{topic}-pit", 2) == expected
     assert restore_checkpoint(store, bid, rid)["total_records"] == 150
@@ -340,7 +349,8 @@ def test_bad_inputs_fail_in_one_line_with_error_events_and_no_false_checkpoint(b
     assert r.returncode == 1
     assert "does not match its SHA-256 digest" in one_line(r.stderr) and seg in r.stderr
     got = read_topic(broker, target, 3)
-    assert got[0] == truth[0] and got[1] == truth[1][:50] and got[2] == []
+    restored = with_offsets(truth)
+    assert got[0] == restored[0] and got[1] == restored[1][:50] and got[2] == []
     cp = restore_checkpoint(store, bid, rid)
     cursors = {c["partition"]: c for c in cp["partitions"]}
     assert (cursors[1]["next_offset"], cursors[1]["restored"]) == (50, 50)
@@ -390,7 +400,7 @@ def test_interrupted_restores_resume_and_write_every_record_exactly_once(broker,
     assert 300 <= stopped_at < 1200
     r = restore(broker, bid, url, term, "--topic-map", f"{topic}:{topic}-term")
     assert r.returncode == 0, r.stderr
-    assert read_topic(broker, f"{topic}-term", 2) == truth
+    assert read_topic(broker, f"{topic}-term", 2) == with_offsets(truth)
     s = shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 1, backup_id=bid, status="success")
     assert hist_count(s, cat.RESTORE_DURATION, backup_id=bid, status="interrupted") == 1
     assert hist_count(s, cat.RESTORE_DURATION, backup_id=bid, status="failure") == 0
@@ -412,7 +422,7 @@ def test_interrupted_restores_resume_and_write_every_record_exactly_once(broker,
     r = restore(broker, bid, url, kill, "--topic-map", f"{topic}:{topic}-kill")
     assert r.returncode == 0, r.stderr
     assert "adopting" in r.stderr
-    assert read_topic(broker, f"{topic}-kill", 2) == truth
+    assert read_topic(broker, f"{topic}-kill", 2) == with_offsets(truth)  # adopted records checked with it
     s = shared_pipeline.wait_value(cat.RESTORE_PROGRESS.name, 100, restore_id=kill, backup_id=bid)
     shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 2, backup_id=bid, status="success")
     # Exact though the killed run's last events died with it and its adopted batches were reported
