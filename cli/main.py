@@ -38,6 +38,11 @@ ALIASES: dict[str, dict[str, str]] = {
                   "--instance-id": "aggregator.instance_id"},
     "replay": {"--bootstrap-servers": "kafka.bootstrap_servers"},
     "up": {"--bootstrap-servers": "kafka.bootstrap_servers", "--app-id": "aggregator.app_id"},
+    "list": {"--storage": "backup.storage", "--s3-endpoint-url": "backup.s3_endpoint_url"},
+    "describe": {"--storage": "backup.storage", "--s3-endpoint-url": "backup.s3_endpoint_url",
+                 "--backup-id": "backup.backup_id"},
+    "status": {"--bootstrap-servers": "kafka.bootstrap_servers", "--app-id": "aggregator.app_id",
+               "--backup-id": "backup.backup_id", "--restore-id": "restore.restore_id"},
     "exporter": {"--bootstrap-servers": "kafka.bootstrap_servers", "--bind": "metrics.bind",
                  "--port": "metrics.port", "--app-id": "aggregator.app_id"},
     "restore": {
@@ -69,6 +74,13 @@ ALIASES: dict[str, dict[str, str]] = {
         "--topics": "offset_reset.topics",
         "--to-timestamp": "offset_reset.to_timestamp",
         "--to-datetime": "offset_reset.to_timestamp",
+        # --from-backup: groups follow the data (producers/offset_follow.py)
+        "--from-backup": "offset_reset.from_backup",
+        "--storage": "offset_reset.storage",
+        "--s3-endpoint-url": "offset_reset.s3_endpoint_url",
+        "--restore-id": "offset_reset.restore_id",
+        "--topic-map": "offset_reset.topic_map",
+        "--groups": "offset_reset.groups",
     },
 }
 
@@ -120,6 +132,9 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--continuous", dest="backup.continuous", action="store_const", const=True,
                        default=argparse.SUPPRESS, help="keep backing up until stopped (default: one-shot)")
     if command == "restore":
+        p.add_argument("--dry-run", dest="restore_dry_run", action="store_true",
+                       help="print what the restore would do (scope, targets, retention verdict, estimate) and "
+                            "write nothing; exit 1 when it would refuse to start")
         p.add_argument("--allow-retention-loss", dest="restore.allow_retention_loss", action="store_const",
                        const=True, default=argparse.SUPPRESS,
                        help="restore even if the targets' retention would delete records in scope (counted)")
@@ -169,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     from cli.replay import add_arguments
 
     add_arguments(p)
+    from cli.inventory import add_arguments as add_inventory_arguments
+
+    for name, help_ in [("list", "one line per backup in a storage location (metadata only)"),
+                        ("describe", "one backup, per partition: offsets, gaps, records, times, verification")]:
+        p = sub.add_parser(name, help=help_)
+        _add_config_flags(p, name)
+        add_inventory_arguments(p)
+    p = sub.add_parser("status", help="the fleet at a glance: one row per job, read from the state topic")
+    _add_config_flags(p, "status")
+    from cli.status import add_arguments as add_status_arguments
+
+    add_status_arguments(p)
     p = sub.add_parser("up", help="broker + demo workload + backup + aggregator + exporter, until Ctrl-C")
     _add_config_flags(p, "up")
     return parser
@@ -229,7 +256,7 @@ def cmd_exporter(cfg: Config) -> int:
     return 0
 
 
-def cmd_restore(cfg: Config) -> int:
+def cmd_restore(cfg: Config, dry_run: bool = False) -> int:
     from producers.restore import run_restore
     from producers.storage import Storage, open_backend
 
@@ -239,7 +266,7 @@ def cmd_restore(cfg: Config) -> int:
     logs.set_context(job=cfg.restore.restore_id)
     storage = Storage(open_backend(cfg.restore.storage, cfg.restore.s3_endpoint_url, field="restore.storage"))
     return run_restore(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers, cfg.restore,
-                       cfg.telemetry, storage)
+                       cfg.telemetry, storage, dry_run=dry_run)
 
 
 def cmd_verify(cfg: Config) -> int:
@@ -257,13 +284,19 @@ def cmd_offset_reset(cfg: Config) -> int:
     from producers.offset_reset import run_offset_reset
 
     _require_bootstrap(cfg)
+    if cfg.offset_reset.from_backup:
+        from producers.offset_follow import run_offset_follow, validate
+        from producers.storage import Storage, open_backend
+
+        validate(cfg.offset_reset)
+        storage = Storage(open_backend(cfg.offset_reset.storage, cfg.offset_reset.s3_endpoint_url,
+                                       field="offset_reset.storage"))
+        return run_offset_follow(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers,
+                                 cfg.offset_reset, cfg.telemetry, storage, out=sys.stdout)
     require_safe_id("offset_reset.group", cfg.offset_reset.group)
     logs.set_context(job=cfg.offset_reset.group)
     return run_offset_reset(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers,
                             cfg.offset_reset, cfg.telemetry, out=sys.stdout, err=sys.stderr)
-
-
-WORKERS = {"backup": cmd_backup, "restore": cmd_restore, "verify": cmd_verify, "offset-reset": cmd_offset_reset}
 
 
 def cmd_dev_broker(port: int, data_dir: str | None) -> int:
@@ -315,24 +348,27 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_dev_broker(args.port, args.data_dir)
         cfg = config_from(args)
         logging_config = setup_logging(args.command, cfg)
-        if args.command in WORKERS and cfg.run.metrics_output:
-            return with_metrics_output(cfg, WORKERS[args.command])
-        if args.command == "backup":
-            return cmd_backup(cfg)
+        workers = {"backup": cmd_backup, "verify": cmd_verify, "offset-reset": cmd_offset_reset,
+                   "restore": lambda c: cmd_restore(c, getattr(args, "restore_dry_run", False))}
+        if args.command in workers:  # the commands whose run's metrics --metrics-output writes
+            run = workers[args.command]
+            return with_metrics_output(cfg, run) if cfg.run.metrics_output else run(cfg)
         if args.command == "aggregate":
             return cmd_aggregate(cfg, logging_config)
         if args.command == "exporter":
             return cmd_exporter(cfg)
-        if args.command == "restore":
-            return cmd_restore(cfg)
-        if args.command == "offset-reset":
-            return cmd_offset_reset(cfg)
-        if args.command == "verify":
-            return cmd_verify(cfg)
         if args.command == "replay":
             from cli.replay import run_replay
 
             return run_replay(cfg, args)
+        if args.command in ("list", "describe"):
+            from cli.inventory import run_describe, run_list
+
+            return (run_list if args.command == "list" else run_describe)(cfg, args)
+        if args.command == "status":
+            from cli.status import run_status
+
+            return run_status(cfg, args)
         if args.command == "up":
             from cli.up import run_up
 

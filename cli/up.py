@@ -72,6 +72,16 @@ def child_env(command: str, overrides: dict[str, Any], environ: dict[str, str] |
     return env
 
 
+def _receive(cfg: Config, embedded: bool) -> list[str]:
+    """Children that read the embedded broker need to accept its oversized fetch replies."""
+    return (["--kafka-receive-message-max-bytes", str(DEV_BROKER_RECEIVE_MAX_BYTES)] if embedded
+            else [f"--kafka-receive-message-max-bytes={cfg.kafka.receive_message_max_bytes}"])
+
+
+def _common(cfg: Config, bootstrap: str, embedded: bool) -> list[str]:
+    return ["--bootstrap-servers", bootstrap, "--app-id", cfg.aggregator.app_id, *_receive(cfg, embedded)]
+
+
 def child_commands(cfg: Config, overrides: dict[str, Any], config_path: str | None, bootstrap: str,
                    embedded: bool, storage: str) -> list[tuple[str, list[str]]]:
     """(command, argv) of the three processes: the configuration file, then what ``up`` decides.
@@ -81,10 +91,8 @@ def child_commands(cfg: Config, overrides: dict[str, Any], config_path: str | No
     """
     me = [sys.executable, "-m", "cli.main"]
     conf = ["--config", config_path] if config_path else []
-    # children that read the embedded broker need to accept its oversized fetch replies
-    receive = (["--kafka-receive-message-max-bytes", str(DEV_BROKER_RECEIVE_MAX_BYTES)] if embedded
-               else [f"--kafka-receive-message-max-bytes={cfg.kafka.receive_message_max_bytes}"])
-    common = ["--bootstrap-servers", bootstrap, "--app-id", cfg.aggregator.app_id, *receive]
+    receive = _receive(cfg, embedded)
+    common = _common(cfg, bootstrap, embedded)
     return [
         ("aggregate", [*me, "aggregate", *conf, *common]),
         ("exporter", [*me, "exporter", *conf, *common, "--bind", cfg.metrics.bind, "--port", str(cfg.metrics.port),
@@ -115,6 +123,8 @@ def run_up(cfg: Config, overrides: dict[str, Any] | None = None, config_path: st
     print(f"up: demo workload -> {DEMO_TOPIC} ({DEMO_RATE} records/s), continuous backup '{DEMO_BACKUP_ID}' "
           f"-> {storage}", flush=True)
     print(f"up: metrics at {url}  (Ctrl-C to stop)", flush=True)
+    watch = " ".join(["kafka-backup status", *_common(cfg, bootstrap, broker is not None), "--watch"])
+    print(f"up: watch the fleet with: {watch}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

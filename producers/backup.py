@@ -29,7 +29,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from producers import layout, segments, topic_configs
+from producers import group_offsets, layout, segments, topic_configs
 from producers.storage import OpReport, Storage, StorageError
 from producers.telemetry import Emitter, classify_kafka_error, run_reporting
 from schemas import events as ev
@@ -113,6 +113,8 @@ class BackupWorker:
         self.consumed: dict[str, list[int]] = {}
         self.manifest: layout.Manifest | None = None
         self.run_record: layout.Run | None = None
+        self._admin: AdminClient | None = None
+        self.groups_due = 0.0  # continuous: when the consumer groups' offsets are read next (monotonic)
         storage.listener = self._on_storage_op
         self.consumer = Consumer(client_config(
             bootstrap_servers,
@@ -149,6 +151,7 @@ class BackupWorker:
             self._start()
             self._loop()
             self._flush_all()
+            self._record_groups()
             log.info("stopping with %s", self._summary())
             unfinished = [w for w in self.parts.values() if not w.done()]
             if self.stopping and not self.cfg.continuous and unfinished:
@@ -309,6 +312,8 @@ class BackupWorker:
             if time.monotonic() >= next_progress:
                 self._progress()
                 next_progress = time.monotonic() + poll_s
+            if self.cfg.continuous and time.monotonic() >= self.groups_due:
+                self._record_groups()
 
     def _take(self, msg) -> None:
         err = msg.error()
@@ -497,6 +502,38 @@ class BackupWorker:
         for topic, snap in snapshots.items():
             snap.partitions = counts[topic]
         return snapshots
+
+    def _record_groups(self) -> None:
+        """Record the consumer groups' committed offsets on the backed-up topics (``groups.json``).
+
+        Read after the run's data is flushed, so a group's offset is at most a little ahead of
+        what the backup holds (``offset-reset --from-backup`` then moves it to the end of the
+        restored data). Never fails the backup: a failure is counted (``ErrorRaised``,
+        ``error_type="consumer_groups"``) and logged in one line.
+        """
+        self.groups_due = time.monotonic() + self.cfg.consumer_groups_interval_s
+        if not self.cfg.consumer_groups:
+            return
+        if self._admin is None:
+            self._admin = AdminClient(client_config(self.bootstrap))
+        topics = set(self.manifest.topics if self.manifest else self.cfg.topics)
+        found, problems = group_offsets.read(self._admin, topics, list(self.cfg.consumer_groups))
+        try:
+            if found:
+                key = layout.groups_key(self.id)
+                raw = self.storage.get_optional(key, "manifest")
+                doc = layout.decode_groups(raw, key) if raw else layout.GroupsDocument(self.id)
+                self.storage.put(key, layout.encode(group_offsets.merge(doc, found)), "manifest")
+        except (StorageError, layout.MetadataError) as err:
+            problems.append(f"writing {layout.groups_key(self.id)}: {err}")
+        if problems:
+            message = (f"consumer group offsets not recorded in full ({len(problems)} problem(s)): "
+                       f"{problems[0]}")
+            log.warning("%s", message)
+            self.emitter.emit(ev.ErrorRaised, error_type="consumer_groups", transient=True,
+                              operation="consumer_groups", message=message[:500])
+        elif found:
+            log.info("recorded the committed offsets of %d consumer group(s)", len(found))
 
     def _start_manifest(self, counts: dict[str, int],
                         configs: dict[str, layout.TopicSnapshot] | None = None) -> None:

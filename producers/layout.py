@@ -5,6 +5,7 @@
     {backup_id}/topics/{topic}/{partition}/index/{start:020d}-{end:020d}.json   sealed index chunk
     {backup_id}/topics/{topic}/{partition}/{start:020d}.seg.zst
     {backup_id}/restores/{restore_id}/checkpoint.json       a restore's scope and position (resume)
+    {backup_id}/groups.json                                 consumer groups' committed offsets (optional)
 
 A segment counts as backed up only once the checkpoint naming it is written:
 the checkpoint is the commit point, and what a resumed run starts from. A
@@ -181,6 +182,35 @@ class Manifest(msgspec.Struct):
     topic_configs: dict[TopicName, TopicSnapshot] = {}  # topic -> its configuration at the last run (layout 2)
 
 
+class GroupOffset(msgspec.Struct):
+    topic: TopicName
+    partition: Count
+    offset: Count  # the group's committed offset: the next record it would read
+
+
+class GroupSnapshot(msgspec.Struct):
+    """One consumer group's committed offsets on the backed-up topics, as read at ``read_ts``."""
+
+    read_ts: float
+    offsets: list[GroupOffset] = []
+
+
+class GroupsDocument(msgspec.Struct):
+    """``{backup_id}/groups.json`` (layout 2, optional: older backups have none).
+
+    Written by the backup at the end of each run (and every ``consumer_groups_interval_s``
+    of a continuous one): each group read replaces its previous entry; a group that no
+    longer exists keeps the entry of its last read. ``offset-reset --from-backup`` moves a
+    group to the restored record whose original offset (its ``kafka-backup.offset``
+    header) is the first at or after the recorded one.
+    """
+
+    backup_id: str
+    groups: dict[str, GroupSnapshot] = {}
+    updated_ts: float = 0.0
+    version: int = LAYOUT_VERSION
+
+
 class RestoreCursor(msgspec.Struct):
     """One source partition of a restore: its fixed scope and how far the restore got.
 
@@ -217,10 +247,39 @@ class RestoreCheckpoint(msgspec.Struct):
     updated_ts: float = 0.0
     completed_ts: float | None = None
     version: int = LAYOUT_VERSION
+    # each restored record carries OFFSET_HEADER (its source offset); False for restores made before it
+    offset_header: bool = False
+
+
+OFFSET_HEADER = "kafka-backup.offset"  # restored records' source offset, decimal ASCII
+
+
+class Verification(msgspec.Struct, omit_defaults=True):
+    """What the last ``kafka-backup verify`` run that got to the end found (``{backup_id}/verification.json``)."""
+
+    ts: float  # when it ended (epoch seconds)
+    segments: Count
+    bad: Count
+    gaps: Count
+    unverified: Count = 0  # segments without a digest (layout 1)
+    bad_keys: list[str] = []  # the first 100 bad segments' storage keys
+    version: int = LAYOUT_VERSION
+
+
+def verification_key(backup_id: str) -> str:
+    return f"{backup_id}/verification.json"
+
+
+def decode_verification(data: bytes, key: str) -> Verification:
+    return _decode(data, Verification, key)
 
 
 def manifest_key(backup_id: str) -> str:
     return f"{backup_id}/manifest.json"
+
+
+def groups_key(backup_id: str) -> str:
+    return f"{backup_id}/groups.json"
 
 
 def partition_prefix(backup_id: str, topic: str, partition: int) -> str:
@@ -289,6 +348,10 @@ def decode_checkpoint(data: bytes, key: str = "checkpoint.json") -> Checkpoint:
 
 def decode_restore_checkpoint(data: bytes, key: str = "checkpoint.json") -> RestoreCheckpoint:
     return _decode(data, RestoreCheckpoint, key)
+
+
+def decode_groups(data: bytes, key: str = "groups.json") -> GroupsDocument:
+    return _decode(data, GroupsDocument, key)
 
 
 def decode_chunk(data: bytes, ref: IndexRef, topic: str, partition: int) -> IndexChunk:

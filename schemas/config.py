@@ -120,6 +120,10 @@ class BackupConfig(_Section):
     segment_max_bytes: Positive = 16 * 1024 * 1024
     expected_interval_s: Positive = 26 * 3600  # one-shot: alert when no run succeeded for this long (daily + 2 h)
     recovery_point_objective_s: Positive = 48 * 3600  # alert when the newest stored record is older, while lagging
+    # consumer groups whose committed offsets on the backed-up topics are recorded ({backup_id}/groups.json):
+    # "*" every group the cluster lists, or names; [] (--backup-consumer-groups "") records none
+    consumer_groups: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    consumer_groups_interval_s: Positive = 60  # continuous: how often they are read again (and at the end)
 
 
 class RestoreConfig(_Section):
@@ -135,6 +139,7 @@ class RestoreConfig(_Section):
     allow_retention_loss: bool = False  # restore even if the targets' retention would delete records in scope
     batch_records: Positive = 1000
     instance_id: str = ""
+    offset_header: bool = True  # each record gets a kafka-backup.offset header: its offset in the source
 
 
 class VerifyConfig(_Section):
@@ -150,7 +155,14 @@ class OffsetResetConfig(_Section):
     to_earliest: bool = False
     to_latest: bool = False
     force: bool = False
-    execute: bool = False  # false: only print the offsets a reset would set (as kafka-consumer-groups)
+    # --from-backup: move --groups to the restored records following the offsets the backup recorded
+    from_backup: str = ""  # backup id
+    storage: str = ""  # file:///dir or s3://bucket/prefix, as given to the backup
+    s3_endpoint_url: str = ""
+    restore_id: str = ""  # the restore whose targets to use (exact: its checkpoint's topic map and offsets)
+    topic_map: list[str] = []  # without restore_id: "source:target" pairs, as given to the restore
+    groups: list[str] = []
+    execute: bool = False  # without it, only print the offsets a reset would set (as kafka-consumer-groups)
 
 
 class AggregatorConfig(_Section):
@@ -204,6 +216,11 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "aggregate": ("kafka", "telemetry", "aggregator", "log"),
     "exporter": ("metrics", "kafka", "log", "aggregator.app_id", "aggregator.throughput_window_s"),
     "replay": ("metrics", "kafka", "telemetry", "aggregator", "log", "backup.backup_id", "restore.restore_id"),
+    "list": ("log", "backup.storage", "backup.s3_endpoint_url"),
+    "describe": ("log", "backup.storage", "backup.s3_endpoint_url", "backup.backup_id"),
+    "status": ("kafka", "log", "aggregator.app_id", "aggregator.throughput_window_s", "backup.backup_id",
+               "restore.restore_id", "metrics.worker_stop_after_s", "metrics.expire_after_s",
+               "metrics.max_series_per_family"),
     "up": ("metrics", "kafka", "telemetry", "backup", "aggregator", "log"),
 }
 

@@ -22,6 +22,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from producers.layout import OFFSET_HEADER
 from schemas import catalogue as cat
 from tests.conftest import ROOT, cli, create_topic, unique, wait_for, watermarks
 
@@ -55,6 +56,13 @@ def produce_records(bootstrap: str, topic: str, partitions: int, n: int, base_ts
         truth[part].append(rec)
     assert prod.flush(30) == 0
     return truth
+
+
+def with_offsets(truth: dict[int, list[Rec]]) -> dict[int, list[Rec]]:
+    """What a restore writes (``restore.offset_header`` on, the default): each record with its source offset
+    in a last ``kafka-backup.offset`` header. The test's source topics are fresh: record j has offset j."""
+    return {p: [Rec(r.key, r.value, r.headers + ((OFFSET_HEADER, str(j).encode()),), r.timestamp)
+                for j, r in enumerate(recs)] for p, recs in truth.items()}
 
 
 def read_topic(bootstrap: str, topic: str, partitions: int) -> dict[int, list[Rec]]:
@@ -153,7 +161,7 @@ def test_round_trip_two_compressions_every_field_and_exact_metrics(broker, share
     segs = [k for k in objects if ".seg" in k]
     assert {k.rsplit(".", 1)[1] for k in segs} == {"zst", "sz"}, "both codecs in one backup"
 
-    before = shared_pipeline.scrape()
+    before = shared_pipeline.caught_up()  # storage reads by backend are shared with every other test's jobs
     r = restore(broker, bid, url, rid, "--topic-map", f"{a}:{a}-restored,{b}:{b}-restored")
     assert r.returncode == 0, r.stderr
     assert "rec/s" not in r.stderr, "no progress bar when stderr is not a terminal"
@@ -162,7 +170,7 @@ def test_round_trip_two_compressions_every_field_and_exact_metrics(broker, share
         assert partitions_of(broker, f"{src}-restored") == n  # created with the source's partition count
         got = read_topic(broker, f"{src}-restored", n)
         for p in range(n):
-            assert got[p] == truth[p], f"{src}/{p}: restored records differ from what was produced"
+            assert got[p] == with_offsets(truth)[p], f"{src}/{p}: restored records differ from what was produced"
     total = 750
 
     s = shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 1, backup_id=bid, status="success")
@@ -197,9 +205,10 @@ def test_round_trip_over_s3(broker, shared_pipeline, s3_endpoint):
            "--backup-segment-max-records", "50")
     objects = {o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"backups/{bid}/")["Contents"]}
 
-    r = restore(broker, bid, url, rid, "--s3-endpoint-url", s3_endpoint, "--topic-map", f"{topic}:{topic}-r")
+    r = restore(broker, bid, url, rid, "--s3-endpoint-url", s3_endpoint, "--topic-map", f"{topic}:{topic}-r",
+                "--restore-offset-header", "false")
     assert r.returncode == 0, r.stderr
-    assert read_topic(broker, f"{topic}-r", 2) == truth
+    assert read_topic(broker, f"{topic}-r", 2) == truth  # headers byte-identical: no kafka-backup.offset
     s = shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 1, backup_id=bid, status="success")
     assert s.get_value(cat.RESTORE_RECORDS_TOTAL.name, restore_id=rid) == 240
     assert s.get_value(cat.STORAGE_READ_BYTES.name, backend="s3", backup_id=bid) == sum(objects.values())
@@ -275,7 +284,7 @@ def test_time_window_restores_only_records_inside_and_reads_only_needed_segments
                 "--topic-map", f"{topic}:{topic}-pit")
     assert r.returncode == 0, r.stderr
 
-    expected = {p: [x for x in recs if lo <= x.timestamp < hi] for p, recs in truth.items()}
+    expected = {p: [x for x in recs if lo <= x.timestamp < hi] for p, recs in with_offsets(truth).items()}
     assert sum(map(len, expected.values())) == 150
     assert read_topic(broker, f"{topic}-pit", 2) == expected
     assert restore_checkpoint(store, bid, rid)["total_records"] == 150
@@ -311,23 +320,24 @@ def test_bad_inputs_fail_in_one_line_with_error_events_and_no_false_checkpoint(b
     backup(broker, topic, bid, url, "--backup-segment-max-records", "50")  # 2 segments per partition
 
     # unknown backup id
-    ghost = unique("bk-ghost")
-    r = restore(broker, ghost, url, unique("rs"))
+    ghost, rid_ghost = unique("bk-ghost"), unique("rs")
+    r = restore(broker, ghost, url, rid_ghost)
     assert r.returncode == 2
     assert "restore.backup_id" in one_line(r.stderr) and ghost in r.stderr
     # missing storage
-    r = restore(broker, bid, f"file://{tmp_path}/nowhere", unique("rs"))
+    rid_nowhere = unique("rs")
+    r = restore(broker, bid, f"file://{tmp_path}/nowhere", rid_nowhere)
     assert r.returncode == 2 and "restore.storage" in one_line(r.stderr)
 
     # a mapped target with fewer partitions is refused before anything is written
-    small, rid = unique("small"), unique("rs-small")
+    small, rid_small = unique("small"), unique("rs-small")
     create_topic(broker, small, 2)
-    r = restore(broker, bid, url, rid, "--topic-map", f"{topic}:{small}")
+    r = restore(broker, bid, url, rid_small, "--topic-map", f"{topic}:{small}")
     assert r.returncode == 2
     line = one_line(r.stderr)
     assert "restore.topic_map" in line and "2 partitions" in line and small in line
     assert watermarks(broker, small, 2) == {0: 0, 1: 0}
-    assert not os.path.exists(os.path.join(store, bid, "restores", rid))
+    assert not os.path.exists(os.path.join(store, bid, "restores", rid_small))
 
     # a damaged segment: refused before decoding; what precedes it is restored and claimed, its records are not
     seg = sorted(k for k in backup_objects(store, bid) if k.startswith("topics/") and "/1/" in k and ".seg" in k)[1]
@@ -340,19 +350,22 @@ def test_bad_inputs_fail_in_one_line_with_error_events_and_no_false_checkpoint(b
     assert r.returncode == 1
     assert "does not match its SHA-256 digest" in one_line(r.stderr) and seg in r.stderr
     got = read_topic(broker, target, 3)
-    assert got[0] == truth[0] and got[1] == truth[1][:50] and got[2] == []
+    restored = with_offsets(truth)
+    assert got[0] == restored[0] and got[1] == restored[1][:50] and got[2] == []
     cp = restore_checkpoint(store, bid, rid)
     cursors = {c["partition"]: c for c in cp["partitions"]}
     assert (cursors[1]["next_offset"], cursors[1]["restored"]) == (50, 50)
     assert cursors[2]["restored"] == 0 and cp["restored_total"] == 150 and cp["completed_ts"] is None
 
     s = shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 1, backup_id=ghost, status="failure")
-    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=ghost, error_type="storage_io") == 1
-    # three failed runs of this backup: missing storage, too few partitions, corrupt segment
+    assert s.get_value(cat.RESTORE_ERRORS_TOTAL.name, restore_id=rid_ghost, error_type="storage_io") == 1
+    # three failed runs of this backup: missing storage, too few partitions, corrupt segment; each restore's
+    # errors are its own, and none of them raises the backup's error count
     s = shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 3, backup_id=bid, status="failure")
-    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=bid, error_type="storage_io") == 1
-    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=bid, error_type="offset_invalid") == 1
-    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=bid, error_type="integrity") == 1  # caught by the digest
+    assert s.get_value(cat.RESTORE_ERRORS_TOTAL.name, restore_id=rid_nowhere, error_type="storage_io") == 1
+    assert s.get_value(cat.RESTORE_ERRORS_TOTAL.name, restore_id=rid_small, error_type="offset_invalid") == 1
+    assert s.get_value(cat.RESTORE_ERRORS_TOTAL.name, restore_id=rid, error_type="integrity") == 1  # the digest
+    assert not s.matching(cat.ERRORS_TOTAL.name, backup_id=bid)
     assert s.get_value(cat.RESTORE_RECORDS_TOTAL.name, restore_id=rid) == 150
     assert s.get_value(cat.RESTORE_PROGRESS.name, restore_id=rid, backup_id=bid) == pytest.approx(50.0)
     assert math.isnan(s.get_value(cat.RESTORE_ETA.name, restore_id=rid))  # failed: no throughput, no guess
@@ -388,7 +401,7 @@ def test_interrupted_restores_resume_and_write_every_record_exactly_once(broker,
     assert 300 <= stopped_at < 1200
     r = restore(broker, bid, url, term, "--topic-map", f"{topic}:{topic}-term")
     assert r.returncode == 0, r.stderr
-    assert read_topic(broker, f"{topic}-term", 2) == truth
+    assert read_topic(broker, f"{topic}-term", 2) == with_offsets(truth)
     s = shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 1, backup_id=bid, status="success")
     assert hist_count(s, cat.RESTORE_DURATION, backup_id=bid, status="interrupted") == 1
     assert hist_count(s, cat.RESTORE_DURATION, backup_id=bid, status="failure") == 0
@@ -410,7 +423,7 @@ def test_interrupted_restores_resume_and_write_every_record_exactly_once(broker,
     r = restore(broker, bid, url, kill, "--topic-map", f"{topic}:{topic}-kill")
     assert r.returncode == 0, r.stderr
     assert "adopting" in r.stderr
-    assert read_topic(broker, f"{topic}-kill", 2) == truth
+    assert read_topic(broker, f"{topic}-kill", 2) == with_offsets(truth)  # adopted records checked with it
     s = shared_pipeline.wait_value(cat.RESTORE_PROGRESS.name, 100, restore_id=kill, backup_id=bid)
     shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 2, backup_id=bid, status="success")
     # Exact though the killed run's last events died with it and its adopted batches were reported
