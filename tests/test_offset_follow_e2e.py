@@ -182,7 +182,8 @@ def test_groups_follow_the_data_into_a_topic_with_another_offset_base(broker, tm
         check_positioned(broker, group, target, truth, pre, restored, recorded[group])
 
     # --topic-map instead of the restore's checkpoint: the unrelated records are stepped over, same result
-    r = cli("offset-reset", "--bootstrap-servers", broker, "--group", mid, "--topics", target, "--to-earliest")
+    r = cli("offset-reset", "--bootstrap-servers", broker, "--group", mid, "--topics", target, "--to-earliest",
+            "--execute")
     assert r.returncode == 0, r.stderr
     assert committed(broker, mid, target, 2) == {0: 0, 1: 0}
     r = follow(broker, bid, url, [mid], "--topic-map", f"{src}:{target}", "--execute")
