@@ -278,7 +278,8 @@ def _validate(raw: dict[str, Any], origins: Mapping[str, str] | None = None) -> 
         origin = _origin_of(where, origins or {})
         if origin.startswith("environment "):
             raise ConfigError(f"{origin}: {message} ({where})") from None
-        raise ConfigError(f"{where}: {message} (set it in the YAML file, with {flag_for(where)} "
+        source = f"from {origin}; " if origin else ""
+        raise ConfigError(f"{where}: {message} ({source}set it in the YAML file, with {flag_for(where)} "
                           f"or {env_for(where)})") from None
 
 
@@ -446,6 +447,9 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config: {path} must hold a mapping of sections (metrics:, kafka:, ...)")
         raw = loaded
+        for section, keys in raw.items():
+            for key in keys if isinstance(keys, dict) else ():
+                origins[f"{section}.{key}"] = f"--config {path}"
     env = environment(os.environ if environ is None else environ)
     for layer, label in ((env, lambda k: f"environment {env_for(k)}"), (overrides or {}, lambda k: flag_for(k))):
         for dotted, value in layer.items():

@@ -176,3 +176,14 @@ def test_the_aggregator_refuses_oauthbearer_in_one_line_before_connecting():
     assert r.stderr.startswith("kafka-backup aggregate: error: kafka.properties: sasl.mechanism=OAUTHBEARER is not "
                                "supported by the aggregator"), r.stderr
     assert len(r.stderr.splitlines()) == 1
+
+
+def test_bad_values_from_the_file_or_a_flag_name_their_source(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("metrics:\n  port: -3\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(path), None, environ={})
+    assert str(err.value).startswith(f"metrics.port: Expected `int` >= 0 (from --config {path}; ")
+    with pytest.raises(ConfigError) as err:  # the flag wins over the file, and is the one named
+        load(str(path), {"metrics.port": "70000"}, environ={"KAFKA_BACKUP_METRICS_PORT": "9"})
+    assert str(err.value).startswith("metrics.port: Expected `int` <= 65535 (from --metrics-port; ")
