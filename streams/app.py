@@ -305,6 +305,10 @@ FAUST_MAPPED = frozenset({
     "ssl.key.location", "ssl.key.password", "ssl.endpoint.identification.algorithm",
 })
 SECURITY_PREFIXES = ("security.", "sasl.", "ssl.", "ssl_", "enable.ssl")
+OIDC_MAPPED = frozenset({  # streams/oidc.py: OAUTHBEARER with the OIDC method
+    "sasl.oauthbearer.method", "sasl.oauthbearer.token.endpoint.url", "sasl.oauthbearer.client.id",
+    "sasl.oauthbearer.client.secret", "sasl.oauthbearer.scope", "sasl.oauthbearer.extensions",
+})
 
 
 def faust_credentials(sec: Security):
@@ -318,12 +322,14 @@ def faust_credentials(sec: Security):
     conf = sec.librdkafka()
     props = dict(sec.properties)
     mechanism = str(conf.get("sasl.mechanism") or conf.get("sasl.mechanisms") or sec.sasl_mechanism).upper()
-    if sec.sasl and mechanism == "OAUTHBEARER":
-        raise ConfigError(f"{sec.properties_key}: sasl.mechanism=OAUTHBEARER is not supported by the aggregator "
-                          "(aiokafka needs a token provider object, librdkafka's sasl.oauthbearer.* settings "
-                          "have no equivalent); give the aggregator SCRAM or GSSAPI credentials")
+    oauth = sec.sasl and mechanism == "OAUTHBEARER"
+    if oauth and str(conf.get("sasl.oauthbearer.method", "default")).lower() != "oidc":
+        raise ConfigError(f"{sec.properties_key}: sasl.mechanism=OAUTHBEARER is supported by the aggregator with "
+                          "sasl.oauthbearer.method=oidc only (librdkafka's default method makes unsecured test "
+                          "tokens, which aiokafka has no equivalent of); set sasl.oauthbearer.method=oidc and "
+                          "sasl.oauthbearer.token.endpoint.url, .client.id, .client.secret")
     for name in sorted(props):
-        if name in FAUST_MAPPED:
+        if name in FAUST_MAPPED or (oauth and name in OIDC_MAPPED):
             continue
         if name.startswith(SECURITY_PREFIXES):
             raise ConfigError(f"{sec.properties_key}: {name} is not supported by the aggregator (Faust speaks "
@@ -338,6 +344,15 @@ def faust_credentials(sec: Security):
                                     conf.get("ssl.key.password") or None)
         if str(conf.get("ssl.endpoint.identification.algorithm", "https")).lower() == "none":
             context.check_hostname = False
+    if oauth:
+        from streams.oidc import OidcTokenProvider, parse_extensions
+
+        provider = OidcTokenProvider(str(conf.get("sasl.oauthbearer.token.endpoint.url", "")),
+                                     str(conf.get("sasl.oauthbearer.client.id", "")),
+                                     str(conf.get("sasl.oauthbearer.client.secret", "")),
+                                     str(conf.get("sasl.oauthbearer.scope", "")),
+                                     parse_extensions(str(conf.get("sasl.oauthbearer.extensions", ""))))
+        return faust.OAuthCredentials(oauth_cb=provider, ssl_context=context)
     if sec.sasl and mechanism == "GSSAPI":
         return faust.GSSAPICredentials(kerberos_service_name=str(conf.get("sasl.kerberos.service.name", "kafka")),
                                        kerberos_domain_name=conf.get("sasl.kerberos.domain.name") or None,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
 
 from cli.main import build_parser
@@ -98,9 +101,14 @@ def test_raw_properties_reach_every_client_and_the_aggregator_or_are_refused(tmp
         "sasl.oauthbearer.client.secret": "s"}}, environ={})
     sec = kafka_admin.source_security(oauth.kafka)
     assert sec.librdkafka()["sasl.oauthbearer.method"] == "oidc"
-    with pytest.raises(ConfigError) as err:
-        faust_credentials(sec)
-    assert str(err.value).startswith("kafka.properties: sasl.mechanism=OAUTHBEARER is not supported by the aggregator")
+    creds = faust_credentials(sec)  # the OIDC method maps to an aiokafka token provider (streams/oidc.py)
+    assert (type(creds).__name__, creds.oauth_cb.url, creds.oauth_cb.client_id) == (
+        "OAuthCredentials", "https://idp.example/token", "c")
+    unsecured = kafka_admin.Security("SASL_SSL", properties=(("sasl.mechanism", "OAUTHBEARER"),))
+    with pytest.raises(ConfigError) as err:  # librdkafka's default (unsecured test tokens): no equivalent
+        faust_credentials(unsecured)
+    assert str(err.value).startswith("kafka.properties: sasl.mechanism=OAUTHBEARER is supported by the aggregator "
+                                     "with sasl.oauthbearer.method=oidc only")
     # any other security setting aiokafka has no equivalent for is refused by name
     with pytest.raises(ConfigError) as err:
         faust_credentials(kafka_admin.Security("SSL", properties=(("ssl.crl.location", "/crl.pem"),)))
@@ -167,14 +175,14 @@ def test_librdkafka_refuses_bad_properties_in_one_line_before_any_client(props, 
     assert str(err.value).startswith(needle), str(err.value)
 
 
-def test_the_aggregator_refuses_oauthbearer_in_one_line_before_connecting():
+def test_the_aggregator_refuses_unsecured_oauthbearer_in_one_line_before_connecting():
     from tests.conftest import cli
 
     r = cli("aggregate", "--bootstrap-servers", "127.0.0.1:1", "--kafka-property", "security.protocol=SASL_SSL",
             "--kafka-property", "sasl.mechanism=OAUTHBEARER", timeout=60)
     assert r.returncode == 2
-    assert r.stderr.startswith("kafka-backup aggregate: error: kafka.properties: sasl.mechanism=OAUTHBEARER is not "
-                               "supported by the aggregator"), r.stderr
+    assert r.stderr.startswith("kafka-backup aggregate: error: kafka.properties: sasl.mechanism=OAUTHBEARER is "
+                               "supported by the aggregator with sasl.oauthbearer.method=oidc only"), r.stderr
     assert len(r.stderr.splitlines()) == 1
 
 
@@ -187,3 +195,43 @@ def test_bad_values_from_the_file_or_a_flag_name_their_source(tmp_path):
     with pytest.raises(ConfigError) as err:  # the flag wins over the file, and is the one named
         load(str(path), {"metrics.port": "70000"}, environ={"KAFKA_BACKUP_METRICS_PORT": "9"})
     assert str(err.value).startswith("metrics.port: Expected `int` <= 65535 (from --metrics-port; ")
+
+
+def test_the_aggregators_oidc_token_provider_does_the_client_credentials_grant_and_reuses_the_token():
+    import asyncio
+    import http.server
+    import threading
+    import urllib.parse
+
+    seen = []
+
+    class TokenEndpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            seen.append((self.headers["Authorization"], urllib.parse.parse_qs(body)))
+            answer = json.dumps({"access_token": f"token-{len(seen)}", "expires_in": 3600}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), TokenEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sec = kafka_admin.Security("SASL_PLAINTEXT", properties=(
+            ("sasl.mechanism", "OAUTHBEARER"), ("sasl.oauthbearer.method", "oidc"),
+            ("sasl.oauthbearer.token.endpoint.url", f"http://127.0.0.1:{server.server_port}/token"),
+            ("sasl.oauthbearer.client.id", "agg"), ("sasl.oauthbearer.client.secret", "s3cret"),
+            ("sasl.oauthbearer.scope", "kafka"), ("sasl.oauthbearer.extensions", "logicalCluster=lkc-1")))
+        provider = faust_credentials(sec).oauth_cb
+        assert asyncio.run(provider.token()) == "token-1"
+        assert asyncio.run(provider.token()) == "token-1"  # reused until a minute before it expires
+        assert provider.extensions() == {"logicalCluster": "lkc-1"}
+    finally:
+        server.shutdown()
+    assert seen == [("Basic " + base64.b64encode(b"agg:s3cret").decode(),
+                     {"grant_type": ["client_credentials"], "scope": ["kafka"]})]
