@@ -35,7 +35,8 @@ ALIASES: dict[str, dict[str, str]] = {
                   "--instance-id": "aggregator.instance_id"},
     "replay": {"--bootstrap-servers": "kafka.bootstrap_servers"},
     "exporter": {"--bootstrap-servers": "kafka.bootstrap_servers", "--bind": "metrics.bind",
-                 "--port": "metrics.port", "--app-id": "aggregator.app_id"},
+                 "--port": "metrics.port", "--app-id": "aggregator.app_id",
+                 "--web-config-file": "metrics.web_config_file"},
     "restore": {
         "--bootstrap-servers": "kafka.bootstrap_servers",
         "--telemetry-bootstrap-servers": "kafka.telemetry_bootstrap_servers",
