@@ -207,3 +207,66 @@ def test_a_broken_change_keeps_the_previous_configuration(tmp_path):
     now = web.current()
     assert web.reloads == 1 and now.auth.check(basic("ops", "other")) is None
     assert now.auth.check(basic("prom", "s3cret")) == "unknown_user"
+
+
+def _ca_and_leaf(tmp_path, names: tuple[str, ...]) -> str:
+    """A CA (ca.pem) and, per name, a certificate it signed (<name>.pem, <name>-key.pem) for 127.0.0.1."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for name in names:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                               False)
+                .sign(ca_key, hashes.SHA256()))
+        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / f"{name}-key.pem").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return str(tmp_path / "ca.pem")
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate_from_the_ca(tmp_path):
+    import ssl
+
+    ca = _ca_and_leaf(tmp_path, ("server", "client"))
+    path = write(tmp_path, "tls_server_config:\n  cert_file: server.pem\n  key_file: server-key.pem\n"
+                           "  client_ca_file: ca.pem\n  client_auth_type: RequireAndVerifyClientCert\n")
+    reader = FakeReader()
+    reader.ready.set()
+    reader.age = 0.0
+    srv = serve(load(overrides={"metrics.port": 0, "metrics.web_config_file": path}), reader)
+    url = f"https://127.0.0.1:{srv.port}/metrics"
+    try:
+        with_cert = ssl.create_default_context(cafile=ca)
+        with_cert.load_cert_chain(str(tmp_path / "client.pem"), str(tmp_path / "client-key.pem"))
+        with urllib.request.urlopen(url, timeout=5, context=with_cert) as r:
+            assert r.status == 200
+        without = ssl.create_default_context(cafile=ca)
+        with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+            urllib.request.urlopen(url, timeout=5, context=without).read()
+        stranger = tmp_path / "other"
+        stranger.mkdir()
+        _ca_and_leaf(stranger, ("client",))  # a certificate from another CA
+        foreign = ssl.create_default_context(cafile=ca)
+        foreign.load_cert_chain(str(stranger / "client.pem"), str(stranger / "client-key.pem"))
+        with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+            urllib.request.urlopen(url, timeout=5, context=foreign).read()
+    finally:
+        srv.shutdown()
