@@ -186,7 +186,7 @@ class MetricsServer:
     ) -> None:
         self.path = path
         self._web = web_config
-        self._current = current_fn  # None when current, else why not (for /-/ready); default: ready_fn
+        self._current = current_fn  # for /-/ready once caught up: None when current, else why not
         self._landing = LANDING.format(path=path).encode()
         self._auth = basic_auth
         self._tls = tls
