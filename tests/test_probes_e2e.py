@@ -134,3 +134,41 @@ def test_invalid_web_config_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr == (f"kafka-backup exporter: error: metrics.web_config_file: {web}: tls_server_config.key_file: "
                         "required: TLS needs both cert_file and key_file\n")
+
+
+def test_cut_off_from_its_cluster_it_stays_alive_turns_unready_and_reports_the_age(tmp_path):
+    """Its own broker, stopped and started again on the same port and data: the copy's age grows while
+    the broker is away, /-/ready says so, and it recovers without a restart."""
+    from cli.devbroker import DevBroker
+
+    own = DevBroker(data_dir=str(tmp_path / "broker"), log_path=str(tmp_path / "broker.log")).start()
+    app_id, port = unique("agg"), free_port()
+    proc = None
+    try:
+        create_topic(own.bootstrap, state_topic(app_id), 1)
+        proc = Proc(["exporter", "--bootstrap-servers", own.bootstrap, "--app-id", app_id, "--port", str(port),
+                     "--metrics-update-interval-ms", "100", "--metrics-ready-max-state-age-s", "3"],
+                    str(tmp_path / "exporter.log")).start()
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: get(base + "/-/ready")[0] == 200, 60, 0.2, what="exporter ready")
+        own.stop()
+
+        def unready():
+            status, _, body = get(base + "/-/ready")
+            return status == 503 and body.startswith(b"state not proven current for ")
+
+        wait_for(unready, 60, 0.2, what="/-/ready to notice the broker is gone")
+        assert get(base + "/-/healthy")[0::2] == (200, b"ok\n")
+        status, _, body = get(base + "/metrics")  # still served, with the age that alerts
+        assert status == 200
+        assert parse_prometheus(body.decode()).get_value(cat.EXPORTER_STATE_AGE.name) > 3
+
+        own.start()
+        wait_for(lambda: get(base + "/-/ready")[0] == 200, 90, 0.2, what="ready again once the broker is back")
+        age = parse_prometheus(get(base + "/metrics")[2].decode()).get_value(cat.EXPORTER_STATE_AGE.name)
+        assert age is not None and age < 5  # proven again every 2 s
+        assert proc.proc.poll() is None
+    finally:
+        if proc is not None:
+            proc.stop()
+        own.stop()
