@@ -21,7 +21,7 @@ from cli.devbroker import free_port
 from schemas import catalogue as cat
 from schemas.topics import state_topic
 from tests.conftest import Proc, cli, create_topic, parse_prometheus, unique, wait_for
-from tests.test_exposition_e2e import self_signed
+from tests.test_exposition_e2e import PROMETHEUS, real_prometheus, self_signed
 
 pytestmark = pytest.mark.e2e
 
@@ -121,6 +121,16 @@ def test_web_config_bcrypt_users_and_a_certificate_rotated_without_restart(broke
         wait_for(lambda: len(refusals()) == 2, 10, 0.2, what="refusals rendered")
         assert {dict(k[1])["reason"]: v for k, v in refusals().items()} == {"wrong_password": 1, "missing": 1}
         assert proc.proc.poll() is None  # the same process throughout
+
+        if PROMETHEUS:  # a real Prometheus: TLS with the rotated certificate, basic auth, gzip (it always asks)
+            job = ("  - job_name: kb\n    scheme: https\n"
+                   f"    tls_config:\n      ca_file: {certs / 'cert.pem'}\n    basic_auth:\n      username: prom\n"
+                   f"      password: s3cret\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
+            with real_prometheus(tmp_path, job) as query:
+                up = wait_for(lambda: query('up{job="kb"} == 1')["data"]["result"], 60, what="Prometheus scraping")
+                assert float(up[0]["value"][1]) == 1
+                age = wait_for(lambda: query(cat.EXPORTER_STATE_AGE.name)["data"]["result"], 60)
+                assert 0 <= float(age[0]["value"][1]) < 10
     finally:
         proc.stop()
     assert "Traceback" not in proc.log()
