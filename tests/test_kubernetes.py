@@ -108,3 +108,22 @@ def test_prometheusrule_is_generated_from_the_rules_file():
     with open(os.path.join(K8S, "prometheusrule.yaml"), encoding="utf-8") as fh:
         generated = yaml.safe_load(fh)
     assert generated["spec"]["groups"] == rules["groups"]
+
+
+@needs_kubectl
+def test_every_container_command_line_and_the_config_file_are_accepted(base):
+    """What the pods run must get past the CLI's parser and the configuration checks."""
+    from cli.main import build_parser
+    from schemas.config import load
+
+    cfg = load(os.path.join(K8S, "config.yaml"), environ={})
+    assert (cfg.metrics.bind, cfg.metrics.port) == ("0.0.0.0", 8080)
+    objects = list(base.values()) + render(os.path.join(K8S, "restore"))
+    commands = []
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "StatefulSet", "CronJob", "Job"):
+            for container in pod_spec(obj)["containers"]:
+                args = build_parser().parse_args(container["args"])  # exits 2 on a bad flag
+                commands.append(args.command)
+                assert args.config == "/etc/kafka-backup/config.yaml"
+    assert sorted(commands) == ["aggregate", "backup", "exporter", "restore"]
