@@ -34,6 +34,11 @@ ALIASES: dict[str, dict[str, str]] = {
     "aggregate": {"--bootstrap-servers": "kafka.bootstrap_servers", "--app-id": "aggregator.app_id",
                   "--instance-id": "aggregator.instance_id"},
     "replay": {"--bootstrap-servers": "kafka.bootstrap_servers"},
+    "list": {"--storage": "backup.storage", "--s3-endpoint-url": "backup.s3_endpoint_url"},
+    "describe": {"--storage": "backup.storage", "--s3-endpoint-url": "backup.s3_endpoint_url",
+                 "--backup-id": "backup.backup_id"},
+    "status": {"--bootstrap-servers": "kafka.bootstrap_servers", "--app-id": "aggregator.app_id",
+               "--backup-id": "backup.backup_id", "--restore-id": "restore.restore_id"},
     "exporter": {"--bootstrap-servers": "kafka.bootstrap_servers", "--bind": "metrics.bind",
                  "--port": "metrics.port", "--app-id": "aggregator.app_id",
                  "--web-config-file": "metrics.web_config_file"},
@@ -93,6 +98,9 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--continuous", dest="backup.continuous", action="store_const", const=True,
                        default=argparse.SUPPRESS, help="keep backing up until stopped (default: one-shot)")
     if command == "restore":
+        p.add_argument("--dry-run", dest="restore_dry_run", action="store_true",
+                       help="print what the restore would do (scope, targets, retention verdict, estimate) and "
+                            "write nothing; exit 1 when it would refuse to start")
         p.add_argument("--allow-retention-loss", dest="restore.allow_retention_loss", action="store_const",
                        const=True, default=argparse.SUPPRESS,
                        help="restore even if the targets' retention would delete records in scope (counted)")
@@ -121,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     from cli.replay import add_arguments
 
     add_arguments(p)
+    from cli.inventory import add_arguments as add_inventory_arguments
+
+    for name, help_ in [("list", "one line per backup in a storage location (metadata only)"),
+                        ("describe", "one backup, per partition: offsets, gaps, records, times, verification")]:
+        p = sub.add_parser(name, help=help_)
+        _add_config_flags(p, name)
+        add_inventory_arguments(p)
+    p = sub.add_parser("status", help="the fleet at a glance: one row per job, read from the state topic")
+    _add_config_flags(p, "status")
+    from cli.status import add_arguments as add_status_arguments
+
+    add_status_arguments(p)
     p = sub.add_parser("up", help="broker + demo workload + backup + aggregator + exporter, until Ctrl-C")
     _add_config_flags(p, "up")
     return parser
@@ -173,7 +193,7 @@ def cmd_exporter(cfg: Config) -> int:
     return 0
 
 
-def cmd_restore(cfg: Config) -> int:
+def cmd_restore(cfg: Config, dry_run: bool = False) -> int:
     from producers.restore import run_restore
     from producers.storage import Storage, open_backend
 
@@ -182,7 +202,7 @@ def cmd_restore(cfg: Config) -> int:
     require_safe_id("restore.backup_id", cfg.restore.backup_id)
     storage = Storage(open_backend(cfg.restore.storage, cfg.restore.s3_endpoint_url, field="restore.storage"))
     return run_restore(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers, cfg.restore,
-                       cfg.telemetry, storage)
+                       cfg.telemetry, storage, dry_run=dry_run)
 
 
 def cmd_verify(cfg: Config) -> int:
@@ -236,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "exporter":
             return cmd_exporter(cfg)
         if args.command == "restore":
-            return cmd_restore(cfg)
+            return cmd_restore(cfg, getattr(args, "restore_dry_run", False))
         if args.command == "offset-reset":
             return cmd_offset_reset(cfg)
         if args.command == "verify":
@@ -245,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
             from cli.replay import run_replay
 
             return run_replay(cfg, args)
+        if args.command in ("list", "describe"):
+            from cli.inventory import run_describe, run_list
+
+            return (run_list if args.command == "list" else run_describe)(cfg, args)
+        if args.command == "status":
+            from cli.status import run_status
+
+            return run_status(cfg, args)
         if args.command == "up":
             from cli.up import run_up
 

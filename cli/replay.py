@@ -15,6 +15,7 @@ import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
+from cli import evidence
 from exporter.collector import StateCollector
 from schemas import signing
 from schemas.config import Config, ConfigError, require_safe_id
@@ -48,9 +49,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-md", help="write the audit report as Markdown here")
     p.add_argument("--input", help="replay a recorded log file instead of reading the telemetry topic")
     p.add_argument("--record", help="also save the log that was read, for a later --input")
+    p.add_argument("--sign-key", metavar="PEM", help="sign each report written with this Ed25519 private key "
+                   "(REPORT.sig beside it; openssl genpkey -algorithm ed25519 -out key.pem)")
+    p.add_argument("--verify-report", metavar="REPORT", help="check REPORT against --signature and --public-key "
+                   "instead of replaying; exit 0 when it verifies, 1 when any byte differs")
+    p.add_argument("--signature", metavar="SIG", help="with --verify-report: the signature file (default REPORT.sig)")
+    p.add_argument("--public-key", metavar="PEM", help="with --verify-report: the signer's Ed25519 public key")
 
 
 def run_replay(cfg: Config, args: argparse.Namespace) -> int:
+    if args.verify_report:
+        return _verify_report(args)
+    sign_key = evidence.load_private_key(args.sign_key) if args.sign_key else None  # fail before any work
     start = parse_time("--from", args.replay_from)
     until = parse_time("--to", args.replay_to)
     if start is not None and until is not None and start >= until:
@@ -85,11 +95,27 @@ def run_replay(cfg: Config, args: argparse.Namespace) -> int:
         result.jobs = {k: v for k, v in result.jobs.items() if v.job == bid or v.backup_id == bid}
     _write(args.output, _metrics(cfg, result, args.format))
     report = audit.build(result, start, backup_id)
-    if args.report_json:
-        _write(args.report_json, audit.to_json(report))
-    if args.report_md:
-        _write(args.report_md, audit.to_markdown(report).encode())
+    if sign_key is not None and "-" in (args.report_json, args.report_md):
+        raise ConfigError("--sign-key: signed reports must go to files (--report-json FILE, --report-md FILE)")
+    for path, data in ((args.report_json, audit.to_json(report)),
+                       (args.report_md, audit.to_markdown(report).encode() if args.report_md else b"")):
+        if path:
+            _write(path, data)
+            if sign_key is not None:
+                _write(path + ".sig", evidence.sign(sign_key, data))
     return 0
+
+
+def _verify_report(args: argparse.Namespace) -> int:
+    if not args.public_key:
+        raise ConfigError("--public-key: required with --verify-report (the signer's Ed25519 public key, PEM)")
+    signature = args.signature or args.verify_report + ".sig"
+    if evidence.verify_files(args.verify_report, signature, args.public_key):
+        print(f"replay: {args.verify_report} verifies against {signature} with {args.public_key}")
+        return 0
+    print(f"replay: {args.verify_report} does NOT match {signature} with {args.public_key}: "
+          "the report changed after it was signed, or another key signed it", file=sys.stderr)
+    return 1
 
 
 def _metrics(cfg: Config, result, fmt: str) -> bytes:

@@ -76,6 +76,8 @@ def run_up(cfg: Config) -> int:
     print(f"up: demo workload -> {DEMO_TOPIC} ({DEMO_RATE} records/s), continuous backup '{DEMO_BACKUP_ID}' "
           f"-> {storage}", flush=True)
     print(f"up: metrics at {url}  (Ctrl-C to stop)", flush=True)
+    watch = " ".join(["kafka-backup status", *common, "--watch"])
+    print(f"up: watch the fleet with: {watch}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

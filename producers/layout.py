@@ -219,6 +219,26 @@ class RestoreCheckpoint(msgspec.Struct):
     version: int = LAYOUT_VERSION
 
 
+class Verification(msgspec.Struct, omit_defaults=True):
+    """What the last ``kafka-backup verify`` run that got to the end found (``{backup_id}/verification.json``)."""
+
+    ts: float  # when it ended (epoch seconds)
+    segments: Count
+    bad: Count
+    gaps: Count
+    unverified: Count = 0  # segments without a digest (layout 1)
+    bad_keys: list[str] = []  # the first 100 bad segments' storage keys
+    version: int = LAYOUT_VERSION
+
+
+def verification_key(backup_id: str) -> str:
+    return f"{backup_id}/verification.json"
+
+
+def decode_verification(data: bytes, key: str) -> Verification:
+    return _decode(data, Verification, key)
+
+
 def manifest_key(backup_id: str) -> str:
     return f"{backup_id}/manifest.json"
 

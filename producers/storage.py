@@ -71,6 +71,16 @@ class FileBackend:
         except OSError as err:
             raise _classify_os(err, key) from None
 
+    def children(self, prefix: str) -> list[str]:
+        """Names directly under ``prefix`` ("a/b/" -> ["c", "d"]): the backups of a storage root, say."""
+        base = self._path(prefix) if prefix else self.root
+        try:
+            return sorted(n for n in os.listdir(base) if not n.startswith(".") and os.path.isdir(os.path.join(base, n)))
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise _classify_os(err, prefix) from None
+
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix)
         out = []
@@ -120,6 +130,17 @@ class S3Backend:
     def get(self, key: str) -> bytes:
         resp = self._call(self.client.get_object, key, Bucket=self.bucket, Key=self._key(key))
         return resp["Body"].read()
+
+    def children(self, prefix: str) -> list[str]:
+        out = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        base = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
+                out += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        except Exception as err:
+            raise _classify_boto(err, prefix) from None
+        return sorted(out)
 
     def list(self, prefix: str) -> list[str]:
         out = []
@@ -238,6 +259,10 @@ class Storage:
 
     def list(self, prefix: str) -> list[str]:
         return self.backend.list(prefix)
+
+    def children(self, prefix: str = "") -> list[str]:
+        """Names directly under ``prefix``, as a listing call (not reported: it moves no data)."""
+        return self.backend.children(prefix)
 
     def _attempt(self, direction: str, operation: str, call: Callable, size: Callable):
         attempt = 0

@@ -119,11 +119,23 @@ class VerifyWorker:
             reason = self.emitter.run_failure(err, "read")
             raise VerifyFailed(f"{reason}; {self.segments} segments checked before it") from None
         finally:
+            if complete:
+                self._record_verdict()
             self.emitter.emit(ev.SegmentsChecked, backup_id=self.backup_id, segments=self.segments,
                               bad=len(self.bad), unverified=self.unverified, gaps=len(self.gaps), complete=complete)
             self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started,
                               reason=reason[:500])
         return 0
+
+    def _record_verdict(self) -> None:
+        """Beside the backup, for ``kafka-backup describe``; a storage that refuses it costs the verdict
+        there, not the run (the telemetry carries it as well)."""
+        doc = layout.Verification(ts=time.time(), segments=self.segments, bad=len(self.bad), gaps=len(self.gaps),
+                                  unverified=self.unverified, bad_keys=self.bad[:100])
+        try:
+            self.storage.put(layout.verification_key(self.backup_id), layout.encode(doc), "manifest")
+        except StorageError as err:
+            log.warning("could not record the verdict in %s: %s", layout.verification_key(self.backup_id), err)
 
     def _manifest(self) -> layout.Manifest:
         key = layout.manifest_key(self.backup_id)

@@ -288,6 +288,34 @@ class Pipeline:
     def scrape(self) -> Samples:
         return parse_prometheus(self.scrape_text()[0])
 
+    def caught_up(self, timeout: float = 120, topic: str | None = None) -> Samples:
+        """Wait until the aggregator has folded everything produced to the telemetry topic so far.
+
+        A marker event goes to every partition (events of other tests, still being read by a
+        pipeline that started late, land in shared series such as storage latency by backend).
+        """
+        from schemas import catalogue as cat
+        from schemas import events as ev
+        from schemas.topics import TELEMETRY_TOPIC
+
+        topic = topic or TELEMETRY_TOPIC
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        partitions = sorted(admin.list_topics(topic, timeout=15).topics[topic].partitions)
+        base = unique("caught-up")
+        p = Producer({"bootstrap.servers": self.bootstrap})
+        for partition in partitions:  # one job per partition: a job's state lives in one partition
+            job = f"{base}-{partition}"
+            marker = ev.Retry(instance=job, seq=1, ts=time.time(), job=job, operation="marker")
+            p.produce(topic, ev.encode(marker), ev.event_key("backup", job).encode(), partition=partition)
+        assert p.flush(15) == 0
+
+        def all_seen() -> Samples | None:
+            s = self.scrape()
+            seen = [s.get_value(cat.RETRIES_TOTAL.name, backup_id=f"{base}-{q}", operation="marker") for q in partitions]
+            return s if all(v == 1 for v in seen) else None
+
+        return wait_for(all_seen, timeout, what="the aggregator to fold a marker on every telemetry partition")
+
     def wait_value(self, name: str, expected: float, timeout: float = 60, **labels) -> Samples:
         def check():
             s = self.scrape()

@@ -28,20 +28,21 @@ needs_prometheus = pytest.mark.skipif(
 
 
 @contextlib.contextmanager
-def real_prometheus(tmp_path, scrape_job: str):
+def real_prometheus(tmp_path, scrape_job: str, *extra_args: str):
     """A real Prometheus scraping every second with one job (YAML list item under ``scrape_configs``).
 
-    Yields ``query(expr)``: the HTTP API's JSON answer, errors included (their body is JSON too).
+    Yields ``query(expr, at=None)``: the HTTP API's JSON answer, errors included (their body is JSON too).
     """
     port = free_port()
     (tmp_path / "prometheus.yml").write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n" + scrape_job)
     proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'prometheus-data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
+                             f"--web.listen-address=127.0.0.1:{port}", *extra_args],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
 
-    def query(expr: str) -> dict:
-        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    def query(expr: str, at: float | None = None) -> dict:
+        params = {"query": expr, **({"time": f"{at:.3f}"} if at is not None else {})}
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode(params)
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 return json.load(r)

@@ -141,7 +141,9 @@ def test_a_flipped_byte_fails_verify_naming_the_segment_and_restore_refuses_it(b
     assert key in line and "SHA-256" in line and "refused" in line
     # nothing of the damaged segment reached the target; what precedes it did
     assert watermarks(broker, target, 2) == {0: 200, 1: 100}
-    s = shared_pipeline.wait_value(cat.ERRORS_TOTAL.name, 2, backup_id=bid, error_type="integrity")
+    # the restore's refusal is the restore's error; the backup's count is verify's finding alone
+    s = shared_pipeline.wait_value(cat.RESTORE_ERRORS_TOTAL.name, 1, restore_id=rid, error_type="integrity")
+    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=bid, error_type="integrity") == 1
     assert s.get_value(cat.RESTORE_DURATION.name + "_count", backup_id=bid, status="failure") == 1
     assert truth.records == {0: 200, 1: 200}
 
@@ -163,7 +165,8 @@ def test_a_key_escaping_the_backup_and_a_truncated_checkpoint_stop_every_command
     cp = json.loads(original)
     cp["segments"][0]["key"] = f"{bid}/topics/{topic}/0/../../../../outside.seg.zst"
     head.write_text(json.dumps(cp))
-    for name, r in (("restore", restore(broker, bid, url, unique("rs-esc"), "--topic-map", f"{topic}:{topic}-e")),
+    rid_esc, rid_trunc = unique("rs-esc"), unique("rs-trunc")
+    for name, r in (("restore", restore(broker, bid, url, rid_esc, "--topic-map", f"{topic}:{topic}-e")),
                     ("verify", verify(bid, url, broker))):
         assert r.returncode == 1, (name, r.stderr)
         line = one_line(r.stderr)
@@ -175,15 +178,19 @@ def test_a_key_escaping_the_backup_and_a_truncated_checkpoint_stop_every_command
     runs = {
         "backup": cli("backup", "--bootstrap-servers", broker, "--topics", topic, "--backup-id", bid,
                       "--storage", url),
-        "restore": restore(broker, bid, url, unique("rs-trunc")),
+        "restore": restore(broker, bid, url, rid_trunc),
         "verify": verify(bid, url, broker),
     }
     for name, r in runs.items():
         assert r.returncode == 1, (name, r.stderr)
         line = one_line(r.stderr)
         assert f"kafka-backup {name}: failed: {bid}/topics/{topic}/0/checkpoint.json: is corrupt or truncated" in line
-    s = shared_pipeline.wait_value(cat.ERRORS_TOTAL.name, 3, backup_id=bid, error_type="corrupt_metadata")
-    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=bid, error_type="integrity") == 2  # the escaping key
+    # backup and verify count under the backup; each restore under its own id
+    s = shared_pipeline.wait_value(cat.ERRORS_TOTAL.name, 2, backup_id=bid, error_type="corrupt_metadata")
+    s = shared_pipeline.wait_value(cat.RESTORE_ERRORS_TOTAL.name, 1, restore_id=rid_trunc,
+                                   error_type="corrupt_metadata")
+    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=bid, error_type="integrity") == 1  # verify: the escaping key
+    assert s.get_value(cat.RESTORE_ERRORS_TOTAL.name, restore_id=rid_esc, error_type="integrity") == 1
     assert s.get_value(cat.BACKUP_DURATION.name + "_count", backup_id=bid, status="failure") == 1
     assert s.get_value(cat.RESTORE_DURATION.name + "_count", backup_id=bid, status="failure") == 2
     assert s.get_value(cat.VERIFY_DURATION.name + "_count", backup_id=bid, status="failure") == 2
@@ -340,14 +347,14 @@ def test_restore_creates_targets_with_the_recorded_configuration_and_refuses_ret
     assert "--allow-retention-loss" in line
     assert watermarks(broker, existing, 1) == {0: 0}
     assert not (store / bid / "restores" / rid2).exists()
-    s = shared_pipeline.wait_value(cat.ERRORS_TOTAL.name, 1, backup_id=bid, error_type="retention")
+    s = shared_pipeline.wait_value(cat.RESTORE_ERRORS_TOTAL.name, 1, restore_id=rid2, error_type="retention")
     assert s.get_value(cat.RESTORE_DURATION.name + "_count", backup_id=bid, status="failure") == 1
 
     # 3. the override restores, the loss is counted, and the broker does delete what the check counted
     r = restore(broker, bid, url, rid2, "--topic-map", f"{source}:{existing}", "--allow-retention-loss")
     assert r.returncode == 0, r.stderr
     assert watermarks(broker, existing, 1) == {0: 300}
-    shared_pipeline.wait_value(cat.ERRORS_TOTAL.name, 2, backup_id=bid, error_type="retention")
+    shared_pipeline.wait_value(cat.RESTORE_ERRORS_TOTAL.name, 2, restore_id=rid2, error_type="retention")
     wait_for(lambda: low_watermark(broker, existing) == 300, 90, 0.5, "the broker to delete the 300 old records")
 
     # 4. a target to be created whose recorded retention is too short (the source kept 10 minutes): refused

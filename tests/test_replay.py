@@ -120,3 +120,43 @@ def test_rebuild_under_a_new_application_id(broker, shared_pipeline, pipeline_fa
     s = rebuilt.wait_value(cat.RECORDS_TOTAL.name, 250, backup_id=bid)
     for k, v in live.matching(cat.BYTES_TOTAL.name, backup_id=bid).items():
         assert s[k] == v
+
+
+def ed25519_pair(tmp_path, name: str):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = tmp_path / f"{name}.pem", tmp_path / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def test_signed_audit_evidence_verifies_and_any_changed_byte_does_not(tmp_path):
+    private, public = ed25519_pair(tmp_path, "auditor")
+    _, other = ed25519_pair(tmp_path, "someone-else")
+    report, md = tmp_path / "r.json", tmp_path / "r.md"
+    r = cli("replay", "--input", os.path.join(DATA, "telemetry-v1.log"), *PERIOD, "--output", str(tmp_path / "m"),
+            "--report-json", str(report), "--report-md", str(md), "--sign-key", str(private))
+    assert r.returncode == 0, r.stderr
+    # the signed report is the very report anyone recomputes from the log
+    assert report.read_bytes() == open(os.path.join(DATA, "telemetry-v1.report.json"), "rb").read()
+    for path in (report, md):
+        ok = cli("replay", "--verify-report", str(path), "--public-key", str(public))
+        assert ok.returncode == 0 and "verifies" in ok.stdout, ok.stderr
+    assert cli("replay", "--verify-report", str(report), "--public-key", str(other)).returncode == 1
+    data = bytearray(report.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    report.write_bytes(bytes(data))
+    bad = cli("replay", "--verify-report", str(report), "--signature", str(report) + ".sig",
+              "--public-key", str(public))
+    assert bad.returncode == 1 and "does NOT match" in bad.stderr
+    not_a_key = tmp_path / "nokey.pem"
+    not_a_key.write_text("hello")
+    r = cli("replay", "--input", os.path.join(DATA, "telemetry-v1.log"), "--report-json", str(tmp_path / "x.json"),
+            "--sign-key", str(not_a_key))
+    assert r.returncode == 2 and "--sign-key" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.json").exists()  # refused before any work

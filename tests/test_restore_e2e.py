@@ -152,7 +152,7 @@ def test_round_trip_two_compressions_every_field_and_exact_metrics(broker, share
     segs = [k for k in objects if ".seg" in k]
     assert {k.rsplit(".", 1)[1] for k in segs} == {"zst", "sz"}, "both codecs in one backup"
 
-    before = shared_pipeline.scrape()
+    before = shared_pipeline.caught_up()  # storage reads by backend are shared with every other test's jobs
     r = restore(broker, bid, url, rid, "--topic-map", f"{a}:{a}-restored,{b}:{b}-restored")
     assert r.returncode == 0, r.stderr
     assert "rec/s" not in r.stderr, "no progress bar when stderr is not a terminal"
@@ -310,23 +310,24 @@ def test_bad_inputs_fail_in_one_line_with_error_events_and_no_false_checkpoint(b
     backup(broker, topic, bid, url, "--backup-segment-max-records", "50")  # 2 segments per partition
 
     # unknown backup id
-    ghost = unique("bk-ghost")
-    r = restore(broker, ghost, url, unique("rs"))
+    ghost, rid_ghost = unique("bk-ghost"), unique("rs")
+    r = restore(broker, ghost, url, rid_ghost)
     assert r.returncode == 2
     assert "restore.backup_id" in one_line(r.stderr) and ghost in r.stderr
     # missing storage
-    r = restore(broker, bid, f"file://{tmp_path}/nowhere", unique("rs"))
+    rid_nowhere = unique("rs")
+    r = restore(broker, bid, f"file://{tmp_path}/nowhere", rid_nowhere)
     assert r.returncode == 2 and "restore.storage" in one_line(r.stderr)
 
     # a mapped target with fewer partitions is refused before anything is written
-    small, rid = unique("small"), unique("rs-small")
+    small, rid_small = unique("small"), unique("rs-small")
     create_topic(broker, small, 2)
-    r = restore(broker, bid, url, rid, "--topic-map", f"{topic}:{small}")
+    r = restore(broker, bid, url, rid_small, "--topic-map", f"{topic}:{small}")
     assert r.returncode == 2
     line = one_line(r.stderr)
     assert "restore.topic_map" in line and "2 partitions" in line and small in line
     assert watermarks(broker, small, 2) == {0: 0, 1: 0}
-    assert not os.path.exists(os.path.join(store, bid, "restores", rid))
+    assert not os.path.exists(os.path.join(store, bid, "restores", rid_small))
 
     # a damaged segment: refused before decoding; what precedes it is restored and claimed, its records are not
     seg = sorted(k for k in backup_objects(store, bid) if k.startswith("topics/") and "/1/" in k and ".seg" in k)[1]
@@ -346,12 +347,14 @@ def test_bad_inputs_fail_in_one_line_with_error_events_and_no_false_checkpoint(b
     assert cursors[2]["restored"] == 0 and cp["restored_total"] == 150 and cp["completed_ts"] is None
 
     s = shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 1, backup_id=ghost, status="failure")
-    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=ghost, error_type="storage_io") == 1
-    # three failed runs of this backup: missing storage, too few partitions, corrupt segment
+    assert s.get_value(cat.RESTORE_ERRORS_TOTAL.name, restore_id=rid_ghost, error_type="storage_io") == 1
+    # three failed runs of this backup: missing storage, too few partitions, corrupt segment; each restore's
+    # errors are its own, and none of them raises the backup's error count
     s = shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 3, backup_id=bid, status="failure")
-    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=bid, error_type="storage_io") == 1
-    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=bid, error_type="offset_invalid") == 1
-    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=bid, error_type="integrity") == 1  # caught by the digest
+    assert s.get_value(cat.RESTORE_ERRORS_TOTAL.name, restore_id=rid_nowhere, error_type="storage_io") == 1
+    assert s.get_value(cat.RESTORE_ERRORS_TOTAL.name, restore_id=rid_small, error_type="offset_invalid") == 1
+    assert s.get_value(cat.RESTORE_ERRORS_TOTAL.name, restore_id=rid, error_type="integrity") == 1  # the digest
+    assert not s.matching(cat.ERRORS_TOTAL.name, backup_id=bid)
     assert s.get_value(cat.RESTORE_RECORDS_TOTAL.name, restore_id=rid) == 150
     assert s.get_value(cat.RESTORE_PROGRESS.name, restore_id=rid, backup_id=bid) == pytest.approx(50.0)
     assert math.isnan(s.get_value(cat.RESTORE_ETA.name, restore_id=rid))  # failed: no throughput, no guess
