@@ -21,14 +21,21 @@ def _storage(cfg: Config) -> Storage:
     return Storage(open_backend(cfg.backup.storage, cfg.backup.s3_endpoint_url))
 
 
-def run_list(cfg: Config, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    storage = _storage(cfg)
+def _read(command: str, fn):
+    """Run ``fn``; a storage failure is a one-line configuration error, unreadable metadata exit 1."""
     try:
-        found = list(inventory.summaries(storage))
+        return fn()
     except StorageError as err:
         raise inventory.storage_failure(err, "backup.storage") from None
     except layout.MetadataError as err:
-        print(f"kafka-backup list: {err}", file=sys.stderr)
+        print(f"kafka-backup {command}: {err}", file=sys.stderr)
+        return None
+
+
+def run_list(cfg: Config, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    storage = _storage(cfg)
+    found = _read("list", lambda: list(inventory.summaries(storage)))
+    if found is None:
         return 1
     if args.inventory_format == "json":
         out.write(inventory.as_json({"backups": found}).decode() + "\n")
@@ -47,12 +54,8 @@ def run_list(cfg: Config, args: argparse.Namespace, out: TextIO = sys.stdout) ->
 def run_describe(cfg: Config, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     require_safe_id("backup.backup_id", cfg.backup.backup_id)
     storage = _storage(cfg)
-    try:
-        doc = inventory.describe(storage, cfg.backup.backup_id, cfg.backup.storage)
-    except StorageError as err:
-        raise inventory.storage_failure(err, "backup.storage") from None
-    except layout.MetadataError as err:
-        print(f"kafka-backup describe: {err}", file=sys.stderr)
+    doc = _read("describe", lambda: inventory.describe(storage, cfg.backup.backup_id, cfg.backup.storage))
+    if doc is None:
         return 1
     if args.inventory_format == "json":
         out.write(inventory.as_json(doc).decode() + "\n")

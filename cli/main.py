@@ -44,7 +44,8 @@ ALIASES: dict[str, dict[str, str]] = {
     "status": {"--bootstrap-servers": "kafka.bootstrap_servers", "--app-id": "aggregator.app_id",
                "--backup-id": "backup.backup_id", "--restore-id": "restore.restore_id"},
     "exporter": {"--bootstrap-servers": "kafka.bootstrap_servers", "--bind": "metrics.bind",
-                 "--port": "metrics.port", "--app-id": "aggregator.app_id"},
+                 "--port": "metrics.port", "--app-id": "aggregator.app_id",
+                 "--web-config-file": "metrics.web_config_file"},
     "restore": {
         "--metrics-output": "run.metrics_output",
         "--bootstrap-servers": "kafka.bootstrap_servers",

@@ -708,6 +708,16 @@ BUILDERS[cat.EXPORTER_AUTH_FAILURES] = _endpoint(cat.EXPORTER_AUTH_FAILURES)
 BUILDERS[cat.EXPORTER_CONNECTIONS_CLOSED] = _endpoint(cat.EXPORTER_CONNECTIONS_CLOSED)
 
 
+def _state_age(view: View) -> Iterator[Sample]:
+    """Read at scrape time from the state reader (``EndpointCounters.state_age``, set by exporter.server)."""
+    age_fn = getattr(view.endpoint, "state_age", None)
+    age = age_fn(view.now) if age_fn is not None else None
+    return iter([] if age is None else [((), age)])
+
+
+BUILDERS[cat.EXPORTER_STATE_AGE] = _state_age
+
+
 def _build_info(view: View) -> Iterator[Sample]:
     """The live exporter's own build (a replay, which has no endpoint, reports none: its output
     must not depend on the machine it runs on)."""

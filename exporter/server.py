@@ -1,4 +1,11 @@
-"""HTTP endpoint for Prometheus: the metrics path, /health, nothing else.
+"""HTTP endpoint for Prometheus: the metrics path, probes, a landing page, nothing else.
+
+Paths: ``/`` (a landing page linking the others), ``/-/healthy`` (the process answers: for a
+liveness probe), ``/-/ready`` (the state copy has caught up and was proven current within
+``metrics.ready_max_state_age_s``: for a readiness probe; ``/health`` is the same, kept for
+existing checks) and ``metrics.path``. Only ``metrics.path`` asks for credentials: probes and the
+landing page reveal nothing and must answer a kubelet that has none. Metrics are gzipped when the
+client accepts it (Prometheus always does); the compressed body is cached with the render.
 
 Rendering is cached per format for ``update_interval_ms`` so that many
 scrapers (or an impatient curl loop) cost one render per interval, and the
@@ -22,6 +29,7 @@ import base64
 import binascii
 import email.utils
 import errno
+import gzip
 import hashlib
 import hmac
 import http
@@ -44,6 +52,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter.collector import EndpointCounters, StateCollector
+from exporter.webconfig import WebConfig
 from schemas import catalogue as cat
 from schemas.config import HEALTH_PATH, Config, ConfigError
 
@@ -55,6 +64,20 @@ BACKLOG = 1024
 WORKER_THREADS = 2  # renders (one at a time, cached) and password checks
 FAILED_LOGIN_LOG_INTERVAL_S = 10.0
 FD_HEADROOM = 256  # files beyond the connections: the Kafka client, logs, the listening socket
+HEALTHY_PATH = "/-/healthy"  # liveness: the process answers (Prometheus' own convention)
+READY_PATH = "/-/ready"  # readiness: caught up and current; HEALTH_PATH is an alias
+OPEN_PATHS = ("/", HEALTHY_PATH, READY_PATH, HEALTH_PATH)  # answered without credentials
+GZIP_LEVEL = 6
+LANDING = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>kafka-backup exporter</title></head>
+<body><h1>kafka-backup exporter</h1>
+<p>Telemetry of Kafka backups and restores, from the aggregator's state topic.</p>
+<ul>
+<li><a href="{path}">{path}</a> metrics (Prometheus text, OpenMetrics by Accept header)</li>
+<li><a href="/-/healthy">/-/healthy</a> liveness: the process answers</li>
+<li><a href="/-/ready">/-/ready</a> readiness: the state is caught up and current (also <a href="/health">/health</a>)</li>
+</ul></body></html>
+"""
 
 
 class BasicAuth:
@@ -158,8 +181,13 @@ class MetricsServer:
         header_timeout_s: float = 10.0,
         max_connections: int = 1000,
         counters: EndpointCounters | None = None,
+        web_config: WebConfig | None = None,
+        current_fn: Callable[[], str | None] | None = None,
     ) -> None:
         self.path = path
+        self._web = web_config
+        self._current = current_fn  # for /-/ready once caught up: None when current, else why not
+        self._landing = LANDING.format(path=path).encode()
         self._auth = basic_auth
         self._tls = tls
         self._timeout = header_timeout_s
@@ -170,7 +198,7 @@ class MetricsServer:
         self._registry.register(collector)
         self._interval = update_interval_ms / 1000
         self._ready = ready_fn
-        self._cache: dict[str, tuple[float, bytes]] = {}
+        self._cache: dict[str, tuple[float, bytes, bytes | None]] = {}  # ctype -> (at, body, gzipped)
         self._lock = threading.Lock()
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         self._sock = socket.create_server((bind, port), family=family, backlog=BACKLOG)
@@ -253,11 +281,16 @@ class MetricsServer:
                 writer.transport.abort()
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn) -> None:
-        handshaking = self._tls is not None
+        tls, auth, headers = self._tls, self._auth, ""
+        if self._web is not None:  # re-read when changed: a rotated certificate serves the next connection
+            web = self._web.current()
+            tls, auth = web.tls, web.auth
+            headers = "".join(f"{k}: {v}\r\n" for k, v in web.headers.items())
+        handshaking = tls is not None
         try:
             async with asyncio.timeout(self._timeout):  # one deadline for the handshake and the headers
-                if self._tls is not None:
-                    await writer.start_tls(self._tls)
+                if tls is not None:
+                    await writer.start_tls(tls)
                     handshaking = False
                 head = await reader.readuntil(b"\r\n\r\n")
         except TimeoutError:
@@ -271,11 +304,11 @@ class MetricsServer:
                 self._closed("tls_handshake")
             return  # otherwise the client left before asking anything: nothing was refused
         conn.reading = False
-        status, body, ctype, extra = await self._answer(head, writer)
+        status, body, ctype, extra = await self._answer(head, writer, auth)
         response = (f"HTTP/1.0 {status} {http.HTTPStatus(status).phrase}\r\n"
                     f"Server: kafka-backup-exporter\r\nDate: {email.utils.formatdate(usegmt=True)}\r\n"
                     f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
-                    f"{extra}\r\n").encode("latin-1")
+                    f"{headers}{extra}\r\n").encode("latin-1")
         writer.write(response + body)
         try:
             async with asyncio.timeout(self._timeout):  # a client that does not read is not waited for
@@ -285,7 +318,8 @@ class MetricsServer:
         except (TimeoutError, OSError):
             pass
 
-    async def _answer(self, head: bytes, writer: asyncio.StreamWriter) -> tuple[int, bytes, str, str]:
+    async def _answer(self, head: bytes, writer: asyncio.StreamWriter,
+                      auth: BasicAuth | None) -> tuple[int, bytes, str, str]:
         request_line, _, rest = head.partition(b"\r\n")
         try:
             method, target, version = request_line.decode("latin-1").split(" ")
@@ -299,8 +333,8 @@ class MetricsServer:
             return 405, b"only GET\n", TEXT, "Allow: GET\r\n"
         path = urlsplit(target).path
         loop = asyncio.get_running_loop()
-        if path != HEALTH_PATH and self._auth is not None:
-            reason = await loop.run_in_executor(self._pool, self._auth.check, headers.get("Authorization", ""))
+        if path not in OPEN_PATHS and auth is not None:
+            reason = await loop.run_in_executor(self._pool, auth.check, headers.get("Authorization", ""))
             if reason is not None:
                 self._counters.add(cat.EXPORTER_AUTH_FAILURES, reason)
                 peer = writer.get_extra_info("peername")
@@ -308,44 +342,73 @@ class MetricsServer:
                 return 401, b"unauthorized\n", TEXT, 'WWW-Authenticate: Basic realm="kafka-backup"\r\n'
         if path == self.path:
             status, body, ctype = await loop.run_in_executor(self._pool, self.respond, path,
-                                                             headers.get("Accept", ""))
+                                                             headers.get("Accept", ""),
+                                                             headers.get("Accept-Encoding", ""))
+            if status == 200:
+                return status, body, ctype, "Vary: Accept-Encoding\r\n" + (
+                    "Content-Encoding: gzip\r\n" if accepts_gzip(headers.get("Accept-Encoding", "")) else "")
         else:
             status, body, ctype = self.respond(path, "")
         return status, body, ctype, ""
 
     # ---- what is answered ----------------------------------------------------------------------
 
-    def respond(self, path: str, accept: str) -> tuple[int, bytes, str]:
+    def respond(self, path: str, accept: str, accept_encoding: str = "") -> tuple[int, bytes, str]:
         if path == self.path:
             if not self._ready():
                 # Re-reading the state topic meets older values of a key before newer ones: serving
                 # them would show counters going down. Nothing until the copy is at least as new as
                 # the table was when this process started, so no scrape is older than a previous one.
                 return 503, b"catching up with the state topic\n", TEXT
-            return self._metrics(accept)
-        if path == HEALTH_PATH:
-            return (200, b"ok\n", TEXT) if self._ready() else (503, b"catching up\n", TEXT)
+            return self._metrics(accept, accepts_gzip(accept_encoding))
+        if path in (READY_PATH, HEALTH_PATH):
+            if not self._ready():
+                return 503, b"catching up\n", TEXT
+            why = self._current() if self._current is not None else None
+            return (200, b"ok\n", TEXT) if why is None else (503, why.encode() + b"\n", TEXT)
+        if path == HEALTHY_PATH:
+            return 200, b"ok\n", TEXT
+        if path == "/":
+            return 200, self._landing, "text/html; charset=utf-8"
         return 404, b"not found\n", TEXT
 
-    def _metrics(self, accept: str) -> tuple[int, bytes, str]:
+    def _metrics(self, accept: str, gzipped: bool = False) -> tuple[int, bytes, str]:
         try:
-            body, ctype = self.render(accept)
+            body, ctype = self.render(accept, gzipped)
         except Exception:
             log.exception("rendering metrics failed")
             return 500, b"rendering metrics failed\n", TEXT
         return 200, body, ctype
 
-    def render(self, accept: str) -> tuple[bytes, str]:
-        """The lock also makes concurrent scrapes wait for one render instead of each doing it."""
+    def render(self, accept: str, gzipped: bool = False) -> tuple[bytes, str]:
+        """The lock also makes concurrent scrapes wait for one render instead of each doing it;
+        the gzipped body is made once per render, for the first scraper that asks for it."""
         encoder, ctype = choose_encoder(accept)
         with self._lock:
             now = time.monotonic()
             hit = self._cache.get(ctype)
-            if hit is not None and now - hit[0] < self._interval:
-                return hit[1], ctype
-            body = encoder(self._registry)
-            self._cache[ctype] = (now, body)
-        return body, ctype
+            if hit is None or now - hit[0] >= self._interval:
+                hit = (now, encoder(self._registry), None)
+            if gzipped and hit[2] is None:
+                hit = (hit[0], hit[1], gzip.compress(hit[1], GZIP_LEVEL, mtime=0))
+            self._cache[ctype] = hit
+        return (hit[2] if gzipped else hit[1]), ctype
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """True when Accept-Encoding lists gzip (or *) without q=0."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() not in ("gzip", "*"):
+            continue
+        q = params.strip().replace(" ", "").lower()
+        if q.startswith("q="):
+            try:
+                return float(q[2:]) > 0
+            except ValueError:
+                return False
+        return True
+    return False
 
 
 def serve(cfg: Config, reader) -> MetricsServer:
@@ -357,7 +420,24 @@ def serve(cfg: Config, reader) -> MetricsServer:
                                expire_after_s=cfg.metrics.expire_after_s,
                                max_series_per_family=cfg.metrics.max_series_per_family,
                                endpoint=counters)
-    tls, auth = _tls(m), _basic_auth(m)
+    if m.path in OPEN_PATHS:
+        raise ConfigError(f"metrics.path: {m.path!r} would shadow {m.path}, which answers without "
+                          f"authentication; choose another, e.g. /metrics (--metrics-path)")
+    web = _web_config(m)
+    tls, auth = (None, None) if web is not None else (_tls(m), _basic_auth(m))
+    if web is not None:
+        auth = web.current().auth
+    max_age = m.ready_max_state_age_s
+    state_age = getattr(reader, "state_age", None)
+    counters.state_age = state_age
+
+    def current() -> str | None:
+        age = state_age() if state_age is not None else 0.0
+        if age is None or age <= max_age:
+            return None
+        return (f"state not proven current for {age:.0f} s (metrics.ready_max_state_age_s is {max_age}): "
+                f"is the telemetry cluster reachable?")
+
     if auth is None and not _is_loopback(m.bind):
         log.warning("metrics endpoint on %s has no authentication; set metrics.basic_auth_* or keep it on "
                     "127.0.0.1 behind a proxy", m.bind)
@@ -365,12 +445,24 @@ def serve(cfg: Config, reader) -> MetricsServer:
     try:
         server = MetricsServer(m.bind, m.port, m.path, collector, m.update_interval_ms, reader.ready.is_set,
                                tls, auth, header_timeout_s=m.header_timeout_s, max_connections=m.max_connections,
-                               counters=counters)
+                               counters=counters, web_config=web, current_fn=current)
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             raise ConfigError(f"metrics.port: {m.port} is in use on {m.bind}; choose another with --port") from None
         raise ConfigError(f"metrics.bind: cannot listen on {m.bind}:{m.port}: {err.strerror or err}") from None
     return server.start()
+
+
+def _web_config(m) -> WebConfig | None:
+    """metrics.web_config_file replaces the metrics.tls_* and metrics.basic_auth_* keys: never both."""
+    if not m.web_config_file:
+        return None
+    for key in ("tls_cert_file", "tls_key_file", "basic_auth_username", "basic_auth_password_bcrypt",
+                "basic_auth_password_sha256"):
+        if getattr(m, key):
+            raise ConfigError(f"metrics.{key}: remove it; metrics.web_config_file is set and configures TLS and "
+                              f"basic auth (tls_server_config, basic_auth_users)")
+    return WebConfig(m.web_config_file)
 
 
 def _raise_open_files_limit(need: int) -> None:

@@ -29,6 +29,7 @@ RETRY_S = 1.0
 POLL_S = 0.5
 BATCH = 500
 METADATA_TIMEOUT_S = 5.0
+END_CHECK_S = 2.0  # how often a caught-up reader asks the broker for the ends, to prove it is still current
 
 
 class RepeatFilter(logging.Filter):
@@ -85,6 +86,7 @@ class StateReader:
         self.topic = state_topic(app_id)
         self.ready = threading.Event()
         self.undecodable = 0
+        self.current_at: float | None = None  # wall time the copy was last proven to hold the whole topic
         self._values: dict[str, Any] = {}
         self._positions: dict[int, int] = {}  # partition -> next offset to read, kept across reconnects
         self._lock = threading.Lock()
@@ -107,6 +109,18 @@ class StateReader:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def state_age(self, now: float | None = None) -> float | None:
+        """Seconds since the copy was last proven complete (every partition read to its end), None before.
+
+        Not the age of the newest record: a fleet at rest writes no state for hours, and that is not
+        staleness. This grows only when the exporter cannot prove it is current: broker unreachable,
+        reader behind, state topic gone.
+        """
+        at = self.current_at
+        if at is None:
+            return None
+        return max(0.0, (time.time() if now is None else now) - at)
 
     def snapshot(self) -> dict[str, Any]:
         """Shallow copy: values are replaced, never mutated, so sharing them is safe."""
@@ -156,11 +170,27 @@ class StateReader:
         consumer.assign(
             [TopicPartition(self.topic, p, self._positions.get(p, OFFSET_BEGINNING)) for p in partitions]
         )
+        checked = float("-inf")
         while not self._stop.is_set():
-            if catch_up.done:
+            if catch_up.done and not self.ready.is_set():
+                self.current_at = time.time()
                 self.ready.set()
+            if catch_up.done and time.monotonic() - checked >= END_CHECK_S:
+                checked = time.monotonic()
+                self._check_current(consumer, partitions)
             for msg in consumer.consume(BATCH, POLL_S):
                 self._handle(msg, catch_up)
+
+    def _check_current(self, consumer: Consumer, partitions: list[int]) -> None:
+        """Ask the broker for every partition's end; when the copy has read them all, it is current now."""
+        asked = time.time()
+        try:
+            ends = self._ends(consumer, partitions)
+        except KafkaException as err:
+            log.debug("state topic %s: cannot read the ends (%s); the state's age keeps growing", self.topic, err)
+            return
+        if all(self._positions.get(p, 0) >= end for p, end in ends.items()):
+            self.current_at = asked
 
     def _wait_for_topic(self, consumer: Consumer) -> list[int] | None:
         """The aggregator creates the topic on its first write; until then there is nothing to read."""
@@ -188,6 +218,9 @@ class StateReader:
             catch_up.advance(msg.partition(), msg.offset() + 1)
         elif err.code() == KafkaError._PARTITION_EOF:
             catch_up.eof(msg.partition())
+            # the end may be a transaction marker or compacted away: remember it as read
+            if msg.offset() is not None and msg.offset() > self._positions.get(msg.partition(), 0):
+                self._positions[msg.partition()] = msg.offset()
         elif err.fatal():
             raise KafkaException(err)
         else:

@@ -343,6 +343,14 @@ EXPORTER_CONNECTIONS_CLOSED = _m(
     "reached: the oldest connection still sending headers is closed), bad_request",
     ("reason",), section=S9, extension=True,
     note="Slow or idle clients cost a socket, not a thread, and never lock a scraper out.")
+EXPORTER_STATE_AGE = _m(
+    "kafka_backup_exporter_state_age_seconds", "gauge", "seconds",
+    "Seconds since the exporter last proved its copy of the state topic current (every partition read to "
+    "the end the broker reports, checked every 2 s); what every other metric it serves may lag by",
+    section=S9, extension=True,
+    note="Not the age of the newest state record: a fleet at rest writes no state for hours, which is not "
+         "staleness. This grows when the telemetry cluster is unreachable or the exporter falls behind; "
+         "/-/ready answers 503 above metrics.ready_max_state_age_s, and KafkaBackupExporterStateStale fires.")
 BUILD_INFO = _m(
     "kafka_backup_build_info", "gauge", "",
     "Always 1: the exporter's version and the versions of Python, Faust and confluent-kafka it runs with "

@@ -53,6 +53,9 @@ class MetricsConfig(_Section):
     basic_auth_password_sha256_file: str = ""
     header_timeout_s: Positive = 10  # a client must finish its TLS handshake and request headers within this
     max_connections: Positive = 1000  # open connections; when full, the oldest still sending headers is closed
+    # exporter-toolkit's --web.config.file format (tls_server_config, basic_auth_users), re-read when it changes
+    web_config_file: str = ""
+    ready_max_state_age_s: Positive = 60  # /-/ready answers 503 when the state was not proven current this long
 
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL", ""]

@@ -213,21 +213,11 @@ class JobState(msgspec.Struct, omit_defaults=True):
 
     def storage_bytes_by(self) -> list[tuple[str, str, int]]:
         """(direction, backend, bytes) of every storage call, legacy counts included."""
-        out = [(c.direction, c.backend, c.bytes) for c in self.storage_calls]
-        for key, n in self.storage_bytes.items():
-            parts = key.split("|", 1)
-            if len(parts) == 2:
-                out.append((parts[0], parts[1], n))
-        return out
+        return [(c.direction, c.backend, c.bytes) for c in self.storage_calls] + _split_keys(self.storage_bytes)
 
     def storage_errors_by(self) -> list[tuple[str, str, int]]:
         """(backend, error_type, count) of failed storage calls, legacy counts included."""
-        out = [(f.backend, f.error_type, f.count) for f in self.storage_failures]
-        for key, n in self.storage_errors.items():
-            parts = key.split("|", 1)
-            if len(parts) == 2:
-                out.append((parts[0], parts[1], n))
-        return out
+        return [(f.backend, f.error_type, f.count) for f in self.storage_failures] + _split_keys(self.storage_errors)
 
     def all_storage_calls(self) -> list[StorageCalls]:
         """Storage timings, legacy ``storage_latency`` entries (successful calls, joined keys) included."""
@@ -240,6 +230,16 @@ class JobState(msgspec.Struct, omit_defaults=True):
                 legacy.append(StorageCalls(direction=parts[0], backend=parts[1], operation=parts[2],
                                            outcome="success", latency=h))
         return legacy + self.storage_calls
+
+
+def _split_keys(joined: dict[str, int]) -> list[tuple[str, str, int]]:
+    """An older aggregator's ``{"a|b": n}`` counts as ``(a, b, n)``."""
+    out = []
+    for key, n in joined.items():
+        parts = key.split("|", 1)
+        if len(parts) == 2:
+            out.append((parts[0], parts[1], n))
+    return out
 
 
 class PipelineState(msgspec.Struct, omit_defaults=True):

@@ -1,7 +1,8 @@
 """Shared fixtures: a real broker process, and helpers to run the pipeline's real processes.
 
 The broker is noida-db started as a subprocess on a free loopback port, unless
-``KAFKA_BOOTSTRAP_SERVERS`` names a real cluster. Every test uses its own
+``KAFKA_BOOTSTRAP_SERVERS`` names a real cluster, or ``KAFKA_BACKUP_TEST_BROKER=testcontainers``
+asks for a real Apache Kafka in Docker (testcontainers; needs a Docker engine). Every test uses its own
 topics, backup ids and aggregator application id, so tests share one broker
 without seeing each other's data.
 """
@@ -41,14 +42,55 @@ def s3_endpoint():
     server.stop()
 
 
+BROKER_ENV = "KAFKA_BACKUP_TEST_BROKER"  # embedded (default) | testcontainers
+KAFKA_IMAGE_ENV = "KAFKA_BACKUP_TEST_KAFKA_IMAGE"
+KAFKA_IMAGE = "confluentinc/cp-kafka:7.6.0"  # Apache Kafka 3.6 in KRaft mode, testcontainers' tested default
+
+
+def broker_source(environ=None) -> str:
+    """Which broker the suite runs against: ``external`` (KAFKA_BOOTSTRAP_SERVERS names one),
+    ``testcontainers`` (a real Kafka in Docker, KAFKA_BACKUP_TEST_BROKER=testcontainers) or
+    ``embedded`` (noida-db, the default: no Docker engine needed)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        return "external"
+    choice = environ.get(BROKER_ENV, "embedded").strip().lower() or "embedded"
+    if choice not in ("embedded", "testcontainers"):
+        raise pytest.UsageError(f"{BROKER_ENV}: {choice!r} is not one of embedded, testcontainers")
+    return choice
+
+
+def kafka_container_class():
+    try:
+        from testcontainers.community.kafka import KafkaContainer  # testcontainers >= 4.9
+    except ImportError:  # older releases
+        from testcontainers.kafka import KafkaContainer
+    return KafkaContainer
+
+
+def kafka_container(environ=None, cls=None):
+    """A testcontainers Kafka in KRaft mode, not started (constructing it already asks the Docker engine)."""
+    environ = os.environ if environ is None else environ
+    cls = cls or kafka_container_class()
+    try:
+        return cls(environ.get(KAFKA_IMAGE_ENV) or KAFKA_IMAGE).with_kraft()
+    except Exception as err:  # docker.errors.DockerException: no engine
+        pytest.fail(f"{BROKER_ENV}=testcontainers: no Docker engine reachable ({type(err).__name__}); "
+                    f"unset it to use the embedded broker", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def broker():
-    """Bootstrap address of a running Kafka-protocol broker."""
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+    """Bootstrap address of a running Kafka-protocol broker (see :func:`broker_source`)."""
+    source = broker_source()
+    if source == "external":
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-        return
-    with DevBroker(log_path=os.path.join(tempfile.gettempdir(), "kafka-backup-test-broker.log")) as b:
-        yield b.bootstrap
+    elif source == "testcontainers":
+        with kafka_container() as kafka:
+            yield kafka.get_bootstrap_server()
+    else:
+        with DevBroker(log_path=os.path.join(tempfile.gettempdir(), "kafka-backup-test-broker.log")) as b:
+            yield b.bootstrap
 
 
 def unique(prefix: str) -> str:
