@@ -102,7 +102,7 @@ def create_app(cfg: Config) -> faust.App:
     skips = SkipCounts()
 
     def skip(partition: int, offset: int, reason: str, detail: object, n: int = 1) -> None:
-        """Count a skipped record in memory; :func:`flush_skips` writes the counts in one table write."""
+        """Count a skipped record in memory; :func:`flush_partition` writes the counts in one table write."""
         skips.add(partition, reason, n)
         guard.hold(partition, offset)  # no commit past it before its count is in the table
         skips.log(partition, reason, detail)
