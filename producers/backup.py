@@ -69,7 +69,7 @@ class PartitionWork:
     target: int | None = None  # one-shot: stop once fetched up to here
     high_watermark: int = -1
     position: int = -1  # fetch position: last fetched offset + 1
-    buffer: list[segments.StoredRecord] = field(default_factory=list)
+    buffer: list[tuple] = field(default_factory=list)  # StoredRecord fields as a tuple: the same msgpack array
     buffer_bytes: int = 0
     buffer_since: float = 0.0
     newest_stored_ts: int | None = None
@@ -305,8 +305,7 @@ class BackupWorker:
             timeout = max(0.0, min(poll_s, next_progress - time.monotonic()))
             batch = self.consumer.consume(num_messages=1000, timeout=timeout)
             self.fetches += 1
-            for msg in batch:
-                self._take(msg)
+            self._take(batch)
             self._flush_due()
             self.emitter.poll()
             if time.monotonic() >= next_progress:
@@ -315,34 +314,72 @@ class BackupWorker:
             if self.cfg.continuous and time.monotonic() >= self.groups_due:
                 self._record_groups()
 
-    def _take(self, msg) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.code() == KafkaError._PARTITION_EOF:
-                self._reached_end(msg)
-            else:
-                self._on_kafka_error(err)
-            return
-        work = self.parts.get(f"{msg.topic()}/{msg.partition()}")
-        if work is None:
-            return
-        ts_type, ts = msg.timestamp()
-        headers = [(k, v) for k, v in (msg.headers() or [])]
-        rec = segments.StoredRecord(msg.offset(), ts, ts_type, msg.key(), msg.value(), headers)
-        if work.target is not None and rec.offset >= work.target:
-            work.position = max(work.position, work.target)
-            return  # one-shot: beyond the watermark seen at start
-        if not work.buffer:
-            work.buffer_since = time.monotonic()
-        work.buffer.append(rec)
-        work.buffer_bytes += rec.size
-        work.position = rec.offset + 1
-        if len(work.buffer) >= self.cfg.segment_max_records or work.buffer_bytes >= self.cfg.segment_max_bytes:
-            self._flush(work)
-        work.newest_available_ts = max(work.newest_available_ts or 0, ts)
-        counts = self.consumed.setdefault(work.topic, [0, 0])
-        counts[0] += 1
-        counts[1] += rec.size
+    def _take(self, batch: list) -> None:
+        """Buffer a fetched batch, a run of one partition's records at a time.
+
+        Per record only what differs: its fields go into the buffer as a tuple (encoded exactly as a
+        ``StoredRecord``), its payload size is computed once; the partition lookup, the consumed
+        counts and the newest timestamp are per run of records, not per record.
+        """
+        max_records, max_bytes = self.cfg.segment_max_records, self.cfg.segment_max_bytes
+        n, i = len(batch), 0
+        while i < n:
+            msg = batch[i]
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self._reached_end(msg)
+                else:
+                    self._on_kafka_error(err)
+                i += 1
+                continue
+            topic, partition = msg.topic(), msg.partition()
+            work = self.parts.get(f"{topic}/{partition}")
+            target = work.target if work is not None else None
+            buf = work.buffer if work is not None else None
+            count = size = 0
+            newest = last = -1
+            beyond = False
+            pending = work.buffer_bytes if work is not None else 0
+            while i < n:
+                msg = batch[i]
+                if msg.partition() != partition or msg.error() is not None or msg.topic() != topic:
+                    break
+                i += 1
+                if work is None:
+                    continue
+                offset = msg.offset()
+                if target is not None and offset >= target:
+                    beyond = True  # one-shot: beyond the watermark seen at start (so is the rest of the run)
+                    continue
+                ts_type, ts = msg.timestamp()
+                key, value = msg.key(), msg.value()
+                rec_size = (len(key) if key is not None else 0) + (len(value) if value is not None else 0)
+                if not buf:
+                    work.buffer_since = time.monotonic()
+                buf.append((offset, ts, ts_type, key, value, msg.headers() or []))
+                pending += rec_size
+                size += rec_size
+                count += 1
+                last = offset
+                if ts > newest:
+                    newest = ts
+                if len(buf) >= max_records or pending >= max_bytes:
+                    work.buffer_bytes, work.position = pending, offset + 1
+                    self._flush(work)
+                    buf, pending = work.buffer, 0
+            if work is None:
+                continue
+            work.buffer_bytes = pending
+            if last >= 0:
+                work.position = last + 1
+            if beyond:
+                work.position = max(work.position, target)
+            if count:
+                work.newest_available_ts = max(work.newest_available_ts or 0, newest)
+                counts = self.consumed.setdefault(work.topic, [0, 0])
+                counts[0] += count
+                counts[1] += size
 
     def _reached_end(self, msg) -> None:
         """All records up to the end were delivered: the position steps over transaction markers too."""
@@ -369,14 +406,14 @@ class BackupWorker:
                 self._flush(work)
 
     def _flush(self, work: PartitionWork) -> None:
-        records, work.buffer, work.buffer_bytes = work.buffer, [], 0
+        records, nbytes, work.buffer, work.buffer_bytes = work.buffer, work.buffer_bytes, [], 0
         alg = self.cfg.compression
         data, raw_size = segments.encode(work.topic, work.partition, records, alg)
-        start, end = records[0].offset, records[-1].offset + 1
-        timestamps = [r.timestamp for r in records]
+        start, end = records[0][0], records[-1][0] + 1
+        timestamps = [r[1] for r in records]
         info = layout.SegmentInfo(
             key=layout.segment_key(self.id, work.topic, work.partition, start, alg),
-            start_offset=start, end_offset=end, records=len(records), bytes=sum(r.size for r in records),
+            start_offset=start, end_offset=end, records=len(records), bytes=nbytes,
             uncompressed_bytes=raw_size, stored_bytes=len(data), algorithm=alg,
             min_ts=min(timestamps), max_ts=max(timestamps), sha256=layout.digest(data),
             covers_from=work.next_offset,

@@ -17,15 +17,19 @@ off when the restore begins (the choice is kept in the restore checkpoint).
 ``offset-reset --from-backup`` follows it to move consumer groups
 (``producers/offset_follow.py``).
 
-Commit point, per batch: produce with the idempotent producer, wait until the
-target cluster acknowledged every record, write the restore checkpoint
-(``{backup_id}/restores/{restore_id}/checkpoint.json``), then emit
-``RestoreProgress``. So ``kafka_restore_records_total`` only counts
-acknowledged records, and the checkpoint never claims a record the target does
-not hold (a corrupt segment stops the restore before its records are claimed).
+Commit point: batches are produced with the idempotent producer without
+waiting for each other (up to ``MAX_IN_FLIGHT`` records unacknowledged); the
+acknowledged prefix of a partition's batches is then written to the restore
+checkpoint (``{backup_id}/restores/{restore_id}/checkpoint.json``) every
+``CHECKPOINT_EVERY_S`` or ``CHECKPOINT_EVERY_BYTES`` (every batch with a rate
+limit: its batches are small and paced, and progress should move with them), at
+the end of a partition and before stopping, followed by one ``RestoreProgress``. So
+``kafka_restore_records_total`` only counts acknowledged, checkpointed records,
+and the checkpoint never claims a record the target does not hold (a corrupt
+segment stops the restore before its records are claimed).
 
 The duplicate window, and how it is closed. A crash after the target
-acknowledged a batch but before the checkpoint naming it was written leaves
+acknowledged batches but before the checkpoint naming them was written leaves
 records in the target that the checkpoint does not know; a plain resume would
 write them again. The checkpoint therefore also keeps each target partition's
 expected end offset (``target_next``: its end when the restore began, then the
@@ -56,6 +60,7 @@ import re
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from itertools import islice
 
@@ -72,6 +77,9 @@ from schemas.kafka_admin import client_config
 
 log = logging.getLogger("kafka_backup.restore")
 
+CHECKPOINT_EVERY_S = 1.0  # acknowledged batches are checkpointed at least this often ...
+CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024  # ... or after this many key+value bytes
+MAX_IN_FLIGHT = 50_000  # records produced but not yet acknowledged, per partition
 RATE_SLICE_S = 0.25  # with a rate limit, a batch holds at most this many seconds' worth of records
 PARTIAL_CACHE_BYTES = 64 * 1024 * 1024  # decoded straddling segments kept between scoping and producing
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -196,6 +204,9 @@ class RestoreWorker:
         self._adopted_bytes = 0  # key+value bytes of records adopted on resume, for their RestoreProgress
         self.paced = 0
         self.pace_start: float | None = None
+        self.in_flight = 0  # records produced, not yet acknowledged
+        self.unreported = [0, 0]  # records and bytes claimed since the last checkpoint
+        self.checkpointed_at = time.monotonic()
         self.batch_size = rcfg.batch_records
         if rcfg.rate_limit:
             self.batch_size = max(1, min(rcfg.batch_records, int(rcfg.rate_limit * RATE_SLICE_S)))
@@ -671,22 +682,27 @@ class RestoreWorker:
 
     def _restore_partition(self, cur: layout.RestoreCursor) -> None:
         records = self._records(cur, cur.next_offset)
+        flights: deque[Flight] = deque()
         batch: list[segments.StoredRecord] = []
-        while True:
-            try:
-                rec = next(records)
-            except StopIteration:
-                break
-            except (RestoreFailed, StorageError):
-                if batch:  # what precedes an unreadable segment is good: restore and claim it first
-                    self._send(cur, batch)
-                raise
-            batch.append(rec)
-            if len(batch) >= self.batch_size:
-                self._send(cur, batch)
-                batch = []
-        if batch:
-            self._send(cur, batch)
+        try:
+            while True:
+                try:
+                    rec = next(records)
+                except StopIteration:
+                    break
+                except (RestoreFailed, StorageError):
+                    if batch:  # what precedes an unreadable segment is good: restore and claim it first
+                        self._send(cur, batch, flights)
+                    raise
+                batch.append(rec)
+                if len(batch) >= self.batch_size:
+                    self._send(cur, batch, flights)
+                    batch = []
+            if batch:
+                self._send(cur, batch, flights)
+        finally:  # stopping, failing or done: what was sent is acknowledged, then checkpointed
+            self._settle(cur, flights, wait=True)
+            self._checkpoint_progress()
 
     def _pace(self, n: int) -> None:
         """Hold ``rate_limit`` records/s over the run: a batch waits until its records are due."""
@@ -710,49 +726,84 @@ class RestoreWorker:
             return list(r.headers)
         return [*r.headers, (layout.OFFSET_HEADER, str(r.offset).encode())]
 
-    def _send(self, cur: layout.RestoreCursor, batch: list[segments.StoredRecord]) -> None:
+    def _send(self, cur: layout.RestoreCursor, batch: list[segments.StoredRecord], flights: deque) -> None:
+        """Produce a batch without waiting for it; settle the batches before it that are acknowledged."""
         self._pace(len(batch))
-        offsets: list[int] = []
-        failures: list[KafkaError] = []
-
-        def delivered(err: KafkaError | None, msg) -> None:
-            if err is None:
-                offsets.append(msg.offset())
-            else:
-                failures.append(err)
-
+        flight = Flight(batch)
+        flights.append(flight)
+        self.in_flight += len(batch)
+        produce, delivered = self.producer.produce, flight.delivered
+        topic, partition = cur.target_topic, cur.partition
         for r in batch:
             while True:
                 try:
-                    self.producer.produce(cur.target_topic, value=r.value, key=r.key, partition=cur.partition,
-                                          timestamp=r.timestamp if r.timestamp > 0 else 0,
-                                          headers=self._headers(r) or None, on_delivery=delivered)
+                    produce(topic, value=r.value, key=r.key, partition=partition,
+                            timestamp=r.timestamp if r.timestamp > 0 else 0,
+                            headers=self._headers(r) or None, on_delivery=delivered)
                     break
                 except BufferError:  # local queue full: serve deliveries, then retry this record
                     self.producer.poll(0.1)
-        while self.producer.flush(1.0) > 0:
+        self.producer.poll(0)
+        # paced (rate limit): each batch is acknowledged and claimed before the next is due, as progress
+        # should move with the pace; unpaced: batches stay in flight
+        self._settle(cur, flights, wait=bool(self.cfg.rate_limit))
+        while self.in_flight > MAX_IN_FLIGHT:
+            self.producer.poll(0.1)
             self.emitter.poll()
-        if failures or len(offsets) != len(batch):
-            err = failures[0] if failures else None
-            error_type, transient = classify_kafka_error(err) if err else ("broker_connection", True)
-            text = err.str() if err else "records not acknowledged"
-            self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation="produce",
-                              message=text[:500])
-            raise RestoreFailed(f"target {cur.target_topic}/{cur.partition}: {text}; the checkpoint holds the "
-                                f"last acknowledged batch, run again with --restore-id {self.id} to resume")
-        cur.next_offset = batch[-1].offset + 1
-        cur.restored += len(batch)
-        cur.target_next = max(offsets) + 1
+            self._settle(cur, flights, wait=False)
+
+    def _settle(self, cur: layout.RestoreCursor, flights: deque, wait: bool) -> None:
+        """Claim the acknowledged batches at the front, in order (with ``wait``, all of them)."""
+        while flights:
+            flight = flights[0]
+            if not flight.done:
+                if not wait:
+                    return
+                self.producer.flush(1.0)
+                self.emitter.poll()
+                continue
+            flights.popleft()
+            self.in_flight -= len(flight.batch)
+            if flight.failures or len(flight.offsets) != len(flight.batch):
+                self.in_flight -= sum(len(f.batch) for f in flights)
+                flights.clear()
+                self._checkpoint_progress()  # the batches before this one are good
+                err = flight.failures[0] if flight.failures else None
+                error_type, transient = classify_kafka_error(err) if err else ("broker_connection", True)
+                text = err.str() if err else "records not acknowledged"
+                self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation="produce",
+                                  message=text[:500])
+                raise RestoreFailed(f"target {cur.target_topic}/{cur.partition}: {text}; the checkpoint holds the "
+                                    f"last acknowledged batch, run again with --restore-id {self.id} to resume")
+            batch = flight.batch
+            cur.next_offset = batch[-1].offset + 1
+            cur.restored += len(batch)
+            cur.target_next = max(flight.offsets) + 1
+            cp = self.checkpoint
+            assert cp is not None
+            batch_bytes = sum(r.size for r in batch)
+            cp.restored_total += len(batch)
+            cp.restored_bytes += batch_bytes
+            self.unreported[0] += len(batch)
+            self.unreported[1] += batch_bytes
+            if self.bar is not None:
+                self.bar.update(len(batch))
+            if (self.unreported[1] >= CHECKPOINT_EVERY_BYTES or self.cfg.rate_limit
+                    or time.monotonic() - self.checkpointed_at >= CHECKPOINT_EVERY_S):
+                self._checkpoint_progress()
+
+    def _checkpoint_progress(self) -> None:
+        """Write the checkpoint with every claimed batch, then report them in one ``RestoreProgress``."""
+        self.checkpointed_at = time.monotonic()
+        records, nbytes = self.unreported
+        if not records:
+            return
         cp = self.checkpoint
         assert cp is not None
-        batch_bytes = sum(r.size for r in batch)
-        cp.restored_total += len(batch)
-        cp.restored_bytes += batch_bytes
         self._write_checkpoint()
-        self.emitter.emit(ev.RestoreProgress, records=len(batch), restored_total=cp.restored_total,
-                          bytes=batch_bytes, restored_bytes=cp.restored_bytes)
-        if self.bar is not None:
-            self.bar.update(len(batch))
+        self.unreported = [0, 0]
+        self.emitter.emit(ev.RestoreProgress, records=records, restored_total=cp.restored_total,
+                          bytes=nbytes, restored_bytes=cp.restored_bytes)
         self.emitter.poll()
 
     def _write_checkpoint(self) -> None:
@@ -768,6 +819,27 @@ class RestoreWorker:
             cp.completed_ts = time.time()
             self._write_checkpoint()
         log.info("restore %s complete: %d records", self.id, cp.restored_total)
+
+
+class Flight:
+    """One produced batch and its delivery reports."""
+
+    __slots__ = ("batch", "offsets", "failures")
+
+    def __init__(self, batch: list[segments.StoredRecord]) -> None:
+        self.batch = batch
+        self.offsets: list[int] = []
+        self.failures: list[KafkaError] = []
+
+    def delivered(self, err: KafkaError | None, msg) -> None:
+        if err is None:
+            self.offsets.append(msg.offset())
+        else:
+            self.failures.append(err)
+
+    @property
+    def done(self) -> bool:
+        return len(self.offsets) + len(self.failures) >= len(self.batch)
 
 
 class Plan:

@@ -80,8 +80,12 @@ def decompress(data: bytes, algorithm: str, size: int | None = None) -> bytes:
     return bytes(out)
 
 
-def encode(topic: str, partition: int, records: list[StoredRecord], algorithm: str) -> tuple[bytes, int]:
-    """Return (stored bytes, uncompressed size)."""
+def encode(topic: str, partition: int, records: list[StoredRecord] | list[tuple], algorithm: str) -> tuple[bytes, int]:
+    """Return (stored bytes, uncompressed size).
+
+    ``records`` may be ``StoredRecord``s or plain tuples of the same fields in the same order (the
+    backup's buffer): both encode to the same msgpack array, so the segment bytes are identical.
+    """
     raw = _encoder.encode(Segment(FORMAT_VERSION, topic, partition, records))
     return compress(raw, algorithm), len(raw)
 

@@ -178,6 +178,7 @@ class AggregatorConfig(_Section):
     max_keys_per_map: Positive = 256  # per job: error types, storage calls, topics, algorithms, ... (refused beyond)
     max_partitions_per_job: Positive = 2000  # per job (a backup id); split bigger backups into several ids
     max_state_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1_000_000)] = 900_000  # one job's encoded state
+    flush_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200  # changed job states: one table write per interval
 
 
 class RunConfig(_Section):

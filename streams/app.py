@@ -15,6 +15,7 @@ id and partition count come from the configuration.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import os
@@ -40,7 +41,14 @@ from schemas.state import (
 )
 from schemas.topics import STATE_TABLE, state_topic
 from streams import fold
-from streams.guards import ChangelogBarrier, OffsetGuard, check_faust_version, write_outside_event
+from streams.guards import (
+    ChangelogBarrier,
+    OffsetGuard,
+    check_faust_version,
+    verify_copartitioned,
+    write_outside_event,
+)
+from streams.working import WorkingSet
 
 log = logging.getLogger("kafka_backup.aggregator")
 
@@ -81,12 +89,16 @@ def create_app(cfg: Config) -> faust.App:
     offsets = GroupOffsets(bootstrap, cfg.aggregator.app_id, cfg.telemetry.topic)
     guard = OffsetGuard(cfg.telemetry.topic, offsets.start)
     guard.guard_commits(app.consumer)
+    work = WorkingSet(settings)
+    flush_every_s = cfg.aggregator.flush_interval_ms / 1000
+    next_flush = [time.monotonic() + flush_every_s]
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(app, revoked, **kwargs) -> None:
         partitions = {tp.partition for tp in revoked if tp.topic == cfg.telemetry.topic}
         guard.forget(partitions)
-        for p in partitions:  # uncommitted: their records are read and counted again by the next owner
+        work.forget(partitions)  # unflushed, uncommitted: the next owner reads those events again
+        for p in partitions:
             skips.take(p)
 
     async def dead_letter(key: bytes | None, value: bytes | None, reason: str) -> None:
@@ -96,12 +108,18 @@ def create_app(cfg: Config) -> faust.App:
     skips = SkipCounts()
 
     def skip(partition: int, offset: int, reason: str, detail: object, n: int = 1) -> None:
-        """Count a skipped record in memory; :func:`flush_skips` writes the counts in one table write."""
+        """Count a skipped record in memory; :func:`flush_partition` writes the counts in one table write."""
         skips.add(partition, reason, n)
         guard.hold(partition, offset)  # no commit past it before its count is in the table
         skips.log(partition, reason, detail)
 
-    def flush_skips(partition: int, in_event: bool = True) -> None:
+    def flush_partition(partition: int) -> None:
+        """Write the partition's changed job states and skip counts to the table, then let its commit pass.
+
+        The commit still waits for the broker to acknowledge these writes (``ChangelogBarrier``).
+        """
+        for key, value in work.flush(partition):
+            write_outside_event(table, partition, key, value)
         pending = skips.take(partition)
         if pending:
             key = pipeline_key(partition).encode()
@@ -109,17 +127,21 @@ def create_app(cfg: Config) -> faust.App:
             state = decode_pipeline(raw) if raw else PipelineState(partition=partition)
             for reason, n in pending.items():
                 state.invalid[reason] = state.invalid.get(reason, 0) + n
-            if in_event:
-                table[key] = encode_state(state)
-            else:
-                write_outside_event(table, partition, key, encode_state(state))
+            write_outside_event(table, partition, key, encode_state(state))
         guard.release(partition)
 
-    @app.timer(SkipCounts.MAX_AGE_S)
+    def flush_all() -> None:
+        next_flush[0] = time.monotonic() + flush_every_s
+        for partition in {*work.dirty_partitions(), *skips.pending()}:
+            flush_partition(partition)
+
+    @app.timer(min(flush_every_s, SkipCounts.MAX_AGE_S))
     async def flush_quiet_partitions() -> None:
-        """A burst of bad records followed by silence: no later event would write its count."""
+        """Events followed by silence: no later event would flush them."""
+        if time.monotonic() >= next_flush[0]:
+            flush_all()
         for partition in skips.stale():
-            flush_skips(partition, in_event=False)
+            flush_partition(partition)
 
     signing_key = signing.load_key(cfg.telemetry.signing_key_file)
 
@@ -136,26 +158,39 @@ def create_app(cfg: Config) -> faust.App:
         except ev.InvalidEvent as err:
             skip(partition, offset, err.reason, err)
             return err.reason
-        new, refused = fold.apply_bytes(table.get(key), event, settings)
+        changed, refused = work.apply(key, partition, event, len(value), table.get)
         if refused is not None:
             skip(partition, offset, refused, f"{event.kind}:{event.job}")
             return refused
-        if new is not None:
-            table[key] = new
+        if changed:
+            guard.hold(partition, offset)  # no commit past it before the job's new state is in the table
         return None
+
+    loop_offsets = OffLoop(offsets)
+    verified = [False]
 
     @app.agent(topic, concurrency=1)
     async def aggregate(stream):
         async for event in stream.events():
             msg = event.message
+            if msg.partition not in guard.next:  # where folding starts, asked off the event loop
+                guard.next[msg.partition] = await loop_offsets.start(msg.partition)
+            if not verified[0]:  # the check Faust's table[key] = value makes, once
+                try:
+                    verify_copartitioned(table, msg.topic)
+                except PartitionsMismatch as err:  # the topics changed under us: folding cannot go on
+                    exit_now(f"{' '.join(str(err).split())} (the telemetry topic's partitions changed while "
+                             "running; start the aggregator again to check them)")
+                    return
+                verified[0] = True
             verdict = guard.admit(msg.partition, msg.offset)
             if verdict == "duplicate":
                 continue
-            if verdict == "gap" and guard.next[msg.partition] < (earliest := offsets.earliest(msg.partition)):
+            if verdict == "gap" and guard.next[msg.partition] < (
+                    earliest := await loop_offsets.earliest(msg.partition)):
                 lost = earliest - guard.next[msg.partition]
-                skip(msg.partition, guard.next[msg.partition], "expired",
+                skip(msg.partition, guard.next[msg.partition], "expired",  # written with the next flush
                      f"{lost} records deleted by retention before they were read", lost)
-                flush_skips(msg.partition)
                 guard.folded(msg.partition, earliest - 1)
                 verdict = guard.admit(msg.partition, msg.offset)
             if verdict == "gap":
@@ -165,10 +200,6 @@ def create_app(cfg: Config) -> faust.App:
             ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
             try:
                 reason = handle(event.key, event.value, msg.partition, msg.offset, ts, event.headers)
-            except PartitionsMismatch as err:  # the topics changed under us: folding cannot go on
-                exit_now(f"{' '.join(str(err).split())} (the telemetry topic's partitions changed while "
-                         "running; start the aggregator again to check them)")
-                return
             except Exception as err:  # never let one record kill the agent (Faust would skip it)
                 reason = "internal_error"
                 log.exception("telemetry partition %d offset %d: unexpected failure", msg.partition, msg.offset)
@@ -176,8 +207,10 @@ def create_app(cfg: Config) -> faust.App:
             if reason is not None:
                 await dead_letter(event.key, event.value, reason)
             guard.folded(msg.partition, msg.offset)
-            if skips.due(msg.partition, after_good=reason is None):
-                flush_skips(msg.partition)
+            if time.monotonic() >= next_flush[0]:
+                flush_all()
+            elif skips.due(msg.partition, after_good=False):  # a flood of bad records: its counts in batches
+                flush_partition(msg.partition)
 
     return app
 
@@ -216,6 +249,9 @@ class SkipCounts:
         """Partitions whose counts have waited ``max_age_s`` or longer."""
         now = time.monotonic()
         return [p for p, since in self._since.items() if now - since >= self.max_age_s]
+
+    def pending(self) -> list[int]:
+        return [p for p, counts in self._pending.items() if counts]
 
     def take(self, partition: int) -> dict[str, int]:
         self._since.pop(partition, None)
@@ -256,6 +292,19 @@ class GroupOffsets:
         low, _ = self._client.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15, cached=False)
         serve_logs(self._client)
         return max(0, low)
+
+
+class OffLoop:
+    """``GroupOffsets`` for the agent: its blocking librdkafka calls run in a thread, not on the event loop."""
+
+    def __init__(self, offsets: GroupOffsets) -> None:
+        self.offsets = offsets
+
+    async def start(self, partition: int) -> int:
+        return await asyncio.get_running_loop().run_in_executor(None, self.offsets.start, partition)
+
+    async def earliest(self, partition: int) -> int:
+        return await asyncio.get_running_loop().run_in_executor(None, self.offsets.earliest, partition)
 
 
 def settle_partitions(cfg: Config) -> None:

@@ -52,10 +52,17 @@ def write_outside_event(table: Any, partition: int, key: bytes, value: bytes) ->
     """Set a table value from a timer, where Faust's ``table[key] = value`` refuses (no current event).
 
     It does what ``__setitem__`` does for a memory-store table: the local value, then the changelog
-    record on ``partition`` (through ``send_changelog``, so the barrier still tracks it).
+    record on ``partition`` (through ``send_changelog``, so the barrier still tracks it). The agent
+    uses it too: its batched writes name the telemetry partition of their job, not the current event's.
     """
     table.data[key] = value
     table.send_changelog(partition, key, value)
+
+
+def verify_copartitioned(table: Any, source_topic: str) -> None:
+    """The check ``table[key] = value`` makes before its first write (``PartitionsMismatch`` when the
+    source topic and the changelog differ), for a table written only through :func:`write_outside_event`."""
+    table._verify_source_topic_partitions(source_topic)
 
 
 class OffsetGuard:

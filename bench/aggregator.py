@@ -1,0 +1,260 @@
+"""Aggregator throughput against bare Faust, measured side by side in one run.
+
+Fills a telemetry topic with the real event mix of a fleet of backup jobs (per
+job: a ``Progress`` over its partitions, a ``SegmentStored`` and an
+``OffsetsCommitted`` per flush), then runs, one after the other on the same
+topic and broker:
+
+* ``bare``: a minimal Faust 0.15.3 app whose agent writes each event's value
+  into a bytes table (one table write per event, nothing else): the baseline;
+* ``read``: the same app without the table write (two marks, first and last event):
+  what Faust's own per-event path costs, the ceiling of any agent;
+* ``ours``: the real aggregator (``python -m cli.main aggregate``).
+
+Each is timed from its first changelog record to the changelog showing every
+event folded (for ``ours``: every job's dedup mark at its last ``seq``), so
+Faust's start-up is not counted; the flush interval (200 ms by default) is.
+Prints events/s, the ratio ours/bare, changelog bytes per event and the
+aggregator's CPU seconds per 1,000 events; min/median over the repeats.
+
+    python bench/aggregator.py [events] [jobs] [repeats] [-- extra aggregate flags]
+
+Starts its own dev broker unless KAFKA_BOOTSTRAP_SERVERS is set. Keep
+``events`` x ~300 B under ~100 MB per partition (the dev broker ignores fetch
+size limits).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
+from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
+
+from schemas import events as ev  # noqa: E402
+from schemas.state import PIPELINE_PREFIX, decode_state  # noqa: E402
+
+PARTITIONS = 4  # telemetry partitions
+JOB_PARTITIONS = 8  # source partitions per backup job
+
+
+def fleet_events(events: int, jobs: int) -> list[tuple[bytes, bytes]]:
+    """(key, value) in emission order: jobs interleaved, each job's events in seq order."""
+    now = time.time()
+    out: list[tuple[bytes, bytes]] = []
+    seqs = [0] * jobs
+    offsets = [[0] * JOB_PARTITIONS for _ in range(jobs)]
+    cycle = 0
+    while len(out) < events:
+        for j in range(jobs):
+            job, inst = f"bench-{j}", f"w-{j}"
+            key = ev.event_key("backup", job).encode()
+
+            def emit(e: ev.Event, key: bytes = key) -> None:
+                out.append((key, ev.encode(e)))
+
+            def nxt(j: int = j) -> int:
+                seqs[j] += 1
+                return seqs[j]
+
+            ts = now - 60 + cycle * 0.001
+            if cycle == 0:
+                emit(ev.JobStarted(instance=inst, seq=nxt(), ts=ts, job=job, mode="continuous", topics=["t"]))
+            p = cycle % JOB_PARTITIONS
+            emit(ev.Progress(instance=inst, seq=nxt(), ts=ts, job=job, fetches=3,
+                             partitions=[ev.PartitionProgress("t", q, offsets[j][q], offsets[j][q] + 50,
+                                                              int(ts * 1000), int(ts * 1000) + 5)
+                                         for q in range(JOB_PARTITIONS)],
+                             consumed=[ev.TopicConsumed("t", 100, 10_000)]))
+            start = offsets[j][p]
+            emit(ev.SegmentStored(instance=inst, seq=nxt(), ts=ts, job=job, topic="t", partition=p,
+                                  start_offset=start, end_offset=start + 100, covers_from=start, records=100,
+                                  bytes=10_000, uncompressed_bytes=12_000, stored_bytes=3_000, algorithm="zstd"))
+            offsets[j][p] = start + 100
+            emit(ev.OffsetsCommitted(instance=inst, seq=nxt(), ts=ts, job=job,
+                                     offsets=[ev.TopicPartitionOffset("t", p, start + 100)]))
+        cycle += 1
+    return out[:events]
+
+
+def fill(bootstrap: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> dict[str, int]:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(15)
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True})
+    last: dict[str, int] = {}
+    for key, value in payloads:
+        p.produce(topic, key=key, value=value)
+        p.poll(0)
+        e = ev.decode(value)
+        last[e.instance] = e.seq
+    assert p.flush(60) == 0
+    return last
+
+
+BARE = '''
+import sys, faust
+bootstrap, topic, app_id = sys.argv[1:4]
+app = faust.App(app_id, broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False,
+                topic_partitions={partitions}, table_standby_replicas=0, producer_linger=0.05, stream_wait_empty=False)
+src = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+table = app.Table("jobs", default=None, key_type=bytes, value_type=bytes, partitions={partitions})
+
+n = [0]
+write_each = sys.argv[4] == "write"
+last = int(sys.argv[5])
+
+@app.agent(src, concurrency=1)
+async def fold(stream):
+    async for event in stream.events():
+        n[0] += 1
+        if write_each:
+            table[event.key] = event.value
+        elif n[0] in (1, last):  # no work per event: Faust's own ceiling, timed by two writes
+            table[b"mark"] = b"%d" % n[0]
+
+worker = faust.Worker(app, loglevel="WARNING", quiet=True)
+worker.spinner = None
+worker.execute_from_commandline()
+'''.replace("{partitions}", str(PARTITIONS))
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return float("nan")
+
+
+def measure(bootstrap: str, changelog: str, cmd: list[str], done, log_path: str) -> dict:
+    """Run ``cmd``; time from the first changelog record to ``done(records, bytes, value)`` holding."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-" + uuid.uuid4().hex[:6],
+                  "enable.auto.commit": False, "receive.message.max.bytes": 1_000_000_000})
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the changelog topic is created by the app
+            md = c.list_topics(changelog, timeout=5).topics.get(changelog)
+            if md is not None and md.error is None and md.partitions:
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"{changelog} never appeared; see {log_path}")
+        c.assign([TopicPartition(changelog, p, 0) for p in md.partitions])
+        if os.environ.get("BENCH_PYSPY") and "cli.main" in cmd:  # where the time goes: py-spy's collapsed stacks
+            subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "-d", "10", "-r", "250", "-f", "raw",
+                              "-o", os.environ["BENCH_PYSPY"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        first = end = None
+        records = nbytes = 0
+        finished = False
+        deadline = time.monotonic() + 600
+        while not finished and time.monotonic() < deadline:
+            for m in c.consume(1000, 1.0):
+                if m.error():
+                    continue
+                now = time.monotonic()
+                first = first or now
+                records += 1
+                nbytes += len(m.value() or b"") + len(m.key() or b"")
+                if done(m.key(), m.value(), records):
+                    finished, end = True, now
+                    break
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:4]} exited; see {log_path}")
+        if not finished:
+            raise RuntimeError(f"timed out; see {log_path}")
+        return {"seconds": end - first, "records": records, "bytes": nbytes, "cpu": cpu_seconds(proc.pid)}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        c.close()
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    extra: list[str] = []
+    if "--" in args:
+        extra = args[args.index("--") + 1:]
+        args = args[:args.index("--")]
+    events = int(args[0]) if args else 30_000
+    jobs = int(args[1]) if len(args) > 1 else 40
+    repeats = int(args[2]) if len(args) > 2 else 3
+    broker = None
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        from cli.devbroker import DevBroker
+
+        broker = DevBroker(log_path=os.path.join(tempfile.gettempdir(), "bench-aggregator-broker.log")).start()
+        bootstrap = broker.bootstrap
+    logdir = tempfile.mkdtemp(prefix="bench-aggregator-")
+    try:
+        topic = "bench-telemetry-" + uuid.uuid4().hex[:6]
+        payloads = fleet_events(events, jobs)
+        last = fill(bootstrap, topic, payloads)
+        in_bytes = sum(len(k) + len(v) for k, v in payloads)
+        results: dict[str, list[dict]] = {"bare": [], "read": [], "ours": []}
+        for r in range(repeats):  # interleaved: a noisy neighbour hits both
+            app = f"bench-bare-{uuid.uuid4().hex[:6]}"
+            with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
+                fh.write(BARE)
+            results["bare"].append(measure(
+                bootstrap, f"{app}-jobs-changelog", [sys.executable, fh.name, bootstrap, topic, app, "write",
+                                                     str(events)],
+                lambda k, v, n: n >= events, os.path.join(logdir, f"bare-{r}.log")))
+            app = f"bench-read-{uuid.uuid4().hex[:6]}"
+            results["read"].append(measure(
+                bootstrap, f"{app}-jobs-changelog", [sys.executable, fh.name, bootstrap, topic, app, "read",
+                                                     str(events)],
+                lambda k, v, n: v == str(events).encode(), os.path.join(logdir, f"read-{r}.log")))
+            os.unlink(fh.name)
+
+            app = f"bench-agg-{uuid.uuid4().hex[:6]}"
+            marks: dict[str, int] = {}
+
+            def folded(key: bytes, value: bytes, n: int, marks: dict[str, int] = marks) -> bool:
+                if value and not key.startswith(PIPELINE_PREFIX.encode()):
+                    for inst, (seq, _) in decode_state(value).seen.items():
+                        marks[inst] = int(seq)
+                return len(marks) == len(last) and all(marks.get(i) == s for i, s in last.items())
+
+            results["ours"].append(measure(
+                bootstrap, f"{app}-jobs-changelog",
+                [sys.executable, "-m", "cli.main", "aggregate", "--bootstrap-servers", bootstrap, "--app-id", app,
+                 "--instance-id", app, "--telemetry-topic", topic, "--telemetry-partitions", str(PARTITIONS),
+                 *extra],
+                folded, os.path.join(logdir, f"ours-{r}.log")))
+        print(f"{events} events of {jobs} jobs ({in_bytes / events:.0f} B/event) on {PARTITIONS} telemetry "
+              f"partitions, {repeats} runs each (logs in {logdir})")
+        rate: dict[str, list[float]] = {}
+        for name, runs in results.items():
+            rate[name] = [events / x["seconds"] for x in runs]
+            cl = statistics.median(x["bytes"] / events for x in runs)
+            cpu = statistics.median(x["cpu"] for x in runs)
+            print(f"  {name:4s}: {min(rate[name]):8.0f} min / {statistics.median(rate[name]):8.0f} median events/s; "
+                  f"changelog {cl:7.1f} B/event, {statistics.median(x['records'] for x in runs):7.0f} records; "
+                  f"process CPU {cpu * 1000 / events:.2f} s per 1,000 events (start-up included)")
+        med = {name: statistics.median(r) for name, r in rate.items()}
+        print(f"  ratio ours/bare (one table write per event), median: {med['ours'] / med['bare']:.2f}x; "
+              f"ours/read (Faust's ceiling): {med['ours'] / med['read']:.2f}x")
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Freshness of /metrics as the fleet grows: event time to exposition, through the real pipeline.
+
+Starts the real aggregator and exporter (default settings: ``aggregator.flush_interval_ms``
+200, ``metrics.update_interval_ms`` 500) and simulates N backup workers emitting the real
+event mix at the real cadence: per worker a ``Progress`` over its 8 partitions every 500 ms
+(one poll cycle), and every 5 s (``backup.flush_interval_ms``) a ``SegmentStored`` per
+partition and an ``OffsetsCommitted``. N grows step by step (each step ``seconds`` long).
+
+Latency of an event: scraping /metrics every 100 ms, the first scrape at which a worker's
+``kafka_backup_worker_last_seen_timestamp_seconds`` shows a new event time T gives an upper
+bound (scrape time - T, within the 100 ms scrape period) of how long that event took to be
+exposed. Prints, per N, p50 / p99 / max of those latencies and the aggregator's CPU per
+worker (its CPU seconds over the step / step seconds / N), and the largest N whose p99 stays
+at or under 2 s (the goal is 1 s at the default settings for the fleet one aggregator serves).
+
+    python bench/fleet.py [seconds per step] [N1,N2,...]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from confluent_kafka import Producer  # noqa: E402
+
+from bench.aggregator import cpu_seconds  # noqa: E402
+from cli.devbroker import free_port  # noqa: E402
+from schemas import events as ev  # noqa: E402
+
+PARTS = 8
+
+
+class Worker:
+    def __init__(self, n: int) -> None:
+        self.job, self.inst = f"fleet-{n}", f"fw-{n}-{uuid.uuid4().hex[:4]}"
+        self.key = ev.event_key("backup", self.job).encode()
+        self.seq = 0
+        self.offsets = [0] * PARTS
+
+    def events(self, now: float, flush: bool) -> list[bytes]:
+        out = []
+
+        def emit(cls, **fields) -> None:
+            self.seq += 1
+            out.append(ev.encode(cls(instance=self.inst, seq=self.seq, ts=now, job=self.job, **fields)))
+
+        if self.seq == 0:
+            emit(ev.JobStarted, mode="continuous", topics=["t"])
+        if flush:
+            for p in range(PARTS):
+                start = self.offsets[p]
+                emit(ev.SegmentStored, topic="t", partition=p, start_offset=start, end_offset=start + 500,
+                     covers_from=start, records=500, bytes=50_000, uncompressed_bytes=60_000, stored_bytes=15_000,
+                     algorithm="zstd")
+                self.offsets[p] = start + 500
+            emit(ev.OffsetsCommitted, offsets=[ev.TopicPartitionOffset("t", p, self.offsets[p]) for p in range(PARTS)])
+        emit(ev.Progress, fetches=5, consumed=[ev.TopicConsumed("t", 1000, 100_000)],
+             partitions=[ev.PartitionProgress("t", p, self.offsets[p], self.offsets[p] + 100) for p in range(PARTS)])
+        return out
+
+
+LAST_SEEN = re.compile(rb'^kafka_backup_worker_last_seen_timestamp_seconds\{[^}]*worker="([^"]*)"[^}]*\} (\S+)',
+                       re.MULTILINE)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Each worker's last event time; a regex over the text, so the scraper keeps its 100 ms pace at large N."""
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read()
+    return {m.group(1).decode(): float(m.group(2)) for m in LAST_SEEN.finditer(text)}
+
+
+def main() -> None:
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 20
+    steps = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [50, 100, 200, 400, 800]
+    from cli.devbroker import DevBroker
+
+    logdir = tempfile.mkdtemp(prefix="bench-fleet-")
+    with DevBroker(log_path=os.path.join(logdir, "broker.log")) as broker:
+        bootstrap, app, port = broker.bootstrap, "fleet-" + uuid.uuid4().hex[:6], free_port()
+        procs = [subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                  stdout=open(os.path.join(logdir, f"{args[0]}.log"), "ab"), stderr=subprocess.STDOUT)
+                 for args in (["aggregate", "--bootstrap-servers", bootstrap, "--app-id", app, "--instance-id", app],
+                              ["exporter", "--bootstrap-servers", bootstrap, "--app-id", app, "--port", str(port)])]
+        agg = procs[0]
+        url = f"http://127.0.0.1:{port}/metrics"
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    scrape(url)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"exporter never ready; logs in {logdir}") from None
+                    time.sleep(0.5)
+            producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+            workers: list[Worker] = []
+            print(f"freshness at default settings, {seconds:.0f} s per step (logs in {logdir})")
+            best = 0
+            for n in steps:
+                workers += [Worker(i) for i in range(len(workers), n)]
+                seen: dict[str, float] = {}
+                fleet = {w.inst for w in workers}
+                latencies: list[float] = []
+                cpu0, t0 = cpu_seconds(agg.pid), time.monotonic()
+                next_poll = t0
+                cycle = 0
+                next_scrape = t0
+                while time.monotonic() - t0 < seconds:
+                    now = time.monotonic()
+                    if now >= next_poll:  # one poll cycle of every worker, spread over the 500 ms
+                        for w in workers:
+                            for value in w.events(time.time(), flush=cycle % 10 == 9):
+                                producer.produce("kafka-backup.telemetry", key=w.key, value=value)
+                        producer.poll(0)
+                        cycle += 1
+                        next_poll += 0.5
+                    if now >= next_scrape:
+                        t_scrape = time.time()
+                        for worker, ts in scrape(url).items():
+                            if worker not in fleet:
+                                continue
+                            if worker in seen and ts > seen[worker]:  # a first sighting may be an old event
+                                latencies.append(t_scrape - ts)
+                            seen[worker] = ts
+                        next_scrape += 0.1
+                    producer.poll(0.01)
+                elapsed = time.monotonic() - t0
+                cpu = (cpu_seconds(agg.pid) - cpu0) / elapsed
+                if not latencies:
+                    print(f"  N={n:5d}: no event exposed within the step")
+                    break
+                latencies.sort()
+                p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+                print(f"  N={n:5d}: {len(latencies):6d} samples, p50 {statistics.median(latencies):5.2f} s, "
+                      f"p99 {p99:5.2f} s, max {latencies[-1]:5.2f} s; aggregator CPU {cpu * 100:5.1f}% of a core, "
+                      f"{cpu / n * 1000:.2f} ms CPU/s per worker")
+                if p99 <= 2.0:
+                    best = n
+                else:
+                    break
+            print(f"  largest N kept fresh (p99 <= 2 s) by one aggregator worker: {best}")
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(30)
+
+
+if __name__ == "__main__":
+    main()
