@@ -25,8 +25,6 @@ connection serves one request (HTTP/1.0 semantics, as before).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import email.utils
 import errno
 import gzip
@@ -52,7 +50,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter.collector import EndpointCounters, StateCollector
-from exporter.webconfig import WebConfig
+from exporter.webconfig import CachedBasicAuth, WebConfig
 from schemas import catalogue as cat
 from schemas.config import HEALTH_PATH, Config, ConfigError
 
@@ -80,53 +78,21 @@ LANDING = """<!DOCTYPE html>
 """
 
 
-class BasicAuth:
-    """One user, its password as a bcrypt hash (or, deprecated, an unsalted SHA-256 digest).
-
-    Credentials are compared as bytes: ``hmac.compare_digest`` refuses ``str`` with non-ASCII
-    characters. A bcrypt check costs tens of milliseconds by design, so credentials that passed
-    once are remembered (by their SHA-256, never in clear), as Prometheus' exporter-toolkit does;
-    a wrong password pays the full price every time.
-    """
-
-    CACHE_MAX = 64
+class BasicAuth(CachedBasicAuth):
+    """One user, its password as a bcrypt hash (or, deprecated, an unsalted SHA-256 digest)."""
 
     def __init__(self, username: str, bcrypt_hash: bytes | None = None, sha256_hex: str | None = None) -> None:
+        super().__init__()
         self._user = username.encode("utf-8")
         self._bcrypt = bcrypt_hash
         self._sha256 = sha256_hex.encode() if sha256_hex else None
-        self._verified: set[bytes] = set()
-        self._lock = threading.Lock()
 
-    def check(self, header: str) -> str | None:
-        """None when ``header`` (the Authorization value) holds this user and password, else the reason."""
-        if not header:
-            return "missing"
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "basic":
-            return "malformed"
-        try:
-            raw = base64.b64decode(token.strip(), validate=True)
-        except binascii.Error:
-            return "malformed"
-        user, sep, password = raw.partition(b":")
-        if not sep:
-            return "malformed"
-        fingerprint = hashlib.sha256(raw).digest()
-        with self._lock:
-            if fingerprint in self._verified:
-                return None
+    def _verify(self, user: bytes, password: bytes) -> str | None:
         user_ok = hmac.compare_digest(user, self._user)
         password_ok = self._password_ok(password)  # checked even for a wrong user: same time either way
         if not user_ok:
             return "unknown_user"
-        if not password_ok:
-            return "wrong_password"
-        with self._lock:
-            if len(self._verified) >= self.CACHE_MAX:
-                self._verified.clear()
-            self._verified.add(fingerprint)
-        return None
+        return None if password_ok else "wrong_password"
 
     def _password_ok(self, password: bytes) -> bool:
         if self._bcrypt is not None:

@@ -59,28 +59,22 @@ HEADERS = ("Content-Security-Policy", "X-Frame-Options", "X-Content-Type-Options
            "Strict-Transport-Security")
 
 
-class UsersAuth:
-    """basic_auth_users: several users, each with a bcrypt hash; same ``check`` as server.BasicAuth.
-
-    An unknown user costs a bcrypt check too (against a throw-away hash), so response times do not
-    tell which user names exist. Credentials that passed once are remembered by their SHA-256.
+class CachedBasicAuth:
+    """Basic authentication: the ``Authorization`` header parsed, and credentials that passed once
+    remembered by their SHA-256 (never in clear), as exporter-toolkit does: a bcrypt check costs tens
+    of milliseconds by design, and a wrong password pays it every time. Subclasses say whether a
+    user and password are right (:meth:`_verify`). Credentials are compared as bytes:
+    ``hmac.compare_digest`` refuses ``str`` with non-ASCII characters.
     """
 
     CACHE_MAX = 64
-    _dummy: bytes | None = None
 
-    def __init__(self, users: dict[str, bytes]) -> None:
-        self._users = {u.encode("utf-8"): h for u, h in users.items()}
+    def __init__(self) -> None:
         self._verified: set[bytes] = set()
         self._lock = threading.Lock()
 
-    @classmethod
-    def _dummy_hash(cls) -> bytes:
-        if cls._dummy is None:
-            cls._dummy = bcrypt.hashpw(os.urandom(16).hex().encode(), bcrypt.gensalt(10))
-        return cls._dummy
-
     def check(self, header: str) -> str | None:
+        """None when ``header`` (the Authorization value) holds a right user and password, else the reason."""
         if not header:
             return "missing"
         scheme, _, token = header.partition(" ")
@@ -97,6 +91,38 @@ class UsersAuth:
         with self._lock:
             if fingerprint in self._verified:
                 return None
+        reason = self._verify(user, password)
+        if reason is None:
+            with self._lock:
+                if len(self._verified) >= self.CACHE_MAX:
+                    self._verified.clear()
+                self._verified.add(fingerprint)
+        return reason
+
+    def _verify(self, user: bytes, password: bytes) -> str | None:
+        raise NotImplementedError
+
+
+class UsersAuth(CachedBasicAuth):
+    """basic_auth_users: several users, each with a bcrypt hash; same ``check`` as server.BasicAuth.
+
+    An unknown user costs a bcrypt check too (against a throw-away hash), so response times do not
+    tell which user names exist.
+    """
+
+    _dummy: bytes | None = None
+
+    def __init__(self, users: dict[str, bytes]) -> None:
+        super().__init__()
+        self._users = {u.encode("utf-8"): h for u, h in users.items()}
+
+    @classmethod
+    def _dummy_hash(cls) -> bytes:
+        if cls._dummy is None:
+            cls._dummy = bcrypt.hashpw(os.urandom(16).hex().encode(), bcrypt.gensalt(10))
+        return cls._dummy
+
+    def _verify(self, user: bytes, password: bytes) -> str | None:
         hashed = next((h for u, h in self._users.items() if hmac.compare_digest(u, user)), None)
         try:
             ok = bcrypt.checkpw(password, hashed or self._dummy_hash())
@@ -104,13 +130,7 @@ class UsersAuth:
             ok = False
         if hashed is None:
             return "unknown_user"
-        if not ok:
-            return "wrong_password"
-        with self._lock:
-            if len(self._verified) >= self.CACHE_MAX:
-                self._verified.clear()
-            self._verified.add(fingerprint)
-        return None
+        return None if ok else "wrong_password"
 
 
 class Loaded:
