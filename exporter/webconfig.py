@@ -39,9 +39,8 @@ import threading
 from typing import Any
 
 import bcrypt
-import yaml
 
-from schemas.config import ConfigError
+from schemas.config import ConfigError, read_yaml
 
 log = logging.getLogger("kafka_backup.exporter")
 
@@ -168,14 +167,7 @@ def _string(path: str, field: str, value: Any) -> str:
 
 def load(path: str) -> Loaded:
     """Read and check the file; raise :class:`ConfigError` naming the field on any mistake."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
-    except OSError as err:
-        raise ConfigError(f"{KEY}: cannot read {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(f"{KEY}: {path}{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
+    raw = read_yaml(path, KEY)
     top = _mapping(path, "", raw, ("tls_server_config", "http_server_config", "basic_auth_users"),
                    ("rate_limit",))
     here = os.path.dirname(os.path.abspath(path))

@@ -426,6 +426,19 @@ def _check(cfg: Config) -> None:
                           f"authentication; choose another, e.g. /metrics ({flag})")
 
 
+def read_yaml(path: str, field: str) -> Any:
+    """A YAML file's content; an unreadable or invalid file is one line naming ``field``."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except OSError as err:
+        raise ConfigError(f"{field}: cannot read {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{field}: {path}{where} is not valid YAML") from None
+
+
 def load(path: str | None = None, overrides: dict[str, Any] | None = None,
          environ: Mapping[str, str] | None = None) -> Config:
     """Defaults, then the YAML file, then the environment (``environ``, default ``os.environ``), then
@@ -437,15 +450,7 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
     raw: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh)
-        except OSError as err:
-            raise ConfigError(f"--config: cannot read {path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"--config: {path}{where} is not valid YAML") from None
+        loaded = read_yaml(path, "--config")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
