@@ -9,7 +9,7 @@ topic and broker:
   into a bytes table (one table write per event, nothing else): the baseline;
 * ``read``: the same app without the table write (two marks, first and last event):
   what Faust's own per-event path costs, the ceiling of any agent;
-* ``ours``: the real aggregator (``python -m cli.main aggregate``).
+* ``ours``: the real aggregator (``python -m kafka_backup.cli.main aggregate``).
 
 Each is timed from its first changelog record to the changelog showing every
 event folded (for ``ours``: every job's dedup mark at its last ``seq``), so
@@ -40,8 +40,8 @@ sys.path.insert(0, ROOT)
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
-from schemas import events as ev  # noqa: E402
-from schemas.state import PIPELINE_PREFIX, decode_state  # noqa: E402
+from kafka_backup.schemas import events as ev  # noqa: E402
+from kafka_backup.schemas.state import PIPELINE_PREFIX, decode_state  # noqa: E402
 
 PARTITIONS = 4  # telemetry partitions
 JOB_PARTITIONS = 8  # source partitions per backup job
@@ -152,7 +152,7 @@ def measure(bootstrap: str, changelog: str, cmd: list[str], done, log_path: str)
         else:
             raise RuntimeError(f"{changelog} never appeared; see {log_path}")
         c.assign([TopicPartition(changelog, p, 0) for p in md.partitions])
-        if os.environ.get("BENCH_PYSPY") and "cli.main" in cmd:  # where the time goes: py-spy's collapsed stacks
+        if os.environ.get("BENCH_PYSPY") and "kafka_backup.cli.main" in cmd:  # where the time goes: py-spy's collapsed stacks
             subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "-d", "10", "-r", "250", "-f", "raw",
                               "-o", os.environ["BENCH_PYSPY"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         first = end = None
@@ -197,7 +197,7 @@ def main() -> None:
     broker = None
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
-        from cli.devbroker import DevBroker
+        from kafka_backup.cli.devbroker import DevBroker
 
         broker = DevBroker(log_path=os.path.join(tempfile.gettempdir(), "bench-aggregator-broker.log")).start()
         bootstrap = broker.bootstrap
@@ -234,7 +234,7 @@ def main() -> None:
 
             results["ours"].append(measure(
                 bootstrap, f"{app}-jobs-changelog",
-                [sys.executable, "-m", "cli.main", "aggregate", "--bootstrap-servers", bootstrap, "--app-id", app,
+                [sys.executable, "-m", "kafka_backup.cli.main", "aggregate", "--bootstrap-servers", bootstrap, "--app-id", app,
                  "--instance-id", app, "--telemetry-topic", topic, "--telemetry-partitions", str(PARTITIONS),
                  *extra],
                 folded, os.path.join(logdir, f"ours-{r}.log")))

@@ -4,7 +4,7 @@ Fills a topic, then alternates, ``repeats`` times:
 
 * ``bare``: a consumer (new group, from the earliest offset) calling ``consume(1000)`` until it
   has seen every record, touching each record's key and value: the ceiling of any Python backup;
-* ``ours``: ``python -m cli.main backup`` (one-shot, zstd, telemetry on to the same broker, file
+* ``ours``: ``python -m kafka_backup.cli.main backup`` (one-shot, zstd, telemetry on to the same broker, file
   storage in a temp dir).
 
 Each runs in its own process; wall time and CPU time (user + system, from ``wait4``) cover the
@@ -87,7 +87,7 @@ def main() -> None:
     broker = None
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
-        from cli.devbroker import DevBroker
+        from kafka_backup.cli.devbroker import DevBroker
 
         broker = DevBroker(log_path=os.path.join(tempfile.gettempdir(), "bench-backup-broker.log")).start()
         bootstrap = broker.bootstrap
@@ -109,7 +109,7 @@ def main() -> None:
         def ours(source: str, log: str, spy: list[str]) -> dict:
             store = os.path.join(work, "store")
             try:
-                return timed([*spy, sys.executable, "-m", "cli.main", "backup", "--bootstrap-servers", bootstrap,
+                return timed([*spy, sys.executable, "-m", "kafka_backup.cli.main", "backup", "--bootstrap-servers", bootstrap,
                               "--topics", source, "--backup-id", "bench-" + uuid.uuid4().hex[:6],
                               "--storage", f"file://{store}", "--compression", "zstd"], os.path.join(work, log))
             finally:

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from producers import layout  # noqa: E402
+from kafka_backup.producers import layout  # noqa: E402
 
 BACKUP, TOPIC, PARTITION = "orders-prod", "orders", 7
 N = 10_000

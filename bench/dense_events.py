@@ -14,9 +14,9 @@ from __future__ import annotations
 import sys
 import time
 
-from schemas import events as ev
-from schemas.state import decode_state, encode_state
-from streams import fold
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.state import decode_state, encode_state
+from kafka_backup.streams import fold
 
 
 def cycles_dense(partitions: int, cycles: int) -> list[bytes]:

@@ -17,9 +17,9 @@ import time
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from exporter.collector import StateCollector
-from schemas import events as ev
-from streams import fold
+from kafka_backup.exporter.collector import StateCollector
+from kafka_backup.schemas import events as ev
+from kafka_backup.streams import fold
 
 T0 = 1_790_000_000.0
 

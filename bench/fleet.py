@@ -34,8 +34,8 @@ sys.path.insert(0, ROOT)
 from confluent_kafka import Producer  # noqa: E402
 
 from bench.aggregator import cpu_seconds  # noqa: E402
-from cli.devbroker import free_port  # noqa: E402
-from schemas import events as ev  # noqa: E402
+from kafka_backup.cli.devbroker import free_port  # noqa: E402
+from kafka_backup.schemas import events as ev  # noqa: E402
 
 PARTS = 8
 
@@ -83,12 +83,12 @@ def scrape(url: str) -> dict[str, float]:
 def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 20
     steps = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [50, 100, 200, 400, 800]
-    from cli.devbroker import DevBroker
+    from kafka_backup.cli.devbroker import DevBroker
 
     logdir = tempfile.mkdtemp(prefix="bench-fleet-")
     with DevBroker(log_path=os.path.join(logdir, "broker.log")) as broker:
         bootstrap, app, port = broker.bootstrap, "fleet-" + uuid.uuid4().hex[:6], free_port()
-        procs = [subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+        procs = [subprocess.Popen([sys.executable, "-m", "kafka_backup.cli.main", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
                                   stdout=open(os.path.join(logdir, f"{args[0]}.log"), "ab"), stderr=subprocess.STDOUT)
                  for args in (["aggregate", "--bootstrap-servers", bootstrap, "--app-id", app, "--instance-id", app],
                               ["exporter", "--bootstrap-servers", bootstrap, "--app-id", app, "--port", str(port)])]

@@ -13,7 +13,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cli.devbroker import DevBroker  # noqa: E402
+from kafka_backup.cli.devbroker import DevBroker  # noqa: E402
 from tests.conftest import Pipeline, backup, create_topic, produce, unique  # noqa: E402
 
 

@@ -5,7 +5,7 @@ Fills a topic and backs it up (zstd, file storage), then alternates, ``repeats``
 * ``bare``: one process producing the same records (key, value, one header, same
   partitions) from memory with an idempotent producer (``linger.ms`` 5, as the restore), one
   ``flush()`` at the end: the ceiling of any restore;
-* ``ours``: ``python -m cli.main restore`` of the backup into a new topic (segments read,
+* ``ours``: ``python -m kafka_backup.cli.main restore`` of the backup into a new topic (segments read,
   checked and decoded, checkpoints written, telemetry on).
 
 Whole processes are timed (wall, and CPU from ``wait4``); the same two commands on an empty
@@ -56,7 +56,7 @@ def main() -> None:
     broker = None
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
-        from cli.devbroker import DevBroker
+        from kafka_backup.cli.devbroker import DevBroker
 
         broker = DevBroker(log_path=os.path.join(tempfile.gettempdir(), "bench-restore-broker.log")).start()
         bootstrap = broker.bootstrap
@@ -67,7 +67,7 @@ def main() -> None:
             topic = f"bench-src-{name}-" + uuid.uuid4().hex[:6]
             fill(bootstrap, topic, partitions, n)
             bid = f"bench-{name}-" + uuid.uuid4().hex[:6]
-            timed([sys.executable, "-m", "cli.main", "backup", "--bootstrap-servers", bootstrap, "--topics", topic,
+            timed([sys.executable, "-m", "kafka_backup.cli.main", "backup", "--bootstrap-servers", bootstrap, "--topics", topic,
                    "--backup-id", bid, "--storage", f"file://{work}/store", "--compression", "zstd"],
                   os.path.join(work, f"backup-{name}.log"))
             sources[name] = (topic, bid, n)
@@ -84,7 +84,7 @@ def main() -> None:
                 spy = (["py-spy", "record", "-r", "200", "-f", "raw", "-o", os.environ["BENCH_PYSPY"], "--"]
                        if os.environ.get("BENCH_PYSPY") and r == 0 and not suffix else [])
                 runs["ours" + suffix].append(timed(
-                    [*spy, sys.executable, "-m", "cli.main", "restore", "--bootstrap-servers", bootstrap,
+                    [*spy, sys.executable, "-m", "kafka_backup.cli.main", "restore", "--bootstrap-servers", bootstrap,
                      "--backup-id", bid, "--storage", f"file://{work}/store", "--restore-id", f"r{r}",
                      "--topic-map", f"{topic}:{topic}-ours-{r}"], os.path.join(work, f"ours{suffix}-{r}.log")))
         print(f"{records} records on {partitions} partitions, {repeats} runs each, whole process "

@@ -15,7 +15,7 @@ import tempfile
 import time
 from importlib.resources import files
 
-from schemas.config import ConfigError
+from kafka_backup.schemas.config import ConfigError
 
 
 def free_port(host: str = "127.0.0.1") -> int:

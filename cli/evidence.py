@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from schemas.config import ConfigError
+from kafka_backup.schemas.config import ConfigError
 
 
 def _read(path: str, field: str) -> bytes:

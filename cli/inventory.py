@@ -7,9 +7,9 @@ import datetime as dt
 import sys
 from typing import TextIO
 
-from producers import inventory, layout
-from producers.storage import Storage, StorageError, open_backend
-from schemas.config import Config, require_safe_id
+from kafka_backup.producers import inventory, layout
+from kafka_backup.producers.storage import Storage, StorageError, open_backend
+from kafka_backup.schemas.config import Config, require_safe_id
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,9 +15,17 @@ import os
 import sys
 from typing import Any
 
-from schemas import logs
-from schemas.config import Config, ConfigError, env_for, flag_for, keys_for, load, require_safe_id
-from schemas.kafka_admin import register, source_security, telemetry_security
+from kafka_backup.schemas import logs
+from kafka_backup.schemas.config import (
+    Config,
+    ConfigError,
+    env_for,
+    flag_for,
+    keys_for,
+    load,
+    require_safe_id,
+)
+from kafka_backup.schemas.kafka_admin import register, source_security, telemetry_security
 
 ENV_BOOTSTRAP = "KAFKA_BOOTSTRAP_SERVERS"
 
@@ -150,7 +158,7 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str) -> None:
 
 def version_line() -> str:
     """``kafka-backup --version``: this package and the libraries that decide its behaviour."""
-    from schemas.build import build_info
+    from kafka_backup.schemas.build import build_info
 
     info = build_info()
     return (f"kafka-backup {info['version']} (python {info['python']}, faust {info['faust']}, "
@@ -182,10 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_flags(sub.add_parser(name, help=help_), name)
     p = sub.add_parser("replay", help="fold the telemetry log again offline: metrics at --to and an audit report")
     _add_config_flags(p, "replay")
-    from cli.replay import add_arguments
+    from kafka_backup.cli.replay import add_arguments
 
     add_arguments(p)
-    from cli.inventory import add_arguments as add_inventory_arguments
+    from kafka_backup.cli.inventory import add_arguments as add_inventory_arguments
 
     for name, help_ in [("list", "one line per backup in a storage location (metadata only)"),
                         ("describe", "one backup, per partition: offsets, gaps, records, times, verification")]:
@@ -194,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_inventory_arguments(p)
     p = sub.add_parser("status", help="the fleet at a glance: one row per job, read from the state topic")
     _add_config_flags(p, "status")
-    from cli.status import add_arguments as add_status_arguments
+    from kafka_backup.cli.status import add_arguments as add_status_arguments
 
     add_status_arguments(p)
     p = sub.add_parser("up", help="broker + demo workload + backup + aggregator + exporter, until Ctrl-C")
@@ -224,8 +232,8 @@ def _require_bootstrap(cfg: Config) -> None:
 
 
 def cmd_backup(cfg: Config) -> int:
-    from producers.backup import run_backup
-    from producers.storage import Storage, open_backend
+    from kafka_backup.producers.backup import run_backup
+    from kafka_backup.producers.storage import Storage, open_backend
 
     _require_bootstrap(cfg)
     require_safe_id("backup.backup_id", cfg.backup.backup_id)
@@ -238,7 +246,7 @@ def cmd_backup(cfg: Config) -> int:
 
 
 def cmd_aggregate(cfg: Config, logging_config: dict[str, Any]) -> int:
-    from streams.app import run
+    from kafka_backup.streams.app import run
 
     _require_bootstrap(cfg)
     require_safe_id("aggregator.app_id", cfg.aggregator.app_id)
@@ -249,7 +257,7 @@ def cmd_aggregate(cfg: Config, logging_config: dict[str, Any]) -> int:
 def cmd_exporter(cfg: Config) -> int:
     import socket
 
-    from exporter.main import run
+    from kafka_backup.exporter.main import run
 
     _require_bootstrap(cfg)
     logs.set_context(job=cfg.aggregator.app_id, instance=f"exporter@{socket.gethostname()}")
@@ -258,8 +266,8 @@ def cmd_exporter(cfg: Config) -> int:
 
 
 def cmd_restore(cfg: Config, dry_run: bool = False) -> int:
-    from producers.restore import run_restore
-    from producers.storage import Storage, open_backend
+    from kafka_backup.producers.restore import run_restore
+    from kafka_backup.producers.storage import Storage, open_backend
 
     _require_bootstrap(cfg)
     require_safe_id("restore.restore_id", cfg.restore.restore_id)
@@ -271,8 +279,8 @@ def cmd_restore(cfg: Config, dry_run: bool = False) -> int:
 
 
 def cmd_verify(cfg: Config) -> int:
-    from producers.storage import Storage, open_backend
-    from producers.verify import run_verify
+    from kafka_backup.producers.storage import Storage, open_backend
+    from kafka_backup.producers.verify import run_verify
 
     require_safe_id("verify.backup_id", cfg.verify.backup_id)
     logs.set_context(job=cfg.verify.backup_id)
@@ -282,12 +290,12 @@ def cmd_verify(cfg: Config) -> int:
 
 
 def cmd_offset_reset(cfg: Config) -> int:
-    from producers.offset_reset import run_offset_reset
+    from kafka_backup.producers.offset_reset import run_offset_reset
 
     _require_bootstrap(cfg)
     if cfg.offset_reset.from_backup:
-        from producers.offset_follow import run_offset_follow, validate
-        from producers.storage import Storage, open_backend
+        from kafka_backup.producers.offset_follow import run_offset_follow, validate
+        from kafka_backup.producers.storage import Storage, open_backend
 
         validate(cfg.offset_reset)
         storage = Storage(open_backend(cfg.offset_reset.storage, cfg.offset_reset.s3_endpoint_url,
@@ -304,7 +312,7 @@ def cmd_dev_broker(port: int, data_dir: str | None) -> int:
     import signal
     import threading
 
-    from cli.devbroker import DevBroker
+    from kafka_backup.cli.devbroker import DevBroker
 
     broker = DevBroker(port=port, data_dir=data_dir).start()
     print(f"dev-broker: Kafka on {broker.bootstrap} (Ctrl-C stops it)", flush=True)
@@ -319,8 +327,8 @@ def cmd_dev_broker(port: int, data_dir: str | None) -> int:
 
 def with_metrics_output(cfg: Config, command) -> int:
     """Run a worker, keeping its events, and write its metrics when it ends, whatever the outcome."""
-    from cli import metrics_output
-    from producers.telemetry import keep_run_events
+    from kafka_backup.cli import metrics_output
+    from kafka_backup.producers.telemetry import keep_run_events
 
     metrics_output.check_writable(cfg.run.metrics_output)
     events = keep_run_events()
@@ -359,19 +367,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "exporter":
             return cmd_exporter(cfg)
         if args.command == "replay":
-            from cli.replay import run_replay
+            from kafka_backup.cli.replay import run_replay
 
             return run_replay(cfg, args)
         if args.command in ("list", "describe"):
-            from cli.inventory import run_describe, run_list
+            from kafka_backup.cli.inventory import run_describe, run_list
 
             return (run_list if args.command == "list" else run_describe)(cfg, args)
         if args.command == "status":
-            from cli.status import run_status
+            from kafka_backup.cli.status import run_status
 
             return run_status(cfg, args)
         if args.command == "up":
-            from cli.up import run_up
+            from kafka_backup.cli.up import run_up
 
             return run_up(cfg, overrides_of(args), getattr(args, "config", None))
     except ConfigError as err:
@@ -380,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as err:  # a failed run: one line, the details are in the log above
-        from producers.backup import BackupFailed, BackupInterrupted
+        from kafka_backup.producers.backup import BackupFailed, BackupInterrupted
 
         if isinstance(err, BackupFailed):
             outcome = "interrupted" if isinstance(err, BackupInterrupted) else "failed"

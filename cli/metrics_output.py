@@ -20,10 +20,10 @@ import tempfile
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.utils import floatToGoString
 
-from exporter.collector import StateCollector
-from schemas.config import Config, ConfigError
-from streams import fold
-from streams.replay import LogRecord, replay, snapshot
+from kafka_backup.exporter.collector import StateCollector
+from kafka_backup.schemas.config import Config, ConfigError
+from kafka_backup.streams import fold
+from kafka_backup.streams.replay import LogRecord, replay, snapshot
 
 
 def check_writable(path: str) -> None:

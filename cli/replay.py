@@ -14,13 +14,13 @@ import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from cli import evidence
-from exporter.collector import StateCollector
-from schemas import signing
-from schemas.config import Config, ConfigError, require_safe_id
-from schemas.times import parse_time
-from streams import audit, fold
-from streams.replay import read_log, read_topic, replay, snapshot, write_log
+from kafka_backup.cli import evidence
+from kafka_backup.exporter.collector import StateCollector
+from kafka_backup.schemas import signing
+from kafka_backup.schemas.config import Config, ConfigError, require_safe_id
+from kafka_backup.schemas.times import parse_time
+from kafka_backup.streams import audit, fold
+from kafka_backup.streams.replay import read_log, read_topic, replay, snapshot, write_log
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

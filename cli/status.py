@@ -12,9 +12,9 @@ import sys
 import time
 from typing import TextIO
 
-from exporter import status
-from exporter.state_reader import StateReader
-from schemas.config import Config, ConfigError
+from kafka_backup.exporter import status
+from kafka_backup.exporter.state_reader import StateReader
+from kafka_backup.schemas.config import Config, ConfigError
 
 STATUS_STYLE = {"OK": "green", "WARN": "yellow", "STALL": "red", "STOP": "red", "ERROR": "bold red"}
 READY_TIMEOUT_S = 30.0

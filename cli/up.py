@@ -20,9 +20,9 @@ import yaml
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from cli.devbroker import DevBroker
-from schemas.config import Config, env_for, keys_for
-from schemas.kafka_admin import client_config, ensure_topic
+from kafka_backup.cli.devbroker import DevBroker
+from kafka_backup.schemas.config import Config, env_for, keys_for
+from kafka_backup.schemas.kafka_admin import client_config, ensure_topic
 
 DEMO_TOPIC = "demo.orders"
 DEMO_PARTITIONS = 3
@@ -89,7 +89,7 @@ def child_commands(cfg: Config, overrides: dict[str, Any], config_path: str | No
     Everything else ``up`` was given (security, telemetry topic, signing key, auth, log format ...)
     reaches them through :func:`child_env`; the flags here win over it.
     """
-    me = [sys.executable, "-m", "cli.main"]
+    me = [sys.executable, "-m", "kafka_backup.cli.main"]
     conf = ["--config", config_path] if config_path else []
     receive = _receive(cfg, embedded)
     common = _common(cfg, bootstrap, embedded)

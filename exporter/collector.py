@@ -29,9 +29,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from schemas import catalogue as cat
-from schemas.build import build_info
-from schemas.state import (
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas.build import build_info
+from kafka_backup.schemas.state import (
     FETCHES_TOPIC,
     SIZE_WINDOW_MINUTES,
     Histogram,

@@ -6,9 +6,9 @@ import signal
 import sys
 import threading
 
-from exporter.server import serve
-from exporter.state_reader import StateReader
-from schemas.config import Config, ConfigError, flag_for
+from kafka_backup.exporter.server import serve
+from kafka_backup.exporter.state_reader import StateReader
+from kafka_backup.schemas.config import Config, ConfigError, flag_for
 
 
 def run(cfg: Config) -> None:

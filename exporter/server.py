@@ -49,10 +49,10 @@ import bcrypt
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from exporter.collector import EndpointCounters, StateCollector
-from exporter.webconfig import CachedBasicAuth, WebConfig
-from schemas import catalogue as cat
-from schemas.config import HEALTH_PATH, Config, ConfigError
+from kafka_backup.exporter.collector import EndpointCounters, StateCollector
+from kafka_backup.exporter.webconfig import CachedBasicAuth, WebConfig
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas.config import HEALTH_PATH, Config, ConfigError
 
 log = logging.getLogger("kafka_backup.exporter")
 

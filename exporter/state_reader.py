@@ -18,9 +18,9 @@ from typing import Any
 import msgspec
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from schemas.kafka_admin import client_config
-from schemas.state import PIPELINE_PREFIX, decode_pipeline, decode_state
-from schemas.topics import state_topic
+from kafka_backup.schemas.kafka_admin import client_config
+from kafka_backup.schemas.state import PIPELINE_PREFIX, decode_pipeline, decode_state
+from kafka_backup.schemas.topics import state_topic
 
 log = logging.getLogger("kafka_backup.exporter")
 rdkafka_log = logging.getLogger("kafka_backup.exporter.rdkafka")

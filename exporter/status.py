@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from exporter.collector import StateCollector, backup_status
-from schemas import catalogue as cat
-from schemas.state import JobState
+from kafka_backup.exporter.collector import StateCollector, backup_status
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas.state import JobState
 
 JSON_VERSION = 1
 HEALTHY = "OK"

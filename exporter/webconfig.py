@@ -40,7 +40,7 @@ from typing import Any
 
 import bcrypt
 
-from schemas.config import ConfigError, read_yaml
+from kafka_backup.schemas.config import ConfigError, read_yaml
 
 log = logging.getLogger("kafka_backup.exporter")
 

@@ -29,13 +29,13 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from producers import group_offsets, layout, segments, topic_configs
-from producers.storage import OpReport, Storage, StorageError
-from producers.telemetry import Emitter, classify_kafka_error, run_reporting
-from schemas import events as ev
-from schemas.config import BackupConfig, ConfigError
-from schemas.kafka_admin import client_config
-from schemas.topics import consumer_group
+from kafka_backup.producers import group_offsets, layout, segments, topic_configs
+from kafka_backup.producers.storage import OpReport, Storage, StorageError
+from kafka_backup.producers.telemetry import Emitter, classify_kafka_error, run_reporting
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.config import BackupConfig, ConfigError
+from kafka_backup.schemas.kafka_admin import client_config
+from kafka_backup.schemas.topics import consumer_group
 
 log = logging.getLogger("kafka_backup.backup")
 

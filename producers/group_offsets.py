@@ -14,8 +14,8 @@ import time
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from producers import layout
-from schemas.topics import consumer_group
+from kafka_backup.producers import layout
+from kafka_backup.schemas.topics import consumer_group
 
 ALL = "*"
 OWN_PREFIX = consumer_group("")  # "kafka-backup.": the backups' own groups are not the applications'

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import msgspec
 
-from producers import layout
-from producers.storage import Storage, StorageError
-from schemas.config import ConfigError
+from kafka_backup.producers import layout
+from kafka_backup.producers.storage import Storage, StorageError
+from kafka_backup.schemas.config import ConfigError
 
 JSON_VERSION = 1
 

@@ -39,8 +39,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from producers import segments
-from producers.segments import SUFFIX
+from kafka_backup.producers import segments
+from kafka_backup.producers.segments import SUFFIX
 
 LAYOUT_VERSION = 2
 CHUNK_SEGMENTS = 64  # segments per sealed index chunk; the head holds fewer

@@ -36,14 +36,14 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from producers import layout
-from producers.offset_reset import NOT_EMPTY, UNSUPPORTED, OffsetResetFailed
-from producers.restore import parse_topic_map, resolve_topic_map
-from producers.storage import Storage, StorageError
-from producers.telemetry import Emitter
-from schemas import events as ev
-from schemas.config import ConfigError, OffsetResetConfig, TelemetryConfig, require_safe_id
-from schemas.kafka_admin import client_config
+from kafka_backup.producers import layout
+from kafka_backup.producers.offset_reset import NOT_EMPTY, UNSUPPORTED, OffsetResetFailed
+from kafka_backup.producers.restore import parse_topic_map, resolve_topic_map
+from kafka_backup.producers.storage import Storage, StorageError
+from kafka_backup.producers.telemetry import Emitter
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.config import ConfigError, OffsetResetConfig, TelemetryConfig, require_safe_id
+from kafka_backup.schemas.kafka_admin import client_config
 
 log = logging.getLogger("kafka_backup.offset_follow")
 

@@ -36,12 +36,12 @@ import time
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from producers.backup import BackupFailed
-from producers.telemetry import Emitter
-from schemas import events as ev
-from schemas.config import ConfigError, OffsetResetConfig, TelemetryConfig
-from schemas.kafka_admin import client_config, serve_logs
-from schemas.times import parse_time
+from kafka_backup.producers.backup import BackupFailed
+from kafka_backup.producers.telemetry import Emitter
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.config import ConfigError, OffsetResetConfig, TelemetryConfig
+from kafka_backup.schemas.kafka_admin import client_config, serve_logs
+from kafka_backup.schemas.times import parse_time
 
 log = logging.getLogger("kafka_backup.offset_reset")
 

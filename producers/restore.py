@@ -67,13 +67,13 @@ from itertools import islice
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from producers import layout, segments, topic_configs
-from producers.backup import BackupFailed, BackupInterrupted, metadata_failure
-from producers.storage import FileBackend, OpReport, Storage, StorageError
-from producers.telemetry import Emitter, classify_kafka_error, run_reporting
-from schemas import events as ev
-from schemas.config import ConfigError, RestoreConfig, TelemetryConfig
-from schemas.kafka_admin import client_config
+from kafka_backup.producers import layout, segments, topic_configs
+from kafka_backup.producers.backup import BackupFailed, BackupInterrupted, metadata_failure
+from kafka_backup.producers.storage import FileBackend, OpReport, Storage, StorageError
+from kafka_backup.producers.telemetry import Emitter, classify_kafka_error, run_reporting
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.config import ConfigError, RestoreConfig, TelemetryConfig
+from kafka_backup.schemas.kafka_admin import client_config
 
 log = logging.getLogger("kafka_backup.restore")
 
@@ -950,7 +950,7 @@ def _estimate(worker: RestoreWorker, remaining: int) -> str:
 
 def run_dry(bootstrap: str, rcfg: RestoreConfig, storage: Storage, out=None) -> int:
     """``restore --dry-run``: print the plan; exit 1 when the real restore would refuse to start."""
-    from producers.verify import NullEmitter
+    from kafka_backup.producers.verify import NullEmitter
 
     out = out or sys.stdout
     worker = RestoreWorker(bootstrap, rcfg, storage, NullEmitter())

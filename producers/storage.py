@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from schemas.config import ConfigError
+from kafka_backup.schemas.config import ConfigError
 
 TRANSIENT = frozenset({"timeout", "quota", "unknown"})
 

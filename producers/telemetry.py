@@ -22,12 +22,12 @@ from collections.abc import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from producers.spool import Spool
-from producers.storage import OpReport, StorageError
-from schemas import events as ev
-from schemas import logs, signing
-from schemas.config import TelemetryConfig
-from schemas.kafka_admin import client_config, ensure_telemetry_topic
+from kafka_backup.producers.spool import Spool
+from kafka_backup.producers.storage import OpReport, StorageError
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas import logs, signing
+from kafka_backup.schemas.config import TelemetryConfig
+from kafka_backup.schemas.kafka_admin import client_config, ensure_telemetry_topic
 
 log = logging.getLogger("kafka_backup.telemetry")
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource
 
-from producers.layout import TOPIC_CONFIG_KEYS, TopicSnapshot
+from kafka_backup.producers.layout import TOPIC_CONFIG_KEYS, TopicSnapshot
 
 FOREVER = 2**63 - 1  # Kafka's Long.MAX_VALUE: no limit
 

@@ -30,11 +30,11 @@ import sys
 import time
 from typing import TextIO
 
-from producers import layout
-from producers.backup import BackupFailed, BackupInterrupted, metadata_failure
-from producers.storage import FileBackend, OpReport, Storage, StorageError
-from schemas import events as ev
-from schemas.config import ConfigError, VerifyConfig
+from kafka_backup.producers import layout
+from kafka_backup.producers.backup import BackupFailed, BackupInterrupted, metadata_failure
+from kafka_backup.producers.storage import FileBackend, OpReport, Storage, StorageError
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.config import ConfigError, VerifyConfig
 
 log = logging.getLogger("kafka_backup.verify")
 
@@ -226,7 +226,7 @@ class VerifyWorker:
 
 
 def run_verify(telemetry_bootstrap: str, cfg: VerifyConfig, tcfg, storage: Storage, out: TextIO | None = None) -> int:
-    from producers.telemetry import Emitter, run_reporting
+    from kafka_backup.producers.telemetry import Emitter, run_reporting
 
     if telemetry_bootstrap:
         emitter = Emitter(telemetry_bootstrap, tcfg, "verify", cfg.backup_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
-from schemas import __version__
+from kafka_backup.schemas import __version__
 
 
 def _dist_version(name: str) -> str:

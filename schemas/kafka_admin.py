@@ -17,7 +17,7 @@ import msgspec
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from schemas.config import ConfigError, KafkaConfig, TelemetryConfig
+from kafka_backup.schemas.config import ConfigError, KafkaConfig, TelemetryConfig
 
 
 class Security(msgspec.Struct, frozen=True):

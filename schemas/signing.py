@@ -14,7 +14,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
 
-from schemas.config import ConfigError
+from kafka_backup.schemas.config import ConfigError
 
 HEADER = "kafka-backup-sig"
 MIN_KEY_BYTES = 16

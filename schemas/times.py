@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from schemas.config import ConfigError
+from kafka_backup.schemas.config import ConfigError
 
 
 def parse_time(field: str, value: str | int | None) -> float | None:

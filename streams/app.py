@@ -29,26 +29,32 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from faust.exceptions import PartitionsMismatch
 
-from schemas import events as ev
-from schemas import logs, signing
-from schemas.config import Config, ConfigError
-from schemas.kafka_admin import Security, client_config, ensure_telemetry_topic, security_for, serve_logs
-from schemas.state import (
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas import logs, signing
+from kafka_backup.schemas.config import Config, ConfigError
+from kafka_backup.schemas.kafka_admin import (
+    Security,
+    client_config,
+    ensure_telemetry_topic,
+    security_for,
+    serve_logs,
+)
+from kafka_backup.schemas.state import (
     PipelineState,
     decode_pipeline,
     encode_state,
     pipeline_key,
 )
-from schemas.topics import STATE_TABLE, state_topic
-from streams import fold
-from streams.guards import (
+from kafka_backup.schemas.topics import STATE_TABLE, state_topic
+from kafka_backup.streams import fold
+from kafka_backup.streams.guards import (
     ChangelogBarrier,
     OffsetGuard,
     check_faust_version,
     verify_copartitioned,
     write_outside_event,
 )
-from streams.working import WorkingSet
+from kafka_backup.streams.working import WorkingSet
 
 log = logging.getLogger("kafka_backup.aggregator")
 
@@ -394,7 +400,7 @@ def faust_credentials(sec: Security):
         if str(conf.get("ssl.endpoint.identification.algorithm", "https")).lower() == "none":
             context.check_hostname = False
     if oauth:
-        from streams.oidc import OidcTokenProvider, parse_extensions
+        from kafka_backup.streams.oidc import OidcTokenProvider, parse_extensions
 
         provider = OidcTokenProvider(str(conf.get("sasl.oauthbearer.token.endpoint.url", "")),
                                      str(conf.get("sasl.oauthbearer.client.id", "")),

@@ -12,9 +12,9 @@ import datetime as dt
 
 import msgspec
 
-from schemas import events as ev
-from schemas.state import PartitionState
-from streams.replay import Replay
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.state import PartitionState
+from kafka_backup.streams.replay import Replay
 
 REPORT_VERSION = 1
 

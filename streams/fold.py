@@ -16,9 +16,9 @@ value they protect:
 
 from __future__ import annotations
 
-from schemas import catalogue as cat
-from schemas import events as ev
-from schemas.state import (
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.state import (
     FETCHES_TOPIC,
     SIZE_WINDOW_MINUTES,
     STATUS_SAMPLE_EVERY_S,

@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from schemas.config import ConfigError
+from kafka_backup.schemas.config import ConfigError
 
 log = logging.getLogger("kafka_backup.aggregator")
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import msgspec
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from schemas import events as ev
-from schemas import signing
-from schemas.kafka_admin import client_config
-from schemas.state import JobState, PipelineState, decode_state
-from streams import fold
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas import signing
+from kafka_backup.schemas.kafka_admin import client_config
+from kafka_backup.schemas.state import JobState, PipelineState, decode_state
+from kafka_backup.streams import fold
 
 
 class LogRecord(msgspec.Struct, array_like=True):

@@ -21,9 +21,9 @@ since the last measurement could cross ``max_state_bytes``.
 
 from __future__ import annotations
 
-from schemas import events as ev
-from schemas.state import JobState, decode_state, encode_state
-from streams import fold
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.state import JobState, decode_state, encode_state
+from kafka_backup.streams import fold
 
 GROWTH_PER_EVENT = 4096
 GROWTH_PER_BYTE = 16

@@ -25,7 +25,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from moto.server import ThreadedMotoServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.devbroker import DevBroker, free_port
+from kafka_backup.cli.devbroker import DevBroker, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,7 +155,7 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[i
 
 
 def cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "kafka_backup.cli.main", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -207,7 +207,7 @@ class Proc:
 
     def start(self) -> Proc:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", *self.args], cwd=ROOT, stdout=log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "kafka_backup.cli.main", *self.args], cwd=ROOT, stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return self
 
@@ -294,9 +294,9 @@ class Pipeline:
         A marker event goes to every partition (events of other tests, still being read by a
         pipeline that started late, land in shared series such as storage latency by backend).
         """
-        from schemas import catalogue as cat
-        from schemas import events as ev
-        from schemas.topics import TELEMETRY_TOPIC
+        from kafka_backup.schemas import catalogue as cat
+        from kafka_backup.schemas import events as ev
+        from kafka_backup.schemas.topics import TELEMETRY_TOPIC
 
         topic = topic or TELEMETRY_TOPIC
         admin = AdminClient({"bootstrap.servers": self.bootstrap})

@@ -9,7 +9,7 @@ def test_recovery_watchdog_restarts_only_a_stalled_recovery():
     from collections import Counter
     from types import SimpleNamespace
 
-    from streams.app import recovery_watchdog
+    from kafka_backup.streams.app import recovery_watchdog
 
     def fake_app(offsets):
         return SimpleNamespace(in_recovery=True, tables=SimpleNamespace(recovery=SimpleNamespace(
@@ -35,7 +35,7 @@ def test_commit_waits_for_every_table_write_even_when_fausts_flush_gives_up():
 
     from faust.transport.producer import ProducerBuffer
 
-    from streams.guards import ChangelogBarrier
+    from kafka_backup.streams.guards import ChangelogBarrier
 
     async def scenario():
         buffer = ProducerBuffer()
@@ -75,7 +75,7 @@ def test_barrier_refuses_to_commit_past_a_failed_write_and_holds_for_a_slow_one(
 
     import pytest
 
-    from streams.guards import ChangelogBarrier, ChangelogWriteFailed
+    from kafka_backup.streams.guards import ChangelogBarrier, ChangelogWriteFailed
 
     restarts = []
 
@@ -110,7 +110,7 @@ def test_barrier_refuses_to_commit_past_a_failed_write_and_holds_for_a_slow_one(
 
 
 def test_offset_guard_folds_in_order_skips_redeliveries_and_spots_holes():
-    from streams.guards import OffsetGuard
+    from kafka_backup.streams.guards import OffsetGuard
 
     starts = {0: 40, 1: 0}
     guard = OffsetGuard("telemetry", starts.__getitem__)
@@ -134,7 +134,7 @@ def test_offset_guard_holds_commits_back_to_what_was_folded():
 
     from faust.types import TP
 
-    from streams.guards import OffsetGuard
+    from kafka_backup.streams.guards import OffsetGuard
 
     guard = OffsetGuard("telemetry", lambda p: 0)
     sent = []
@@ -155,7 +155,7 @@ def test_offset_guard_holds_commits_back_to_what_was_folded():
 def test_skipped_records_hold_the_commit_until_their_count_is_written():
     from faust.types import TP
 
-    from streams.guards import OffsetGuard
+    from kafka_backup.streams.guards import OffsetGuard
 
     guard = OffsetGuard("telemetry", lambda p: 0)
     guard.admit(0, 0)
@@ -170,7 +170,7 @@ def test_skipped_records_hold_the_commit_until_their_count_is_written():
 def test_skip_counts_flush_in_batches_and_log_a_bounded_escaped_line(caplog, monkeypatch):
     import logging
 
-    from streams import app
+    from kafka_backup.streams import app
 
     clock = [1000.0]
     monkeypatch.setattr(app.time, "monotonic", lambda: clock[0])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from producers import segments
+from kafka_backup.producers import segments
 
 
 def test_tuples_and_stored_records_make_the_same_segment():

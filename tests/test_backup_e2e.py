@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from schemas import catalogue as cat
-from schemas.topics import consumer_group
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas.topics import consumer_group
 from tests.conftest import (
     ROOT,
     backup,
@@ -104,7 +104,7 @@ def test_continuous_lag_equals_broker_truth(broker, shared_pipeline, tmp_path):
     truth = produce(broker, topic, 1, 250)
     log = open(tmp_path / "backup.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "backup", "--bootstrap-servers", broker, "--topics", topic,
+        [sys.executable, "-m", "kafka_backup.cli.main", "backup", "--bootstrap-servers", broker, "--topics", topic,
          "--backup-id", bid, "--storage", f"file://{tmp_path}/store", "--continuous",
          "--backup-segment-max-records", "100", "--backup-flush-interval-ms", "600000",
          "--backup-poll-interval-ms", "200", "--instance-id", f"{bid}-w1"],

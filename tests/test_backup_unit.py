@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from producers import layout
-from producers.backup import PartitionWork
+from kafka_backup.producers import layout
+from kafka_backup.producers.backup import PartitionWork
 
 
 def info(start: int, end: int) -> layout.SegmentInfo:

@@ -14,8 +14,8 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from cli.devbroker import free_port
-from schemas import catalogue as cat
+from kafka_backup.cli.devbroker import free_port
+from kafka_backup.schemas import catalogue as cat
 from tests.conftest import (
     ROOT,
     create_topic,
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.e2e
 
 def test_dev_broker_serves_kafka_until_terminated(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "dev-broker", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "kafka_backup.cli.main", "dev-broker", "--port", str(port),
                              "--data-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith(f"dev-broker: Kafka on 127.0.0.1:{port}")
@@ -50,7 +50,7 @@ def test_up_runs_the_whole_pipeline_and_reports_what_is_on_disk(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
     env["PYTHONPATH"] = ROOT
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--metrics-port", str(port)], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "kafka_backup.cli.main", "up", "--metrics-port", str(port)], cwd=tmp_path,
                             env=env, stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT)
 
     def scrape():

@@ -7,10 +7,18 @@ import json
 
 import pytest
 
-from cli.main import build_parser
-from schemas import kafka_admin
-from schemas.config import COMMAND_SECTIONS, ConfigError, all_keys, env_for, flag_for, keys_for, load
-from streams.app import faust_credentials
+from kafka_backup.cli.main import build_parser
+from kafka_backup.schemas import kafka_admin
+from kafka_backup.schemas.config import (
+    COMMAND_SECTIONS,
+    ConfigError,
+    all_keys,
+    env_for,
+    flag_for,
+    keys_for,
+    load,
+)
+from kafka_backup.streams.app import faust_credentials
 
 
 def test_every_key_has_an_environment_variable_and_precedence_is_flags_env_file_defaults(tmp_path):
@@ -116,7 +124,7 @@ def test_raw_properties_reach_every_client_and_the_aggregator_or_are_refused(tmp
 
 
 def test_repeated_property_flags_merge_over_the_environment(monkeypatch):
-    from cli.main import config_from
+    from kafka_backup.cli.main import config_from
 
     args = build_parser().parse_args(["backup", "--kafka-property", "client.rack=a", "--kafka-property",
                                       "socket.timeout.ms=5000", "--kafka-property", "client.rack=b"])
@@ -127,8 +135,8 @@ def test_repeated_property_flags_merge_over_the_environment(monkeypatch):
 
 def test_up_hands_its_configuration_to_every_process_it_starts(tmp_path, monkeypatch):
     """Each child's own command line and environment, read back by the child's own parser and loader."""
-    from cli.main import config_from, overrides_of
-    from cli.up import child_commands, child_env
+    from kafka_backup.cli.main import config_from, overrides_of
+    from kafka_backup.cli.up import child_commands, child_env
 
     (tmp_path / "pw").write_text("kafka-pw\n")
     (tmp_path / "key").write_text("k" * 32 + "\n")

@@ -7,15 +7,15 @@ import os
 import pytest
 import yaml
 
-from schemas import catalogue as cat
-from schemas.config import ConfigError, load
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas.config import ConfigError, load
 from tests.conftest import ROOT, cli
 
 
 def test_metrics_reference_is_generated_and_current():
     with open(os.path.join(ROOT, "docs", "metrics.md"), encoding="utf-8") as fh:
         on_disk = fh.read()
-    assert on_disk == cat.render_markdown(), "docs/metrics.md is stale: python -m schemas.catalogue > docs/metrics.md"
+    assert on_disk == cat.render_markdown(), "docs/metrics.md is stale: python -m kafka_backup.schemas.catalogue > docs/metrics.md"
 
 
 def test_catalogue_names_are_unique_and_well_formed():
@@ -84,17 +84,17 @@ def test_cli_user_mistakes_exit_2_with_one_line(args, needle):
 
 
 def test_events_reference_is_generated_and_current():
-    from schemas import events
+    from kafka_backup.schemas import events
 
     with open(os.path.join(ROOT, "docs", "events.md"), encoding="utf-8") as fh:
-        assert fh.read() == events.render_markdown(), "docs/events.md is stale: python -m schemas.events > docs/events.md"
+        assert fh.read() == events.render_markdown(), "docs/events.md is stale: python -m kafka_backup.schemas.events > docs/events.md"
 
 
 def test_configuration_reference_is_generated_and_current():
-    from schemas import config
+    from kafka_backup.schemas import config
 
     with open(os.path.join(ROOT, "docs", "configuration.md"), encoding="utf-8") as fh:
-        assert fh.read() == config.render_markdown(), "stale: python -m schemas.config > docs/configuration.md"
+        assert fh.read() == config.render_markdown(), "stale: python -m kafka_backup.schemas.config > docs/configuration.md"
 
 
 def test_no_metric_uses_a_label_prometheus_owns():

@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 from confluent_kafka import Producer
 
-from cli.devbroker import free_port
-from schemas.topics import state_topic
+from kafka_backup.cli.devbroker import free_port
+from kafka_backup.schemas.topics import state_topic
 from tests.conftest import Proc, create_topic, unique, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -19,9 +19,9 @@ import urllib.request
 import bcrypt
 import pytest
 
-from cli.devbroker import free_port
-from schemas import catalogue as cat
-from schemas.topics import state_topic
+from kafka_backup.cli.devbroker import free_port
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas.topics import state_topic
 from tests.conftest import Proc, cli, create_topic, parse_prometheus, unique, wait_for
 from tests.test_exposition_e2e import self_signed
 

@@ -13,10 +13,10 @@ import urllib.request
 import bcrypt
 import pytest
 
-from exporter.collector import EndpointCounters, StateCollector
-from exporter.server import BasicAuth, serve
-from schemas import catalogue as cat
-from schemas.config import ConfigError, all_keys, env_for, load, secret_keys
+from kafka_backup.exporter.collector import EndpointCounters, StateCollector
+from kafka_backup.exporter.server import BasicAuth, serve
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas.config import ConfigError, all_keys, env_for, load, secret_keys
 from tests.conftest import parse_prometheus, wait_for
 
 HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()  # cost 4: the test's speed, not production's
@@ -132,7 +132,7 @@ def test_password_mistakes_are_one_line(settings, needle):
 
 
 def test_sha256_still_works_with_a_warning_logged_once(caplog, monkeypatch):
-    import exporter.server as server_mod
+    import kafka_backup.exporter.server as server_mod
 
     monkeypatch.setattr(server_mod, "_sha256_warned", False)
     cfg = load(None, {"metrics.port": 0, "metrics.basic_auth_username": "u",

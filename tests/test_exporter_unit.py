@@ -16,15 +16,15 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as prom_parse
 from prometheus_client.registry import CollectorRegistry
 
-from exporter import collector as col
-from exporter.collector import StateCollector
-from exporter.main import run
-from exporter.server import MetricsServer, serve
-from exporter.state_reader import CatchUp, RepeatFilter, StateReader
-from schemas import catalogue as cat
-from schemas import events as ev
-from schemas.config import Config, ConfigError, load
-from schemas.state import (
+from kafka_backup.exporter import collector as col
+from kafka_backup.exporter.collector import StateCollector
+from kafka_backup.exporter.main import run
+from kafka_backup.exporter.server import MetricsServer, serve
+from kafka_backup.exporter.state_reader import CatchUp, RepeatFilter, StateReader
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.config import Config, ConfigError, load
+from kafka_backup.schemas.state import (
     Histogram,
     JobState,
     PartitionState,
@@ -34,7 +34,7 @@ from schemas.state import (
     encode_state,
     pipeline_key,
 )
-from streams import fold
+from kafka_backup.streams import fold
 
 NOW = 1_700_000_040.0  # a whole minute: now_minute = NOW // 60
 NOW_MIN = int(NOW // 60)
@@ -493,8 +493,8 @@ def test_missing_bootstrap_is_a_config_error():
     ({"metrics.basic_auth_username": "u", "metrics.basic_auth_password_sha256": "xyz"}, "expected 64 hex digits"),
 ])
 def test_endpoint_security_mistakes_are_one_line_config_errors(settings, needle):
-    from exporter.server import serve
-    from schemas.config import ConfigError, load
+    from kafka_backup.exporter.server import serve
+    from kafka_backup.schemas.config import ConfigError, load
 
     class Reader:
         ready = threading.Event()

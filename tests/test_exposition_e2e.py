@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
-from cli.devbroker import free_port
-from schemas import catalogue as cat
+from kafka_backup.cli.devbroker import free_port
+from kafka_backup.schemas import catalogue as cat
 from tests.conftest import ROOT, backup, create_topic, parse_prometheus, produce, unique, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -19,11 +19,11 @@ import msgspec
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from cli.devbroker import free_port
-from exporter.state_reader import StateReader
-from schemas import catalogue as cat
-from schemas import events as ev
-from schemas.topics import TELEMETRY_TOPIC
+from kafka_backup.cli.devbroker import free_port
+from kafka_backup.exporter.state_reader import StateReader
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.topics import TELEMETRY_TOPIC
 from tests.conftest import (
     ROOT,
     Pipeline,
@@ -104,7 +104,7 @@ class SteadyWorkload:
 
 def continuous_backup(broker: str, topic: str, bid: str, store: str, log_path: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "backup", "--bootstrap-servers", broker, "--topics", topic,
+        [sys.executable, "-m", "kafka_backup.cli.main", "backup", "--bootstrap-servers", broker, "--topics", topic,
          "--backup-id", bid, "--storage", f"file://{store}", "--continuous", "--instance-id", f"{bid}-w",
          "--backup-flush-interval-ms", "700", "--backup-poll-interval-ms", "200", *extra],
         cwd=ROOT, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
@@ -240,7 +240,7 @@ def test_invalid_records_are_skipped_counted_and_dead_lettered(broker, pipeline_
 
 def where_records_went(broker: str, pipe: Pipeline, bid: str) -> str:
     """On a mismatch, say which stage lost records: the telemetry log, the group's commits, or the changelog."""
-    from streams.replay import read_topic, replay
+    from kafka_backup.streams.replay import read_topic, replay
 
     logged = replay(r for r in read_topic(broker, TELEMETRY_TOPIC) if r.key == ev.event_key("backup", bid).encode())
     state = logged.jobs.get(ev.event_key("backup", bid))
@@ -370,7 +370,7 @@ def test_two_aggregator_workers_equal_one(broker, pipeline_factory, tmp_path):
 @pytest.fixture
 def telemetry_cluster(tmp_path):
     """A second broker: the telemetry cluster, separate from the source cluster, that tests can freeze."""
-    from cli.devbroker import DevBroker
+    from kafka_backup.cli.devbroker import DevBroker
 
     with DevBroker(log_path=str(tmp_path / "telemetry-broker.log")) as b:
         yield b

@@ -7,10 +7,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from exporter.collector import StateCollector, backup_status
-from schemas import catalogue as cat
-from schemas import events as ev
-from streams import fold
+from kafka_backup.exporter.collector import StateCollector, backup_status
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas import events as ev
+from kafka_backup.streams import fold
 from tests.conftest import parse_prometheus
 
 T0 = 1_790_000_000.0

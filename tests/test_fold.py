@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from schemas import catalogue as cat
-from schemas import events as ev
-from schemas.state import MAX_HOLES, Histogram, JobState, decode_state, encode_state
-from streams import fold
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.state import MAX_HOLES, Histogram, JobState, decode_state, encode_state
+from kafka_backup.streams import fold
 
 T0 = 1_790_000_000.0
 

@@ -14,9 +14,9 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import events as ev
-from schemas.state import JobState, decode_state
-from streams import fold
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.state import JobState, decode_state
+from kafka_backup.streams import fold
 
 T0 = 1_790_000_000.0
 SETTINGS = fold.Settings(max_keys_per_map=4, max_partitions_per_job=6, max_state_bytes=4096)

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from schemas import catalogue as cat
+from kafka_backup.schemas import catalogue as cat
 from tests.conftest import ROOT
 
 INTEGRATIONS = os.path.join(ROOT, "docker", "integrations")

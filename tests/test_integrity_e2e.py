@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from schemas import catalogue as cat
+from kafka_backup.schemas import catalogue as cat
 from tests.conftest import Proc, backup, cli, create_topic, produce, unique, wait_for, watermarks
 
 pytestmark = pytest.mark.e2e

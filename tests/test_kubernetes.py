@@ -113,8 +113,8 @@ def test_prometheusrule_is_generated_from_the_rules_file():
 @needs_kubectl
 def test_every_container_command_line_and_the_config_file_are_accepted(base):
     """What the pods run must get past the CLI's parser and the configuration checks."""
-    from cli.main import build_parser
-    from schemas.config import load
+    from kafka_backup.cli.main import build_parser
+    from kafka_backup.schemas.config import load
 
     cfg = load(os.path.join(K8S, "config.yaml"), environ={})
     assert (cfg.metrics.bind, cfg.metrics.port) == ("0.0.0.0", 8080)

@@ -10,8 +10,8 @@ import cramjam
 import msgspec
 import pytest
 
-from producers import layout, segments
-from producers.storage import FileBackend, Storage, StorageError
+from kafka_backup.producers import layout, segments
+from kafka_backup.producers.storage import FileBackend, Storage, StorageError
 from tests.conftest import ROOT
 
 BK, TOPIC = "bk", "t"
@@ -155,7 +155,7 @@ def test_a_layout_1_checkpoint_is_read_and_migrated_into_chunks_by_the_next_flus
 
 
 def test_which_target_configurations_delete_or_refuse_old_records():
-    from producers import topic_configs as tc
+    from kafka_backup.producers import topic_configs as tc
 
     now = 10 * 86_400_000
     assert tc.deletes_before({"retention.ms": "604800000"}, now) == (now - 604800000, "retention.ms=604800000 (7 d)")

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest
 
-from exporter.collector import StateCollector
+from kafka_backup.exporter.collector import StateCollector
 from tests.conftest import wait_for
 from tests.test_exposition_e2e import PROMTOOL, needs_prometheus, real_prometheus
 from tests.test_longrun_unit import COUNTER_SUFFIXES, EXPIRE_AFTER_S, T0, simulate

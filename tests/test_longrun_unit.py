@@ -16,11 +16,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from exporter.collector import StateCollector
-from schemas import catalogue as cat
-from schemas import events as ev
-from schemas.state import JobState, decode_state, encode_state
-from streams import fold
+from kafka_backup.exporter.collector import StateCollector
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.state import JobState, decode_state, encode_state
+from kafka_backup.streams import fold
 
 T0 = 1_790_000_000.0
 HOUR = 3600.0

@@ -17,7 +17,7 @@ import time
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from producers.layout import OFFSET_HEADER
+from kafka_backup.producers.layout import OFFSET_HEADER
 from tests.conftest import Proc, cli, create_topic, unique, wait_for, watermarks
 from tests.test_restore_e2e import backup, one_line, produce_records, read_topic, restore
 

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from cli.main import main
-from producers import group_offsets, layout
-from producers.offset_follow import _original_offset, first_at_or_after
+from kafka_backup.cli.main import main
+from kafka_backup.producers import group_offsets, layout
+from kafka_backup.producers.offset_follow import _original_offset, first_at_or_after
 
 
 def brute_force(records: list[tuple[int, int | None]], lo: int, hi: int, recorded: int) -> int | None:
@@ -175,9 +175,9 @@ class _Emitter:
 
 
 def _worker(tmp_path, admin, groups=("*",)):
-    from producers.backup import BackupWorker
-    from producers.storage import FileBackend, Storage
-    from schemas.config import BackupConfig
+    from kafka_backup.producers.backup import BackupWorker
+    from kafka_backup.producers.storage import FileBackend, Storage
+    from kafka_backup.schemas.config import BackupConfig
 
     w = BackupWorker.__new__(BackupWorker)  # no Kafka client: only the groups step is exercised
     w.cfg = BackupConfig(backup_id="bk", topics=["t"], consumer_groups=list(groups))
@@ -203,7 +203,7 @@ def test_backup_records_the_applications_groups_on_its_topics_only(tmp_path):
 
 
 def test_a_failed_admin_call_is_counted_and_never_fails_the_backup(tmp_path, caplog):
-    from schemas import events as ev
+    from kafka_backup.schemas import events as ev
 
     w = _worker(tmp_path, _Admin({}, fail_listing=True))
     w._record_groups()  # no exception

@@ -16,16 +16,16 @@ import urllib.request
 import bcrypt
 import pytest
 
-from cli.devbroker import free_port
-from schemas import catalogue as cat
-from schemas.topics import state_topic
+from kafka_backup.cli.devbroker import free_port
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas.topics import state_topic
 from tests.conftest import ROOT, backup, cli, create_topic, parse_prometheus, produce, unique, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 def start(args: list[str], log_path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "kafka_backup.cli.main", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **env})
 
 
@@ -48,7 +48,7 @@ def test_the_environment_and_secret_files_configure_a_running_exporter(broker, t
            "KAFKA_BACKUP_METRICS_BASIC_AUTH_PASSWORD_BCRYPT_FILE": str(tmp_path / "hash"),
            "KAFKA_BACKUP_METRICS_PATH": "/m"}
     env_without_bootstrap = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "exporter"], cwd=ROOT, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "kafka_backup.cli.main", "exporter"], cwd=ROOT, stdin=subprocess.DEVNULL,
                             stdout=open(tmp_path / "exporter.log", "wb"), stderr=subprocess.STDOUT,
                             env={**env_without_bootstrap, **env})
 
@@ -75,7 +75,7 @@ def test_the_environment_and_secret_files_configure_a_running_exporter(broker, t
 
 
 def test_a_bad_environment_value_stops_a_process_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cli.main", "exporter", "--bootstrap-servers", "127.0.0.1:1"],
+    r = subprocess.run([sys.executable, "-m", "kafka_backup.cli.main", "exporter", "--bootstrap-servers", "127.0.0.1:1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "KAFKA_BACKUP_METRICS_PORT": "eighty"})
     assert r.returncode == 2

@@ -7,16 +7,16 @@ import platform
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter.collector import EndpointCounters, StateCollector
-from schemas import catalogue as cat
+from kafka_backup.exporter.collector import EndpointCounters, StateCollector
+from kafka_backup.schemas import catalogue as cat
 from tests.conftest import cli, parse_prometheus
 
 
 def _expected() -> dict[str, str]:
     """Independent of schemas.build: the installed distributions and the pyproject's version source."""
-    import schemas
+    import kafka_backup.schemas
 
-    return {"version": schemas.__version__, "python": platform.python_version(),
+    return {"version": kafka_backup.schemas.__version__, "python": platform.python_version(),
             "faust": importlib.metadata.version("faust-streaming"),
             "confluent_kafka": importlib.metadata.version("confluent-kafka")}
 
@@ -45,7 +45,7 @@ def test_json_log_lines_carry_zone_level_logger_message_job_and_instance(capsys)
     import json
     import logging
 
-    from schemas import logs
+    from kafka_backup.schemas import logs
 
     root = logging.getLogger()
     saved = (root.handlers[:], root.level, dict(logs._context))

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from schemas import catalogue as cat
-from schemas.topics import state_topic
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas.topics import state_topic
 from tests.conftest import backup, cli, create_topic, produce, unique
 
 pytestmark = pytest.mark.e2e

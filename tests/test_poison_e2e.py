@@ -13,8 +13,8 @@ import time
 import pytest
 from confluent_kafka import Producer
 
-from schemas import catalogue as cat
-from schemas import events as ev
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas import events as ev
 from tests.conftest import backup, cli, create_topic, produce, unique, wait_for
 
 pytestmark = pytest.mark.e2e

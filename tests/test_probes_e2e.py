@@ -17,9 +17,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from cli.devbroker import free_port
-from schemas import catalogue as cat
-from schemas.topics import state_topic
+from kafka_backup.cli.devbroker import free_port
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas.topics import state_topic
 from tests.conftest import Proc, cli, create_topic, parse_prometheus, unique, wait_for
 from tests.test_exposition_e2e import PROMETHEUS, real_prometheus, self_signed
 
@@ -149,7 +149,7 @@ def test_invalid_web_config_is_one_line_exit_2(tmp_path):
 def test_cut_off_from_its_cluster_it_stays_alive_turns_unready_and_reports_the_age(tmp_path):
     """Its own broker, stopped and started again on the same port and data: the copy's age grows while
     the broker is away, /-/ready says so, and it recovers without a restart."""
-    from cli.devbroker import DevBroker
+    from kafka_backup.cli.devbroker import DevBroker
 
     own = DevBroker(data_dir=str(tmp_path / "broker"), log_path=str(tmp_path / "broker.log")).start()
     app_id, port = unique("agg"), free_port()

@@ -12,12 +12,12 @@ import urllib.request
 import bcrypt
 import pytest
 
-from exporter.server import accepts_gzip, serve
-from exporter.state_reader import StateReader
-from exporter.webconfig import UsersAuth, WebConfig
-from exporter.webconfig import load as load_web
-from schemas import catalogue as cat
-from schemas.config import ConfigError, load
+from kafka_backup.exporter.server import accepts_gzip, serve
+from kafka_backup.exporter.state_reader import StateReader
+from kafka_backup.exporter.webconfig import UsersAuth, WebConfig
+from kafka_backup.exporter.webconfig import load as load_web
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas.config import ConfigError, load
 from tests.conftest import parse_prometheus
 from tests.test_exposition_e2e import self_signed
 

@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from schemas import catalogue as cat
-from streams import audit
-from streams.replay import read_log, replay, write_log
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.streams import audit
+from kafka_backup.streams.replay import read_log, replay, write_log
 from tests.conftest import ROOT, backup, cli, create_topic, parse_prometheus, produce, unique
 
 DATA = os.path.join(ROOT, "tests", "data")

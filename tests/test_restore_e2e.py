@@ -22,8 +22,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from producers.layout import OFFSET_HEADER
-from schemas import catalogue as cat
+from kafka_backup.producers.layout import OFFSET_HEADER
+from kafka_backup.schemas import catalogue as cat
 from tests.conftest import ROOT, cli, create_topic, unique, wait_for, watermarks
 
 pytestmark = pytest.mark.e2e
@@ -109,7 +109,7 @@ def restore(broker: str, backup_id: str, storage: str, restore_id: str, *extra: 
 
 def restore_proc(broker: str, backup_id: str, storage: str, restore_id: str, log_path, *extra: str):
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "restore", "--bootstrap-servers", broker, "--backup-id", backup_id,
+        [sys.executable, "-m", "kafka_backup.cli.main", "restore", "--bootstrap-servers", broker, "--backup-id", backup_id,
          "--storage", storage, "--restore-id", restore_id, *extra],
         cwd=ROOT, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from producers import layout, segments
-from producers.offset_reset import target_of
-from producers.restore import RestoreWorker, Window, parse_topic_map, resolve_topic_map
-from producers.storage import FileBackend, OpReport, Storage
-from schemas.config import ConfigError, OffsetResetConfig, RestoreConfig
+from kafka_backup.producers import layout, segments
+from kafka_backup.producers.offset_reset import target_of
+from kafka_backup.producers.restore import RestoreWorker, Window, parse_topic_map, resolve_topic_map
+from kafka_backup.producers.storage import FileBackend, OpReport, Storage
+from kafka_backup.schemas.config import ConfigError, OffsetResetConfig, RestoreConfig
 from tests.conftest import cli
 
 
@@ -118,8 +118,8 @@ def test_cli_mistakes_exit_2_with_one_line(args, needle):
 
 
 def test_resumed_restore_rate_counts_only_the_current_run():
-    from exporter.collector import View, restore_eta, restore_rate
-    from schemas.state import FETCHES_TOPIC, JobState, RateSample
+    from kafka_backup.exporter.collector import View, restore_eta, restore_rate
+    from kafka_backup.schemas.state import FETCHES_TOPIC, JobState, RateSample
 
     now = 1_800_000_000.0
     s = JobState(kind="restore", job="r", backup_id="b", started_ts=now - 2, total_records=1000,
@@ -146,7 +146,7 @@ def test_reported_optional_read_counts_hits_and_misses_without_errors(tmp_path):
                                       ("2026-07-25T19:20:00.123+02:00", 1785000000123),
                                       ("2026-07-25T17:20:00.123", 1785000000123)])  # zone-less is UTC
 def test_offset_reset_takes_epoch_ms_or_iso_8601(given, ms):
-    from producers.offset_reset import timestamp_ms
-    from schemas.config import load
+    from kafka_backup.producers.offset_reset import timestamp_ms
+    from kafka_backup.schemas.config import load
 
     assert timestamp_ms(load(None, {"offset_reset.to_timestamp": given}, environ={}).offset_reset) == ms

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from schemas import catalogue as cat
+from kafka_backup.schemas import catalogue as cat
 from tests.conftest import Pipeline, Samples, backup, create_topic, produce, unique, wait_for
 from tests.test_faults_e2e import SteadyWorkload, continuous_backup, stop, stored_records
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from schemas import kafka_admin
-from schemas.config import ConfigError, load
-from streams.app import faust_credentials
+from kafka_backup.schemas import kafka_admin
+from kafka_backup.schemas.config import ConfigError, load
+from kafka_backup.streams.app import faust_credentials
 
 
 def test_source_and_telemetry_clusters_get_their_own_settings():

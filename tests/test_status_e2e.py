@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from schemas import catalogue as cat
+from kafka_backup.schemas import catalogue as cat
 from tests.conftest import ROOT, backup, cli, create_topic, produce, unique, wait_for
 from tests.test_faults_e2e import continuous_backup
 from tests.test_restore_e2e import restore_proc
@@ -39,7 +39,7 @@ def status_json(pipe, *args: str) -> tuple[int, dict]:
 def on_a_terminal(pipe, *args: str) -> str:
     """Run `status` with its stdout on a pseudo-terminal and return what the terminal received."""
     main, replica = os.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "status", "--bootstrap-servers", pipe.bootstrap,
+    proc = subprocess.Popen([sys.executable, "-m", "kafka_backup.cli.main", "status", "--bootstrap-servers", pipe.bootstrap,
                              "--app-id", pipe.app_id, *args], cwd=ROOT, stdout=replica, stderr=subprocess.PIPE,
                             env={**os.environ, "COLUMNS": "200", "TERM": "xterm-256color"})
     os.close(replica)
@@ -127,7 +127,7 @@ def test_status_matches_metrics_and_ground_truth_and_exits_by_health(broker, pip
     assert len(lines) == 2
 
     # --watch refreshes until Ctrl-C; off a terminal each refresh is a new stamped block
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "status", "--bootstrap-servers", pipe.bootstrap,
+    proc = subprocess.Popen([sys.executable, "-m", "kafka_backup.cli.main", "status", "--bootstrap-servers", pipe.bootstrap,
                              "--app-id", pipe.app_id, "--backup-id", bid, "--watch", "0.5"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

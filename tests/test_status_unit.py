@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from exporter import status
-from schemas import catalogue as cat
-from schemas.state import JobState, RateSample
+from kafka_backup.exporter import status
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas.state import JobState, RateSample
 from tests.test_exporter_unit import NOW, SEC, both, get, snapshot
 
 

@@ -7,9 +7,16 @@ import os
 import boto3
 import pytest
 
-from producers import segments
-from producers.storage import FileBackend, OpReport, S3Backend, Storage, StorageError, open_backend
-from schemas.config import ConfigError
+from kafka_backup.producers import segments
+from kafka_backup.producers.storage import (
+    FileBackend,
+    OpReport,
+    S3Backend,
+    Storage,
+    StorageError,
+    open_backend,
+)
+from kafka_backup.schemas.config import ConfigError
 
 
 @pytest.mark.parametrize("algorithm", segments.ALGORITHMS)
@@ -85,7 +92,7 @@ def test_bad_storage_urls_are_one_line_errors(url, field):
 
 
 def test_spool_keeps_order_and_survives_a_crash(tmp_path):
-    from producers.spool import Spool
+    from kafka_backup.producers.spool import Spool
 
     path = str(tmp_path / "s" / "backup-b1.spool")
     spool = Spool(path, max_bytes=60)

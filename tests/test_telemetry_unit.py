@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaError
 
-from producers.telemetry import classify_kafka_error
+from kafka_backup.producers.telemetry import classify_kafka_error
 
 NAMED = [
     ("_TRANSPORT", "broker_connection", True),

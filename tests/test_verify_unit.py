@@ -5,10 +5,10 @@ from __future__ import annotations
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from exporter.collector import StateCollector
-from schemas import catalogue as cat
-from schemas import events as ev
-from streams import fold
+from kafka_backup.exporter.collector import StateCollector
+from kafka_backup.schemas import catalogue as cat
+from kafka_backup.schemas import events as ev
+from kafka_backup.streams import fold
 from tests.conftest import parse_prometheus
 
 T0 = 1_700_000_000.0
@@ -89,10 +89,10 @@ def test_verify_names_each_missing_segment_and_each_gap(tmp_path):
     import msgspec
     import pytest
 
-    from producers import layout, segments
-    from producers.storage import FileBackend, Storage
-    from producers.verify import NullEmitter, VerifyFailed, VerifyWorker
-    from schemas.config import VerifyConfig
+    from kafka_backup.producers import layout, segments
+    from kafka_backup.producers.storage import FileBackend, Storage
+    from kafka_backup.producers.verify import NullEmitter, VerifyFailed, VerifyWorker
+    from kafka_backup.schemas.config import VerifyConfig
 
     storage = Storage(FileBackend(str(tmp_path)))
     storage.put(layout.manifest_key("bk"), layout.encode(layout.Manifest("bk", {"t": 1})), "manifest")

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import events as ev
-from schemas.state import decode_state
-from streams import fold
-from streams.working import WorkingSet
+from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.state import decode_state
+from kafka_backup.streams import fold
+from kafka_backup.streams.working import WorkingSet
 from tests.test_fold_properties import T0, encodable, event_types
 
 KEY = b"backup:j"

@@ -17,8 +17,8 @@ import msgspec
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from schemas import events as ev  # noqa: E402
-from streams.replay import LogRecord, write_log  # noqa: E402
+from kafka_backup.schemas import events as ev  # noqa: E402
+from kafka_backup.streams.replay import LogRecord, write_log  # noqa: E402
 
 T = 1_785_000_000.0  # 2026-07-25T17:20:00Z
 
@@ -80,8 +80,8 @@ if __name__ == "__main__":
         fh.write(write_log(history()))
     from argparse import Namespace  # noqa: E402
 
-    from cli.replay import run_replay  # noqa: E402
-    from schemas.config import load  # noqa: E402
+    from kafka_backup.cli.replay import run_replay  # noqa: E402
+    from kafka_backup.schemas.config import load  # noqa: E402
 
     run_replay(load(), Namespace(replay_from="2026-07-25T17:00:00Z", replay_to="2026-07-26T00:00:00Z",
                                  format="prometheus", output=os.path.join(here, "telemetry-v1.metrics.prom"),
