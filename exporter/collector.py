@@ -12,6 +12,7 @@ knows them.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -99,13 +100,62 @@ def make_view(snapshot: Mapping[str, Any], now: float, window: int, expire_after
     return view
 
 
+# ---- builders a render can reuse (exporter.renderer) ----------------------------------------
+
+
+JobSamples = Callable[[JobState, View], Iterable[Sample]]
+TimeKey = Callable[[JobState, View], Any]
+
+
+class PerJob:
+    """A family whose samples for one job come from that job's state alone, job after job in key order.
+
+    ``time_key``, when given, is everything of "now" the samples depend on (the minute, whether a
+    threshold is passed, ...): the renderer reuses a job's lines while its state value and this
+    key are unchanged. Without it they depend on the state value alone. ``build`` may read only
+    the view's ``now``, ``window`` and ``stop_after_s``, and "now" only through the key.
+    """
+
+    def __init__(self, build: JobSamples, kinds: tuple[str, ...] | None = ("backup",),
+                 time_key: TimeKey | None = None) -> None:
+        self.build = build
+        self.kinds = kinds  # None: every live job
+        self.time_key = time_key
+
+    def __call__(self, view: View) -> Iterator[Sample]:
+        kinds = self.kinds
+        for s in view.jobs:
+            if kinds is None or s.kind in kinds:
+                yield from self.build(s, view)
+
+
+class Shared:
+    """A family merged over every job, expired ones included (see :func:`_shared`): the renderer keeps
+    each job's ``contribution`` with its state value and merges again only when the fleet changed."""
+
+    def __init__(self, contribution: Contribution, merge: Callable[[Any, Any], Any],
+                 sample: Callable[[tuple[str, ...], Any], Sample] = lambda labels, v: (labels, v)) -> None:
+        self.contribution = contribution
+        self.merge = merge
+        self.sample = sample
+
+    def __call__(self, view: View) -> Iterator[Sample]:
+        return self.samples(view.everyone, self.contribution)
+
+    def samples(self, everyone: Iterable[tuple[JobState, bool]], contribution: Contribution) -> Iterator[Sample]:
+        sample = self.sample
+        for labels, value in _shared(everyone, contribution, self.merge).items():
+            yield sample(labels, value)
+
+
 # ---- helpers --------------------------------------------------------------------------------
 
 
 Contribution = Callable[[JobState], Iterable[tuple[tuple[str, ...], Any]]]
 
 
-def _shared(view: View, contribution: Contribution, merge: Callable[[Any, Any], Any]) -> dict[tuple[str, ...], Any]:
+def _shared(everyone: Iterable[tuple[JobState, bool]], contribution: Contribution,
+            merge: Callable[[Any, Any], Any]) -> dict[tuple[str, ...], Any]:
     """Merge what several jobs add to one series (storage by backend, restores of one backup, ...).
 
     A series is served while at least one of its jobs is live, and then it holds the share of
@@ -118,7 +168,7 @@ def _shared(view: View, contribution: Contribution, merge: Callable[[Any, Any], 
     # One order for every scrape (the snapshot's key order), whoever is live: float sums in another
     # order can come out an ulp lower, and Prometheus reads even that as a reset. In a fixed order,
     # adding a job or growing a share can only raise the rounded sum.
-    for s, is_live in view.everyone:
+    for s, is_live in everyone:
         for labels, value in contribution(s):
             totals[labels] = value if labels not in totals else merge(totals[labels], value)
             if is_live:
@@ -126,8 +176,12 @@ def _shared(view: View, contribution: Contribution, merge: Callable[[Any, Any], 
     return {labels: value for labels, value in totals.items() if labels in live}
 
 
+def _add(a: Any, b: Any) -> Any:
+    return a + b
+
+
 def _shared_sum(contribution: Contribution) -> Builder:
-    return lambda view: iter(_shared(view, contribution, lambda a, b: a + b).items())
+    return Shared(contribution, _add)
 
 
 def _shared_histogram(contribution: Contribution, metric: cat.Metric) -> Builder:
@@ -143,11 +197,7 @@ def _shared_histogram(contribution: Contribution, metric: cat.Metric) -> Builder
         return Histogram(counts=[x + y for x, y in zip(a.counts, b.counts, strict=True)], sum=a.sum + b.sum,
                          count=a.count + b.count)
 
-    def build(view: View) -> Iterator[Sample]:
-        for labels, h in _shared(view, fitted, merge).items():
-            yield labels, cumulative(h.counts, metric.buckets), h.sum
-
-    return build
+    return Shared(fitted, merge, lambda labels, h: (labels, cumulative(h.counts, metric.buckets), h.sum))
 
 
 def cumulative(counts: list[int], buckets: tuple[float, ...]) -> list[tuple[str, int]]:
@@ -194,19 +244,22 @@ def rate_divisor(s: JobState, view: View) -> float:
     return max(1.0, min(float(view.window), view.now - s.started_ts))
 
 
+def _horizon(s: JobState, view: View) -> float:
+    return max(view.now - view.window, int(s.started_ts or 0) - 1)
+
+
 def _recent_rates(s: JobState, view: View) -> list[RateSample]:
     """Samples of the window, from the current run only: ``rate_divisor`` starts at the run's start,
     so a previous run's samples would be divided by the new run's first seconds (a huge rate)."""
-    horizon = max(view.now - view.window, int(s.started_ts or 0) - 1)
+    horizon = _horizon(s, view)
     return [r for r in s.rates if r.second > horizon]
 
 
-def _lagging(view: View) -> Iterator[tuple[JobState, PartitionState, int]]:
-    for s in view.backups:
-        for p in s.partitions.values():
-            lag = partition_lag(p)
-            if lag is not None:
-                yield s, p, lag
+def _lagging(s: JobState) -> Iterator[tuple[PartitionState, int]]:
+    for p in s.partitions.values():
+        lag = partition_lag(p)
+        if lag is not None:
+            yield p, lag
 
 
 def _tp(s: JobState, p: PartitionState) -> tuple[str, str, str]:
@@ -223,71 +276,80 @@ def reader_id(s: JobState) -> str:
 # ---- 1. lag ---------------------------------------------------------------------------------
 
 
-def _lag_records(view: View) -> Iterator[Sample]:
-    for s, p, lag in _lagging(view):
+def _lag_records(s: JobState, view: View) -> Iterator[Sample]:
+    for p, lag in _lagging(s):
         yield _tp(s, p), lag
 
 
-def _lag_bytes(view: View) -> Iterator[Sample]:
-    for s, p, lag in _lagging(view):
+def _lag_bytes(s: JobState, view: View) -> Iterator[Sample]:
+    for p, lag in _lagging(s):
         yield _tp(s, p), lag * avg_record_size(p, view.now)
 
 
-def _lag_seconds(view: View) -> Iterator[Sample]:
-    for s, p, lag in _lagging(view):
+def _minute(s: JobState, view: View) -> int:
+    """All of "now" that :func:`avg_record_size` reads."""
+    return int(view.now // 60)
+
+
+def _lag_seconds(s: JobState, view: View) -> Iterator[Sample]:
+    for p, lag in _lagging(s):
         seconds = lag_seconds(p, lag)
         if seconds is not None:
             yield _tp(s, p), seconds
 
 
-def _lag_records_max(view: View) -> Iterator[Sample]:
-    worst: dict[str, int] = {}
-    for s, _, lag in _lagging(view):
-        worst[s.job] = max(worst.get(s.job, 0), lag)
-    for job, lag in worst.items():
-        yield (job,), lag
+def _lag_records_max(s: JobState, view: View) -> Iterator[Sample]:
+    """Per job: snapshot keys are ``kind:job``, so no two live backups share a job name."""
+    worst = None
+    for _, lag in _lagging(s):
+        worst = max(0 if worst is None else worst, lag)
+    if worst is not None:
+        yield (s.job,), worst
 
 
 # ---- 2. throughput --------------------------------------------------------------------------
 
 
-def _throughput(index: int) -> Builder:
-    def build(view: View) -> Iterator[Sample]:
-        for s in view.backups:
-            recent = _recent_rates(s, view)
-            divisor = rate_divisor(s, view)
-            for topic in s.consumed:
-                total = sum((r.records, r.bytes)[index] for r in recent if r.topic == topic)
-                yield (s.job, topic), total / divisor
+def _rate_key(s: JobState, view: View) -> tuple[int, float]:
+    """All of "now" that :func:`_recent_rates` and :func:`rate_divisor` read: seconds are whole, so
+    ``second > horizon`` is ``second > floor(horizon)``."""
+    return math.floor(_horizon(s, view)), rate_divisor(s, view)
+
+
+def _throughput(index: int) -> JobSamples:
+    def build(s: JobState, view: View) -> Iterator[Sample]:
+        recent = _recent_rates(s, view)
+        divisor = rate_divisor(s, view)
+        for topic in s.consumed:
+            total = sum((r.records, r.bytes)[index] for r in recent if r.topic == topic)
+            yield (s.job, topic), total / divisor
 
     return build
 
 
-def _fetch_rate(view: View) -> Iterator[Sample]:
-    for s in view.backups:
-        total = sum(r.fetches for r in _recent_rates(s, view) if r.topic == FETCHES_TOPIC)
-        yield (s.job,), total / rate_divisor(s, view)
+def _fetch_rate(s: JobState, view: View) -> Iterator[Sample]:
+    total = sum(r.fetches for r in _recent_rates(s, view) if r.topic == FETCHES_TOPIC)
+    yield (s.job,), total / rate_divisor(s, view)
 
 
-def _records_total(view: View) -> Iterator[Sample]:
-    return (((s.job,), s.records) for s in view.backups)
+def _records_total(s: JobState, view: View) -> Iterator[Sample]:
+    yield (s.job,), s.records
 
 
-def _bytes_total(view: View) -> Iterator[Sample]:
-    return (((s.job,), s.bytes) for s in view.backups)
+def _bytes_total(s: JobState, view: View) -> Iterator[Sample]:
+    yield (s.job,), s.bytes
 
 
-def _consumed(index: int) -> Builder:
-    def build(view: View) -> Iterator[Sample]:
-        for s in view.backups:
-            for topic, totals in s.consumed.items():
-                yield (s.job, topic), totals[index]
+def _consumed(index: int) -> JobSamples:
+    def build(s: JobState, view: View) -> Iterator[Sample]:
+        for topic, totals in s.consumed.items():
+            yield (s.job, topic), totals[index]
 
     return build
 
 
-def _fetches_total(view: View) -> Iterator[Sample]:
-    return (((s.job,), s.fetches) for s in view.backups)
+def _fetches_total(s: JobState, view: View) -> Iterator[Sample]:
+    yield (s.job,), s.fetches
 
 
 # ---- 3. durations ---------------------------------------------------------------------------
@@ -340,18 +402,16 @@ def _storage_errors(s: JobState) -> Iterator[tuple[tuple[str, ...], float]]:
 # ---- 5. compression -------------------------------------------------------------------------
 
 
-def _compression_ratio(view: View) -> Iterator[Sample]:
-    for s in view.backups:
-        for alg, (compressed, uncompressed) in s.compression.items():
-            if compressed:
-                yield (alg, s.job), uncompressed / compressed
+def _compression_ratio(s: JobState, view: View) -> Iterator[Sample]:
+    for alg, (compressed, uncompressed) in s.compression.items():
+        if compressed:
+            yield (alg, s.job), uncompressed / compressed
 
 
-def _compression_bytes(index: int) -> Builder:
-    def build(view: View) -> Iterator[Sample]:
-        for s in view.backups:
-            for alg, pair in s.compression.items():
-                yield (alg, s.job), pair[index]
+def _compression_bytes(index: int) -> JobSamples:
+    def build(s: JobState, view: View) -> Iterator[Sample]:
+        for alg, pair in s.compression.items():
+            yield (alg, s.job), pair[index]
 
     return build
 
@@ -376,55 +436,51 @@ def _by_key(attr: str, kinds: tuple[str, ...] = ("backup", "verify")) -> Builder
     return _shared_sum(contribution)
 
 
-def _restore_errors(view: View) -> Iterator[Sample]:
-    for s in view.restores:
-        for error_type, n in s.errors.items():
-            yield (s.job, error_type), n
+def _restore_errors(s: JobState, view: View) -> Iterator[Sample]:
+    for error_type, n in s.errors.items():
+        yield (s.job, error_type), n
 
 
-def _last_commit(view: View) -> Iterator[Sample]:
-    for s in view.backups:
-        for p in s.partitions.values():
-            if p.last_commit_ts is not None:
-                yield (s.job, p.topic, str(p.partition)), p.last_commit_ts
+def _last_commit(s: JobState, view: View) -> Iterator[Sample]:
+    for p in s.partitions.values():
+        if p.last_commit_ts is not None:
+            yield (s.job, p.topic, str(p.partition)), p.last_commit_ts
 
 
-def _job_info(view: View) -> Iterator[Sample]:
-    return (((s.job, s.mode or "one-shot"),) for s in view.backups)
+def _job_info(s: JobState, view: View) -> Iterator[Sample]:
+    yield ((s.job, s.mode or "one-shot"),)
 
 
-def _last_success(view: View) -> Iterator[Sample]:
-    for s in view.backups:
-        ts = s.last_success_ts
-        if ts is None and s.status == "success":  # state of an older aggregator: the last run's end
-            ts = s.ended_ts
-        if ts is not None:
-            yield (s.job,), ts
+def _last_success(s: JobState, view: View) -> Iterator[Sample]:
+    ts = s.last_success_ts
+    if ts is None and s.status == "success":  # state of an older aggregator: the last run's end
+        ts = s.ended_ts
+    if ts is not None:
+        yield (s.job,), ts
 
 
-def _expected_interval(view: View) -> Iterator[Sample]:
-    return (((s.job,), s.expected_interval_s) for s in view.backups
-            if s.expected_interval_s is not None and s.mode != "continuous")
+def _expected_interval(s: JobState, view: View) -> Iterator[Sample]:
+    if s.expected_interval_s is not None and s.mode != "continuous":
+        yield (s.job,), s.expected_interval_s
 
 
-def _newest_stored(view: View) -> Iterator[Sample]:
-    for s in view.backups:
-        for p in s.partitions.values():
-            if p.newest_stored_ts is not None:
-                yield _tp(s, p), p.newest_stored_ts / 1000
+def _newest_stored(s: JobState, view: View) -> Iterator[Sample]:
+    for p in s.partitions.values():
+        if p.newest_stored_ts is not None:
+            yield _tp(s, p), p.newest_stored_ts / 1000
 
 
-def _rpo(view: View) -> Iterator[Sample]:
-    return (((s.job,), s.recovery_point_objective_s) for s in view.backups
-            if s.recovery_point_objective_s is not None)
+def _rpo(s: JobState, view: View) -> Iterator[Sample]:
+    if s.recovery_point_objective_s is not None:
+        yield (s.job,), s.recovery_point_objective_s
 
 
-def _rebalances(view: View) -> Iterator[Sample]:
-    return (((s.job,), s.rebalances) for s in view.backups)
+def _rebalances(s: JobState, view: View) -> Iterator[Sample]:
+    yield (s.job,), s.rebalances
 
 
-def _dropped(view: View) -> Iterator[Sample]:
-    return (((s.kind, s.job), sum(s.dropped.values())) for s in view.jobs)
+def _dropped(s: JobState, view: View) -> Iterator[Sample]:
+    yield (s.kind, s.job), sum(s.dropped.values())
 
 
 STATES = ("OK", "WARN", "STALL", "STOP", "ERROR")
@@ -455,16 +511,19 @@ def backup_status(s: JobState, now: float, stop_after_s: float) -> str:
     return "OK"
 
 
-def _status(view: View) -> Iterator[Sample]:
-    for s in view.backups:
-        current = backup_status(s, view.now, view.stop_after_s)
-        yield (s.job,), {state: state == current for state in STATES}
+def _status(s: JobState, view: View) -> Iterator[Sample]:
+    current = backup_status(s, view.now, view.stop_after_s)
+    yield (s.job,), {state: state == current for state in STATES}
 
 
-def _last_seen(view: View) -> Iterator[Sample]:
-    for s in view.jobs:
-        for worker, (_seq, ts) in s.seen.items():
-            yield (s.kind, s.job, worker), ts
+def _stopped(s: JobState, view: View) -> bool:
+    """All of "now" that :func:`backup_status` reads."""
+    return s.status == "running" and view.now - s.last_event_ts > view.stop_after_s
+
+
+def _last_seen(s: JobState, view: View) -> Iterator[Sample]:
+    for worker, (_seq, ts) in s.seen.items():
+        yield (s.kind, s.job, worker), ts
 
 
 def _dropped_series(view: View) -> Iterator[Sample]:
@@ -500,38 +559,39 @@ def restore_eta(s: JobState, view: View) -> float:
     return remaining / rate if rate > 0 else float("nan")
 
 
-def _restore_progress(view: View) -> Iterator[Sample]:
-    for s in view.restores:
-        if s.total_records is not None:
-            pct = 100.0 if s.total_records == 0 else min(100.0, 100.0 * s.restored_total / s.total_records)
-            yield (s.job, s.backup_id), pct
+def _restore_progress(s: JobState, view: View) -> Iterator[Sample]:
+    if s.total_records is not None:
+        pct = 100.0 if s.total_records == 0 else min(100.0, 100.0 * s.restored_total / s.total_records)
+        yield (s.job, s.backup_id), pct
 
 
-def _restore_eta(view: View) -> Iterator[Sample]:
-    return (((s.job,), restore_eta(s, view)) for s in view.restores if s.total_records is not None)
+def _restore_eta(s: JobState, view: View) -> Iterator[Sample]:
+    if s.total_records is not None:
+        yield (s.job,), restore_eta(s, view)
 
 
-def _restore_throughput(view: View) -> Iterator[Sample]:
-    return (((s.job,), restore_rate(s, view)) for s in view.restores)
+def _restore_throughput(s: JobState, view: View) -> Iterator[Sample]:
+    yield (s.job,), restore_rate(s, view)
 
 
-def _restore_records(view: View) -> Iterator[Sample]:
-    return (((s.job,), s.records) for s in view.restores)
+def _restore_records(s: JobState, view: View) -> Iterator[Sample]:
+    yield (s.job,), s.records
 
 
+BACKUP, RESTORE, EVERY = ("backup",), ("restore",), None
 BUILDERS: dict[cat.Metric, Builder] = {
-    cat.LAG_RECORDS: _lag_records,
-    cat.LAG_BYTES: _lag_bytes,
-    cat.LAG_SECONDS: _lag_seconds,
-    cat.LAG_RECORDS_MAX: _lag_records_max,
-    cat.THROUGHPUT_RECORDS: _throughput(0),
-    cat.THROUGHPUT_BYTES: _throughput(1),
-    cat.FETCH_RATE: _fetch_rate,
-    cat.RECORDS_TOTAL: _records_total,
-    cat.BYTES_TOTAL: _bytes_total,
-    cat.CONSUMED_RECORDS_TOTAL: _consumed(0),
-    cat.CONSUMED_BYTES_TOTAL: _consumed(1),
-    cat.FETCHES_TOTAL: _fetches_total,
+    cat.LAG_RECORDS: PerJob(_lag_records),
+    cat.LAG_BYTES: PerJob(_lag_bytes, time_key=_minute),
+    cat.LAG_SECONDS: PerJob(_lag_seconds),
+    cat.LAG_RECORDS_MAX: PerJob(_lag_records_max),
+    cat.THROUGHPUT_RECORDS: PerJob(_throughput(0), time_key=_rate_key),
+    cat.THROUGHPUT_BYTES: PerJob(_throughput(1), time_key=_rate_key),
+    cat.FETCH_RATE: PerJob(_fetch_rate, time_key=_rate_key),
+    cat.RECORDS_TOTAL: PerJob(_records_total),
+    cat.BYTES_TOTAL: PerJob(_bytes_total),
+    cat.CONSUMED_RECORDS_TOTAL: PerJob(_consumed(0)),
+    cat.CONSUMED_BYTES_TOTAL: PerJob(_consumed(1)),
+    cat.FETCHES_TOTAL: PerJob(_fetches_total),
     cat.BACKUP_DURATION: _duration("backup", cat.BACKUP_DURATION, lambda s: s.job),
     cat.RESTORE_DURATION: _duration("restore", cat.RESTORE_DURATION, lambda s: s.backup_id or s.job),
     cat.OFFSET_RESET_DURATION: _duration("offset_reset", cat.OFFSET_RESET_DURATION, lambda s: s.job),
@@ -541,30 +601,30 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.STORAGE_READ_BYTES: _storage_bytes("read"),
     cat.STORAGE_CALL_DURATION: _shared_histogram(_storage_calls, cat.STORAGE_CALL_DURATION),
     cat.STORAGE_ERRORS: _shared_sum(_storage_errors),
-    cat.COMPRESSION_RATIO: _compression_ratio,
-    cat.COMPRESSED_BYTES: _compression_bytes(0),
-    cat.UNCOMPRESSED_BYTES: _compression_bytes(1),
+    cat.COMPRESSION_RATIO: PerJob(_compression_ratio),
+    cat.COMPRESSED_BYTES: PerJob(_compression_bytes(0)),
+    cat.UNCOMPRESSED_BYTES: PerJob(_compression_bytes(1)),
     cat.ERRORS_TOTAL: _by_key("errors"),
     cat.PERMANENT_ERRORS_TOTAL: _by_key("permanent_errors"),
     cat.RETRIES_TOTAL: _by_key("retries", ("backup", "restore", "verify")),
-    cat.LAST_SUCCESSFUL_COMMIT: _last_commit,
-    cat.JOB_INFO: _job_info,
-    cat.LAST_SUCCESS: _last_success,
-    cat.EXPECTED_INTERVAL: _expected_interval,
-    cat.NEWEST_STORED_RECORD: _newest_stored,
-    cat.RECOVERY_POINT_OBJECTIVE: _rpo,
-    cat.REBALANCES_TOTAL: _rebalances,
-    cat.TELEMETRY_DROPPED: _dropped,
+    cat.LAST_SUCCESSFUL_COMMIT: PerJob(_last_commit),
+    cat.JOB_INFO: PerJob(_job_info),
+    cat.LAST_SUCCESS: PerJob(_last_success),
+    cat.EXPECTED_INTERVAL: PerJob(_expected_interval),
+    cat.NEWEST_STORED_RECORD: PerJob(_newest_stored),
+    cat.RECOVERY_POINT_OBJECTIVE: PerJob(_rpo),
+    cat.REBALANCES_TOTAL: PerJob(_rebalances),
+    cat.TELEMETRY_DROPPED: PerJob(_dropped, EVERY),
     cat.TELEMETRY_INVALID: _invalid,
-    cat.BACKUP_STATUS: _status,
-    cat.WORKER_LAST_SEEN: _last_seen,
+    cat.BACKUP_STATUS: PerJob(_status, time_key=_stopped),
+    cat.WORKER_LAST_SEEN: PerJob(_last_seen, EVERY),
     cat.EXPORTER_DROPPED_SERIES: _dropped_series,
     cat.EXPORTER_EXPIRED_JOBS: _expired_jobs,
-    cat.RESTORE_PROGRESS: _restore_progress,
-    cat.RESTORE_ETA: _restore_eta,
-    cat.RESTORE_THROUGHPUT: _restore_throughput,
-    cat.RESTORE_RECORDS_TOTAL: _restore_records,
-    cat.RESTORE_ERRORS_TOTAL: _restore_errors,
+    cat.RESTORE_PROGRESS: PerJob(_restore_progress, RESTORE),
+    cat.RESTORE_ETA: PerJob(_restore_eta, RESTORE, time_key=_rate_key),
+    cat.RESTORE_THROUGHPUT: PerJob(_restore_throughput, RESTORE, time_key=_rate_key),
+    cat.RESTORE_RECORDS_TOTAL: PerJob(_restore_records, RESTORE),
+    cat.RESTORE_ERRORS_TOTAL: PerJob(_restore_errors, RESTORE),
 }
 
 
@@ -644,34 +704,52 @@ class StateCollector(Collector):
     def describe(self) -> list:
         return []
 
-    def collect(self) -> Iterator:
+    @property
+    def max_series(self) -> int:
+        return self._max_series
+
+    def view(self) -> View:
+        """This scrape's snapshot and "now"."""
         view = make_view(self._snapshot(), self._clock(), self._window, self._expire_after_s, self._stop_after_s)
         view.endpoint = self._endpoint
-        families = {}
-        for m in cat.CATALOGUE:
-            builder = BUILDERS.get(m)
-            if builder is not None and m.type in _FAMILIES and m not in _LAST:
-                families[m] = self._build(m, builder, view)
-        for m in _LAST:
-            families[m] = self._build(m, BUILDERS[m], view)
-        return (families[m] for m in cat.CATALOGUE if m in families)
+        return view
 
-    def _build(self, m: cat.Metric, builder: Builder, view: View):
-        """One malformed state value must cost its family's samples, not the whole scrape."""
-        family = new_family(m)
-        try:
-            for n, sample in enumerate(builder(view)):
-                if n >= self._max_series:
-                    view.dropped_series[m.name] = view.dropped_series.get(m.name, 0) + 1
-                    continue
+    def collect(self) -> Iterator:
+        view = self.view()
+        families = {}
+        for m, builder in rendered():
+            family = families[m] = new_family(m)
+            for sample in family_samples(m, builder, view, self._max_series):
                 if m.type == "info":
                     family.add_metric([], dict(zip(m.labels, sample[0], strict=True)))
                 else:
                     family.add_metric(*sample)
-        except Exception:
-            log.exception("cannot build %s", m.name)
-            return new_family(m)
-        return family
+        return (families[m] for m in cat.CATALOGUE if m in families)
+
+
+def rendered() -> list[tuple[cat.Metric, Builder]]:
+    """The families a scrape serves, in the order they are built (catalogue order, then ``_LAST``)."""
+    first = [(m, b) for m in cat.CATALOGUE
+             if (b := BUILDERS.get(m)) is not None and m.type in _FAMILIES and m not in _LAST]
+    return first + [(m, BUILDERS[m]) for m in _LAST]
+
+
+def family_samples(m: cat.Metric, builder: Builder, view: View, max_series: int) -> list[Sample]:
+    """One malformed state value must cost its family's samples, not the whole scrape; beyond
+    ``max_series`` samples are counted in ``view.dropped_series``, not served."""
+    out: list[Sample] = []
+    try:
+        for n, sample in enumerate(builder(view)):
+            if n >= max_series:
+                view.dropped_series[m.name] = view.dropped_series.get(m.name, 0) + 1
+                continue
+            if m.type == "info" and len(sample[0]) != len(m.labels):
+                raise ValueError(f"{m.name}: {len(sample[0])} label values for {len(m.labels)} labels")
+            out.append(sample)
+    except Exception:
+        log.exception("cannot build %s", m.name)
+        return []
+    return out
 
 
 # ---- 8. the exporter's own endpoint ---------------------------------------------------------
