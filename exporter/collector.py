@@ -56,6 +56,7 @@ class View:
     window: int
     jobs: list[JobState] = field(default_factory=list)
     everyone: list[tuple[JobState, bool]] = field(default_factory=list)  # every job, in key order, and live?
+    keys: list[str] = field(default_factory=list)  # the snapshot keys of ``everyone``
     pipelines: list[PipelineState] = field(default_factory=list)
     stop_after_s: float = 60.0
     expired: int = 0
@@ -87,10 +88,11 @@ def expired(s: JobState, now: float, expire_after_s: float) -> bool:
 def make_view(snapshot: Mapping[str, Any], now: float, window: int, expire_after_s: float = float("inf"),
               stop_after_s: float = 60.0) -> View:
     view = View(now=now, window=window, stop_after_s=stop_after_s)
-    for _, value in sorted(snapshot.items()):
+    for key, value in sorted(snapshot.items()):
         if isinstance(value, JobState):
             live = not expired(value, now, expire_after_s)
             view.everyone.append((value, live))
+            view.keys.append(key)
             if not live:
                 view.expired += 1
                 continue
@@ -140,11 +142,12 @@ class Shared:
         self.sample = sample
 
     def __call__(self, view: View) -> Iterator[Sample]:
-        return self.samples(view.everyone, self.contribution)
+        return self.merged((self.contribution(s), live) for s, live in view.everyone)
 
-    def samples(self, everyone: Iterable[tuple[JobState, bool]], contribution: Contribution) -> Iterator[Sample]:
+    def merged(self, shares: Iterable[tuple[Iterable[tuple[tuple[str, ...], Any]], bool]]) -> Iterator[Sample]:
+        """``shares``: each job's contribution and whether it is live, in key order."""
         sample = self.sample
-        for labels, value in _shared(everyone, contribution, self.merge).items():
+        for labels, value in _shared(shares, self.merge).items():
             yield sample(labels, value)
 
 
@@ -154,7 +157,7 @@ class Shared:
 Contribution = Callable[[JobState], Iterable[tuple[tuple[str, ...], Any]]]
 
 
-def _shared(everyone: Iterable[tuple[JobState, bool]], contribution: Contribution,
+def _shared(shares: Iterable[tuple[Iterable[tuple[tuple[str, ...], Any]], bool]],
             merge: Callable[[Any, Any], Any]) -> dict[tuple[str, ...], Any]:
     """Merge what several jobs add to one series (storage by backend, restores of one backup, ...).
 
@@ -168,8 +171,8 @@ def _shared(everyone: Iterable[tuple[JobState, bool]], contribution: Contributio
     # One order for every scrape (the snapshot's key order), whoever is live: float sums in another
     # order can come out an ulp lower, and Prometheus reads even that as a reset. In a fixed order,
     # adding a job or growing a share can only raise the rounded sum.
-    for s, is_live in everyone:
-        for labels, value in contribution(s):
+    for contribution, is_live in shares:
+        for labels, value in contribution:
             totals[labels] = value if labels not in totals else merge(totals[labels], value)
             if is_live:
                 live.add(labels)
