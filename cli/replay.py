@@ -11,11 +11,10 @@ import argparse
 import sys
 
 import msgspec
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from kafka_backup.cli import evidence
 from kafka_backup.exporter.collector import StateCollector
+from kafka_backup.exporter.renderer import Renderer
 from kafka_backup.schemas import signing
 from kafka_backup.schemas.config import Config, ConfigError, require_safe_id
 from kafka_backup.schemas.times import parse_time
@@ -109,12 +108,11 @@ def _metrics(cfg: Config, result, fmt: str) -> bytes:
     snap = snapshot(result)
     if fmt == "json":
         return msgspec.json.format(msgspec.json.encode(dict(sorted(snap.items())), order="sorted"), indent=2) + b"\n"
-    registry = CollectorRegistry(auto_describe=False)
     # "now" is --to, not the wall clock: the same replay renders the same bytes tomorrow
-    registry.register(StateCollector(lambda: snap, cfg.aggregator.throughput_window_s, clock=lambda: now,
-                                     stop_after_s=cfg.metrics.worker_stop_after_s, expire_after_s=float("inf"),
-                                     max_series_per_family=cfg.metrics.max_series_per_family))
-    return generate_openmetrics(registry) if fmt == "openmetrics" else generate_latest(registry)
+    collector = StateCollector(lambda: snap, cfg.aggregator.throughput_window_s, clock=lambda: now,
+                               stop_after_s=cfg.metrics.worker_stop_after_s, expire_after_s=float("inf"),
+                               max_series_per_family=cfg.metrics.max_series_per_family)
+    return Renderer(collector).render(openmetrics=fmt == "openmetrics")  # the live exporter's bytes
 
 
 def _write(path: str, data: bytes) -> None:

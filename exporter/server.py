@@ -50,6 +50,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from kafka_backup.exporter.collector import EndpointCounters, StateCollector
+from kafka_backup.exporter.renderer import Renderer
 from kafka_backup.exporter.webconfig import CachedBasicAuth, WebConfig
 from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas.config import HEALTH_PATH, Config, ConfigError
@@ -162,6 +163,7 @@ class MetricsServer:
         self._failed_logins = _FailedLogins()
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(collector)
+        self._renderer = Renderer(collector) if isinstance(collector, StateCollector) else None
         self._interval = update_interval_ms / 1000
         self._ready = ready_fn
         self._cache: dict[str, tuple[float, bytes, bytes | None]] = {}  # ctype -> (at, body, gzipped)
@@ -354,11 +356,19 @@ class MetricsServer:
             now = time.monotonic()
             hit = self._cache.get(ctype)
             if hit is None or now - hit[0] >= self._interval:
-                hit = (now, encoder(self._registry), None)
+                hit = (now, self._encode(encoder, ctype), None)
             if gzipped and hit[2] is None:
                 hit = (hit[0], hit[1], gzip.compress(hit[1], GZIP_LEVEL, mtime=0))
             self._cache[ctype] = hit
         return (hit[2] if gzipped else hit[1]), ctype
+
+    def _encode(self, encoder: Callable[[CollectorRegistry], bytes], ctype: str) -> bytes:
+        """The state collector's own renderer (same bytes, reusing unchanged jobs' lines), except for
+        the ``escaping=dots`` a client may ask for, which renames every metric: that one is
+        prometheus_client's."""
+        if self._renderer is None or "escaping=dots" in ctype:
+            return encoder(self._registry)
+        return self._renderer.render(openmetrics=ctype.startswith("application/openmetrics-text"))
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
