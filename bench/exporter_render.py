@@ -42,7 +42,7 @@ def states(jobs: int, partitions: int) -> dict:
         w = dict(instance=f"w{j}", job=f"job-{j}")
         s = fold.apply(None, ev.JobStarted(**w, seq=1, ts=T0, mode="continuous"))
         s = fold.apply(s, ev.Progress(**w, seq=2, ts=T0 + 1, fetches=2,
-                                      partitions=[ev.PartitionProgress("t", p, 100, 150, T0 * 1000, T0 * 1000 + 5)
+                                      partitions=[ev.PartitionProgress("t", p, 100, 150, int(T0 * 1000), int(T0 * 1000) + 5)
                                                   for p in range(partitions)],
                                       consumed=[ev.TopicConsumed("t", 50 * partitions, 5000 * partitions)]))
         for p in range(partitions):
