@@ -176,6 +176,26 @@ def test_lag_bytes_follow_the_minute_without_a_state_change():
                     line.format(repr(60 * 2005 / 20)).encode()]
 
 
+def test_status_and_rates_follow_the_clock_without_a_state_change():
+    """A running job silent past stop_after_s turns STOP; its rate window empties as seconds pass."""
+    history = History()
+    kwargs = dict(stop_after_s=STOP_S, expire_after_s=EXPIRE_S)
+    renderer = Renderer(StateCollector(lambda: history.published, WINDOW, clock=lambda: history.now, **kwargs))
+    history.emit(0, lambda d, b: EVENTS[0](d, b, 1))
+    history.now += 100  # older than the window: the divisor is the window
+    history.emit(0, lambda d, b: EVENTS[2](d, b, 30))  # 30 records in this second
+    status, rate = [], []
+    for step in (0.0, 30.0, 29.0, 2.0):  # at +0, +30, +59 (still in the window), +61 s: stopped, window empty
+        history.now += step
+        text = renderer.render()
+        assert text == reference(history.published, history.now, **kwargs)[0]
+        status += [x for x in text.splitlines() if x.startswith(b"kafka_backup_status{") and x.endswith(b" 1.0")]
+        rate += [x.rpartition(b" ")[2] for x in text.splitlines()
+                 if x.startswith(b"kafka_backup_throughput_records_per_sec{")]
+    assert [x.split(b'kafka_backup_status="')[1][:4] for x in status] == [b"OK\"}", b"OK\"}", b"OK\"}", b"STOP"]
+    assert rate == [repr(30 / WINDOW).encode()] * 3 + [b"0.0"]
+
+
 def test_three_weeks_of_a_fleet_through_one_reusing_renderer():
     """The long-run simulation (jobs start, end, expire; shared series keep expired shares), rendered
     by one renderer that sees a new object only for a changed state, as the state reader hands them."""
