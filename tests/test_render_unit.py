@@ -13,6 +13,7 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.exposition import generate_latest as text_latest
 from prometheus_client.openmetrics.exposition import generate_latest as om_latest
 from prometheus_client.utils import floatToGoString
@@ -20,6 +21,7 @@ from prometheus_client.utils import floatToGoString
 from kafka_backup.exporter.collector import EndpointCounters, StateCollector
 from kafka_backup.exporter.exposition import value
 from kafka_backup.exporter.renderer import Renderer
+from kafka_backup.exporter.server import MetricsServer
 from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.state import JobState, PipelineState, decode_state, encode_state, pipeline_key
@@ -222,3 +224,20 @@ def test_three_weeks_of_a_fleet_through_one_reusing_renderer():
 @given(st.one_of(st.integers(-(2**60), 2**60), st.floats(allow_nan=True, allow_infinity=True), st.booleans()))
 def test_values_are_written_as_float_to_go_string_does(v):
     assert value(v) == floatToGoString(v)
+
+
+def test_the_server_serves_the_renderers_bytes_and_prometheus_clients_for_dots_escaping():
+    history = History()
+    history.emit(0, lambda d, b: EVENTS[2](d, b, 5))
+    collector = StateCollector(lambda: history.published, WINDOW, clock=lambda: history.now)
+    server = MetricsServer("127.0.0.1", 0, "/metrics", collector, 0, lambda: True)
+    try:
+        text, om = reference(history.published, history.now)
+        assert server.render("") == (text, CONTENT_TYPE_PLAIN_0_0_4)
+        assert server.render("application/openmetrics-text")[0] == om
+        dots = "application/openmetrics-text; version=1.0.0; escaping=dots"
+        collected = _Collected(list(collector.collect()))
+        assert server.render(dots)[0] == om_latest(collected, escaping="dots")
+        assert b"kafka__backup__lag__records" in server.render(dots)[0]
+    finally:
+        server.shutdown()
