@@ -30,6 +30,64 @@ from kafka_backup.cli.devbroker import DevBroker, free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# A test that starts a process (a broker, the pipeline, Prometheus, the command line) is an e2e test,
+# so that `pytest -m "not e2e"` runs in seconds. Enforced twice: asking for a fixture that starts one
+# without the marker is a collection error, and starting one any other way fails the test.
+PROCESS_FIXTURES = frozenset({"broker", "pipeline_factory", "shared_pipeline", "telemetry_cluster"})
+# Started by libraries at import time, not by a test: platform.architecture() runs `file` on the interpreter
+# (croniter, imported by Faust's mode, calls it).
+LIBRARY_PROBES = frozenset({"file"})
+_running: list = [None]  # the test item whose setup, call or teardown is running
+
+
+class ProcessOutsideE2E(Exception):
+    pass
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [f"{item.nodeid} uses {sorted(PROCESS_FIXTURES & set(item.fixturenames))}" for item in items
+                if PROCESS_FIXTURES & set(item.fixturenames) and item.get_closest_marker("e2e") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that start processes must be marked e2e: " + "; ".join(unmarked))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running[0] = item
+    try:
+        yield
+    finally:
+        _running[0] = None
+
+
+def pytest_configure(config):
+    """Every process start goes through the guard, fixtures of any scope included."""
+    real_init = subprocess.Popen.__init__
+
+    def guarded_init(self, args, *rest, **kwargs):
+        item = _running[0]
+        program = os.path.basename(str(args if isinstance(args, (str, bytes, os.PathLike)) else args[0]))
+        if item is not None and item.get_closest_marker("e2e") is None and program not in LIBRARY_PROBES:
+            raise ProcessOutsideE2E(f"{item.nodeid} starts a process ({program}) but is not marked e2e")
+        real_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = guarded_init
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _faust_data_dirs_in_tmp(tmp_path_factory):
+    """Faust keeps an aggregator's data dir in its working directory ("<app id>-data" in the repository
+    root) unless APP_DATADIR, Faust's own setting, says otherwise (no aggregate flag sets it): every
+    process a test starts inherits this one, under pytest's temporary directory."""
+    old = os.environ.get("APP_DATADIR")
+    os.environ["APP_DATADIR"] = str(tmp_path_factory.mktemp("faust") / "{conf.name}-data")
+    yield
+    if old is None:
+        os.environ.pop("APP_DATADIR", None)
+    else:
+        os.environ["APP_DATADIR"] = old
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

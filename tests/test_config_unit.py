@@ -183,6 +183,7 @@ def test_librdkafka_refuses_bad_properties_in_one_line_before_any_client(props, 
     assert str(err.value).startswith(needle), str(err.value)
 
 
+@pytest.mark.e2e
 def test_the_aggregator_refuses_unsecured_oauthbearer_in_one_line_before_connecting():
     from tests.conftest import cli
 

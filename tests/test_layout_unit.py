@@ -52,6 +52,7 @@ def test_decoded_records_must_be_the_partition_and_range_the_index_claims():
         layout.read_segment(data, legacy, TOPIC, 1)
 
 
+@pytest.mark.e2e
 def test_a_small_zstd_bomb_does_not_allocate_what_it_claims(tmp_path):
     """1 GiB of zeros in ~32 KiB: decoding it against a recorded size of 1000 bytes fails within a few MB."""
     comp = cramjam.zstd.Compressor()

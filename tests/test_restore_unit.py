@@ -110,6 +110,7 @@ def test_offset_reset_needs_exactly_one_target():
      "offset_reset.to_timestamp: 1969-12-31T00:00:00Z is before 1970"),
     (["offset-reset", "--group", "", "--topics", "t", "--to-latest"], "offset_reset.group: '' is not a safe id"),
 ])
+@pytest.mark.e2e
 def test_cli_mistakes_exit_2_with_one_line(args, needle):
     r = cli(*args, "--bootstrap-servers", "127.0.0.1:1")
     assert r.returncode == 2, r.stderr
