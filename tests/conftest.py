@@ -374,6 +374,23 @@ class Pipeline:
 
         return wait_for(all_seen, timeout, what="the aggregator to fold a marker on every telemetry partition")
 
+    def state_read_since(self, since: float, timeout: float = 60) -> Samples:
+        """Wait until the exporter has proven its copy of the state topic current at or after ``since``
+        (``time.time()``): every state write the broker held by then is in what it serves.
+
+        The exporter's state age is the time since it last saw every partition read to the end the broker
+        reported; scraping at ``asked`` and seeing age ``a`` means it was current at ``asked - a`` or later.
+        """
+        from kafka_backup.schemas import catalogue as cat
+
+        def current() -> Samples | None:
+            asked = time.time()
+            s = self.scrape()
+            age = s.get_value(cat.EXPORTER_STATE_AGE.name)
+            return s if age is not None and asked - age >= since else None
+
+        return wait_for(current, timeout, 0.2, what=f"the exporter to read the state topic to its end after {since}")
+
     def wait_value(self, name: str, expected: float, timeout: float = 60, **labels) -> Samples:
         def check():
             s = self.scrape()
