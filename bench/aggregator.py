@@ -132,7 +132,10 @@ def measure(bootstrap: str, changelog: str, cmd: list[str], done, log_path: str)
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-" + uuid.uuid4().hex[:6],
                   "enable.auto.commit": False, "receive.message.max.bytes": 1_000_000_000})
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # Faust's data dir (APP_DATADIR, "<app>-data" in the working directory by default) with the logs
+        datadir = os.path.join(os.path.dirname(log_path), "{conf.name}-data")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "APP_DATADIR": datadir})
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # the changelog topic is created by the app

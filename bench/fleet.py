@@ -87,8 +87,10 @@ def main() -> None:
     logdir = tempfile.mkdtemp(prefix="bench-fleet-")
     with DevBroker(log_path=os.path.join(logdir, "broker.log")) as broker:
         bootstrap, app, port = broker.bootstrap, "fleet-" + uuid.uuid4().hex[:6], free_port()
+        env = {**os.environ, "APP_DATADIR": os.path.join(logdir, "{conf.name}-data")}  # not the repository root
         procs = [subprocess.Popen(ours(*args), cwd=ROOT, stdin=subprocess.DEVNULL,
-                                  stdout=open(os.path.join(logdir, f"{args[0]}.log"), "ab"), stderr=subprocess.STDOUT)
+                                  stdout=open(os.path.join(logdir, f"{args[0]}.log"), "ab"), stderr=subprocess.STDOUT,
+                                  env=env)
                  for args in (["aggregate", "--bootstrap-servers", bootstrap, "--app-id", app, "--instance-id", app],
                               ["exporter", "--bootstrap-servers", bootstrap, "--app-id", app, "--port", str(port)])]
         agg = procs[0]

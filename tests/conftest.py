@@ -258,15 +258,16 @@ def parse_prometheus(text: str) -> Samples:
 
 
 class Proc:
-    def __init__(self, args: list[str], log_path: str) -> None:
+    def __init__(self, args: list[str], log_path: str, env: dict[str, str] | None = None) -> None:
         self.args = args
         self.log_path = log_path
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Proc:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "kafka_backup.cli.main", *self.args], cwd=ROOT, stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
         return self
 
     def stop(self, kill: bool = False) -> None:
@@ -305,9 +306,11 @@ class Pipeline:
                              os.path.join(tmp, f"{self.app_id}-exporter.log"))
 
     def _aggregator_proc(self, n: int) -> Proc:
+        # with the pipeline's files, also when a bench uses it outside pytest (see _faust_data_dirs_in_tmp)
+        datadir = os.path.join(self.tmp, f"{self.app_id}-{n}-data")
         return Proc(["aggregate", "--bootstrap-servers", self.bootstrap, "--app-id", self.app_id,
                      "--instance-id", f"{self.app_id}-{n}", "--log-level", "INFO", *self.extra_aggregator_args],
-                    os.path.join(self.tmp, f"{self.app_id}-aggregator-{n}.log"))
+                    os.path.join(self.tmp, f"{self.app_id}-aggregator-{n}.log"), env={"APP_DATADIR": datadir})
 
     def add_aggregator_worker(self) -> Proc:
         """Another worker of the same Faust application (a fleet's second aggregator host)."""
