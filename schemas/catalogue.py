@@ -13,7 +13,8 @@ choice is weak we keep its metric and add a better one next to it, flagged
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, ParamSpec
 
 import msgspec
 
@@ -62,10 +63,21 @@ class Metric(msgspec.Struct, frozen=True):
 CATALOGUE: list[Metric] = []
 
 
-def _m(*args, **kwargs) -> Metric:
-    metric = Metric(*args, **kwargs)
-    CATALOGUE.append(metric)
-    return metric
+_P = ParamSpec("_P")
+
+
+def _registered(make: Callable[_P, Metric]) -> Callable[_P, Metric]:
+    """``make`` (Metric's own signature, checked) that also appends what it makes to the catalogue."""
+
+    def register(*args: _P.args, **kwargs: _P.kwargs) -> Metric:
+        metric = make(*args, **kwargs)
+        CATALOGUE.append(metric)
+        return metric
+
+    return register
+
+
+_m = _registered(Metric)
 
 
 # 1. Consumer lag

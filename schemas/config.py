@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
@@ -460,7 +460,9 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
             for key in keys if isinstance(keys, dict) else ():
                 origins[f"{section}.{key}"] = f"--config {path}"
     env = environment(os.environ if environ is None else environ)
-    for layer, label in ((env, lambda k: f"environment {env_for(k)}"), (overrides or {}, lambda k: flag_for(k))):
+    layers: tuple[tuple[Mapping[str, Any], Callable[[str], str]], ...] = (
+        (env, lambda k: f"environment {env_for(k)}"), (overrides or {}, flag_for))
+    for layer, label in layers:
         for dotted, value in layer.items():
             section, key = dotted.split(".", 1)
             target = raw.setdefault(section, {})

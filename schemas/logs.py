@@ -37,14 +37,15 @@ class ContextFilter(logging.Filter):
         return True
 
 
-def _json_formatter():
+def _json_formatter() -> logging.Formatter:
     from pythonjsonlogger.json import JsonFormatter
 
     class Formatter(JsonFormatter):
-        def formatTime(self, record, datefmt=None):  # noqa: N802 (logging's name)
+        def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
             return dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
 
-        def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord, message_dict) -> None:
+        def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord,
+                       message_dict: dict[str, Any]) -> None:
             super().add_fields(log_record, record, message_dict)
             for key in _context:
                 log_record.setdefault(key, getattr(record, key, _context[key]))

@@ -23,11 +23,15 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import faust
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from faust.exceptions import PartitionsMismatch
+from faust.types import TP
+from faust.types.auth import CredentialsT
 
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas import logs, signing
@@ -90,7 +94,7 @@ def create_app(cfg: Config) -> faust.App:
     table = app.Table(STATE_TABLE, default=None, key_type=bytes, value_type=bytes,
                       partitions=cfg.telemetry.partitions)
     barrier = ChangelogBarrier()
-    table.send_changelog = barrier.track(table.send_changelog)
+    barrier.guard_changelog(table)
     barrier.guard_flush(app.producer, on_failure=lambda err: restart_in_place(f"{err}"))
     offsets = GroupOffsets(bootstrap, cfg.aggregator.app_id, cfg.telemetry.topic)
     guard = OffsetGuard(cfg.telemetry.topic, offsets.start)
@@ -99,8 +103,10 @@ def create_app(cfg: Config) -> faust.App:
     flush_every_s = cfg.aggregator.flush_interval_ms / 1000
     next_flush = [time.monotonic() + flush_every_s]
 
-    @app.on_partitions_revoked.connect
-    async def forget_revoked(app, revoked, **kwargs) -> None:
+    # Faust's signal type wants receivers of (sender, *args, signal=...); it calls this one with
+    # (app, revoked, signal=...), which **kwargs takes
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def forget_revoked(app: faust.App, revoked: set[TP], **kwargs: Any) -> None:
         partitions = {tp.partition for tp in revoked if tp.topic == cfg.telemetry.topic}
         guard.forget(partitions)
         work.forget(partitions)  # unflushed, uncommitted: the next owner reads those events again
@@ -133,7 +139,8 @@ def create_app(cfg: Config) -> faust.App:
             state = decode_pipeline(raw) if raw else PipelineState(partition=partition)
             for reason, n in pending.items():
                 state.invalid[reason] = state.invalid.get(reason, 0) + n
-            write_outside_event(table, partition, key, encode_state(state))
+            # encode_state encodes a PipelineState too; its annotation says so after the typed-state refactor
+            write_outside_event(table, partition, key, encode_state(state))  # type: ignore[arg-type]
         guard.release(partition)
 
     def flush_all() -> None:
@@ -152,12 +159,13 @@ def create_app(cfg: Config) -> faust.App:
     signing_key = signing.load_key(cfg.telemetry.signing_key_file)
 
     def handle(key: bytes | None, value: bytes | None, partition: int, offset: int,
-               record_ts: float | None, headers: object = None) -> str | None:
+               record_ts: float | None, headers: signing.Headers | None = None) -> str | None:
         """Fold one record; return the reason when it had to be skipped."""
         try:
             if not signing.verified(signing_key, key, value, headers):
                 raise ev.InvalidEvent("bad_signature", "missing or wrong kafka-backup-sig header")
             event = ev.decode(value)
+            assert value is not None  # decode refused None (and b"") as malformed
             fold.check(event, record_ts, time.time(), settings)
             if key is None or key.decode("utf-8", "replace") != ev.event_key(event.kind, event.job):
                 raise ev.InvalidEvent("bad_key", repr(key))
@@ -176,7 +184,7 @@ def create_app(cfg: Config) -> faust.App:
     verified = [False]
 
     @app.agent(topic, concurrency=1)
-    async def aggregate(stream):
+    async def aggregate(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             msg = event.message
             if msg.partition not in guard.next:  # where folding starts, asked off the event loop
@@ -366,7 +374,7 @@ OIDC_MAPPED = frozenset({  # streams/oidc.py: OAUTHBEARER with the OIDC method
 })
 
 
-def faust_credentials(sec: Security):
+def faust_credentials(sec: Security) -> CredentialsT | None:
     """The same cluster settings, in aiokafka's terms (Faust does not use librdkafka).
 
     Computed from the librdkafka settings in effect, raw ``kafka.properties`` included, so the
@@ -376,6 +384,12 @@ def faust_credentials(sec: Security):
 
     conf = sec.librdkafka()
     props = dict(sec.properties)
+
+    def setting(name: str) -> str | None:
+        """A librdkafka setting in effect, as text (librdkafka reads every value as text); None if unset or empty."""
+        value = conf.get(name)
+        return str(value) if value else None
+
     mechanism = str(conf.get("sasl.mechanism") or conf.get("sasl.mechanisms") or sec.sasl_mechanism).upper()
     oauth = sec.sasl and mechanism == "OAUTHBEARER"
     if oauth and str(conf.get("sasl.oauthbearer.method", "default")).lower() != "oidc":
@@ -393,10 +407,10 @@ def faust_credentials(sec: Security):
         log.info("%s: %s applies to librdkafka clients only, not to Faust's aiokafka", sec.properties_key, name)
     context = None
     if sec.tls:
-        context = ssl.create_default_context(cafile=conf.get("ssl.ca.location") or None)
-        if conf.get("ssl.certificate.location"):
-            context.load_cert_chain(conf["ssl.certificate.location"], conf.get("ssl.key.location") or None,
-                                    conf.get("ssl.key.password") or None)
+        context = ssl.create_default_context(cafile=setting("ssl.ca.location"))
+        certificate = setting("ssl.certificate.location")
+        if certificate:
+            context.load_cert_chain(certificate, setting("ssl.key.location"), setting("ssl.key.password"))
         if str(conf.get("ssl.endpoint.identification.algorithm", "https")).lower() == "none":
             context.check_hostname = False
     if oauth:
@@ -410,7 +424,7 @@ def faust_credentials(sec: Security):
         return faust.OAuthCredentials(oauth_cb=provider, ssl_context=context)
     if sec.sasl and mechanism == "GSSAPI":
         return faust.GSSAPICredentials(kerberos_service_name=str(conf.get("sasl.kerberos.service.name", "kafka")),
-                                       kerberos_domain_name=conf.get("sasl.kerberos.domain.name") or None,
+                                       kerberos_domain_name=setting("sasl.kerberos.domain.name"),
                                        ssl_context=context)
     if sec.sasl:
         return faust.SASLCredentials(username=str(conf.get("sasl.username", "")),
@@ -428,7 +442,7 @@ def restart_in_place(why: str) -> None:
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
-def recovery_watchdog(app: faust.App, stall_s: float, restart=restart_in_place,
+def recovery_watchdog(app: faust.App, stall_s: float, restart: Callable[[str], None] = restart_in_place,
                       interval_s: float = 1.0) -> threading.Thread:
     """Restart this worker in place when table recovery stops making progress.
 
@@ -441,12 +455,14 @@ def recovery_watchdog(app: faust.App, stall_s: float, restart=restart_in_place,
     """
 
     def watch() -> None:
-        last, since = None, None
+        last: int | None = None  # recovered offsets when last seen moving...
+        since = 0.0  # ...at this time
         while True:
             time.sleep(interval_s)
-            recovery = app.tables.recovery if app.tables else None
+            # faust's TableManagerT leaves out the TableManager's recovery
+            recovery = app.tables.recovery if app.tables else None  # type: ignore[attr-defined]
             if recovery is None or not getattr(app, "in_recovery", False):
-                last, since = None, None
+                last = None
                 continue
             now_offsets = sum(recovery.active_offsets.values()) + sum(recovery.standby_offsets.values())
             if now_offsets != last:
@@ -460,7 +476,7 @@ def recovery_watchdog(app: faust.App, stall_s: float, restart=restart_in_place,
     return thread
 
 
-def run(cfg: Config, logging_config: dict | None = None) -> None:
+def run(cfg: Config, logging_config: dict[str, Any] | None = None) -> None:
     """Run the aggregator in the foreground until SIGINT/SIGTERM (graceful LeaveGroup on exit).
 
     ``logging_config`` (schemas.logs.dict_config) is the process's: mode's worker clears the root
