@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, ".ci", "typecheck.py")
 
@@ -18,6 +20,7 @@ def _script():
     return module
 
 
+@pytest.mark.e2e  # runs mypy in its own process (as .ci/run does)
 def test_the_packages_type_check():
     r = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
