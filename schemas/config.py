@@ -171,6 +171,9 @@ class OffsetResetConfig(_Section):
 class AggregatorConfig(_Section):
     app_id: str = topics.AGGREGATOR_APP_ID
     instance_id: str = ""  # static group member id; defaults to app_id@hostname
+    # Faust's data directory (table metadata; the tables themselves live in memory and on the state
+    # topic). Empty: Faust's default, "<app_id>-data" in the working directory (or $APP_DATADIR).
+    data_dir: str = ""
     throughput_window_s: Positive = 60
     dead_letter_topic: str = ""  # skipped telemetry records are copied here when set
     recovery_stall_s: Positive = 30  # table recovery without progress this long: the worker restarts itself

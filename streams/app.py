@@ -71,6 +71,9 @@ def member_id(cfg: Config) -> str:
 def create_app(cfg: Config) -> faust.App:
     bootstrap = cfg.kafka.bootstrap_servers
     instance = member_id(cfg)
+    datadir: dict[str, Any] = {}
+    if cfg.aggregator.data_dir:  # beats Faust's own APP_DATADIR (Faust lets the environment win over kwargs)
+        datadir = {"datadir": cfg.aggregator.data_dir, "env": {**os.environ, "APP_DATADIR": cfg.aggregator.data_dir}}
     app = faust.App(
         cfg.aggregator.app_id,
         broker_credentials=faust_credentials(security_for(bootstrap)),
@@ -83,6 +86,7 @@ def create_app(cfg: Config) -> faust.App:
         table_standby_replicas=0,
         producer_linger=0.05,
         stream_wait_empty=False,
+        **datadir,
     )
     settings = fold.Settings.of(cfg.aggregator)
     topic = app.topic(cfg.telemetry.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
