@@ -115,7 +115,7 @@ class Job:
         """What must be said or saved before ``JobEnded`` (final progress, counts, the manifest's run)."""
 
     def after_end(self, outcome: Outcome) -> None:
-        """Closing clients, after ``JobEnded``; must not raise."""
+        """After ``JobEnded``: what the outcome allows saving, and closing clients (a close must not raise)."""
 
     def explain(self, reason: str) -> str:
         """The message a storage or Kafka failure ends the run with (``JobEnded`` keeps ``reason``)."""
