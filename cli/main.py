@@ -393,10 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as err:  # a failed run: one line, the details are in the log above
-        from kafka_backup.producers.backup import BackupFailed, BackupInterrupted
+        from kafka_backup.producers.run import JobFailed, JobInterrupted
 
-        if isinstance(err, BackupFailed):
-            outcome = "interrupted" if isinstance(err, BackupInterrupted) else "failed"
+        if isinstance(err, JobFailed):
+            outcome = "interrupted" if isinstance(err, JobInterrupted) else "failed"
             print(f"kafka-backup {args.command}: {outcome}: {err}", file=sys.stderr)
             return 1
         raise

@@ -6,7 +6,8 @@ import pytest
 
 from kafka_backup.producers import layout, segments
 from kafka_backup.producers.offset_reset import target_of
-from kafka_backup.producers.restore import RestoreWorker, Window, parse_topic_map, resolve_topic_map
+from kafka_backup.producers.restore import RestoreWorker
+from kafka_backup.producers.restore_scope import Window, parse_topic_map, resolve_topic_map
 from kafka_backup.producers.storage import FileBackend, OpReport, Storage
 from kafka_backup.schemas.config import ConfigError, OffsetResetConfig, RestoreConfig
 from tests.conftest import cli
@@ -73,13 +74,13 @@ def test_scope_counts_exactly_and_reads_only_straddling_segments_once(tmp_path):
     cfg = RestoreConfig(restore_id="r", backup_id="bk", from_time=1000 + 20, to_time=1000 + 150)
     worker = RestoreWorker("127.0.0.1:1", cfg, storage, Events())
     storage.listener = reports.append
-    cp = worker._scope({"t": "t"}, {"t": 1})
+    cp = worker.scope({"t": "t"}, {"t": 1})
     assert cp.total_records == 130 and cp.partitions[0].records == 130 and cp.partitions[0].end_offset == 300
     # read: the partition checkpoint, then the two straddling segments; the third lies outside
     assert [(r.operation, r.nbytes) for r in reports] == [
         ("checkpoint", reports[0].nbytes), ("segment", infos[0].stored_bytes), ("segment", infos[1].stored_bytes)]
     reports.clear()
-    offsets = [r.offset for r in worker._records(cp.partitions[0], 0)]
+    offsets = [r.offset for r in worker.reader.records(cp.partitions[0], 0)]
     assert offsets == list(range(20, 150)) and reports == [], "kept decoded: not read again"
 
 
