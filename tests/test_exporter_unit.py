@@ -25,7 +25,10 @@ from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import Config, ConfigError, load
 from kafka_backup.schemas.state import (
+    Compressed,
+    Consumed,
     Histogram,
+    JobRate,
     JobState,
     PartitionState,
     PipelineState,
@@ -72,19 +75,19 @@ def backup_b1() -> JobState:
     }
     return JobState(
         kind="backup", job="b1", started_ts=NOW - 30, records=510, bytes=1_001_000, fetches=40,
-        consumed={"orders": [5000, 500_000], "payments": [7, 700]},
+        consumed={"orders": Consumed(5000, 500_000), "payments": Consumed(7, 700)},
         partitions=partitions,
         rates=[
             RateSample(SEC - 70, "orders", 1000, 100_000),  # outside the window
             RateSample(SEC - 20, "orders", 90, 9000),
             RateSample(SEC - 5, "orders", 30, 3000),
-            RateSample(SEC - 5, fold.FETCHES_TOPIC, 0, 0, 12),
         ],
+        job_rates=[JobRate(SEC - 5, fetches=12)],
         durations={"success": hist([0.5, 10, 12, 5000], cat.BACKUP_DURATION.buckets)},
         storage_latency={"write|s3|segment": hist([0.02, 0.3], cat.STORAGE_WRITE_LATENCY.buckets)},
         storage_bytes={"write|s3": 5000},
         storage_errors={"s3|timeout": 2, "file|auth": 1},
-        compression={"zstd": [1000, 4500], "none": [0, 0]},
+        compression={"zstd": Compressed(1000, 4500), "none": Compressed(0, 0)},
         errors={"storage_io": 3},
         retries={"write": 2},
         rebalances=4,
@@ -95,7 +98,7 @@ def backup_b1() -> JobState:
 def snapshot() -> dict:
     return {
         "backup:b1": backup_b1(),
-        "backup:b2": JobState(kind="backup", job="b2", started_ts=NOW - 3600, consumed={"t": [60, 600]},
+        "backup:b2": JobState(kind="backup", job="b2", started_ts=NOW - 3600, consumed={"t": Consumed(60, 600)},
                               rates=[RateSample(SEC - 10, "t", 60, 600)]),
         "restore:r1": JobState(
             kind="restore", job="r1", backup_id="b1",

@@ -78,7 +78,7 @@ def test_a_refused_event_leaves_the_unflushed_state_as_it_was():
         assert (changed, refused) == ((True, None) if i < 3 else (False, "too_many_keys"))
     [(key, value)] = work.flush(0)
     state = decode_state(value)
-    assert sorted(state.errors) == ["e0", "e1", "e2"] and state.seen["w"][0] == 3
+    assert sorted(state.errors) == ["e0", "e1", "e2"] and state.seen["w"].seq == 3
 
 
 def test_a_state_growing_past_its_size_cap_is_refused_at_the_same_event():
@@ -113,4 +113,4 @@ def test_a_failing_fold_leaves_the_state_as_it_was(monkeypatch):
         work.apply(KEY, 0, ev.JobStarted(**base, seq=3), 50, {}.get)
     [(_, value)] = work.flush(0)
     state = decode_state(value)
-    assert state.runs == 0 and state.retries == {"write": 1, "read": 1} and state.seen["w"][0] == 2
+    assert state.runs == 0 and state.retries == {"write": 1, "read": 1} and state.seen["w"].seq == 2
