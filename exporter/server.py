@@ -396,7 +396,7 @@ def serve(cfg: Config, reader) -> MetricsServer:
     max_age = m.ready_max_state_age_s
     state_age = getattr(reader, "state_age", None)
     counters.state_age = state_age
-    counters.undecodable = getattr(reader, "undecodable_counts", None)
+    counters.undecodable = getattr(reader, "undecodable_counts", None)  # type: ignore[attr-defined]
 
     def current() -> str | None:
         age = state_age() if state_age is not None else 0.0

@@ -158,8 +158,8 @@ class StateReader:
                     decode_state(value))
             except NewerStateError as err:
                 self._refuse("newer_version", err.version,
-                             f"skipping the state of {name!r} and every other value of {err}: a newer aggregator "
-                             "wrote them; upgrade the exporter")
+                             f"state value {name!r} has {err}: a newer aggregator wrote it; upgrade the exporter "
+                             "(until then this and every later value of that version are skipped)")
             except msgspec.DecodeError as err:
                 self._refuse("malformed", None, f"skipping undecodable state values (the first: {name!r}: {err})")
 
@@ -167,7 +167,7 @@ class StateReader:
         self._undecodable[reason] = self._undecodable.get(reason, 0) + 1
         if (reason, detail) not in self._logged:
             self._logged.add((reason, detail))
-            log.warning("%s; counted in kafka_backup_exporter_undecodable_state_values_total{reason=%r}",
+            log.warning("%s; counted in kafka_backup_exporter_undecodable_state_values_total{reason=\"%s\"}",
                         line, reason)
 
     # ---- consumer thread ----------------------------------------------------------------------

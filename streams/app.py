@@ -220,8 +220,8 @@ def create_app(cfg: Config) -> faust.App:
             try:
                 reason = handle(event.key, event.value, msg.partition, msg.offset, ts, event.headers)
             except NewerStateError as err:  # folding into it would drop what the newer aggregator added
-                exit_now(f"the stored state of {escaped(event.key)} has {err}: a newer aggregator wrote it; "
-                         "upgrade this aggregator")
+                job = escaped(event.key.decode("utf-8", "replace") if event.key else "")
+                exit_now(f"the stored state of {job} has {err}: a newer aggregator wrote it; upgrade this aggregator")
                 return
             except Exception as err:  # a bug, not a bad record: never let one record kill the agent
                 reason = "internal_error"  # the dead letter's header; counted by exception type, not as invalid
