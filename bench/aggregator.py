@@ -213,8 +213,8 @@ def main() -> None:
 
             def folded(key: bytes, value: bytes, n: int, marks: dict[str, int] = marks) -> bool:
                 if value and not key.startswith(PIPELINE_PREFIX.encode()):
-                    for inst, (seq, _) in decode_state(value).seen.items():
-                        marks[inst] = int(seq)
+                    for inst, mark in decode_state(value).seen.items():
+                        marks[inst] = mark.seq
                 return len(marks) == len(last) and all(marks.get(i) == s for i, s in last.items())
 
             results["ours"].append(measure(

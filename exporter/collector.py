@@ -31,10 +31,11 @@ from prometheus_client.utils import floatToGoString
 
 from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas.build import build_info
+from kafka_backup.schemas.logs import FirstOfEach
 from kafka_backup.schemas.state import (
-    FETCHES_TOPIC,
     SIZE_WINDOW_MINUTES,
     Histogram,
+    JobRate,
     JobState,
     PartitionState,
     PipelineState,
@@ -201,6 +202,12 @@ def _recent_rates(s: JobState, view: View) -> list[RateSample]:
     return [r for r in s.rates if r.second > horizon]
 
 
+def _recent_job_rates(s: JobState, view: View) -> list[JobRate]:
+    """The job's own per-second counts (fetches, a restore's records), as ``_recent_rates``."""
+    horizon = max(view.now - view.window, int(s.started_ts or 0) - 1)
+    return [r for r in s.job_rates if r.second > horizon]
+
+
 def _lagging(view: View) -> Iterator[tuple[JobState, PartitionState, int]]:
     for s in view.backups:
         for p in s.partitions.values():
@@ -251,13 +258,13 @@ def _lag_records_max(view: View) -> Iterator[Sample]:
 # ---- 2. throughput --------------------------------------------------------------------------
 
 
-def _throughput(index: int) -> Builder:
+def _throughput(field: str) -> Builder:
     def build(view: View) -> Iterator[Sample]:
         for s in view.backups:
             recent = _recent_rates(s, view)
             divisor = rate_divisor(s, view)
             for topic in s.consumed:
-                total = sum((r.records, r.bytes)[index] for r in recent if r.topic == topic)
+                total = sum(getattr(r, field) for r in recent if r.topic == topic)
                 yield (s.job, topic), total / divisor
 
     return build
@@ -265,7 +272,7 @@ def _throughput(index: int) -> Builder:
 
 def _fetch_rate(view: View) -> Iterator[Sample]:
     for s in view.backups:
-        total = sum(r.fetches for r in _recent_rates(s, view) if r.topic == FETCHES_TOPIC)
+        total = sum(r.fetches for r in _recent_job_rates(s, view))
         yield (s.job,), total / rate_divisor(s, view)
 
 
@@ -277,11 +284,11 @@ def _bytes_total(view: View) -> Iterator[Sample]:
     return (((s.job,), s.bytes) for s in view.backups)
 
 
-def _consumed(index: int) -> Builder:
+def _consumed(field: str) -> Builder:
     def build(view: View) -> Iterator[Sample]:
         for s in view.backups:
             for topic, totals in s.consumed.items():
-                yield (s.job, topic), totals[index]
+                yield (s.job, topic), getattr(totals, field)
 
     return build
 
@@ -342,16 +349,16 @@ def _storage_errors(s: JobState) -> Iterator[tuple[tuple[str, ...], float]]:
 
 def _compression_ratio(view: View) -> Iterator[Sample]:
     for s in view.backups:
-        for alg, (compressed, uncompressed) in s.compression.items():
-            if compressed:
-                yield (alg, s.job), uncompressed / compressed
+        for alg, c in s.compression.items():
+            if c.compressed:
+                yield (alg, s.job), c.uncompressed / c.compressed
 
 
-def _compression_bytes(index: int) -> Builder:
+def _compression_bytes(field: str) -> Builder:
     def build(view: View) -> Iterator[Sample]:
         for s in view.backups:
-            for alg, pair in s.compression.items():
-                yield (alg, s.job), pair[index]
+            for alg, c in s.compression.items():
+                yield (alg, s.job), getattr(c, field)
 
     return build
 
@@ -463,8 +470,8 @@ def _status(view: View) -> Iterator[Sample]:
 
 def _last_seen(view: View) -> Iterator[Sample]:
     for s in view.jobs:
-        for worker, (_seq, ts) in s.seen.items():
-            yield (s.kind, s.job, worker), ts
+        for worker, mark in s.seen.items():
+            yield (s.kind, s.job, worker), mark.ts
 
 
 def _dropped_series(view: View) -> Iterator[Sample]:
@@ -475,20 +482,23 @@ def _expired_jobs(view: View) -> Iterator[Sample]:
     yield (), view.expired
 
 
-def _invalid(view: View) -> Iterator[Sample]:
-    totals: dict[tuple[str, ...], int] = {}
-    for p in view.pipelines:  # one per telemetry partition; they never expire
-        for reason, n in p.invalid.items():
-            totals[(reason,)] = totals.get((reason,), 0) + n
-    return iter(totals.items())
+def _pipeline_counts(field: str) -> Builder:
+    def build(view: View) -> Iterator[Sample]:
+        totals: dict[tuple[str, ...], int] = {}
+        for p in view.pipelines:  # one per telemetry partition; they never expire
+            for reason, n in getattr(p, field).items():
+                totals[(reason,)] = totals.get((reason,), 0) + n
+        return iter(totals.items())
+
+    return build
 
 
 # ---- 7. restore -----------------------------------------------------------------------------
 
 
 def restore_rate(s: JobState, view: View) -> float:
-    """Records acknowledged per second over the window (restores keep them under FETCHES_TOPIC)."""
-    return sum(r.records for r in _recent_rates(s, view) if r.topic == FETCHES_TOPIC) / rate_divisor(s, view)
+    """Records acknowledged per second over the window."""
+    return sum(r.records for r in _recent_job_rates(s, view)) / rate_divisor(s, view)
 
 
 def restore_eta(s: JobState, view: View) -> float:
@@ -524,13 +534,13 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.LAG_BYTES: _lag_bytes,
     cat.LAG_SECONDS: _lag_seconds,
     cat.LAG_RECORDS_MAX: _lag_records_max,
-    cat.THROUGHPUT_RECORDS: _throughput(0),
-    cat.THROUGHPUT_BYTES: _throughput(1),
+    cat.THROUGHPUT_RECORDS: _throughput("records"),
+    cat.THROUGHPUT_BYTES: _throughput("bytes"),
     cat.FETCH_RATE: _fetch_rate,
     cat.RECORDS_TOTAL: _records_total,
     cat.BYTES_TOTAL: _bytes_total,
-    cat.CONSUMED_RECORDS_TOTAL: _consumed(0),
-    cat.CONSUMED_BYTES_TOTAL: _consumed(1),
+    cat.CONSUMED_RECORDS_TOTAL: _consumed("records"),
+    cat.CONSUMED_BYTES_TOTAL: _consumed("bytes"),
     cat.FETCHES_TOTAL: _fetches_total,
     cat.BACKUP_DURATION: _duration("backup", cat.BACKUP_DURATION, lambda s: s.job),
     cat.RESTORE_DURATION: _duration("restore", cat.RESTORE_DURATION, lambda s: s.backup_id or s.job),
@@ -542,8 +552,8 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.STORAGE_CALL_DURATION: _shared_histogram(_storage_calls, cat.STORAGE_CALL_DURATION),
     cat.STORAGE_ERRORS: _shared_sum(_storage_errors),
     cat.COMPRESSION_RATIO: _compression_ratio,
-    cat.COMPRESSED_BYTES: _compression_bytes(0),
-    cat.UNCOMPRESSED_BYTES: _compression_bytes(1),
+    cat.COMPRESSED_BYTES: _compression_bytes("compressed"),
+    cat.UNCOMPRESSED_BYTES: _compression_bytes("uncompressed"),
     cat.ERRORS_TOTAL: _by_key("errors"),
     cat.PERMANENT_ERRORS_TOTAL: _by_key("permanent_errors"),
     cat.RETRIES_TOTAL: _by_key("retries", ("backup", "restore", "verify")),
@@ -555,7 +565,8 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.RECOVERY_POINT_OBJECTIVE: _rpo,
     cat.REBALANCES_TOTAL: _rebalances,
     cat.TELEMETRY_DROPPED: _dropped,
-    cat.TELEMETRY_INVALID: _invalid,
+    cat.TELEMETRY_INVALID: _pipeline_counts("invalid"),
+    cat.TELEMETRY_FOLD_FAILURES: _pipeline_counts("failures"),
     cat.BACKUP_STATUS: _status,
     cat.WORKER_LAST_SEEN: _last_seen,
     cat.EXPORTER_DROPPED_SERIES: _dropped_series,
@@ -609,7 +620,7 @@ BUILDERS.update({
 
 _FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily,
              "stateset": StateSetMetricFamily, "info": InfoMetricFamily}
-_LAST = (cat.EXPORTER_DROPPED_SERIES,)  # built after the others: it reports on them
+_LAST = (cat.EXPORTER_DROPPED_SERIES, cat.EXPORTER_FAILED_BUILDS)  # built after the others: they report on them
 
 
 def new_family(m: cat.Metric):
@@ -640,6 +651,7 @@ class StateCollector(Collector):
         self._stop_after_s = stop_after_s
         self._expire_after_s = expire_after_s
         self._max_series = max_series_per_family
+        self._failures = FirstOfEach(log)
 
     def describe(self) -> list:
         return []
@@ -668,8 +680,10 @@ class StateCollector(Collector):
                     family.add_metric([], dict(zip(m.labels, sample[0], strict=True)))
                 else:
                     family.add_metric(*sample)
-        except Exception:
-            log.exception("cannot build %s", m.name)
+        except Exception as err:  # a bug, or a state value the builder did not expect: counted, logged once
+            self._failures.exception(err, "cannot build %s", m.name, about=m.name)
+            if view.endpoint is not None:
+                view.endpoint.add(cat.EXPORTER_FAILED_BUILDS, m.name)
             return new_family(m)
         return family
 
@@ -685,6 +699,9 @@ class EndpointCounters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[cat.Metric, dict[str, int]] = {}
+        # set by exporter.server from the state reader, read at scrape time
+        self.state_age: Callable[[float | None], float | None] | None = None
+        self.undecodable: Callable[[], dict[str, int]] | None = None
 
     def add(self, metric: cat.Metric, reason: str, n: int = 1) -> None:
         with self._lock:
@@ -716,6 +733,17 @@ def _state_age(view: View) -> Iterator[Sample]:
 
 
 BUILDERS[cat.EXPORTER_STATE_AGE] = _state_age
+BUILDERS[cat.EXPORTER_FAILED_BUILDS] = _endpoint(cat.EXPORTER_FAILED_BUILDS)
+
+
+def _undecodable(view: View) -> Iterator[Sample]:
+    """Read at scrape time from the state reader (``EndpointCounters.undecodable``, set by exporter.server)."""
+    counts_fn = getattr(view.endpoint, "undecodable", None)
+    counts = counts_fn() if counts_fn is not None else {}
+    return iter([((reason,), n) for reason, n in sorted(counts.items())])
+
+
+BUILDERS[cat.EXPORTER_UNDECODABLE_STATE] = _undecodable
 
 
 def _build_info(view: View) -> Iterator[Sample]:

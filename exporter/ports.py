@@ -33,3 +33,13 @@ class ProvenCurrent(Protocol):
     def state_age(self, now: float | None = None) -> float | None:
         """Seconds since the copy last held the whole topic (at ``now``, default the wall clock); None before."""
         ...
+
+
+@runtime_checkable
+class CountsUndecodable(Protocol):
+    """A state source that counts the values it could not read, by reason
+    (``kafka_backup_exporter_undecodable_state_values_total``)."""
+
+    def undecodable_counts(self) -> dict[str, int]:
+        """Values refused so far, by reason (``newer_version``, ``malformed``, ``no_key``)."""
+        ...

@@ -50,7 +50,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from kafka_backup.exporter.collector import EndpointCounters, StateCollector
-from kafka_backup.exporter.ports import ProvenCurrent, StateSource
+from kafka_backup.exporter.ports import CountsUndecodable, ProvenCurrent, StateSource
 from kafka_backup.exporter.webconfig import CachedBasicAuth, WebConfig
 from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas.config import HEALTH_PATH, Config, ConfigError, MetricsConfig
@@ -401,9 +401,8 @@ def serve(cfg: Config, reader: StateSource) -> MetricsServer:
         tls, auth = _tls(m), _basic_auth(m)
     max_age = m.ready_max_state_age_s
     state_age = reader.state_age if isinstance(reader, ProvenCurrent) else None
-    # read by the collector's kafka_backup_exporter_state_age_seconds; EndpointCounters declares it
-    # after the collector refactor (then this ignore is reported unused: remove it)
-    counters.state_age = state_age  # type: ignore[attr-defined]
+    counters.state_age = state_age  # read by kafka_backup_exporter_state_age_seconds
+    counters.undecodable = reader.undecodable_counts if isinstance(reader, CountsUndecodable) else None
 
     def current() -> str | None:
         age = state_age() if state_age is not None else 0.0

@@ -325,19 +325,36 @@ def encode(doc: msgspec.Struct) -> bytes:
     return msgspec.json.format(msgspec.json.encode(doc), indent=1)
 
 
+class _Version(msgspec.Struct):
+    version: int = 0
+
+
 def _decode(data: bytes, type_: type, key: str):
     try:
         doc = msgspec.json.decode(data, type=type_)
     except msgspec.ValidationError as err:
+        _refuse_newer(data, key)  # a newer layout may have changed a field: say so, not "invalid"
         raise MetadataError(key, f"holds an invalid value ({str(err)[:200]}); restore it from a storage "
                                  "version/replica") from None
     except msgspec.DecodeError as err:
         raise MetadataError(key, f"is corrupt or truncated ({str(err)[:200]}); restore it from a storage "
                                  "version/replica") from None
-    if doc.version > LAYOUT_VERSION:
-        raise MetadataError(key, f"has layout version {doc.version}, newer than this kafka-backup reads "
-                                 f"({LAYOUT_VERSION}); upgrade kafka-backup", "layout_version")
+    _refuse_newer_version(doc.version, key)
     return doc
+
+
+def _refuse_newer(data: bytes, key: str) -> None:
+    try:
+        version = msgspec.json.decode(data, type=_Version).version
+    except msgspec.DecodeError:
+        return
+    _refuse_newer_version(version, key)
+
+
+def _refuse_newer_version(version: int, key: str) -> None:
+    if version > LAYOUT_VERSION:
+        raise MetadataError(key, f"has layout version {version}, newer than this kafka-backup reads "
+                                 f"({LAYOUT_VERSION}); upgrade kafka-backup", "layout_version")
 
 
 def decode_manifest(data: bytes, key: str = "manifest.json") -> Manifest:

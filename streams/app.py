@@ -44,6 +44,7 @@ from kafka_backup.schemas.kafka_admin import (
     serve_logs,
 )
 from kafka_backup.schemas.state import (
+    NewerStateError,
     PipelineState,
     decode_pipeline,
     encode_state,
@@ -116,18 +117,28 @@ def create_app(cfg: Config) -> faust.App:
         work.forget(partitions)  # unflushed, uncommitted: the next owner reads those events again
         for p in partitions:
             skips.take(p)
+            failures.take(p)
 
     async def dead_letter(key: bytes | None, value: bytes | None, reason: str) -> None:
         if dead_letters is not None:
             await dead_letters.send(key=key, value=value, headers={"kafka-backup-reason": reason.encode()})
 
     skips = SkipCounts()
+    failures = SkipCounts()  # records whose fold raised (a bug), by exception type: not a record's fault
+    first_of_each = logs.FirstOfEach(log)
 
     def skip(partition: int, offset: int, reason: str, detail: object, n: int = 1) -> None:
         """Count a skipped record in memory; :func:`flush_partition` writes the counts in one table write."""
         skips.add(partition, reason, n)
         guard.hold(partition, offset)  # no commit past it before its count is in the table
         skips.log(partition, reason, detail)
+
+    def failed(partition: int, offset: int, err: Exception) -> None:
+        """Count a record whose fold raised; its traceback is logged the first time this error is seen."""
+        failures.add(partition, type(err).__qualname__, 1)
+        guard.hold(partition, offset)
+        first_of_each.exception(err, "telemetry partition %d offset %d: unexpected failure folding a record",
+                                partition, offset)
 
     def flush_partition(partition: int) -> None:
         """Write the partition's changed job states and skip counts to the table, then let its commit pass.
@@ -136,20 +147,21 @@ def create_app(cfg: Config) -> faust.App:
         """
         for key, value in work.flush(partition):
             write_outside_event(table, partition, key, value)
-        pending = skips.take(partition)
-        if pending:
+        pending, failed_now = skips.take(partition), failures.take(partition)
+        if pending or failed_now:
             key = pipeline_key(partition).encode()
             raw = table.get(key)
             state = decode_pipeline(raw) if raw else PipelineState(partition=partition)
             for reason, n in pending.items():
                 state.invalid[reason] = state.invalid.get(reason, 0) + n
-            # encode_state encodes a PipelineState too; its annotation says so after the typed-state refactor
-            write_outside_event(table, partition, key, encode_state(state))  # type: ignore[arg-type]
+            for exception, n in failed_now.items():
+                state.failures[exception] = state.failures.get(exception, 0) + n
+            write_outside_event(table, partition, key, encode_state(state))
         guard.release(partition)
 
     def flush_all() -> None:
         next_flush[0] = time.monotonic() + flush_every_s
-        for partition in {*work.dirty_partitions(), *skips.pending()}:
+        for partition in {*work.dirty_partitions(), *skips.pending(), *failures.pending()}:
             flush_partition(partition)
 
     @app.timer(min(flush_every_s, SkipCounts.MAX_AGE_S))
@@ -157,7 +169,7 @@ def create_app(cfg: Config) -> faust.App:
         """Events followed by silence: no later event would flush them."""
         if time.monotonic() >= next_flush[0]:
             flush_all()
-        for partition in skips.stale():
+        for partition in {*skips.stale(), *failures.stale()}:
             flush_partition(partition)
 
     signing_key = signing.load_key(cfg.telemetry.signing_key_file)
@@ -218,16 +230,20 @@ def create_app(cfg: Config) -> faust.App:
             ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
             try:
                 reason = handle(event.key, event.value, msg.partition, msg.offset, ts, event.headers)
-            except Exception as err:  # never let one record kill the agent (Faust would skip it)
-                reason = "internal_error"
-                log.exception("telemetry partition %d offset %d: unexpected failure", msg.partition, msg.offset)
-                skip(msg.partition, msg.offset, reason, repr(err))
+            except NewerStateError as err:  # folding into it would drop what the newer aggregator added
+                job = escaped(event.key.decode("utf-8", "replace") if event.key else "")
+                exit_now(f"the stored state of {job} has {err}: a newer aggregator wrote it; upgrade this aggregator")
+                return
+            except Exception as err:  # a bug, not a bad record: never let one record kill the agent
+                reason = "internal_error"  # the dead letter's header; counted by exception type, not as invalid
+                failed(msg.partition, msg.offset, err)
             if reason is not None:
                 await dead_letter(event.key, event.value, reason)
             guard.folded(msg.partition, msg.offset)
             if time.monotonic() >= next_flush[0]:
                 flush_all()
-            elif skips.due(msg.partition, after_good=False):  # a flood of bad records: its counts in batches
+            elif skips.due(msg.partition, after_good=False) or failures.due(msg.partition, after_good=False):
+                # a flood of bad records: its counts in batches
                 flush_partition(msg.partition)
 
     return app

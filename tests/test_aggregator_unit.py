@@ -191,3 +191,29 @@ def test_skip_counts_flush_in_batches_and_log_a_bounded_escaped_line(caplog, mon
     assert skips.due(1, after_good=False)  # old enough
     skips.add(2, "malformed", 1)
     assert skips.due(2, after_good=True)  # a good record on the partition writes what is pending
+
+
+def test_an_unexpected_error_logs_its_traceback_once_per_kind(caplog):
+    """Keyed by type and where it was raised, not by message (which holds per-record data)."""
+    import logging
+
+    from kafka_backup.schemas.logs import FirstOfEach
+
+    first = FirstOfEach(logging.getLogger("kafka_backup.test"))
+
+    def fail_here(i):
+        raise KeyError(f"record {i}")
+
+    def fail_there(i):
+        return {}[f"other {i}"]
+
+    logged = []
+    with caplog.at_level(logging.ERROR, logger="kafka_backup.test"):
+        for i, f in enumerate([fail_here, fail_here, fail_there, fail_here, fail_there]):
+            try:
+                f(i)
+            except KeyError as err:
+                logged.append(first.exception(err, "offset %d: unexpected failure", i))
+    assert logged == [True, False, True, False, False]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["offset 0", "offset 2"]
+    assert all(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)

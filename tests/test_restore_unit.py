@@ -121,12 +121,12 @@ def test_cli_mistakes_exit_2_with_one_line(args, needle):
 
 def test_resumed_restore_rate_counts_only_the_current_run():
     from kafka_backup.exporter.collector import View, restore_eta, restore_rate
-    from kafka_backup.schemas.state import FETCHES_TOPIC, JobState, RateSample
+    from kafka_backup.schemas.state import JobRate, JobState
 
     now = 1_800_000_000.0
     s = JobState(kind="restore", job="r", backup_id="b", started_ts=now - 2, total_records=1000,
-                 restored_total=700, rates=[RateSample(int(now) - 30, FETCHES_TOPIC, 600, 0),  # earlier run
-                                            RateSample(int(now) - 1, FETCHES_TOPIC, 100, 0)])
+                 restored_total=700, job_rates=[JobRate(int(now) - 30, 600),  # earlier run
+                                                JobRate(int(now) - 1, 100)])
     view = View(now=now, window=60, jobs=[s])
     assert restore_rate(s, view) == 100 / 2
     assert restore_eta(s, view) == 300 / 50
