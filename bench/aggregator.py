@@ -34,12 +34,12 @@ import tempfile
 import time
 import uuid
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
+from bench.common import ROOT, bootstrap_servers, cpu_seconds, int_args, ours  # noqa: E402
 from kafka_backup.schemas import events as ev  # noqa: E402
 from kafka_backup.schemas.state import PIPELINE_PREFIX, decode_state  # noqa: E402
 
@@ -127,21 +127,15 @@ worker.execute_from_commandline()
 '''.replace("{partitions}", str(PARTITIONS))
 
 
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return float("nan")
-
-
 def measure(bootstrap: str, changelog: str, cmd: list[str], done, log_path: str) -> dict:
     """Run ``cmd``; time from the first changelog record to ``done(records, bytes, value)`` holding."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-" + uuid.uuid4().hex[:6],
                   "enable.auto.commit": False, "receive.message.max.bytes": 1_000_000_000})
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # Faust's data dir (APP_DATADIR, "<app>-data" in the working directory by default) with the logs
+        datadir = os.path.join(os.path.dirname(log_path), "{conf.name}-data")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "APP_DATADIR": datadir})
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # the changelog topic is created by the app
@@ -191,18 +185,9 @@ def main() -> None:
     if "--" in args:
         extra = args[args.index("--") + 1:]
         args = args[:args.index("--")]
-    events = int(args[0]) if args else 30_000
-    jobs = int(args[1]) if len(args) > 1 else 40
-    repeats = int(args[2]) if len(args) > 2 else 3
-    broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if not bootstrap:
-        from kafka_backup.cli.devbroker import DevBroker
-
-        broker = DevBroker(log_path=os.path.join(tempfile.gettempdir(), "bench-aggregator-broker.log")).start()
-        bootstrap = broker.bootstrap
+    events, jobs, repeats = int_args(args, 30_000, 40, 3)
     logdir = tempfile.mkdtemp(prefix="bench-aggregator-")
-    try:
+    with bootstrap_servers("aggregator") as bootstrap:
         topic = "bench-telemetry-" + uuid.uuid4().hex[:6]
         payloads = fleet_events(events, jobs)
         last = fill(bootstrap, topic, payloads)
@@ -228,15 +213,14 @@ def main() -> None:
 
             def folded(key: bytes, value: bytes, n: int, marks: dict[str, int] = marks) -> bool:
                 if value and not key.startswith(PIPELINE_PREFIX.encode()):
-                    for inst, (seq, _) in decode_state(value).seen.items():
-                        marks[inst] = int(seq)
+                    for inst, mark in decode_state(value).seen.items():
+                        marks[inst] = mark.seq
                 return len(marks) == len(last) and all(marks.get(i) == s for i, s in last.items())
 
             results["ours"].append(measure(
                 bootstrap, f"{app}-jobs-changelog",
-                [sys.executable, "-m", "kafka_backup.cli.main", "aggregate", "--bootstrap-servers", bootstrap, "--app-id", app,
-                 "--instance-id", app, "--telemetry-topic", topic, "--telemetry-partitions", str(PARTITIONS),
-                 *extra],
+                ours("aggregate", "--bootstrap-servers", bootstrap, "--app-id", app, "--instance-id", app,
+                     "--telemetry-topic", topic, "--telemetry-partitions", str(PARTITIONS), *extra),
                 folded, os.path.join(logdir, f"ours-{r}.log")))
         print(f"{events} events of {jobs} jobs ({in_bytes / events:.0f} B/event) on {PARTITIONS} telemetry "
               f"partitions, {repeats} runs each (logs in {logdir})")
@@ -251,9 +235,6 @@ def main() -> None:
         med = {name: statistics.median(r) for name, r in rate.items()}
         print(f"  ratio ours/bare (one table write per event), median: {med['ours'] / med['bare']:.2f}x; "
               f"ours/read (Faust's ceiling): {med['ours'] / med['read']:.2f}x")
-    finally:
-        if broker is not None:
-            broker.stop()
 
 
 if __name__ == "__main__":

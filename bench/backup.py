@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import bootstrap_servers, compare, int_args, ours, pyspy, timed  # noqa: E402
 
 BARE = r'''
 import sys, time
@@ -68,85 +66,44 @@ def fill(bootstrap: str, topic: str, partitions: int, records: int) -> int:
     return payload
 
 
-def timed(cmd: list[str], log_path: str) -> dict:
-    with open(log_path, "ab") as log:
-        start = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.monotonic() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}; see {log_path}")
-    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime}
-
-
 def main() -> None:
-    records = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
-    partitions = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-    repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-    broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if not bootstrap:
-        from kafka_backup.cli.devbroker import DevBroker
-
-        broker = DevBroker(log_path=os.path.join(tempfile.gettempdir(), "bench-backup-broker.log")).start()
-        bootstrap = broker.bootstrap
+    records, partitions, repeats = int_args(sys.argv[1:], 200_000, 4, 3)
     work = tempfile.mkdtemp(prefix="bench-backup-")
-    try:
-        topic = "bench-src-" + uuid.uuid4().hex[:6]
-        payload = fill(bootstrap, topic, partitions, records)
-        empty = "bench-empty-" + uuid.uuid4().hex[:6]
-        fill(bootstrap, empty, partitions, 0)
-        bare_py = os.path.join(work, "bare.py")
-        with open(bare_py, "w") as fh:
-            fh.write(BARE)
-        runs: dict[str, list[dict]] = {"bare": [], "ours": [], "bare-empty": [], "ours-empty": []}
+    with bootstrap_servers("backup") as bootstrap:
+        try:
+            topic = "bench-src-" + uuid.uuid4().hex[:6]
+            payload = fill(bootstrap, topic, partitions, records)
+            empty = "bench-empty-" + uuid.uuid4().hex[:6]
+            fill(bootstrap, empty, partitions, 0)
+            bare_py = os.path.join(work, "bare.py")
+            with open(bare_py, "w") as fh:
+                fh.write(BARE)
+            runs: dict[str, list[dict[str, float]]] = {"bare": [], "ours": [], "bare-empty": [], "ours-empty": []}
 
-        def bare(source: str, n: int, log: str) -> dict:
-            return timed([sys.executable, bare_py, bootstrap, source, str(n), "bench-bare-" + uuid.uuid4().hex[:6],
-                          str(partitions)], os.path.join(work, log))
+            def bare(source: str, n: int, log: str) -> dict[str, float]:
+                return timed([sys.executable, bare_py, bootstrap, source, str(n), "bench-bare-" + uuid.uuid4().hex[:6],
+                              str(partitions)], os.path.join(work, log))
 
-        def ours(source: str, log: str, spy: list[str]) -> dict:
-            store = os.path.join(work, "store")
-            try:
-                return timed([*spy, sys.executable, "-m", "kafka_backup.cli.main", "backup", "--bootstrap-servers", bootstrap,
-                              "--topics", source, "--backup-id", "bench-" + uuid.uuid4().hex[:6],
-                              "--storage", f"file://{store}", "--compression", "zstd"], os.path.join(work, log))
-            finally:
-                shutil.rmtree(store, ignore_errors=True)
+            def backup(source: str, log: str, spy: list[str]) -> dict[str, float]:
+                store = os.path.join(work, "store")
+                try:
+                    return timed([*spy, *ours("backup", "--bootstrap-servers", bootstrap, "--topics", source,
+                                              "--backup-id", "bench-" + uuid.uuid4().hex[:6],
+                                              "--storage", f"file://{store}", "--compression", "zstd")],
+                                 os.path.join(work, log))
+                finally:
+                    shutil.rmtree(store, ignore_errors=True)
 
-        for r in range(repeats):  # interleaved: a noisy neighbour hits both
-            runs["bare"].append(bare(topic, records, f"bare-{r}.log"))
-            spy = (["py-spy", "record", "-r", "200", "-f", "raw", "-o", os.environ["BENCH_PYSPY"], "--"]
-                   if os.environ.get("BENCH_PYSPY") and r == 0 else [])  # where the time goes (first run)
-            runs["ours"].append(ours(topic, f"ours-{r}.log", spy))
-            runs["bare-empty"].append(bare(empty, 0, f"bare-empty-{r}.log"))  # start-up and shut-down alone
-            runs["ours-empty"].append(ours(empty, f"ours-empty-{r}.log", []))
-        print(f"{records} records ({payload / records:.0f} B key+value, 1 header) on {partitions} partitions, "
-              f"{repeats} runs each, whole process (start-up included)")
-        med = {}
-        for name in ("bare", "ours"):
-            xs = runs[name]
-            rates = [records / x["wall"] for x in xs]
-            med[name] = (statistics.median(rates), statistics.median(x["cpu"] for x in xs))
-            print(f"  {name:4s}: {min(rates):8.0f} min / {med[name][0]:8.0f} median records/s "
-                  f"({med[name][0] * payload / records / 1e6:5.1f} MB/s); CPU {med[name][1]:5.2f} s median")
-        print(f"  ratio ours/bare, whole process: rate {med['ours'][0] / med['bare'][0]:.2f}x, "
-              f"CPU {med['ours'][1] / med['bare'][1]:.2f}x")
-        steady = {}
-        for name in ("bare", "ours"):  # the same process on an empty topic, subtracted: the consume loop alone
-            wall0 = statistics.median(x["wall"] for x in runs[f"{name}-empty"])
-            cpu0 = statistics.median(x["cpu"] for x in runs[f"{name}-empty"])
-            steady[name] = (records / (statistics.median(x["wall"] for x in runs[name]) - wall0),
-                            statistics.median(x["cpu"] for x in runs[name]) - cpu0)
-            print(f"  {name:4s} without start-up ({wall0:.2f} s, {cpu0:.2f} s CPU on an empty topic): "
-                  f"{steady[name][0]:8.0f} records/s, CPU {steady[name][1]:5.2f} s")
-        print(f"  ratio ours/bare, consume loop: rate {steady['ours'][0] / steady['bare'][0]:.2f}x, "
-              f"CPU {steady['ours'][1] / steady['bare'][1]:.2f}x")
-    finally:
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
+            for r in range(repeats):  # interleaved: a noisy neighbour hits both
+                runs["bare"].append(bare(topic, records, f"bare-{r}.log"))
+                runs["ours"].append(backup(topic, f"ours-{r}.log", pyspy(r == 0)))  # py-spy: the first run
+                runs["bare-empty"].append(bare(empty, 0, f"bare-empty-{r}.log"))  # start-up and shut-down alone
+                runs["ours-empty"].append(backup(empty, f"ours-empty-{r}.log", []))
+            print(f"{records} records ({payload / records:.0f} B key+value, 1 header) on {partitions} partitions, "
+                  f"{repeats} runs each, whole process (start-up included)")
+            compare(runs, records, payload)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

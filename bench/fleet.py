@@ -28,12 +28,11 @@ import time
 import urllib.request
 import uuid
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from confluent_kafka import Producer  # noqa: E402
 
-from bench.aggregator import cpu_seconds  # noqa: E402
+from bench.common import ROOT, cpu_seconds, ours  # noqa: E402
 from kafka_backup.cli.devbroker import free_port  # noqa: E402
 from kafka_backup.schemas import events as ev  # noqa: E402
 
@@ -88,8 +87,10 @@ def main() -> None:
     logdir = tempfile.mkdtemp(prefix="bench-fleet-")
     with DevBroker(log_path=os.path.join(logdir, "broker.log")) as broker:
         bootstrap, app, port = broker.bootstrap, "fleet-" + uuid.uuid4().hex[:6], free_port()
-        procs = [subprocess.Popen([sys.executable, "-m", "kafka_backup.cli.main", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                  stdout=open(os.path.join(logdir, f"{args[0]}.log"), "ab"), stderr=subprocess.STDOUT)
+        env = {**os.environ, "APP_DATADIR": os.path.join(logdir, "{conf.name}-data")}  # not the repository root
+        procs = [subprocess.Popen(ours(*args), cwd=ROOT, stdin=subprocess.DEVNULL,
+                                  stdout=open(os.path.join(logdir, f"{args[0]}.log"), "ab"), stderr=subprocess.STDOUT,
+                                  env=env)
                  for args in (["aggregate", "--bootstrap-servers", bootstrap, "--app-id", app, "--instance-id", app],
                               ["exporter", "--bootstrap-servers", bootstrap, "--app-id", app, "--port", str(port)])]
         agg = procs[0]

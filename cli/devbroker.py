@@ -43,10 +43,12 @@ class DevBroker:
 
     def __init__(self, port: int = 0, data_dir: str | None = None, log_path: str | None = None) -> None:
         self.port = port or free_port()
-        self._tmp = None if data_dir else tempfile.mkdtemp(prefix="kafka-backup-broker-")
-        self.data_dir = data_dir or self._tmp
+        self._tmp: str | None = None  # a data directory made here, removed by stop()
+        if not data_dir:
+            data_dir = self._tmp = tempfile.mkdtemp(prefix="kafka-backup-broker-")
+        self.data_dir = data_dir
         self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -71,6 +73,10 @@ class DevBroker:
         self.stop()
         raise ConfigError(f"dev-broker: no answer on port {self.port} within {timeout:.0f}s")
 
+    def running(self) -> bool:
+        """Started and not exited since."""
+        return self.proc is not None and self.proc.poll() is None
+
     def pause(self) -> None:
         """SIGSTOP: the broker freezes (for outage tests)."""
         assert self.proc is not None
@@ -94,5 +100,5 @@ class DevBroker:
     def __enter__(self) -> DevBroker:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -5,11 +5,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-from typing import TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from kafka_backup.producers import inventory, layout
 from kafka_backup.producers.storage import Storage, StorageError, open_backend
 from kafka_backup.schemas.config import Config, require_safe_id
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+T = TypeVar("T")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +27,7 @@ def _storage(cfg: Config) -> Storage:
     return Storage(open_backend(cfg.backup.storage, cfg.backup.s3_endpoint_url))
 
 
-def _read(command: str, fn):
+def _read(command: str, fn: Callable[[], T]) -> T | None:
     """Run ``fn``; a storage failure is a one-line configuration error, unreadable metadata exit 1."""
     try:
         return fn()
@@ -83,7 +89,7 @@ def run_describe(cfg: Config, args: argparse.Namespace, out: TextIO = sys.stdout
     return 0
 
 
-def _table(*columns: str):
+def _table(*columns: str) -> Table:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -93,7 +99,7 @@ def _table(*columns: str):
     return table
 
 
-def _print(out: TextIO, table, caption: str = "") -> None:
+def _print(out: TextIO, table: Table, caption: str = "") -> None:
     from rich.console import Console
 
     if caption:
@@ -102,10 +108,11 @@ def _print(out: TextIO, table, caption: str = "") -> None:
 
 
 def _size(n: int) -> str:
+    size: float = n
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        if size < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
     return str(n)
 
 

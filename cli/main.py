@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kafka_backup.schemas import logs
@@ -107,7 +108,9 @@ def _property(value: str) -> dict[str, str]:
 
 
 class _MergeProperties(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        assert isinstance(values, dict)  # type=_property makes each value a one-key dict
         setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), **values})
 
 
@@ -166,10 +169,12 @@ def version_line() -> str:
 
 
 class _Version(argparse.Action):
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
         print(version_line())
         parser.exit()
 
@@ -319,13 +324,13 @@ def cmd_dev_broker(port: int, data_dir: str | None) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    while not done.wait(0.5) and broker.proc.poll() is None:
+    while not done.wait(0.5) and broker.running():
         pass
     broker.stop()
     return 0
 
 
-def with_metrics_output(cfg: Config, command) -> int:
+def with_metrics_output(cfg: Config, command: Callable[[Config], int]) -> int:
     """Run a worker, keeping its events, and write its metrics when it ends, whatever the outcome."""
     from kafka_backup.cli import metrics_output
     from kafka_backup.producers.telemetry import keep_run_events
@@ -388,10 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as err:  # a failed run: one line, the details are in the log above
-        from kafka_backup.producers.backup import BackupFailed, BackupInterrupted
+        from kafka_backup.producers.run import JobFailed, JobInterrupted
 
-        if isinstance(err, BackupFailed):
-            outcome = "interrupted" if isinstance(err, BackupInterrupted) else "failed"
+        if isinstance(err, JobFailed):
+            outcome = "interrupted" if isinstance(err, JobInterrupted) else "failed"
             print(f"kafka-backup {args.command}: {outcome}: {err}", file=sys.stderr)
             return 1
         raise

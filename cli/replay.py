@@ -19,7 +19,7 @@ from kafka_backup.schemas import signing
 from kafka_backup.schemas.config import Config, ConfigError, require_safe_id
 from kafka_backup.schemas.times import parse_time
 from kafka_backup.streams import audit, fold
-from kafka_backup.streams.replay import read_log, read_topic, replay, snapshot, write_log
+from kafka_backup.streams.replay import Replay, read_log, read_topic, replay, snapshot, write_log
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,7 +102,7 @@ def _verify_report(args: argparse.Namespace) -> int:
     return 1
 
 
-def _metrics(cfg: Config, result, fmt: str) -> bytes:
+def _metrics(cfg: Config, result: Replay, fmt: str) -> bytes:
     now = result.until if result.until != float("inf") else max(
         (s.last_event_ts for s in result.jobs.values()), default=0.0)
     snap = snapshot(result)

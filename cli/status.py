@@ -10,11 +10,16 @@ import argparse
 import json
 import sys
 import time
-from typing import TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO
 
 from kafka_backup.exporter import status
 from kafka_backup.exporter.state_reader import StateReader
 from kafka_backup.schemas.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 STATUS_STYLE = {"OK": "green", "WARN": "yellow", "STALL": "red", "STOP": "red", "ERROR": "bold red"}
 READY_TIMEOUT_S = 30.0
@@ -67,7 +72,7 @@ def _print(out: TextIO, fmt: str, now: float, selected: list[status.Row]) -> Non
     out.flush()
 
 
-def _watch(out: TextIO, args: argparse.Namespace, current) -> int:
+def _watch(out: TextIO, args: argparse.Namespace, current: Callable[[], tuple[float, list[status.Row]]]) -> int:
     code = status.EXIT_NO_JOB
     try:
         if args.status_format == "table" and out.isatty():
@@ -91,13 +96,13 @@ def _watch(out: TextIO, args: argparse.Namespace, current) -> int:
         return code
 
 
-def _console(out: TextIO):
+def _console(out: TextIO) -> Console:
     from rich.console import Console
 
     return Console(file=out, highlight=False)
 
 
-def _table(selected: list[status.Row]):
+def _table(selected: list[status.Row]) -> Table:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)

@@ -32,10 +32,11 @@ from prometheus_client.utils import floatToGoString
 
 from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas.build import build_info
+from kafka_backup.schemas.logs import FirstOfEach
 from kafka_backup.schemas.state import (
-    FETCHES_TOPIC,
     SIZE_WINDOW_MINUTES,
     Histogram,
+    JobRate,
     JobState,
     PartitionState,
     PipelineState,
@@ -258,6 +259,12 @@ def _recent_rates(s: JobState, view: View) -> list[RateSample]:
     return [r for r in s.rates if r.second > horizon]
 
 
+def _recent_job_rates(s: JobState, view: View) -> list[JobRate]:
+    """The job's own per-second counts (fetches, a restore's records), as ``_recent_rates``."""
+    horizon = _horizon(s, view)
+    return [r for r in s.job_rates if r.second > horizon]
+
+
 def _lagging(s: JobState) -> Iterator[tuple[PartitionState, int]]:
     for p in s.partitions.values():
         lag = partition_lag(p)
@@ -314,24 +321,24 @@ def _lag_records_max(s: JobState, view: View) -> Iterator[Sample]:
 
 
 def _rate_key(s: JobState, view: View) -> tuple[int, float]:
-    """All of "now" that :func:`_recent_rates` and :func:`rate_divisor` read: seconds are whole, so
-    ``second > horizon`` is ``second > floor(horizon)``."""
+    """All of "now" that :func:`_recent_rates`, :func:`_recent_job_rates` and :func:`rate_divisor`
+    read: seconds are whole, so ``second > horizon`` is ``second > floor(horizon)``."""
     return math.floor(_horizon(s, view)), rate_divisor(s, view)
 
 
-def _throughput(index: int) -> JobSamples:
+def _throughput(field: str) -> JobSamples:
     def build(s: JobState, view: View) -> Iterator[Sample]:
         recent = _recent_rates(s, view)
         divisor = rate_divisor(s, view)
         for topic in s.consumed:
-            total = sum((r.records, r.bytes)[index] for r in recent if r.topic == topic)
+            total = sum(getattr(r, field) for r in recent if r.topic == topic)
             yield (s.job, topic), total / divisor
 
     return build
 
 
 def _fetch_rate(s: JobState, view: View) -> Iterator[Sample]:
-    total = sum(r.fetches for r in _recent_rates(s, view) if r.topic == FETCHES_TOPIC)
+    total = sum(r.fetches for r in _recent_job_rates(s, view))
     yield (s.job,), total / rate_divisor(s, view)
 
 
@@ -343,10 +350,10 @@ def _bytes_total(s: JobState, view: View) -> Iterator[Sample]:
     yield (s.job,), s.bytes
 
 
-def _consumed(index: int) -> JobSamples:
+def _consumed(field: str) -> JobSamples:
     def build(s: JobState, view: View) -> Iterator[Sample]:
         for topic, totals in s.consumed.items():
-            yield (s.job, topic), totals[index]
+            yield (s.job, topic), getattr(totals, field)
 
     return build
 
@@ -406,15 +413,15 @@ def _storage_errors(s: JobState) -> Iterator[tuple[tuple[str, ...], float]]:
 
 
 def _compression_ratio(s: JobState, view: View) -> Iterator[Sample]:
-    for alg, (compressed, uncompressed) in s.compression.items():
-        if compressed:
-            yield (alg, s.job), uncompressed / compressed
+    for alg, c in s.compression.items():
+        if c.compressed:
+            yield (alg, s.job), c.uncompressed / c.compressed
 
 
-def _compression_bytes(index: int) -> JobSamples:
+def _compression_bytes(field: str) -> JobSamples:
     def build(s: JobState, view: View) -> Iterator[Sample]:
-        for alg, pair in s.compression.items():
-            yield (alg, s.job), pair[index]
+        for alg, c in s.compression.items():
+            yield (alg, s.job), getattr(c, field)
 
     return build
 
@@ -525,8 +532,8 @@ def _stopped(s: JobState, view: View) -> bool:
 
 
 def _last_seen(s: JobState, view: View) -> Iterator[Sample]:
-    for worker, (_seq, ts) in s.seen.items():
-        yield (s.kind, s.job, worker), ts
+    for worker, mark in s.seen.items():
+        yield (s.kind, s.job, worker), mark.ts
 
 
 def _dropped_series(view: View) -> Iterator[Sample]:
@@ -537,20 +544,23 @@ def _expired_jobs(view: View) -> Iterator[Sample]:
     yield (), view.expired
 
 
-def _invalid(view: View) -> Iterator[Sample]:
-    totals: dict[tuple[str, ...], int] = {}
-    for p in view.pipelines:  # one per telemetry partition; they never expire
-        for reason, n in p.invalid.items():
-            totals[(reason,)] = totals.get((reason,), 0) + n
-    return iter(totals.items())
+def _pipeline_counts(field: str) -> Builder:
+    def build(view: View) -> Iterator[Sample]:
+        totals: dict[tuple[str, ...], int] = {}
+        for p in view.pipelines:  # one per telemetry partition; they never expire
+            for reason, n in getattr(p, field).items():
+                totals[(reason,)] = totals.get((reason,), 0) + n
+        return iter(totals.items())
+
+    return build
 
 
 # ---- 7. restore -----------------------------------------------------------------------------
 
 
 def restore_rate(s: JobState, view: View) -> float:
-    """Records acknowledged per second over the window (restores keep them under FETCHES_TOPIC)."""
-    return sum(r.records for r in _recent_rates(s, view) if r.topic == FETCHES_TOPIC) / rate_divisor(s, view)
+    """Records acknowledged per second over the window."""
+    return sum(r.records for r in _recent_job_rates(s, view)) / rate_divisor(s, view)
 
 
 def restore_eta(s: JobState, view: View) -> float:
@@ -587,13 +597,13 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.LAG_BYTES: PerJob(_lag_bytes, time_key=_minute),
     cat.LAG_SECONDS: PerJob(_lag_seconds),
     cat.LAG_RECORDS_MAX: PerJob(_lag_records_max),
-    cat.THROUGHPUT_RECORDS: PerJob(_throughput(0), time_key=_rate_key),
-    cat.THROUGHPUT_BYTES: PerJob(_throughput(1), time_key=_rate_key),
+    cat.THROUGHPUT_RECORDS: PerJob(_throughput("records"), time_key=_rate_key),
+    cat.THROUGHPUT_BYTES: PerJob(_throughput("bytes"), time_key=_rate_key),
     cat.FETCH_RATE: PerJob(_fetch_rate, time_key=_rate_key),
     cat.RECORDS_TOTAL: PerJob(_records_total),
     cat.BYTES_TOTAL: PerJob(_bytes_total),
-    cat.CONSUMED_RECORDS_TOTAL: PerJob(_consumed(0)),
-    cat.CONSUMED_BYTES_TOTAL: PerJob(_consumed(1)),
+    cat.CONSUMED_RECORDS_TOTAL: PerJob(_consumed("records")),
+    cat.CONSUMED_BYTES_TOTAL: PerJob(_consumed("bytes")),
     cat.FETCHES_TOTAL: PerJob(_fetches_total),
     cat.BACKUP_DURATION: _duration("backup", cat.BACKUP_DURATION, lambda s: s.job),
     cat.RESTORE_DURATION: _duration("restore", cat.RESTORE_DURATION, lambda s: s.backup_id or s.job),
@@ -605,8 +615,8 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.STORAGE_CALL_DURATION: _shared_histogram(_storage_calls, cat.STORAGE_CALL_DURATION),
     cat.STORAGE_ERRORS: _shared_sum(_storage_errors),
     cat.COMPRESSION_RATIO: PerJob(_compression_ratio),
-    cat.COMPRESSED_BYTES: PerJob(_compression_bytes(0)),
-    cat.UNCOMPRESSED_BYTES: PerJob(_compression_bytes(1)),
+    cat.COMPRESSED_BYTES: PerJob(_compression_bytes("compressed")),
+    cat.UNCOMPRESSED_BYTES: PerJob(_compression_bytes("uncompressed")),
     cat.ERRORS_TOTAL: _by_key("errors"),
     cat.PERMANENT_ERRORS_TOTAL: _by_key("permanent_errors"),
     cat.RETRIES_TOTAL: _by_key("retries", ("backup", "restore", "verify")),
@@ -618,7 +628,8 @@ BUILDERS: dict[cat.Metric, Builder] = {
     cat.RECOVERY_POINT_OBJECTIVE: PerJob(_rpo),
     cat.REBALANCES_TOTAL: PerJob(_rebalances),
     cat.TELEMETRY_DROPPED: PerJob(_dropped, EVERY),
-    cat.TELEMETRY_INVALID: _invalid,
+    cat.TELEMETRY_INVALID: _pipeline_counts("invalid"),
+    cat.TELEMETRY_FOLD_FAILURES: _pipeline_counts("failures"),
     cat.BACKUP_STATUS: PerJob(_status, time_key=_stopped),
     cat.WORKER_LAST_SEEN: PerJob(_last_seen, EVERY),
     cat.EXPORTER_DROPPED_SERIES: _dropped_series,
@@ -672,7 +683,7 @@ BUILDERS.update({
 
 _FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily,
              "stateset": StateSetMetricFamily, "info": InfoMetricFamily}
-_LAST = (cat.EXPORTER_DROPPED_SERIES,)  # built after the others: it reports on them
+_LAST = (cat.EXPORTER_DROPPED_SERIES, cat.EXPORTER_FAILED_BUILDS)  # built after the others: they report on them
 
 
 def new_family(m: cat.Metric):
@@ -703,6 +714,7 @@ class StateCollector(Collector):
         self._stop_after_s = stop_after_s
         self._expire_after_s = expire_after_s
         self._max_series = max_series_per_family
+        self._failures = FirstOfEach(log)
 
     def describe(self) -> list:
         return []
@@ -722,12 +734,31 @@ class StateCollector(Collector):
         families = {}
         for m, builder in rendered():
             family = families[m] = new_family(m)
-            for sample in family_samples(m, builder, view, self._max_series):
+            for sample in self.family_samples(m, builder, view):
                 if m.type == "info":
                     family.add_metric([], dict(zip(m.labels, sample[0], strict=True)))
                 else:
                     family.add_metric(*sample)
         return (families[m] for m in cat.CATALOGUE if m in families)
+
+    def family_samples(self, m: cat.Metric, builder: Builder, view: View) -> list[Sample]:
+        """One malformed state value must cost its family's samples, not the whole scrape; beyond
+        ``max_series_per_family`` samples are counted in ``view.dropped_series``, not served."""
+        out: list[Sample] = []
+        try:
+            for n, sample in enumerate(builder(view)):
+                if n >= self._max_series:
+                    view.dropped_series[m.name] = view.dropped_series.get(m.name, 0) + 1
+                    continue
+                if m.type == "info" and len(sample[0]) != len(m.labels):
+                    raise ValueError(f"{m.name}: {len(sample[0])} label values for {len(m.labels)} labels")
+                out.append(sample)
+        except Exception as err:  # a bug, or a state value the builder did not expect: counted, logged once
+            self._failures.exception(err, "cannot build %s", m.name, about=m.name)
+            if view.endpoint is not None:
+                view.endpoint.add(cat.EXPORTER_FAILED_BUILDS, m.name)
+            return []
+        return out
 
 
 def rendered() -> list[tuple[cat.Metric, Builder]]:
@@ -735,24 +766,6 @@ def rendered() -> list[tuple[cat.Metric, Builder]]:
     first = [(m, b) for m in cat.CATALOGUE
              if (b := BUILDERS.get(m)) is not None and m.type in _FAMILIES and m not in _LAST]
     return first + [(m, BUILDERS[m]) for m in _LAST]
-
-
-def family_samples(m: cat.Metric, builder: Builder, view: View, max_series: int) -> list[Sample]:
-    """One malformed state value must cost its family's samples, not the whole scrape; beyond
-    ``max_series`` samples are counted in ``view.dropped_series``, not served."""
-    out: list[Sample] = []
-    try:
-        for n, sample in enumerate(builder(view)):
-            if n >= max_series:
-                view.dropped_series[m.name] = view.dropped_series.get(m.name, 0) + 1
-                continue
-            if m.type == "info" and len(sample[0]) != len(m.labels):
-                raise ValueError(f"{m.name}: {len(sample[0])} label values for {len(m.labels)} labels")
-            out.append(sample)
-    except Exception:
-        log.exception("cannot build %s", m.name)
-        return []
-    return out
 
 
 # ---- 8. the exporter's own endpoint ---------------------------------------------------------
@@ -766,6 +779,9 @@ class EndpointCounters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[cat.Metric, dict[str, int]] = {}
+        # set by exporter.server from the state reader, read at scrape time
+        self.state_age: Callable[[float | None], float | None] | None = None
+        self.undecodable: Callable[[], dict[str, int]] | None = None
 
     def add(self, metric: cat.Metric, reason: str, n: int = 1) -> None:
         with self._lock:
@@ -797,6 +813,17 @@ def _state_age(view: View) -> Iterator[Sample]:
 
 
 BUILDERS[cat.EXPORTER_STATE_AGE] = _state_age
+BUILDERS[cat.EXPORTER_FAILED_BUILDS] = _endpoint(cat.EXPORTER_FAILED_BUILDS)
+
+
+def _undecodable(view: View) -> Iterator[Sample]:
+    """Read at scrape time from the state reader (``EndpointCounters.undecodable``, set by exporter.server)."""
+    counts_fn = getattr(view.endpoint, "undecodable", None)
+    counts = counts_fn() if counts_fn is not None else {}
+    return iter([((reason,), n) for reason, n in sorted(counts.items())])
+
+
+BUILDERS[cat.EXPORTER_UNDECODABLE_STATE] = _undecodable
 
 
 def _build_info(view: View) -> Iterator[Sample]:

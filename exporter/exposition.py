@@ -176,9 +176,10 @@ def _compiled(name: str, labels: tuple[str, ...], constant: str | None = None) -
               f"{unpack}{checks}"
               + ("" if constant is not None else "    v = sample[1]\n")
               + f"    return f'{head} {tail}\\n'\n")
-    scope = {"escape": escape, "value": value, "generic": _generic, "name": name, "labels": labels}
+    scope: dict[str, Any] = {"escape": escape, "value": value, "generic": _generic, "name": name, "labels": labels}
     exec(source, scope)  # noqa: S102 - built above from names checked against _LEGACY_NAME
-    return scope["lines"]
+    lines: Callable[[tuple], str] = scope["lines"]
+    return lines
 
 
 def _histogram_generic(name: str, labels: tuple[str, ...], values: Sequence[str], buckets: Sequence[tuple],

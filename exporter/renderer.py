@@ -33,7 +33,6 @@ from kafka_backup.exporter.collector import (
     Shared,
     StateCollector,
     View,
-    family_samples,
     new_family,
     rendered,
 )
@@ -41,7 +40,6 @@ from kafka_backup.exporter.exposition import EOF, FamilyFormat
 from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas.state import JobState
 
-_MISSING = object()
 Fragment = tuple[str, int] | None  # a job's lines of one family and how many samples; None: its builder failed
 
 
@@ -122,8 +120,9 @@ class Renderer:
             if kinds is not None and state.kind not in kinds:
                 continue
             if key_of is None:
-                fragment = entry.fragments.get(builder, _MISSING)
-                if fragment is _MISSING:
+                try:
+                    fragment = entry.fragments[builder]
+                except KeyError:
                     fragment = entry.fragments[builder] = _fragment(m, builder, state, view, lines)
             else:
                 try:
@@ -151,8 +150,9 @@ class Renderer:
         shares = []
         for (state, live), key in zip(view.everyone, view.keys, strict=True):
             entry = self._jobs[key]
-            share = entry.shares.get(builder, _MISSING)
-            if share is _MISSING:
+            try:
+                share = entry.shares[builder]
+            except KeyError:
                 try:
                     share = list(builder.contribution(state))
                 except Exception:
@@ -161,14 +161,14 @@ class Renderer:
             if share is None:
                 return None
             shares.append((share, live))
-        samples = family_samples(m, lambda _view: builder.merged(shares), view, self._collector.max_series)
+        samples = self._collector.family_samples(m, lambda _view: builder.merged(shares), view)
         body = "".join(map(fmt.lines, samples))
         if m.name not in view.dropped_series:
             self._shared[builder] = body
         return body
 
     def _uncached(self, m: cat.Metric, builder: Callable[[View], Any], fmt: FamilyFormat, view: View) -> str:
-        return "".join(map(fmt.lines, family_samples(m, builder, view, self._collector.max_series)))
+        return "".join(map(fmt.lines, self._collector.family_samples(m, builder, view)))
 
 
 _FORMATS: dict[cat.Metric, FamilyFormat] = {}  # the catalogue's families do not change while running

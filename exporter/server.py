@@ -50,10 +50,11 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from kafka_backup.exporter.collector import EndpointCounters, StateCollector
+from kafka_backup.exporter.ports import CountsUndecodable, ProvenCurrent, StateSource
 from kafka_backup.exporter.renderer import Renderer
 from kafka_backup.exporter.webconfig import CachedBasicAuth, WebConfig
 from kafka_backup.schemas import catalogue as cat
-from kafka_backup.schemas.config import HEALTH_PATH, Config, ConfigError
+from kafka_backup.schemas.config import HEALTH_PATH, Config, ConfigError, MetricsConfig
 
 log = logging.getLogger("kafka_backup.exporter")
 
@@ -144,7 +145,7 @@ class MetricsServer:
         update_interval_ms: int,
         ready_fn: Callable[[], bool],
         tls: ssl.SSLContext | None = None,
-        basic_auth: BasicAuth | None = None,
+        basic_auth: CachedBasicAuth | None = None,
         header_timeout_s: float = 10.0,
         max_connections: int = 1000,
         counters: EndpointCounters | None = None,
@@ -287,7 +288,7 @@ class MetricsServer:
             pass
 
     async def _answer(self, head: bytes, writer: asyncio.StreamWriter,
-                      auth: BasicAuth | None) -> tuple[int, bytes, str, str]:
+                      auth: CachedBasicAuth | None) -> tuple[int, bytes, str, str]:
         request_line, _, rest = head.partition(b"\r\n")
         try:
             method, target, version = request_line.decode("latin-1").split(" ")
@@ -357,10 +358,12 @@ class MetricsServer:
             hit = self._cache.get(ctype)
             if hit is None or now - hit[0] >= self._interval:
                 hit = (now, self._encode(encoder, ctype), None)
-            if gzipped and hit[2] is None:
-                hit = (hit[0], hit[1], gzip.compress(hit[1], GZIP_LEVEL, mtime=0))
+            body = hit[1]
+            if gzipped:
+                body = hit[2] if hit[2] is not None else gzip.compress(hit[1], GZIP_LEVEL, mtime=0)
+                hit = (hit[0], hit[1], body)
             self._cache[ctype] = hit
-        return (hit[2] if gzipped else hit[1]), ctype
+        return body, ctype
 
     def _encode(self, encoder: Callable[[CollectorRegistry], bytes], ctype: str) -> bytes:
         """The state collector's own renderer (same bytes, reusing unchanged jobs' lines), except for
@@ -387,7 +390,7 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
-def serve(cfg: Config, reader) -> MetricsServer:
+def serve(cfg: Config, reader: StateSource) -> MetricsServer:
     """Start serving ``reader``'s state as configured; a busy port is a configuration mistake."""
     m = cfg.metrics
     counters = EndpointCounters()
@@ -400,12 +403,16 @@ def serve(cfg: Config, reader) -> MetricsServer:
         raise ConfigError(f"metrics.path: {m.path!r} would shadow {m.path}, which answers without "
                           f"authentication; choose another, e.g. /metrics (--metrics-path)")
     web = _web_config(m)
-    tls, auth = (None, None) if web is not None else (_tls(m), _basic_auth(m))
+    tls: ssl.SSLContext | None = None
+    auth: CachedBasicAuth | None
     if web is not None:
         auth = web.current().auth
+    else:
+        tls, auth = _tls(m), _basic_auth(m)
     max_age = m.ready_max_state_age_s
-    state_age = getattr(reader, "state_age", None)
-    counters.state_age = state_age
+    state_age = reader.state_age if isinstance(reader, ProvenCurrent) else None
+    counters.state_age = state_age  # read by kafka_backup_exporter_state_age_seconds
+    counters.undecodable = reader.undecodable_counts if isinstance(reader, CountsUndecodable) else None
 
     def current() -> str | None:
         age = state_age() if state_age is not None else 0.0
@@ -429,7 +436,7 @@ def serve(cfg: Config, reader) -> MetricsServer:
     return server.start()
 
 
-def _web_config(m) -> WebConfig | None:
+def _web_config(m: MetricsConfig) -> WebConfig | None:
     """metrics.web_config_file replaces the metrics.tls_* and metrics.basic_auth_* keys: never both."""
     if not m.web_config_file:
         return None
@@ -461,7 +468,7 @@ def _is_loopback(bind: str) -> bool:
         return bind == "localhost"
 
 
-def _tls(m) -> ssl.SSLContext | None:
+def _tls(m: MetricsConfig) -> ssl.SSLContext | None:
     if not (m.tls_cert_file or m.tls_key_file):
         return None
     if not (m.tls_cert_file and m.tls_key_file):
@@ -482,7 +489,7 @@ MAKE_BCRYPT = 'htpasswd -nbBC 10 "" "$PASSWORD" | cut -d: -f2'
 _sha256_warned = False
 
 
-def _basic_auth(m) -> BasicAuth | None:
+def _basic_auth(m: MetricsConfig) -> BasicAuth | None:
     bcrypt_hash, sha256 = m.basic_auth_password_bcrypt.strip(), m.basic_auth_password_sha256.strip().lower()
     if not (m.basic_auth_username or bcrypt_hash or sha256):
         return None

@@ -19,7 +19,7 @@ import msgspec
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from kafka_backup.schemas.kafka_admin import client_config
-from kafka_backup.schemas.state import PIPELINE_PREFIX, decode_pipeline, decode_state
+from kafka_backup.schemas.state import PIPELINE_PREFIX, NewerStateError, decode_pipeline, decode_state
 from kafka_backup.schemas.topics import state_topic
 
 log = logging.getLogger("kafka_backup.exporter")
@@ -85,7 +85,8 @@ class StateReader:
     def __init__(self, bootstrap_servers: str, app_id: str) -> None:
         self.topic = state_topic(app_id)
         self.ready = threading.Event()
-        self.undecodable = 0
+        self._undecodable: dict[str, int] = {}  # reason -> records (kafka_backup_exporter_undecodable_...)
+        self._logged: set[tuple[str, object]] = set()
         self.current_at: float | None = None  # wall time the copy was last proven to hold the whole topic
         self._values: dict[str, Any] = {}
         self._positions: dict[int, int] = {}  # partition -> next offset to read, kept across reconnects
@@ -127,11 +128,26 @@ class StateReader:
         with self._lock:
             return dict(self._values)
 
+    @property
+    def undecodable(self) -> int:
+        with self._lock:
+            return sum(self._undecodable.values())
+
+    def undecodable_counts(self) -> dict[str, int]:
+        """Records not read, by reason: ``newer_version``, ``malformed``, ``no_key``."""
+        with self._lock:
+            return dict(self._undecodable)
+
     def apply(self, key: bytes | None, value: bytes | None) -> None:
-        """Fold one changelog record into the copy; a bad record is counted, never fatal."""
+        """Fold one changelog record into the copy; a bad record is counted, never fatal.
+
+        The key keeps the last value that could be read. Each reason is logged once (per
+        version, for a newer writer): a state topic of thousands of such values logs a line,
+        the counter has the rest.
+        """
         with self._lock:
             if key is None:
-                self.undecodable += 1
+                self._refuse("no_key", None, "skipping a state topic record without a key")
                 return
             name = key.decode("utf-8", "replace")
             if value is None:
@@ -140,9 +156,19 @@ class StateReader:
             try:
                 self._values[name] = decode_pipeline(value) if name.startswith(PIPELINE_PREFIX) else (
                     decode_state(value))
+            except NewerStateError as err:
+                self._refuse("newer_version", err.version,
+                             f"state value {name!r} has {err}: a newer aggregator wrote it; upgrade the exporter "
+                             "(until then this and every later value of that version are skipped)")
             except msgspec.DecodeError as err:
-                self.undecodable += 1
-                log.warning("skipping undecodable state value for %s: %s", name, err)
+                self._refuse("malformed", None, f"skipping undecodable state values (the first: {name!r}: {err})")
+
+    def _refuse(self, reason: str, detail: object, line: str) -> None:
+        self._undecodable[reason] = self._undecodable.get(reason, 0) + 1
+        if (reason, detail) not in self._logged:
+            self._logged.add((reason, detail))
+            log.warning("%s; counted in kafka_backup_exporter_undecodable_state_values_total{reason=\"%s\"}",
+                        line, reason)
 
     # ---- consumer thread ----------------------------------------------------------------------
 

@@ -253,8 +253,9 @@ def load(path: str) -> Loaded:
     return Loaded(tls, auth, headers, tuple(files))
 
 
-def _signature(files: tuple[str, ...]) -> tuple:
-    out = []
+def _signature(files: tuple[str, ...]) -> tuple[tuple[int, int, int] | None, ...]:
+    """What tells a changed file: (inode, size, mtime) of each, None for one that cannot be read."""
+    out: list[tuple[int, int, int] | None] = []
     for name in files:
         try:
             st = os.stat(name)

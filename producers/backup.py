@@ -30,8 +30,10 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from kafka_backup.producers import group_offsets, layout, segments, topic_configs
+from kafka_backup.producers.run import Job, JobFailed, JobInterrupted, Outcome, run_reporting
+from kafka_backup.producers.segment_reports import PartitionReports, SegmentReporter
 from kafka_backup.producers.storage import OpReport, Storage, StorageError
-from kafka_backup.producers.telemetry import Emitter, classify_kafka_error, run_reporting
+from kafka_backup.producers.telemetry import Emitter, classify_kafka_error
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import BackupConfig, ConfigError
 from kafka_backup.schemas.kafka_admin import client_config
@@ -42,22 +44,15 @@ log = logging.getLogger("kafka_backup.backup")
 CONFIRM_WAIT_S = 10.0  # at the end of a run, how long to resend lost reports and wait for acknowledgements
 
 
-class BackupFailed(Exception):
-    """A failure that ends the run (already reported as an error event)."""
+class BackupFailed(JobFailed):
+    """A backup run failed (already reported as an error event)."""
 
 
-class BackupInterrupted(BackupFailed):
+class BackupInterrupted(BackupFailed, JobInterrupted):
     """Stopped by SIGTERM/SIGINT before the run's work was done (status ``interrupted``, exit status 1).
 
     What was flushed is checkpointed: the next run resumes from there.
     """
-
-
-def metadata_failure(emitter: Emitter, err: layout.MetadataError) -> str:
-    """Report unusable metadata (``ErrorRaised`` by its category) and return the run's one-line reason."""
-    emitter.emit(ev.ErrorRaised, error_type=err.error_type, transient=False, operation="read",
-                 message=str(err)[:500])
-    return str(err)
 
 
 @dataclass
@@ -66,6 +61,7 @@ class PartitionWork:
     partition: int
     next_offset: int  # durable: first offset not yet in a checkpointed segment
     checkpoint: layout.Checkpoint
+    reports: PartitionReports
     target: int | None = None  # one-shot: stop once fetched up to here
     high_watermark: int = -1
     position: int = -1  # fetch position: last fetched offset + 1
@@ -74,21 +70,6 @@ class PartitionWork:
     buffer_since: float = 0.0
     newest_stored_ts: int | None = None
     newest_available_ts: int | None = None
-    reported_offset: int = 0  # every segment ending at or below it: its SegmentStored is safe
-    unsettled: dict[int, bool] = field(default_factory=dict)  # end_offset -> report safe; in offset order
-    lost: list[tuple[int, layout.SegmentInfo]] = field(default_factory=list)  # reports to send again
-
-    def settled(self, covers_from: int, info: layout.SegmentInfo, safe: bool) -> None:
-        """Outcome of one SegmentStored: move ``reported_offset`` over the safe prefix, or keep it to resend."""
-        if not safe:
-            self.lost.append((covers_from, info))
-            return
-        self.unsettled[info.end_offset] = True
-        for end, done in list(self.unsettled.items()):
-            if not done:
-                break
-            del self.unsettled[end]
-            self.reported_offset = end
 
     @property
     def tp(self) -> str:
@@ -100,12 +81,16 @@ class PartitionWork:
         return not self.buffer and max(self.next_offset, self.position) >= self.target
 
 
-class BackupWorker:
+class BackupWorker(Job):
+    failed = BackupFailed
+    operation = "fetch"
+
     def __init__(self, bootstrap_servers: str, bcfg: BackupConfig, storage: Storage, emitter: Emitter) -> None:
         self.bootstrap = bootstrap_servers
         self.cfg = bcfg
         self.storage = storage
         self.emitter = emitter
+        self.reporter = SegmentReporter(emitter)
         self.id = bcfg.backup_id
         self.parts: dict[str, PartitionWork] = {}
         self.stopping = False
@@ -140,49 +125,38 @@ class BackupWorker:
 
     # -- run -------------------------------------------------------------
 
-    def run(self) -> int:
-        started = time.monotonic()
+    def begin(self) -> None:
         self.emitter.emit(ev.JobStarted, mode="continuous" if self.cfg.continuous else "one-shot",
                           topics=list(self.cfg.topics), backend=self.storage.name, compression=self.cfg.compression,
                           expected_interval_s=None if self.cfg.continuous else self.cfg.expected_interval_s,
                           recovery_point_objective_s=self.cfg.recovery_point_objective_s)
-        status, reason = "failure", ""
+
+    def work(self) -> None:
+        self._start()
+        self._loop()
+        self._flush_all()
+        self._record_groups()
+        log.info("stopping with %s", self._summary())
+        unfinished = [w for w in self.parts.values() if not w.done()]
+        if self.stopping and not self.cfg.continuous and unfinished:
+            # a one-shot run cut short (a CronJob's deadline, a node drain) is not a success
+            left = sum(max(0, (w.target or 0) - max(w.next_offset, w.position, 0)) for w in unfinished)
+            raise BackupInterrupted(
+                f"stopped before the end: {len(unfinished)} partition(s) short of the end offsets seen at "
+                f"start, about {left} records not backed up; what was flushed is checkpointed and the next "
+                "run resumes there")
+
+    def before_end(self, outcome: Outcome) -> None:
+        self._progress()
+        self._finish_manifest(outcome.status)
+
+    def after_end(self, outcome: Outcome) -> None:
+        if outcome.status in ("success", "interrupted"):
+            self._save_confirmations()
         try:
-            self._start()
-            self._loop()
-            self._flush_all()
-            self._record_groups()
-            log.info("stopping with %s", self._summary())
-            unfinished = [w for w in self.parts.values() if not w.done()]
-            if self.stopping and not self.cfg.continuous and unfinished:
-                # a one-shot run cut short (a CronJob's deadline, a node drain) is not a success
-                status = "interrupted"
-                left = sum(max(0, (w.target or 0) - max(w.next_offset, w.position, 0)) for w in unfinished)
-                raise BackupInterrupted(
-                    f"stopped before the end: {len(unfinished)} partition(s) short of the end offsets seen at "
-                    f"start, about {left} records not backed up; what was flushed is checkpointed and the next "
-                    "run resumes there")
-            status = "success"
-        except (BackupFailed, ConfigError) as err:
-            reason = str(err)
-            raise
-        except layout.MetadataError as err:
-            reason = metadata_failure(self.emitter, err)
-            raise BackupFailed(reason) from None
-        except (StorageError, KafkaException) as err:
-            reason = self.emitter.run_failure(err, "fetch")
-            raise BackupFailed(reason) from None
-        finally:
-            self._progress()
-            self._finish_manifest(status)
-            self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started, reason=reason[:500])
-            if status in ("success", "interrupted"):
-                self._save_confirmations()
-            try:
-                self.consumer.close()
-            except Exception:  # closing must not mask the run's outcome
-                pass
-        return 0
+            self.consumer.close()
+        except Exception:  # closing must not mask the run's outcome
+            pass
 
     def stop(self, *_args) -> None:
         self.stopping = True
@@ -216,51 +190,14 @@ class BackupWorker:
         self.consumer.assign(assignment)
 
     def _load_partition(self, topic: str, partition: int) -> PartitionWork:
-        key = layout.checkpoint_key(self.id, topic, partition)
-        raw = self.storage.get_optional(key, "checkpoint")
-        cp = layout.decode_checkpoint(raw, key) if raw else layout.Checkpoint(topic, partition, 0)
-        if (cp.topic, cp.partition) != (topic, partition):
-            raise layout.MetadataError(key, f"belongs to {cp.topic}/{cp.partition}, not {topic}/{partition}",
-                                       "integrity")
-        work = PartitionWork(topic, partition, cp.next_offset, cp, reported_offset=cp.reported_offset)
+        cp = (layout.read_checkpoint(self.storage, self.id, topic, partition)
+              or layout.Checkpoint(topic, partition, 0))
+        work = PartitionWork(topic, partition, cp.next_offset, cp,
+                             self.reporter.track(topic, partition, cp.reported_offset))
         work.newest_stored_ts = cp.max_ts
         self.parts[work.tp] = work
-        self._report_unconfirmed(work)
+        self.reporter.report_unconfirmed(work.reports, cp, self._read_index, self.id)
         return work
-
-    def _report_unconfirmed(self, work: PartitionWork) -> None:
-        """Report again the checkpointed segments whose SegmentStored was never acknowledged.
-
-        A killed worker loses the events still in its producer queue, though their segments
-        are durable; without this, ``records_total`` would stay short of the checkpoint for
-        good. Normally this is the last segment of the previous run (its acknowledgement came
-        after its checkpoint was written); the aggregator counts an offset range once.
-        """
-        cp = work.checkpoint
-        listed = list(cp.segments)
-        for chunk in layout.chunks(cp, self._read_index, self.id, stop_below=work.reported_offset):
-            listed[:0] = chunk.segments  # only the sealed chunks holding unconfirmed segments are read
-        previous_end = 0
-        again = []
-        for info in listed:
-            covers_from = info.covers_from if info.covers_from >= 0 else previous_end
-            if info.end_offset > work.reported_offset:
-                again.append((covers_from, info))
-            previous_end = info.end_offset
-        if again:
-            log.info("%s: reporting %d stored segment(s) again, their telemetry was not confirmed",
-                     work.tp, len(again))
-        for covers_from, info in again:
-            self._report_segment(work, info, covers_from)
-
-    def _report_segment(self, work: PartitionWork, info: layout.SegmentInfo, covers_from: int) -> None:
-        work.unsettled[info.end_offset] = False
-        self.emitter.emit(ev.SegmentStored, on_delivered=lambda safe: work.settled(covers_from, info, safe),
-                          topic=work.topic, partition=work.partition,
-                          start_offset=info.start_offset, end_offset=info.end_offset,
-                          records=info.records, bytes=info.bytes, uncompressed_bytes=info.uncompressed_bytes,
-                          stored_bytes=info.stored_bytes, algorithm=info.algorithm, min_ts=info.min_ts,
-                          max_ts=info.max_ts, covers_from=covers_from)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
@@ -292,6 +229,7 @@ class BackupWorker:
         # Unflushed records are simply dropped: the next owner re-reads them from the checkpoint.
         for tp in partitions:
             self.parts.pop(f"{tp.topic}/{tp.partition}", None)
+            self.reporter.forget(f"{tp.topic}/{tp.partition}")
         if partitions:  # an empty revocation is no news; the assignment that follows counts the rebalance
             self.emitter.emit(ev.Rebalance, revoked=[f"{tp.topic}/{tp.partition}" for tp in partitions])
 
@@ -419,13 +357,13 @@ class BackupWorker:
             covers_from=work.next_offset,
         )
         self.storage.put(info.key, data, "segment")
-        head, chunks = layout.append(self.id, work.checkpoint, info, work.reported_offset)
+        head, chunks = layout.append(self.id, work.checkpoint, info, work.reports.reported_offset)
         for key, chunk in chunks:  # sealed index chunks first: the head names them
             self.storage.put(key, chunk, "index")
         self._write_checkpoint(work, head)
         covers_from, work.next_offset = work.next_offset, end
         work.newest_stored_ts = max(work.newest_stored_ts or 0, info.max_ts)
-        self._report_segment(work, info, covers_from)
+        self.reporter.report(work.reports, info, covers_from)
         self._commit(work)
 
     def _save_confirmations(self) -> None:
@@ -435,15 +373,13 @@ class BackupWorker:
         but a run with nothing new to back up would never move the mark). A failed run
         leaves its checkpoints as they are.
         """
-        deadline = time.monotonic() + CONFIRM_WAIT_S
-        self._resend_lost(deadline)
-        self.emitter.flush(max(0.0, deadline - time.monotonic()))
+        self.reporter.confirm(CONFIRM_WAIT_S)
         for work in self.parts.values():
-            cp = work.checkpoint
-            if work.reported_offset <= cp.reported_offset or not cp.segment_count:
+            cp, reported = work.checkpoint, work.reports.reported_offset
+            if reported <= cp.reported_offset or not cp.segment_count:
                 continue
             try:
-                self._write_checkpoint(work, msgspec.structs.replace(cp, reported_offset=work.reported_offset))
+                self._write_checkpoint(work, msgspec.structs.replace(cp, reported_offset=reported))
             except StorageError as err:
                 log.warning("%s: could not record confirmed telemetry in the checkpoint (%s); "
                             "the next run reports its last segments again", work.tp, err)
@@ -490,25 +426,8 @@ class BackupWorker:
         work.high_watermark = max(work.high_watermark, high)
         return work.high_watermark
 
-    def _resend_lost(self, deadline: float = 0.0) -> None:
-        """Send again the reports the emitter lost (queue full, telemetry cluster away past the delivery
-        timeout) as soon as it answers, a queue's worth at a time, so ``records_total`` recovers
-        within the run. At the end of a run, keep at it until ``deadline`` (monotonic)."""
-        while any(w.lost for w in self.parts.values()):
-            sent = 0
-            for work in self.parts.values():
-                while work.lost and self.emitter.room() > 0:
-                    covers_from, info = work.lost.pop(0)
-                    self._report_segment(work, info, covers_from)
-                    sent += 1
-            if sent:
-                log.info("reported %d segment(s) again whose telemetry was lost", sent)
-            if time.monotonic() >= deadline:
-                return
-            self.emitter.flush(0.5)
-
     def _progress(self) -> None:
-        self._resend_lost()
+        self.reporter.resend_lost()
         partitions = []
         for work in self.parts.values():
             hwm = self._watermark(work)

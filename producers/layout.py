@@ -41,6 +41,8 @@ import msgspec
 
 from kafka_backup.producers import segments
 from kafka_backup.producers.segments import SUFFIX
+from kafka_backup.producers.storage import Missing, Storage
+from kafka_backup.schemas.config import ConfigError
 
 LAYOUT_VERSION = 2
 CHUNK_SEGMENTS = 64  # segments per sealed index chunk; the head holds fewer
@@ -323,23 +325,68 @@ def encode(doc: msgspec.Struct) -> bytes:
     return msgspec.json.format(msgspec.json.encode(doc), indent=1)
 
 
+class _Version(msgspec.Struct):
+    version: int = 0
+
+
 def _decode(data: bytes, type_: type, key: str):
     try:
         doc = msgspec.json.decode(data, type=type_)
     except msgspec.ValidationError as err:
+        _refuse_newer(data, key)  # a newer layout may have changed a field: say so, not "invalid"
         raise MetadataError(key, f"holds an invalid value ({str(err)[:200]}); restore it from a storage "
                                  "version/replica") from None
     except msgspec.DecodeError as err:
         raise MetadataError(key, f"is corrupt or truncated ({str(err)[:200]}); restore it from a storage "
                                  "version/replica") from None
-    if doc.version > LAYOUT_VERSION:
-        raise MetadataError(key, f"has layout version {doc.version}, newer than this kafka-backup reads "
-                                 f"({LAYOUT_VERSION}); upgrade kafka-backup", "layout_version")
+    _refuse_newer_version(doc.version, key)
     return doc
+
+
+def _refuse_newer(data: bytes, key: str) -> None:
+    try:
+        version = msgspec.json.decode(data, type=_Version).version
+    except msgspec.DecodeError:
+        return
+    _refuse_newer_version(version, key)
+
+
+def _refuse_newer_version(version: int, key: str) -> None:
+    if version > LAYOUT_VERSION:
+        raise MetadataError(key, f"has layout version {version}, newer than this kafka-backup reads "
+                                 f"({LAYOUT_VERSION}); upgrade kafka-backup", "layout_version")
 
 
 def decode_manifest(data: bytes, key: str = "manifest.json") -> Manifest:
     return _decode(data, Manifest, key)
+
+
+def read_manifest(storage: Storage, backup_id: str, field: str, url: str) -> Manifest:
+    """The backup's manifest; a missing one is a user mistake named in one line (``field``: ``restore``,
+    ``verify``; ``url``: the ``--storage`` given): the wrong storage root, or no such backup in it."""
+    key = manifest_key(backup_id)
+    try:
+        raw = storage.get(key, "manifest")
+    except Missing as err:
+        if err.root:
+            raise ConfigError(f"{field}.storage: {err.root} does not exist; give the --storage the backup "
+                              "wrote to") from None
+        raise ConfigError(f"{field}.backup_id: no backup {backup_id!r} in {url} (no {key}); check --backup-id "
+                          "and --storage") from None
+    return decode_manifest(raw, key)
+
+
+def read_checkpoint(storage: Storage, backup_id: str, topic: str, partition: int,
+                    report: bool = False) -> Checkpoint | None:
+    """A partition's checkpoint, checked to be that partition's; ``None``: it never had a record."""
+    key = checkpoint_key(backup_id, topic, partition)
+    raw = storage.get_optional(key, "checkpoint", report=report)
+    if raw is None:
+        return None
+    cp = decode_checkpoint(raw, key)
+    if (cp.topic, cp.partition) != (topic, partition):
+        raise MetadataError(key, f"belongs to {cp.topic}/{cp.partition}, not {topic}/{partition}", "integrity")
+    return cp
 
 
 def decode_checkpoint(data: bytes, key: str = "checkpoint.json") -> Checkpoint:

@@ -38,7 +38,8 @@ from confluent_kafka.admin import AdminClient
 
 from kafka_backup.producers import layout
 from kafka_backup.producers.offset_reset import NOT_EMPTY, UNSUPPORTED, OffsetResetFailed
-from kafka_backup.producers.restore import parse_topic_map, resolve_topic_map
+from kafka_backup.producers.restore_scope import parse_topic_map, resolve_topic_map
+from kafka_backup.producers.run import Job, run_reporting
 from kafka_backup.producers.storage import Storage, StorageError
 from kafka_backup.producers.telemetry import Emitter
 from kafka_backup.schemas import events as ev
@@ -372,24 +373,26 @@ def run_offset_follow(bootstrap: str, telemetry_bootstrap: str, cfg: OffsetReset
         follow.close()
 
 
+class GroupMove(Job):
+    """One group's offsets, reported like any offset reset (``JobStarted``/``JobEnded``, job = the group)."""
+
+    failed = OffsetResetFailed
+
+    def __init__(self, follow: OffsetFollow, group: str, offsets: list[TopicPartition], emitter: Emitter) -> None:
+        self.follow = follow
+        self.group = group
+        self.offsets = offsets
+        self.emitter = emitter
+
+    def begin(self) -> None:
+        self.emitter.emit(ev.JobStarted, mode="from-backup", topics=sorted({tp.topic for tp in self.offsets}))
+
+    def work(self) -> None:
+        if self.offsets:
+            self.follow.write(self.group, self.offsets)
+
+
 def _apply(follow: OffsetFollow, group: str, offsets: list[TopicPartition], telemetry: str,
            tcfg: TelemetryConfig) -> None:
-    """One group's offsets, reported like any offset reset (``JobStarted``/``JobEnded``, job = the group)."""
     emitter = Emitter(telemetry, tcfg, "offset_reset", group)
-    started, status, reason = time.monotonic(), "failure", ""
-    emitter.emit(ev.JobStarted, mode="from-backup", topics=sorted({tp.topic for tp in offsets}))
-    try:
-        if offsets:
-            follow.write(group, offsets)
-        status = "success"
-    except ConfigError as err:
-        reason = str(err)
-        raise
-    except KafkaException as err:
-        reason = f"kafka: {err.args[0].str()}"
-        raise OffsetResetFailed(reason) from None
-    finally:
-        emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started, reason=reason[:500])
-        lost = emitter.close()
-        if lost:
-            log.warning("telemetry: %d events of this run were not delivered", lost)
+    run_reporting(GroupMove(follow, group, offsets, emitter), emitter, signals=False)

@@ -31,12 +31,11 @@ such record goes to its end (the high watermark), as
 from __future__ import annotations
 
 import logging
-import time
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from kafka_backup.producers.backup import BackupFailed
+from kafka_backup.producers.run import Job, JobFailed, NullEmitter, Outcome, Reporter, run_reporting
 from kafka_backup.producers.telemetry import Emitter
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import ConfigError, OffsetResetConfig, TelemetryConfig
@@ -50,7 +49,7 @@ NOT_EMPTY = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATI
                        KafkaError.REBALANCE_IN_PROGRESS, KafkaError.NON_EMPTY_GROUP})
 
 
-class OffsetResetFailed(BackupFailed):
+class OffsetResetFailed(JobFailed):
     """The cluster failed the reset (not a user mistake): one line, exit status 1."""
 
 
@@ -82,8 +81,10 @@ def timestamp_ms(cfg: OffsetResetConfig) -> int | None:
     return None if seconds is None else round(seconds * 1000)
 
 
-class OffsetReset:
-    def __init__(self, bootstrap: str, cfg: OffsetResetConfig, emitter: Emitter | None, out=None) -> None:
+class OffsetReset(Job):
+    failed = OffsetResetFailed
+
+    def __init__(self, bootstrap: str, cfg: OffsetResetConfig, emitter: Reporter, out=None) -> None:
         self.bootstrap = bootstrap
         self.cfg = cfg
         self.group = cfg.group
@@ -107,29 +108,18 @@ class OffsetReset:
             serve_logs(self.admin)
         return 0
 
-    def run(self) -> int:
-        assert self.emitter is not None
-        started = time.monotonic()
+    def begin(self) -> None:
         self.emitter.emit(ev.JobStarted, mode=self.target.replace("_", "-"), topics=list(self.cfg.topics))
-        status, reason = "failure", ""
-        try:
-            counts = self._partitions()
-            if not self.cfg.force:
-                self._refuse_if_active()
-            offsets = self._targets(counts)
-            self._write(offsets)
-            status = "success"
-        except ConfigError as err:
-            reason = str(err)
-            raise
-        except KafkaException as err:
-            reason = f"kafka: {err.args[0].str()}"
-            raise OffsetResetFailed(reason) from None
-        finally:
-            serve_logs(self.admin)
-            self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started,
-                              reason=reason[:500])
-        return 0
+
+    def work(self) -> None:
+        counts = self._partitions()
+        if not self.cfg.force:
+            self._refuse_if_active()
+        offsets = self._targets(counts)
+        self._write(offsets)
+
+    def before_end(self, outcome: Outcome) -> None:
+        serve_logs(self.admin)
 
     def _partitions(self) -> dict[str, int]:
         md = self.admin.list_topics(timeout=15)
@@ -233,14 +223,9 @@ def run_offset_reset(bootstrap: str, telemetry_bootstrap: str, cfg: OffsetResetC
                      out=None, err=None) -> int:
     validate(cfg)  # user mistakes fail before anything is emitted
     if not cfg.execute:  # a preview changes nothing, so it is no job: no telemetry
-        code = OffsetReset(bootstrap, cfg, None, out).preview()
+        code = OffsetReset(bootstrap, cfg, NullEmitter(), out).preview()
         if err is not None:
             print("offset-reset: preview only, no offset was changed; add --execute to set them", file=err)
         return code
     emitter = Emitter(telemetry_bootstrap or bootstrap, tcfg, "offset_reset", cfg.group)
-    try:
-        return OffsetReset(bootstrap, cfg, emitter, out).run()
-    finally:
-        lost = emitter.close()
-        if lost:
-            log.warning("telemetry: %d events of this run were not delivered", lost)
+    return run_reporting(OffsetReset(bootstrap, cfg, emitter, out), emitter, signals=False)

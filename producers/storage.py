@@ -1,7 +1,9 @@
 """Storage backends (filesystem, S3) and the timing wrapper that reports every call.
 
 Backends only move bytes and raise :class:`StorageError` with a PRD error type
-(timeout, auth, not_found, quota, unknown). :class:`Storage` wraps one backend
+(timeout, auth, not_found, quota, unknown); "not there" is always :class:`Missing`
+(a ``not_found`` StorageError), which also says when the storage root itself (a
+directory, a bucket) is missing. :class:`Storage` wraps one backend
 to time each call from request to response, retry transient failures, and
 report it all through a callback, so the workers' code never measures by hand.
 """
@@ -29,6 +31,16 @@ class StorageError(Exception):
     @property
     def transient(self) -> bool:
         return self.error_type in TRANSIENT
+
+
+class Missing(StorageError):
+    """No such object (error type ``not_found``). ``root`` names the storage root when that is what is
+    missing (a directory that does not exist, a bucket), so callers tell a wrong ``--storage`` from a
+    missing object without knowing the backend; empty when only the object is missing."""
+
+    def __init__(self, message: str, root: str = "") -> None:
+        super().__init__("not_found", message)
+        self.root = root
 
 
 class FileBackend:
@@ -68,6 +80,8 @@ class FileBackend:
         try:
             with open(self._path(key), "rb") as fh:
                 return fh.read()
+        except FileNotFoundError as err:
+            raise Missing(f"{key}: {err.strerror or err}", "" if os.path.isdir(self.root) else self.root) from None
         except OSError as err:
             raise _classify_os(err, key) from None
 
@@ -81,20 +95,11 @@ class FileBackend:
         except OSError as err:
             raise _classify_os(err, prefix) from None
 
-    def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
-        out = []
-        for dirpath, _dirs, files in os.walk(base):
-            for f in files:
-                if not f.startswith(".tmp-"):
-                    rel = os.path.relpath(os.path.join(dirpath, f), self.root)
-                    out.append(rel.replace(os.sep, "/"))
-        return sorted(out)
-
 
 def _classify_os(err: OSError, key: str) -> StorageError:
+    if err.errno == errno.ENOENT:
+        return Missing(f"{key}: {err.strerror or err}")
     kind = {
-        errno.ENOENT: "not_found",
         errno.EACCES: "auth",
         errno.EPERM: "auth",
         errno.ENOSPC: "quota",
@@ -139,28 +144,17 @@ class S3Backend:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
                 out += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
         except Exception as err:
-            raise _classify_boto(err, prefix) from None
-        return sorted(out)
-
-    def list(self, prefix: str) -> list[str]:
-        out = []
-        paginator = self.client.get_paginator("list_objects_v2")
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
-                out += [obj["Key"][strip:] for obj in page.get("Contents", [])]
-        except Exception as err:
-            raise _classify_boto(err, prefix) from None
+            raise _classify_boto(err, prefix, self.bucket) from None
         return sorted(out)
 
     def _call(self, fn: Callable, key: str, **kwargs):
         try:
             return fn(**kwargs)
         except Exception as err:
-            raise _classify_boto(err, key) from None
+            raise _classify_boto(err, key, self.bucket) from None
 
 
-def _classify_boto(err: Exception, key: str) -> StorageError:
+def _classify_boto(err: Exception, key: str, bucket: str) -> StorageError:
     from botocore.exceptions import (
         ClientError,
         ConnectTimeoutError,
@@ -174,14 +168,16 @@ def _classify_boto(err: Exception, key: str) -> StorageError:
         return StorageError("unknown", f"{key}: {err}")
     if isinstance(err, ClientError):
         code = err.response.get("Error", {}).get("Code", "")
+        message = f"{key}: {code} {err.response.get('Error', {}).get('Message', '')}".strip()
+        if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
+            return Missing(message, f"bucket {bucket!r}" if code == "NoSuchBucket" else "")
         kind = (
-            "not_found" if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound")
-            else "auth" if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken")
+            "auth" if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken")
             else "quota" if code in ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "503")
             else "timeout" if code in ("RequestTimeout", "RequestTimeTooSkewed")
             else "unknown"
         )
-        return StorageError(kind, f"{key}: {code} {err.response.get('Error', {}).get('Message', '')}".strip())
+        return StorageError(kind, message)
     return StorageError("unknown", f"{key}: {err}")
 
 
@@ -248,17 +244,12 @@ class Storage:
         def call() -> bytes | None:
             try:
                 return self.backend.get(key)
-            except StorageError as err:
-                if err.error_type == "not_found":
-                    return None
-                raise
+            except Missing:
+                return None
 
         if report:
             return self._attempt("read", operation, call, lambda data: len(data or b""))
         return call()
-
-    def list(self, prefix: str) -> list[str]:
-        return self.backend.list(prefix)
 
     def children(self, prefix: str = "") -> list[str]:
         """Names directly under ``prefix``, as a listing call (not reported: it moves no data)."""

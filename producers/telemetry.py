@@ -78,7 +78,6 @@ class Emitter:
         logs.set_context(job=job, instance=self.instance)  # on this process's JSON log lines
         self.seq = 0
         self.dropped = 0
-        self.delivered = 0
         self.delivered_at = self.lost_at = 0.0
         self.queue_limit = tcfg.buffer_max_events
         self._signing_key = signing.load_key(tcfg.signing_key_file)
@@ -168,7 +167,7 @@ class Emitter:
                 else:
                     self._drop(1, "buffer full")
                     self._settle(on_delivered, False)
-            except Exception as err:
+            except KafkaException as err:  # refused by the client (too large, ...): a loss, counted
                 self._drop(1, str(err))
                 self._settle(on_delivered, False)
         self._producer.poll(0)
@@ -212,7 +211,6 @@ class Emitter:
 
     def _on_delivery(self, err: KafkaError | None, msg) -> None:
         if err is None:
-            self.delivered += 1
             self.delivered_at = time.monotonic()
         else:
             self._drop(1, err.str())
@@ -283,20 +281,3 @@ class Emitter:
                             self._spool.pending, self._spool.path)
             self._spool.close()
         return self.dropped + remaining
-
-
-def run_reporting(worker, emitter: Emitter) -> int:
-    """Run a worker until done or signalled, then deliver its telemetry (bounded wait), saying what was lost.
-
-    SIGTERM and SIGINT ask the worker to stop at its next safe point (``worker.stop``).
-    """
-    import signal
-
-    signal.signal(signal.SIGTERM, worker.stop)
-    signal.signal(signal.SIGINT, worker.stop)
-    try:
-        return worker.run()
-    finally:
-        lost = emitter.close()
-        if lost:
-            log.warning("telemetry: %d events of this run were not delivered", lost)

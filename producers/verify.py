@@ -25,51 +25,40 @@ into ``kafka_backup_last_verified_timestamp_seconds`` and
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import TextIO
 
 from kafka_backup.producers import layout
-from kafka_backup.producers.backup import BackupFailed, BackupInterrupted, metadata_failure
-from kafka_backup.producers.storage import FileBackend, OpReport, Storage, StorageError
+from kafka_backup.producers.run import (
+    Job,
+    JobFailed,
+    JobInterrupted,
+    NullEmitter,
+    Outcome,
+    Reporter,
+    run_reporting,
+)
+from kafka_backup.producers.storage import Missing, OpReport, Storage, StorageError
 from kafka_backup.schemas import events as ev
-from kafka_backup.schemas.config import ConfigError, VerifyConfig
+from kafka_backup.schemas.config import VerifyConfig
 
 log = logging.getLogger("kafka_backup.verify")
 
 
-class VerifyFailed(BackupFailed):
+class VerifyFailed(JobFailed):
     """Bad segments or gaps found, or the run could not finish: exit status 1."""
 
 
-class VerifyInterrupted(VerifyFailed, BackupInterrupted):
+class VerifyInterrupted(VerifyFailed, JobInterrupted):
     """Stopped by SIGTERM/SIGINT: nothing is proven, status ``interrupted``."""
 
 
-class NullEmitter:
-    """Stands in for the telemetry emitter when no Kafka cluster was given: the run still verifies."""
+class VerifyWorker(Job):
+    failed = VerifyFailed
+    operation = "read"
 
-    instance = "local"
-
-    def emit(self, *_args, **_kwargs) -> None:
-        pass
-
-    def storage_op(self, *_args) -> None:
-        pass
-
-    def run_failure(self, err: StorageError, _operation: str) -> str:
-        return f"storage {err.error_type}: {err}"
-
-    def poll(self) -> None:
-        pass
-
-    def close(self, timeout: float = 30.0) -> int:
-        return 0
-
-
-class VerifyWorker:
-    def __init__(self, cfg: VerifyConfig, storage: Storage, emitter, out: TextIO | None = None) -> None:
+    def __init__(self, cfg: VerifyConfig, storage: Storage, emitter: Reporter, out: TextIO | None = None) -> None:
         self.cfg = cfg
         self.backup_id = cfg.backup_id
         self.storage = storage
@@ -79,6 +68,7 @@ class VerifyWorker:
         self.segments = self.records = self.bytes = self.unverified = self.partitions = 0
         self.bad: list[str] = []  # storage keys
         self.gaps: list[str] = []
+        self.complete = False  # every segment checked: the verdict stands
         storage.listener = self._on_storage_op
 
     def _on_storage_op(self, r: OpReport) -> None:
@@ -87,45 +77,31 @@ class VerifyWorker:
     def stop(self, *_args) -> None:
         self.stopping = True
 
-    def run(self) -> int:
-        started = time.monotonic()
+    def begin(self) -> None:
         self.emitter.emit(ev.JobStarted, backend=self.storage.name, backup_id=self.backup_id)
-        status, reason, complete = "failure", "", False
-        try:
-            manifest = self._manifest()
-            for topic, count in sorted(manifest.topics.items()):
-                for partition in range(count):
-                    self._partition(topic, partition)
-            complete = True
-            if self.bad or self.gaps:
-                reason = (f"backup {self.backup_id!r}: {len(self.bad)} bad segment(s), {len(self.gaps)} gap(s) "
-                          f"in {self.segments} segments (listed above)")
-                raise VerifyFailed(reason)
-            status = "success"
-            note = (f"; {self.unverified} written without a digest (layout 1): integrity not checkable"
-                    if self.unverified else "")
-            print(f"verified backup {self.backup_id}: {self.segments} segments in {self.partitions} partitions, "
-                  f"{self.records} records, {self.bytes} bytes: all intact, no gaps{note}", file=self.out)
-        except VerifyInterrupted as err:
-            status, reason = "interrupted", str(err)
-            raise
-        except (VerifyFailed, ConfigError) as err:
-            reason = str(err)
-            raise
-        except layout.MetadataError as err:
-            reason = metadata_failure(self.emitter, err)
-            raise VerifyFailed(reason) from None
-        except StorageError as err:
-            reason = self.emitter.run_failure(err, "read")
-            raise VerifyFailed(f"{reason}; {self.segments} segments checked before it") from None
-        finally:
-            if complete:
-                self._record_verdict()
-            self.emitter.emit(ev.SegmentsChecked, backup_id=self.backup_id, segments=self.segments,
-                              bad=len(self.bad), unverified=self.unverified, gaps=len(self.gaps), complete=complete)
-            self.emitter.emit(ev.JobEnded, status=status, duration_s=time.monotonic() - started,
-                              reason=reason[:500])
-        return 0
+
+    def work(self) -> None:
+        manifest = layout.read_manifest(self.storage, self.backup_id, "verify", self.cfg.storage)
+        for topic, count in sorted(manifest.topics.items()):
+            for partition in range(count):
+                self._partition(topic, partition)
+        self.complete = True
+        if self.bad or self.gaps:
+            raise VerifyFailed(f"backup {self.backup_id!r}: {len(self.bad)} bad segment(s), {len(self.gaps)} "
+                               f"gap(s) in {self.segments} segments (listed above)")
+        note = (f"; {self.unverified} written without a digest (layout 1): integrity not checkable"
+                if self.unverified else "")
+        print(f"verified backup {self.backup_id}: {self.segments} segments in {self.partitions} partitions, "
+              f"{self.records} records, {self.bytes} bytes: all intact, no gaps{note}", file=self.out)
+
+    def explain(self, reason: str) -> str:
+        return f"{reason}; {self.segments} segments checked before it"
+
+    def before_end(self, outcome: Outcome) -> None:
+        if self.complete:
+            self._record_verdict()
+        self.emitter.emit(ev.SegmentsChecked, backup_id=self.backup_id, segments=self.segments,
+                          bad=len(self.bad), unverified=self.unverified, gaps=len(self.gaps), complete=self.complete)
 
     def _record_verdict(self) -> None:
         """Beside the backup, for ``kafka-backup describe``; a storage that refuses it costs the verdict
@@ -137,30 +113,10 @@ class VerifyWorker:
         except StorageError as err:
             log.warning("could not record the verdict in %s: %s", layout.verification_key(self.backup_id), err)
 
-    def _manifest(self) -> layout.Manifest:
-        key = layout.manifest_key(self.backup_id)
-        try:
-            raw = self.storage.get(key, "manifest")
-        except StorageError as err:
-            if err.error_type != "not_found":
-                raise
-            backend = self.storage.backend
-            if isinstance(backend, FileBackend) and not os.path.isdir(backend.root):
-                raise ConfigError(f"verify.storage: {backend.root} does not exist; give the --storage the "
-                                  "backup wrote to") from None
-            raise ConfigError(f"verify.backup_id: no backup {self.backup_id!r} in {self.cfg.storage} (no {key}); "
-                              "check --backup-id and --storage") from None
-        return layout.decode_manifest(raw, key)
-
     def _partition(self, topic: str, partition: int) -> None:
-        key = layout.checkpoint_key(self.backup_id, topic, partition)
-        raw = self.storage.get_optional(key, "checkpoint", report=True)
-        if raw is None:
+        cp = layout.read_checkpoint(self.storage, self.backup_id, topic, partition, report=True)
+        if cp is None:
             return  # a partition that never had a record has no checkpoint
-        cp = layout.decode_checkpoint(raw, key)
-        if (cp.topic, cp.partition) != (topic, partition):
-            raise layout.MetadataError(key, f"belongs to {cp.topic}/{cp.partition}, not {topic}/{partition}",
-                                       "integrity")
         self.partitions += 1
         listed = layout.all_segments(cp, lambda k: self.storage.get(k, "index"), self.backup_id)
         where = f"{topic}/{partition}"
@@ -203,9 +159,7 @@ class VerifyWorker:
         try:
             data = self.storage.get(seg.key, "segment")
             records = layout.read_segment(data, seg, topic, partition)
-        except StorageError as err:
-            if err.error_type != "not_found":
-                raise  # storage trouble, not a verdict on the backup: the run fails, unfinished
+        except Missing:  # other storage trouble is no verdict on the backup: the run fails, unfinished
             self._bad(seg.key, "missing from storage", None)  # the storage listener reported it (storage_io)
             return
         except layout.SegmentDamaged as err:
@@ -226,8 +180,9 @@ class VerifyWorker:
 
 
 def run_verify(telemetry_bootstrap: str, cfg: VerifyConfig, tcfg, storage: Storage, out: TextIO | None = None) -> int:
-    from kafka_backup.producers.telemetry import Emitter, run_reporting
+    from kafka_backup.producers.telemetry import Emitter
 
+    emitter: Reporter
     if telemetry_bootstrap:
         emitter = Emitter(telemetry_bootstrap, tcfg, "verify", cfg.backup_id)
     else:

@@ -13,7 +13,8 @@ choice is weak we keep its metric and add a better one next to it, flagged
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, ParamSpec
 
 import msgspec
 
@@ -62,10 +63,21 @@ class Metric(msgspec.Struct, frozen=True):
 CATALOGUE: list[Metric] = []
 
 
-def _m(*args, **kwargs) -> Metric:
-    metric = Metric(*args, **kwargs)
-    CATALOGUE.append(metric)
-    return metric
+_P = ParamSpec("_P")
+
+
+def _registered(make: Callable[_P, Metric]) -> Callable[_P, Metric]:
+    """``make`` (Metric's own signature, checked) that also appends what it makes to the catalogue."""
+
+    def register(*args: _P.args, **kwargs: _P.kwargs) -> Metric:
+        metric = make(*args, **kwargs)
+        CATALOGUE.append(metric)
+        return metric
+
+    return register
+
+
+_m = _registered(Metric)
 
 
 # 1. Consumer lag
@@ -273,6 +285,12 @@ TELEMETRY_INVALID = _m(
     note="Skipped events never change other aggregates; this counter makes them visible. Reason `expired`: "
          "telemetry records deleted by the topic's retention before the aggregator read them (it was down "
          "for longer than the retention).")
+TELEMETRY_FOLD_FAILURES = _m(
+    "kafka_backup_telemetry_fold_failures_total", "counter", "events",
+    "Telemetry records the aggregator skipped because folding them raised an unexpected error, by exception type",
+    ("exception",), section=S6, extension=True,
+    note="A bug in the aggregator, not a bad record: the record's job misses it (sent to the dead-letter topic "
+         "when one is set). The first of each kind is logged with its traceback; please report it.")
 
 # 7. Restore
 S7 = "7. Restore"
@@ -351,6 +369,18 @@ EXPORTER_STATE_AGE = _m(
     note="Not the age of the newest state record: a fleet at rest writes no state for hours, which is not "
          "staleness. This grows when the telemetry cluster is unreachable or the exporter falls behind; "
          "/-/ready answers 503 above metrics.ready_max_state_age_s, and KafkaBackupExporterStateStale fires.")
+EXPORTER_UNDECODABLE_STATE = _m(
+    "kafka_backup_exporter_undecodable_state_values_total", "counter", "values",
+    "State topic records the exporter could not read, by reason: newer_version (written by a newer aggregator: "
+    "upgrade the exporter), malformed (not a state value), no_key",
+    ("reason",), section=S9, extension=True,
+    note="The job keeps the last value the exporter could read; each reason is logged once with the key.")
+EXPORTER_FAILED_BUILDS = _m(
+    "kafka_backup_exporter_failed_builds_total", "counter", "scrapes",
+    "Scrapes in which building a metric family failed with an unexpected error (the family was served empty)",
+    ("metric",), section=S9, extension=True,
+    note="A bug in the exporter, or a state value it did not expect: the first of each kind is logged with "
+         "its traceback; please report it.")
 BUILD_INFO = _m(
     "kafka_backup_build_info", "gauge", "",
     "Always 1: the exporter's version and the versions of Python, Faust and confluent-kafka it runs with "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
@@ -171,6 +171,9 @@ class OffsetResetConfig(_Section):
 class AggregatorConfig(_Section):
     app_id: str = topics.AGGREGATOR_APP_ID
     instance_id: str = ""  # static group member id; defaults to app_id@hostname
+    # Faust's data directory (table metadata; the tables themselves live in memory and on the state
+    # topic). Empty: Faust's default, "<app_id>-data" in the working directory (or $APP_DATADIR).
+    data_dir: str = ""
     throughput_window_s: Positive = 60
     dead_letter_topic: str = ""  # skipped telemetry records are copied here when set
     recovery_stall_s: Positive = 30  # table recovery without progress this long: the worker restarts itself
@@ -460,7 +463,9 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
             for key in keys if isinstance(keys, dict) else ():
                 origins[f"{section}.{key}"] = f"--config {path}"
     env = environment(os.environ if environ is None else environ)
-    for layer, label in ((env, lambda k: f"environment {env_for(k)}"), (overrides or {}, lambda k: flag_for(k))):
+    layers: tuple[tuple[Mapping[str, Any], Callable[[str], str]], ...] = (
+        (env, lambda k: f"environment {env_for(k)}"), (overrides or {}, flag_for))
+    for layer, label in layers:
         for dotted, value in layer.items():
             section, key = dotted.split(".", 1)
             target = raw.setdefault(section, {})

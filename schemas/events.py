@@ -23,7 +23,7 @@ new event types get new tags; a reader skips unknown tags and counts them.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 
@@ -269,10 +269,10 @@ AnyEvent = (
     | SegmentsChecked
 )
 
-EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]
+EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(AnyEvent)
+_decoder: msgspec.msgpack.Decoder[AnyEvent] = msgspec.msgpack.Decoder(AnyEvent)
 
 
 def encode(event: Event) -> bytes:
@@ -388,8 +388,8 @@ def render_markdown() -> str:
             f"`{f.name}: {_type_name(f.type)}`" + ("" if f.required else " (optional)") for f in own) or "none"), ""]
     nested = [PartitionProgress, TopicConsumed, TopicPartitionOffset]
     out += ["## Nested structs (encoded as arrays)", ""]
-    for cls in nested:
-        out += [f"- `{cls.__name__}`: [{fields(cls)}]"]
+    for struct in nested:
+        out += [f"- `{struct.__name__}`: [{fields(struct)}]"]
     out.append("")
     return "\n".join(out)
 

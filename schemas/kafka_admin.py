@@ -45,8 +45,8 @@ class Security(msgspec.Struct, frozen=True):
     def tls(self) -> bool:
         return self.effective_protocol.endswith("SSL")
 
-    def librdkafka(self) -> dict[str, str]:
-        conf = {"security.protocol": self.protocol.lower()}
+    def librdkafka(self) -> dict[str, object]:
+        conf: dict[str, object] = {"security.protocol": self.protocol.lower()}
         if self.sasl:
             conf |= {"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.sasl_username,
                      "sasl.password": self.sasl_password}
@@ -141,9 +141,12 @@ def security_for(bootstrap_servers: str) -> Security:
     return _REGISTRY.get(bootstrap_servers, Security())
 
 
-def client_config(bootstrap_servers: str, **extra: object) -> dict[str, object]:
+def client_config(bootstrap_servers: str, **extra: object) -> dict[str, Any]:
     """Settings of every confluent-kafka client: the cluster's registered settings, its raw
-    properties, then the caller's own (which the code needs: group.id, idempotence, ...)."""
+    properties, then the caller's own (which the code needs: group.id, idempotence, ...).
+
+    Values are Any: librdkafka takes objects too (the ``logger``, callbacks), which AdminClient's
+    annotation (str, int, float or bool) does not admit although it accepts them."""
     return {"bootstrap.servers": bootstrap_servers, **security_for(bootstrap_servers).librdkafka(),
             "logger": LIBRDKAFKA_LOGGER, **extra}
 

@@ -37,14 +37,15 @@ class ContextFilter(logging.Filter):
         return True
 
 
-def _json_formatter():
+def _json_formatter() -> logging.Formatter:
     from pythonjsonlogger.json import JsonFormatter
 
     class Formatter(JsonFormatter):
-        def formatTime(self, record, datefmt=None):  # noqa: N802 (logging's name)
+        def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
             return dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
 
-        def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord, message_dict) -> None:
+        def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord,
+                       message_dict: dict[str, Any]) -> None:
             super().add_fields(log_record, record, message_dict)
             for key in _context:
                 log_record.setdefault(key, getattr(record, key, _context[key]))
@@ -73,3 +74,38 @@ def configure(level: str, fmt: str) -> dict[str, Any]:
     logging.config.dictConfig(copy.deepcopy(config))  # dictConfig consumes what it is given
     logging.captureWarnings(True)
     return config
+
+
+class FirstOfEach:
+    """Log an unexpected exception's traceback the first time each distinct error is seen.
+
+    An error is its type and where it was raised (the innermost frame's file and line), not its
+    message, which often holds per-record data: a bug hit by every record of a flood logs one
+    traceback, and the caller counts every occurrence in a metric. At most ``limit`` distinct
+    errors are remembered; past that each is logged once more after the memory is cleared.
+    """
+
+    def __init__(self, logger: logging.Logger, limit: int = 1000) -> None:
+        self._log = logger
+        self._limit = limit
+        self._seen: set[tuple[str, str, str, int]] = set()
+
+    @staticmethod
+    def key(err: BaseException, about: str = "") -> tuple[str, str, str, int]:
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else ("", 0)
+        return (about, type(err).__qualname__, *where)
+
+    def exception(self, err: BaseException, msg: str, *args: object, about: str = "") -> bool:
+        """Log ``msg`` with ``err``'s traceback if this error (of ``about``) is new; True when logged."""
+        key = self.key(err, about)
+        if key in self._seen:
+            return False
+        if len(self._seen) >= self._limit:
+            self._seen.clear()
+        self._seen.add(key)
+        self._log.error(msg + " (the first of its kind: later ones are counted, not logged)", *args,
+                        exc_info=(type(err), err, err.__traceback__))
+        return True

@@ -19,6 +19,10 @@ from kafka_backup.schemas.config import ConfigError
 HEADER = "kafka-backup-sig"
 MIN_KEY_BYTES = 16
 
+# A record's headers as the clients hand them over: (name, value) pairs (confluent-kafka, recorded
+# logs) or a mapping (Faust); a name may arrive as bytes, a value may be None.
+Headers = Iterable[tuple[str | bytes, bytes | None]] | Mapping[str, bytes | None] | Mapping[bytes, bytes | None]
+
 
 def load_key(path: str) -> bytes | None:
     """The key in ``path`` (its bytes, without a trailing newline); None when no path is configured."""
@@ -48,7 +52,7 @@ def headers(key: bytes | None, record_key: bytes | None, value: bytes | None) ->
     return None if key is None else [(HEADER, sign(key, record_key, value))]
 
 
-def signature_of(record_headers: Iterable[tuple[str, bytes]] | Mapping | None) -> bytes | None:
+def signature_of(record_headers: Headers | None) -> bytes | None:
     if not record_headers:
         return None
     items = record_headers.items() if isinstance(record_headers, Mapping) else record_headers
@@ -59,7 +63,7 @@ def signature_of(record_headers: Iterable[tuple[str, bytes]] | Mapping | None) -
 
 
 def verified(key: bytes | None, record_key: bytes | None, value: bytes | None,
-             record_headers: Iterable[tuple[str, bytes]] | Mapping | None) -> bool:
+             record_headers: Headers | None) -> bool:
     """True without a key (signing off), else only for a record signed with that key."""
     if key is None:
         return True

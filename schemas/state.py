@@ -11,14 +11,18 @@ The dedup high-water marks (``seen``) and the per-partition coverage
 they guard, so one changelog record always carries both: after a crash the
 restored table can never hold a counter that includes an event while its
 high-water mark does not (or the reverse).
+
+Every value is a typed Struct (docs/architecture.md, "State values"). Small records
+(a pair of counts, a dedup mark, a hole) are ``array_like`` Structs: msgpack encodes them
+as the same arrays the ``list[int]`` pairs of earlier versions were, so values already on
+a state topic decode unchanged, and older readers read what this version writes.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-STATE_VERSION = 1
-FETCHES_TOPIC = ""  # RateSample.topic of samples that count polls (backups) or produced records (restores)
+STATE_VERSION = 1  # the newest JobState layout this code reads and writes (JobState.v)
 SIZE_WINDOW_MINUTES = 60  # average record size for lag_bytes: the PRD's rolling hour
 MAX_HOLES = 64  # per partition; a hole older than the last 64 is forgotten (a late report of it is not counted)
 
@@ -71,6 +75,13 @@ class SizeSample(msgspec.Struct, array_like=True):
     bytes: int
 
 
+class Hole(msgspec.Struct, array_like=True):
+    """Offsets ``[start, end)`` of a partition that no report has covered yet."""
+
+    start: int
+    end: int
+
+
 class PartitionState(msgspec.Struct, omit_defaults=True):
     topic: str
     partition: int
@@ -79,7 +90,7 @@ class PartitionState(msgspec.Struct, omit_defaults=True):
     newest_stored_ts: int | None = None
     newest_available_ts: int | None = None
     stored_next_offset: int = 0  # coverage: offsets below this are counted in records_total...
-    stored_holes: list[tuple[int, int]] = []  # ...except these [start, end) ranges, reported by no one yet
+    stored_holes: list[Hole] = []  # ...except these ranges, reported by no one yet
     records: int = 0
     bytes: int = 0
     last_commit_ts: float | None = None
@@ -103,18 +114,18 @@ class PartitionState(msgspec.Struct, omit_defaults=True):
             return True
         if covers_from >= frontier:
             if covers_from > frontier:
-                self.stored_holes = [*self.stored_holes, (frontier, covers_from)][-MAX_HOLES:]
+                self.stored_holes = [*self.stored_holes, Hole(frontier, covers_from)][-MAX_HOLES:]
             self.stored_next_offset = end_offset
             return True
         kept = []  # the holes minus [covers_from, end_offset)
-        for a, b in self.stored_holes:
-            if b <= covers_from or a >= end_offset:
-                kept.append((a, b))
+        for h in self.stored_holes:
+            if h.end <= covers_from or h.start >= end_offset:
+                kept.append(h)
                 continue
-            if a < covers_from:
-                kept.append((a, covers_from))
-            if b > end_offset:
-                kept.append((end_offset, b))
+            if h.start < covers_from:
+                kept.append(Hole(h.start, covers_from))
+            if h.end > end_offset:
+                kept.append(Hole(end_offset, h.end))
         if kept == self.stored_holes and end_offset <= frontier:
             return False  # no hole touched, nothing past the frontier: all of it was counted
         self.stored_holes = kept
@@ -146,13 +157,58 @@ class StorageErrors(msgspec.Struct, array_like=True):
 
 
 class RateSample(msgspec.Struct, array_like=True):
-    """What was consumed in one second (epoch second) of event time."""
+    """What was consumed from one topic in one second (epoch second) of event time."""
 
     second: int
     topic: str
     records: int
     bytes: int
+    # Always 0: polls are the job's, not a topic's (``JobRate.fetches``). Kept as the fifth element
+    # so a sample encodes as before, and so the job-level samples of older values can be read
+    # (see ``_upgrade_legacy``).
+    legacy_fetches: int = 0
+
+
+class JobRate(msgspec.Struct, array_like=True):
+    """The job's own counts in one second (epoch second) of event time, whatever the topic.
+
+    A backup's ``fetches`` (consumer polls); a restore's ``records`` and ``bytes`` acknowledged
+    by the target cluster.
+    """
+
+    second: int
+    records: int = 0
+    bytes: int = 0
     fetches: int = 0
+
+
+class Consumed(msgspec.Struct, array_like=True):
+    """Records and bytes consumed from one topic, all runs."""
+
+    records: int = 0
+    bytes: int = 0
+
+
+class Compressed(msgspec.Struct, array_like=True):
+    """Segment bytes of one compression algorithm: stored (after compression) and before it."""
+
+    compressed: int = 0
+    uncompressed: int = 0
+
+
+class Seen(msgspec.Struct, array_like=True):
+    """An instance's dedup mark: the highest ``seq`` folded in, and the time of its last event."""
+
+    seq: int | float  # int; a float only as read from a value an older aggregator re-encoded (__post_init__)
+    ts: float
+
+    def __post_init__(self) -> None:
+        # Older aggregators kept the mark in a ``list[float]``: once decoded and encoded again the
+        # seq is a msgpack float (5.0). Taken back as the integer it always was; a fraction is no seq.
+        if isinstance(self.seq, float):
+            if not self.seq.is_integer():
+                raise ValueError(f"dedup mark seq {self.seq} is not an integer")
+            self.seq = int(self.seq)
 
 
 STATUS_SAMPLES = 10  # Burrow-style window: the last 10 progress samples...
@@ -170,7 +226,10 @@ class StatusSample(msgspec.Struct, array_like=True):
 class JobState(msgspec.Struct, omit_defaults=True):
     kind: str
     job: str
-    v: int = STATE_VERSION
+    # The layout version of this value. The default is the version of values written before ``v``
+    # was ever put on the wire (omit_defaults leaves a default out), so it must stay 1 for good:
+    # a later writer's ``v`` differs from it and is therefore always written, and read back.
+    v: int = 1
     backup_id: str = ""
     status: str = "running"  # running | success | failure | interrupted
     mode: str = ""
@@ -184,9 +243,10 @@ class JobState(msgspec.Struct, omit_defaults=True):
     records: int = 0
     bytes: int = 0
     fetches: int = 0
-    consumed: dict[str, list[int]] = {}  # topic -> [records, bytes]
+    consumed: dict[str, Consumed] = {}  # topic
     partitions: dict[str, PartitionState] = {}  # "topic/partition"
-    rates: list[RateSample] = []
+    rates: list[RateSample] = []  # per topic and second, the throughput window
+    job_rates: list[JobRate] = []  # per second, the throughput window
     durations: dict[str, Histogram] = {}  # status
     storage_calls: list[StorageCalls] = []
     storage_failures: list[StorageErrors] = []
@@ -195,7 +255,7 @@ class JobState(msgspec.Struct, omit_defaults=True):
     storage_latency: dict[str, Histogram] = {}  # "direction|backend|operation"
     storage_bytes: dict[str, int] = {}  # "direction|backend", frozen
     storage_errors: dict[str, int] = {}  # "backend|error_type", frozen
-    compression: dict[str, list[int]] = {}  # algorithm -> [compressed, uncompressed]
+    compression: dict[str, Compressed] = {}  # algorithm
     errors: dict[str, int] = {}  # error_type -> count, transient and permanent
     permanent_errors: dict[str, int] = {}  # error_type -> count of those a retry cannot fix
     retries: dict[str, int] = {}
@@ -204,7 +264,7 @@ class JobState(msgspec.Struct, omit_defaults=True):
     total_records: int | None = None  # restore: records in scope
     restored_total: int = 0  # restore: cumulative, including resumed runs
     dropped: dict[str, int] = {}  # instance -> cumulative dropped events
-    seen: dict[str, list[float]] = {}  # instance -> [highest seq, last event ts]
+    seen: dict[str, Seen] = {}  # instance
     checked_segments: int = 0  # verify/restore: segments read and checked, all runs
     unverified_segments: int = 0  # verify/restore: of those, without a digest (layout 1)
     verified_ts: float | None = None  # verify: event time of the last run that checked every segment
@@ -243,10 +303,11 @@ def _split_keys(joined: dict[str, int]) -> list[tuple[str, str, int]]:
 
 
 class PipelineState(msgspec.Struct, omit_defaults=True):
-    """Aggregator-side counts for one telemetry partition: events it had to skip, by reason."""
+    """Aggregator-side counts for one telemetry partition: events it had to skip."""
 
     partition: int
-    invalid: dict[str, int] = {}
+    invalid: dict[str, int] = {}  # reason -> records refused (the record's fault)
+    failures: dict[str, int] = {}  # exception type -> records whose fold raised (the aggregator's fault)
 
 
 PIPELINE_PREFIX = "pipeline:"
@@ -257,17 +318,65 @@ def pipeline_key(partition: int) -> str:
     return f"{PIPELINE_PREFIX}{partition}"
 
 
+class NewerStateError(ValueError):
+    """A state value written by a newer aggregator than this code: reading it would lose what it added."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"state layout version {version}, newer than this code reads ({STATE_VERSION})")
+        self.version = version
+
+
+class _Version(msgspec.Struct):
+    v: int = 1
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(JobState)
+_version_decoder = msgspec.msgpack.Decoder(_Version)
 _pipeline_decoder = msgspec.msgpack.Decoder(PipelineState)
 
 
-def encode_state(state: JobState) -> bytes:
+def encode_state(state: JobState | PipelineState) -> bytes:
     return _encoder.encode(state)
 
 
 def decode_state(data: bytes) -> JobState:
-    return _decoder.decode(data)
+    """A JobState; ``NewerStateError`` for a newer writer's value, ``msgspec.DecodeError`` for a bad one."""
+    try:
+        state = _decoder.decode(data)
+    except msgspec.ValidationError:
+        _refuse_newer(data)  # a newer layout may have changed a field's type: say so, not "invalid"
+        raise
+    if state.v > STATE_VERSION:
+        raise NewerStateError(state.v)
+    _upgrade_legacy(state)
+    return state
+
+
+def _refuse_newer(data: bytes) -> None:
+    try:
+        version = _version_decoder.decode(data).v
+    except msgspec.DecodeError:
+        return
+    if version > STATE_VERSION:
+        raise NewerStateError(version)
+
+
+# ---- legacy: values written by aggregators before issue 13 ----------------------------------
+# They kept a job's own per-second counts (a backup's fetches, a restore's acknowledged records
+# and bytes) in ``rates`` under the topic "" (no Kafka topic has that name). Moved to ``job_rates``
+# when read, so nothing else sees the old shape; such samples leave the window within
+# ``aggregator.throughput_window_s`` of the upgrade, after which this never finds any.
+LEGACY_JOB_RATE_TOPIC = ""
+
+
+def _upgrade_legacy(state: JobState) -> None:
+    if not any(r.topic == LEGACY_JOB_RATE_TOPIC for r in state.rates):
+        return
+    legacy = [JobRate(r.second, r.records, r.bytes, r.legacy_fetches)
+              for r in state.rates if r.topic == LEGACY_JOB_RATE_TOPIC]
+    state.job_rates = sorted([*state.job_rates, *legacy], key=lambda r: r.second)
+    state.rates = [r for r in state.rates if r.topic != LEGACY_JOB_RATE_TOPIC]
 
 
 def decode_pipeline(data: bytes) -> PipelineState:

@@ -23,11 +23,15 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import faust
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from faust.exceptions import PartitionsMismatch
+from faust.types import TP
+from faust.types.auth import CredentialsT
 
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas import logs, signing
@@ -40,6 +44,7 @@ from kafka_backup.schemas.kafka_admin import (
     serve_logs,
 )
 from kafka_backup.schemas.state import (
+    NewerStateError,
     PipelineState,
     decode_pipeline,
     encode_state,
@@ -67,6 +72,9 @@ def member_id(cfg: Config) -> str:
 def create_app(cfg: Config) -> faust.App:
     bootstrap = cfg.kafka.bootstrap_servers
     instance = member_id(cfg)
+    datadir: dict[str, Any] = {}
+    if cfg.aggregator.data_dir:  # beats Faust's own APP_DATADIR (Faust lets the environment win over kwargs)
+        datadir = {"datadir": cfg.aggregator.data_dir, "env": {**os.environ, "APP_DATADIR": cfg.aggregator.data_dir}}
     app = faust.App(
         cfg.aggregator.app_id,
         broker_credentials=faust_credentials(security_for(bootstrap)),
@@ -79,6 +87,7 @@ def create_app(cfg: Config) -> faust.App:
         table_standby_replicas=0,
         producer_linger=0.05,
         stream_wait_empty=False,
+        **datadir,
     )
     settings = fold.Settings.of(cfg.aggregator)
     topic = app.topic(cfg.telemetry.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
@@ -90,7 +99,7 @@ def create_app(cfg: Config) -> faust.App:
     table = app.Table(STATE_TABLE, default=None, key_type=bytes, value_type=bytes,
                       partitions=cfg.telemetry.partitions)
     barrier = ChangelogBarrier()
-    table.send_changelog = barrier.track(table.send_changelog)
+    barrier.guard_changelog(table)
     barrier.guard_flush(app.producer, on_failure=lambda err: restart_in_place(f"{err}"))
     offsets = GroupOffsets(bootstrap, cfg.aggregator.app_id, cfg.telemetry.topic)
     guard = OffsetGuard(cfg.telemetry.topic, offsets.start)
@@ -99,25 +108,37 @@ def create_app(cfg: Config) -> faust.App:
     flush_every_s = cfg.aggregator.flush_interval_ms / 1000
     next_flush = [time.monotonic() + flush_every_s]
 
-    @app.on_partitions_revoked.connect
-    async def forget_revoked(app, revoked, **kwargs) -> None:
+    # Faust's signal type wants receivers of (sender, *args, signal=...); it calls this one with
+    # (app, revoked, signal=...), which **kwargs takes
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def forget_revoked(app: faust.App, revoked: set[TP], **kwargs: Any) -> None:
         partitions = {tp.partition for tp in revoked if tp.topic == cfg.telemetry.topic}
         guard.forget(partitions)
         work.forget(partitions)  # unflushed, uncommitted: the next owner reads those events again
         for p in partitions:
             skips.take(p)
+            failures.take(p)
 
     async def dead_letter(key: bytes | None, value: bytes | None, reason: str) -> None:
         if dead_letters is not None:
             await dead_letters.send(key=key, value=value, headers={"kafka-backup-reason": reason.encode()})
 
     skips = SkipCounts()
+    failures = SkipCounts()  # records whose fold raised (a bug), by exception type: not a record's fault
+    first_of_each = logs.FirstOfEach(log)
 
     def skip(partition: int, offset: int, reason: str, detail: object, n: int = 1) -> None:
         """Count a skipped record in memory; :func:`flush_partition` writes the counts in one table write."""
         skips.add(partition, reason, n)
         guard.hold(partition, offset)  # no commit past it before its count is in the table
         skips.log(partition, reason, detail)
+
+    def failed(partition: int, offset: int, err: Exception) -> None:
+        """Count a record whose fold raised; its traceback is logged the first time this error is seen."""
+        failures.add(partition, type(err).__qualname__, 1)
+        guard.hold(partition, offset)
+        first_of_each.exception(err, "telemetry partition %d offset %d: unexpected failure folding a record",
+                                partition, offset)
 
     def flush_partition(partition: int) -> None:
         """Write the partition's changed job states and skip counts to the table, then let its commit pass.
@@ -126,19 +147,21 @@ def create_app(cfg: Config) -> faust.App:
         """
         for key, value in work.flush(partition):
             write_outside_event(table, partition, key, value)
-        pending = skips.take(partition)
-        if pending:
+        pending, failed_now = skips.take(partition), failures.take(partition)
+        if pending or failed_now:
             key = pipeline_key(partition).encode()
             raw = table.get(key)
             state = decode_pipeline(raw) if raw else PipelineState(partition=partition)
             for reason, n in pending.items():
                 state.invalid[reason] = state.invalid.get(reason, 0) + n
+            for exception, n in failed_now.items():
+                state.failures[exception] = state.failures.get(exception, 0) + n
             write_outside_event(table, partition, key, encode_state(state))
         guard.release(partition)
 
     def flush_all() -> None:
         next_flush[0] = time.monotonic() + flush_every_s
-        for partition in {*work.dirty_partitions(), *skips.pending()}:
+        for partition in {*work.dirty_partitions(), *skips.pending(), *failures.pending()}:
             flush_partition(partition)
 
     @app.timer(min(flush_every_s, SkipCounts.MAX_AGE_S))
@@ -146,18 +169,19 @@ def create_app(cfg: Config) -> faust.App:
         """Events followed by silence: no later event would flush them."""
         if time.monotonic() >= next_flush[0]:
             flush_all()
-        for partition in skips.stale():
+        for partition in {*skips.stale(), *failures.stale()}:
             flush_partition(partition)
 
     signing_key = signing.load_key(cfg.telemetry.signing_key_file)
 
     def handle(key: bytes | None, value: bytes | None, partition: int, offset: int,
-               record_ts: float | None, headers: object = None) -> str | None:
+               record_ts: float | None, headers: signing.Headers | None = None) -> str | None:
         """Fold one record; return the reason when it had to be skipped."""
         try:
             if not signing.verified(signing_key, key, value, headers):
                 raise ev.InvalidEvent("bad_signature", "missing or wrong kafka-backup-sig header")
             event = ev.decode(value)
+            assert value is not None  # decode refused None (and b"") as malformed
             fold.check(event, record_ts, time.time(), settings)
             if key is None or key.decode("utf-8", "replace") != ev.event_key(event.kind, event.job):
                 raise ev.InvalidEvent("bad_key", repr(key))
@@ -176,7 +200,7 @@ def create_app(cfg: Config) -> faust.App:
     verified = [False]
 
     @app.agent(topic, concurrency=1)
-    async def aggregate(stream):
+    async def aggregate(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             msg = event.message
             if msg.partition not in guard.next:  # where folding starts, asked off the event loop
@@ -206,16 +230,20 @@ def create_app(cfg: Config) -> faust.App:
             ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
             try:
                 reason = handle(event.key, event.value, msg.partition, msg.offset, ts, event.headers)
-            except Exception as err:  # never let one record kill the agent (Faust would skip it)
-                reason = "internal_error"
-                log.exception("telemetry partition %d offset %d: unexpected failure", msg.partition, msg.offset)
-                skip(msg.partition, msg.offset, reason, repr(err))
+            except NewerStateError as err:  # folding into it would drop what the newer aggregator added
+                job = escaped(event.key.decode("utf-8", "replace") if event.key else "")
+                exit_now(f"the stored state of {job} has {err}: a newer aggregator wrote it; upgrade this aggregator")
+                return
+            except Exception as err:  # a bug, not a bad record: never let one record kill the agent
+                reason = "internal_error"  # the dead letter's header; counted by exception type, not as invalid
+                failed(msg.partition, msg.offset, err)
             if reason is not None:
                 await dead_letter(event.key, event.value, reason)
             guard.folded(msg.partition, msg.offset)
             if time.monotonic() >= next_flush[0]:
                 flush_all()
-            elif skips.due(msg.partition, after_good=False):  # a flood of bad records: its counts in batches
+            elif skips.due(msg.partition, after_good=False) or failures.due(msg.partition, after_good=False):
+                # a flood of bad records: its counts in batches
                 flush_partition(msg.partition)
 
     return app
@@ -366,7 +394,7 @@ OIDC_MAPPED = frozenset({  # streams/oidc.py: OAUTHBEARER with the OIDC method
 })
 
 
-def faust_credentials(sec: Security):
+def faust_credentials(sec: Security) -> CredentialsT | None:
     """The same cluster settings, in aiokafka's terms (Faust does not use librdkafka).
 
     Computed from the librdkafka settings in effect, raw ``kafka.properties`` included, so the
@@ -376,6 +404,12 @@ def faust_credentials(sec: Security):
 
     conf = sec.librdkafka()
     props = dict(sec.properties)
+
+    def setting(name: str) -> str | None:
+        """A librdkafka setting in effect, as text (librdkafka reads every value as text); None if unset or empty."""
+        value = conf.get(name)
+        return str(value) if value else None
+
     mechanism = str(conf.get("sasl.mechanism") or conf.get("sasl.mechanisms") or sec.sasl_mechanism).upper()
     oauth = sec.sasl and mechanism == "OAUTHBEARER"
     if oauth and str(conf.get("sasl.oauthbearer.method", "default")).lower() != "oidc":
@@ -393,10 +427,10 @@ def faust_credentials(sec: Security):
         log.info("%s: %s applies to librdkafka clients only, not to Faust's aiokafka", sec.properties_key, name)
     context = None
     if sec.tls:
-        context = ssl.create_default_context(cafile=conf.get("ssl.ca.location") or None)
-        if conf.get("ssl.certificate.location"):
-            context.load_cert_chain(conf["ssl.certificate.location"], conf.get("ssl.key.location") or None,
-                                    conf.get("ssl.key.password") or None)
+        context = ssl.create_default_context(cafile=setting("ssl.ca.location"))
+        certificate = setting("ssl.certificate.location")
+        if certificate:
+            context.load_cert_chain(certificate, setting("ssl.key.location"), setting("ssl.key.password"))
         if str(conf.get("ssl.endpoint.identification.algorithm", "https")).lower() == "none":
             context.check_hostname = False
     if oauth:
@@ -410,7 +444,7 @@ def faust_credentials(sec: Security):
         return faust.OAuthCredentials(oauth_cb=provider, ssl_context=context)
     if sec.sasl and mechanism == "GSSAPI":
         return faust.GSSAPICredentials(kerberos_service_name=str(conf.get("sasl.kerberos.service.name", "kafka")),
-                                       kerberos_domain_name=conf.get("sasl.kerberos.domain.name") or None,
+                                       kerberos_domain_name=setting("sasl.kerberos.domain.name"),
                                        ssl_context=context)
     if sec.sasl:
         return faust.SASLCredentials(username=str(conf.get("sasl.username", "")),
@@ -428,7 +462,7 @@ def restart_in_place(why: str) -> None:
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
-def recovery_watchdog(app: faust.App, stall_s: float, restart=restart_in_place,
+def recovery_watchdog(app: faust.App, stall_s: float, restart: Callable[[str], None] = restart_in_place,
                       interval_s: float = 1.0) -> threading.Thread:
     """Restart this worker in place when table recovery stops making progress.
 
@@ -441,12 +475,14 @@ def recovery_watchdog(app: faust.App, stall_s: float, restart=restart_in_place,
     """
 
     def watch() -> None:
-        last, since = None, None
+        last: int | None = None  # recovered offsets when last seen moving...
+        since = 0.0  # ...at this time
         while True:
             time.sleep(interval_s)
-            recovery = app.tables.recovery if app.tables else None
+            # faust's TableManagerT leaves out the TableManager's recovery
+            recovery = app.tables.recovery if app.tables else None  # type: ignore[attr-defined]
             if recovery is None or not getattr(app, "in_recovery", False):
-                last, since = None, None
+                last = None
                 continue
             now_offsets = sum(recovery.active_offsets.values()) + sum(recovery.standby_offsets.values())
             if now_offsets != last:
@@ -460,7 +496,7 @@ def recovery_watchdog(app: faust.App, stall_s: float, restart=restart_in_place,
     return thread
 
 
-def run(cfg: Config, logging_config: dict | None = None) -> None:
+def run(cfg: Config, logging_config: dict[str, Any] | None = None) -> None:
     """Run the aggregator in the foreground until SIGINT/SIGTERM (graceful LeaveGroup on exit).
 
     ``logging_config`` (schemas.logs.dict_config) is the process's: mode's worker clears the root

@@ -69,10 +69,16 @@ class AuditReport(msgspec.Struct):
     backups: list[BackupReport]
 
 
+def iso_at(ts: float) -> str:
+    """An event's time (finite: events outside 1970..2100 are refused when decoded)."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def iso(ts: float | None) -> str | None:
+    """A bound or a time that may be unknown (None) or open (infinite): None for both."""
     if ts is None or ts in (float("inf"), float("-inf")):
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_at(ts)
 
 
 def _runs(events: list[ev.AnyEvent], start: float, end: float) -> list[Run]:
@@ -84,11 +90,11 @@ def _runs(events: list[ev.AnyEvent], start: float, end: float) -> list[Run]:
         elif isinstance(e, ev.JobEnded):
             s = started.pop(e.instance, None)
             if start <= e.ts < end or (s is not None and start <= s.ts < end):
-                runs.append(Run(e.instance, iso(s.ts if s else e.ts - e.duration_s), iso(e.ts),
+                runs.append(Run(e.instance, iso_at(s.ts if s else e.ts - e.duration_s), iso_at(e.ts),
                                 round(e.duration_s, 3), e.status, s.mode if s else ""))
     for s in started.values():
         if start <= s.ts < end:
-            runs.append(Run(s.instance, iso(s.ts), None, None, "running", s.mode))
+            runs.append(Run(s.instance, iso_at(s.ts), None, None, "running", s.mode))
     return sorted(runs, key=lambda r: (r.started, r.instance))
 
 
@@ -145,8 +151,8 @@ def _backup(job: str, events: list[ev.AnyEvent], replayed: Replay, start: float,
     for tp in sorted(ranges):
         merged = _merge(ranges[tp])
         gaps = [(a[1], b[0]) for a, b in zip(merged, merged[1:], strict=False)]
-        p = period.get(tp, [0, 0])
-        partitions.append(PartitionCoverage(tp[0], tp[1], merged[0][0], merged[-1][1], merged, gaps, p[0], p[1]))
+        records, nbytes = period.get(tp, [0, 0])
+        partitions.append(PartitionCoverage(tp[0], tp[1], merged[0][0], merged[-1][1], merged, gaps, records, nbytes))
     state = replayed.jobs.get(ev.event_key("backup", job))
     restores = []
     for key, rstate in sorted(replayed.jobs.items()):

@@ -19,14 +19,18 @@ from __future__ import annotations
 from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.state import (
-    FETCHES_TOPIC,
     SIZE_WINDOW_MINUTES,
+    STATE_VERSION,
     STATUS_SAMPLE_EVERY_S,
     STATUS_SAMPLES,
+    Compressed,
+    Consumed,
     Histogram,
+    JobRate,
     JobState,
     PartitionState,
     RateSample,
+    Seen,
     SizeSample,
     StatusSample,
     StorageCalls,
@@ -105,12 +109,12 @@ def check(event: ev.Event, record_ts: float | None, now: float | None = None,
 
 
 def new_state(event: ev.Event) -> JobState:
-    return JobState(kind=event.kind, job=event.job)
+    return JobState(kind=event.kind, job=event.job, v=STATE_VERSION)
 
 
 def is_duplicate(state: JobState, event: ev.Event) -> bool:
     mark = state.seen.get(event.instance)
-    return mark is not None and event.seq <= mark[0]
+    return mark is not None and event.seq <= mark.seq
 
 
 def apply(state: JobState | None, event: ev.Event, settings: Settings = DEFAULT_SETTINGS) -> JobState | None:
@@ -120,9 +124,10 @@ def apply(state: JobState | None, event: ev.Event, settings: Settings = DEFAULT_
     elif is_duplicate(state, event):
         return None
     _HANDLERS[type(event)](state, event, settings)
-    state.seen[event.instance] = [event.seq, event.ts]
+    state.v = STATE_VERSION  # decoding moved an older layout over: it is written in this one
+    state.seen[event.instance] = Seen(seq=event.seq, ts=event.ts)
     if len(state.seen) > MAX_INSTANCES_PER_JOB:
-        oldest = min(state.seen, key=lambda i: state.seen[i][1])
+        oldest = min(state.seen, key=lambda i: state.seen[i].ts)
         del state.seen[oldest]
     state.last_event_ts = max(state.last_event_ts, event.ts)
     return state
@@ -229,27 +234,44 @@ def _progress(state: JobState, e: ev.Progress, s: Settings) -> None:
         del state.window[:-STATUS_SAMPLES]
     second = int(e.ts)
     for c in e.consumed:
-        totals = state.consumed.setdefault(c.topic, [0, 0])
-        totals[0] = _sum(totals[0], c.records)
-        totals[1] = _sum(totals[1], c.bytes)
-        _rate(state, second, c.topic, c.records, c.bytes, 0)
+        totals = state.consumed.get(c.topic)
+        if totals is None:
+            totals = state.consumed[c.topic] = Consumed()
+        totals.records = _sum(totals.records, c.records)
+        totals.bytes = _sum(totals.bytes, c.bytes)
+        _topic_rate(state, second, c.topic, c.records, c.bytes)
     state.fetches = _sum(state.fetches, e.fetches)
     if e.fetches:
-        _rate(state, second, FETCHES_TOPIC, 0, 0, e.fetches)
-    horizon = second - s.throughput_window_s
-    state.rates = [r for r in state.rates if r.second > horizon]
+        _job_rate(state, second, 0, 0, e.fetches)
+    _trim_rates(state, second, s)
 
 
-def _rate(state: JobState, second: int, topic: str, records: int, nbytes: int, fetches: int) -> None:
+def _topic_rate(state: JobState, second: int, topic: str, records: int, nbytes: int) -> None:
     for r in reversed(state.rates):
         if r.second != second:
             break
         if r.topic == topic:
             r.records = _sum(r.records, records)
             r.bytes = _sum(r.bytes, nbytes)
-            r.fetches = _sum(r.fetches, fetches)
             return
-    state.rates.append(RateSample(second=second, topic=topic, records=records, bytes=nbytes, fetches=fetches))
+    state.rates.append(RateSample(second=second, topic=topic, records=records, bytes=nbytes))
+
+
+def _job_rate(state: JobState, second: int, records: int, nbytes: int, fetches: int) -> None:
+    last = state.job_rates[-1] if state.job_rates else None
+    if last is not None and last.second == second:
+        last.records = _sum(last.records, records)
+        last.bytes = _sum(last.bytes, nbytes)
+        last.fetches = _sum(last.fetches, fetches)
+        return
+    state.job_rates.append(JobRate(second=second, records=records, bytes=nbytes, fetches=fetches))
+
+
+def _trim_rates(state: JobState, second: int, s: Settings) -> None:
+    """Samples of the throughput window only (the exporter derives the rates from them)."""
+    horizon = second - s.throughput_window_s
+    state.rates = [r for r in state.rates if r.second > horizon]
+    state.job_rates = [r for r in state.job_rates if r.second > horizon]
 
 
 def _segment_stored(state: JobState, e: ev.SegmentStored, s: Settings) -> None:
@@ -263,9 +285,11 @@ def _segment_stored(state: JobState, e: ev.SegmentStored, s: Settings) -> None:
         p.newest_stored_ts = max(p.newest_stored_ts or 0, e.max_ts)
     state.records = _sum(state.records, e.records)
     state.bytes = _sum(state.bytes, e.bytes)
-    comp = state.compression.setdefault(e.algorithm, [0, 0])
-    comp[0] = _sum(comp[0], e.stored_bytes)
-    comp[1] = _sum(comp[1], e.uncompressed_bytes)
+    comp = state.compression.get(e.algorithm)
+    if comp is None:
+        comp = state.compression[e.algorithm] = Compressed()
+    comp.compressed = _sum(comp.compressed, e.stored_bytes)
+    comp.uncompressed = _sum(comp.uncompressed, e.uncompressed_bytes)
     minute = int(e.ts // 60)
     if p.sizes and p.sizes[-1].minute == minute:
         p.sizes[-1].records = _sum(p.sizes[-1].records, e.records)
@@ -344,9 +368,8 @@ def _restore_progress(state: JobState, e: ev.RestoreProgress, s: Settings) -> No
         state.bytes = _sum(state.bytes, e.bytes)
     _restored(state, e.restored_total, e.restored_bytes)
     second = int(e.ts)
-    _rate(state, second, FETCHES_TOPIC, e.records, e.bytes, 0)
-    horizon = second - s.throughput_window_s
-    state.rates = [r for r in state.rates if r.second > horizon]
+    _job_rate(state, second, e.records, e.bytes, 0)
+    _trim_rates(state, second, s)
 
 
 def _telemetry_dropped(state: JobState, e: ev.TelemetryDropped, s: Settings) -> None:

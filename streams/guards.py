@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kafka_backup.schemas.config import ConfigError
@@ -117,7 +117,7 @@ class OffsetGuard:
         """Wrap Faust's ``Consumer._commit_offsets`` so no commit passes the frontier."""
         commit_offsets = consumer._commit_offsets
 
-        async def commit_folded_only(offsets, *args: Any, **kwargs: Any) -> bool:
+        async def commit_folded_only(offsets: Mapping[Any, int], *args: Any, **kwargs: Any) -> bool:
             committed = consumer._committed_offset
             safe = {tp: o for tp, o in self.allowed(dict(offsets)).items()
                     if committed.get(tp) is None or o > committed[tp]}
@@ -172,6 +172,10 @@ class ChangelogBarrier:
                             len(not_done), self.timeout_s)
         if self.failure is not None:
             raise ChangelogWriteFailed(f"a table write failed ({self.failure!r}); not committing past it")
+
+    def guard_changelog(self, table: Any) -> None:
+        """Track every changelog write of ``table`` (its ``send_changelog``, which Faust offers no hook around)."""
+        table.send_changelog = self.track(table.send_changelog)
 
     def guard_flush(self, producer: Any, on_failure: Callable[[ChangelogWriteFailed], None]) -> None:
         """Make ``producer.flush()`` (called by Faust right before each commit) wait for the barrier.

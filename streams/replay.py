@@ -14,7 +14,7 @@ never disturbs the live aggregator.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -61,18 +61,28 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> Iterator[
                     if err.code() == KafkaError._PARTITION_EOF:
                         ends.pop(msg.partition(), None)
                     continue
-                if msg.offset() >= ends.get(msg.partition(), -1):
-                    ends.pop(msg.partition(), None)
+                partition, offset = msg.partition(), msg.offset()
+                if partition is None or offset is None:  # only error events lack them
+                    continue
+                if offset >= ends.get(partition, -1):
+                    ends.pop(partition, None)
                     continue
                 ts_type, ts = msg.timestamp()
-                yield LogRecord(msg.partition(), msg.offset(), ts, msg.key(), msg.value(),
-                                [(k, v or b"") for k, v in msg.headers() or []])
-                if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                    ends.pop(msg.partition(), None)
+                yield LogRecord(partition, offset, ts, msg.key(), msg.value(), _headers(msg.headers()))
+                if offset + 1 >= ends.get(partition, 0):
+                    ends.pop(partition, None)
         if ends:
             raise TimeoutError(f"telemetry topic {topic}: partitions {sorted(ends)} not read to the end")
     finally:
         consumer.close()
+
+
+def _headers(raw: Mapping[str, str | bytes | None] | Iterable[tuple[str, str | bytes | None]] | None
+             ) -> list[tuple[str, bytes]]:
+    """A consumed record's headers as recorded: confluent-kafka hands over (str, bytes or None) pairs
+    (its type also admits a mapping and text values, which producing accepts)."""
+    items = raw.items() if isinstance(raw, Mapping) else raw or []
+    return [(k, v.encode() if isinstance(v, str) else v or b"") for k, v in items]
 
 
 _log_encoder = msgspec.msgpack.Encoder()

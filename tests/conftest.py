@@ -30,6 +30,64 @@ from kafka_backup.cli.devbroker import DevBroker, free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# A test that starts a process (a broker, the pipeline, Prometheus, the command line) is an e2e test,
+# so that `pytest -m "not e2e"` runs in seconds. Enforced twice: asking for a fixture that starts one
+# without the marker is a collection error, and starting one any other way fails the test.
+PROCESS_FIXTURES = frozenset({"broker", "pipeline_factory", "shared_pipeline", "telemetry_cluster"})
+# Started by libraries at import time, not by a test: platform.architecture() runs `file` on the interpreter
+# (croniter, imported by Faust's mode, calls it).
+LIBRARY_PROBES = frozenset({"file"})
+_running: list = [None]  # the test item whose setup, call or teardown is running
+
+
+class ProcessOutsideE2E(Exception):
+    pass
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [f"{item.nodeid} uses {sorted(PROCESS_FIXTURES & set(item.fixturenames))}" for item in items
+                if PROCESS_FIXTURES & set(item.fixturenames) and item.get_closest_marker("e2e") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that start processes must be marked e2e: " + "; ".join(unmarked))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running[0] = item
+    try:
+        yield
+    finally:
+        _running[0] = None
+
+
+def pytest_configure(config):
+    """Every process start goes through the guard, fixtures of any scope included."""
+    real_init = subprocess.Popen.__init__
+
+    def guarded_init(self, args, *rest, **kwargs):
+        item = _running[0]
+        program = os.path.basename(str(args if isinstance(args, (str, bytes, os.PathLike)) else args[0]))
+        if item is not None and item.get_closest_marker("e2e") is None and program not in LIBRARY_PROBES:
+            raise ProcessOutsideE2E(f"{item.nodeid} starts a process ({program}) but is not marked e2e")
+        real_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = guarded_init
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _faust_data_dirs_in_tmp(tmp_path_factory):
+    """Faust keeps an aggregator's data dir in its working directory ("<app id>-data" in the repository
+    root) unless APP_DATADIR, Faust's own setting, says otherwise (no aggregate flag sets it): every
+    process a test starts inherits this one, under pytest's temporary directory."""
+    old = os.environ.get("APP_DATADIR")
+    os.environ["APP_DATADIR"] = str(tmp_path_factory.mktemp("faust") / "{conf.name}-data")
+    yield
+    if old is None:
+        os.environ.pop("APP_DATADIR", None)
+    else:
+        os.environ["APP_DATADIR"] = old
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -200,15 +258,16 @@ def parse_prometheus(text: str) -> Samples:
 
 
 class Proc:
-    def __init__(self, args: list[str], log_path: str) -> None:
+    def __init__(self, args: list[str], log_path: str, env: dict[str, str] | None = None) -> None:
         self.args = args
         self.log_path = log_path
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Proc:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "kafka_backup.cli.main", *self.args], cwd=ROOT, stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
         return self
 
     def stop(self, kill: bool = False) -> None:
@@ -247,9 +306,11 @@ class Pipeline:
                              os.path.join(tmp, f"{self.app_id}-exporter.log"))
 
     def _aggregator_proc(self, n: int) -> Proc:
+        # with the pipeline's files, also when a bench uses it outside pytest (see _faust_data_dirs_in_tmp)
+        datadir = os.path.join(self.tmp, f"{self.app_id}-{n}-data")
         return Proc(["aggregate", "--bootstrap-servers", self.bootstrap, "--app-id", self.app_id,
                      "--instance-id", f"{self.app_id}-{n}", "--log-level", "INFO", *self.extra_aggregator_args],
-                    os.path.join(self.tmp, f"{self.app_id}-aggregator-{n}.log"))
+                    os.path.join(self.tmp, f"{self.app_id}-aggregator-{n}.log"), env={"APP_DATADIR": datadir})
 
     def add_aggregator_worker(self) -> Proc:
         """Another worker of the same Faust application (a fleet's second aggregator host)."""
@@ -315,6 +376,23 @@ class Pipeline:
             return s if all(v == 1 for v in seen) else None
 
         return wait_for(all_seen, timeout, what="the aggregator to fold a marker on every telemetry partition")
+
+    def state_read_since(self, since: float, timeout: float = 60) -> Samples:
+        """Wait until the exporter has proven its copy of the state topic current at or after ``since``
+        (``time.time()``): every state write the broker held by then is in what it serves.
+
+        The exporter's state age is the time since it last saw every partition read to the end the broker
+        reported; scraping at ``asked`` and seeing age ``a`` means it was current at ``asked - a`` or later.
+        """
+        from kafka_backup.schemas import catalogue as cat
+
+        def current() -> Samples | None:
+            asked = time.time()
+            s = self.scrape()
+            age = s.get_value(cat.EXPORTER_STATE_AGE.name)
+            return s if age is not None and asked - age >= since else None
+
+        return wait_for(current, timeout, 0.2, what=f"the exporter to read the state topic to its end after {since}")
 
     def wait_value(self, name: str, expected: float, timeout: float = 60, **labels) -> Samples:
         def check():

@@ -23,7 +23,7 @@ def test_recovery_watchdog_restarts_only_a_stalled_recovery():
     recovery_watchdog(moving, stall_s=0.3, restart=lambda why: restarted_too.set(), interval_s=0.05)
     for i in range(20):  # a long recovery that keeps reading the changelog
         moving.tables.recovery.active_offsets["tp0"] = i
-        time.sleep(0.05)
+        time.sleep(0.05)  # not synchronisation: the recovery's progress over time, what the watchdog watches
     moving.in_recovery = False
     assert not restarted_too.wait(0.5)
 
@@ -42,7 +42,7 @@ def test_commit_waits_for_every_table_write_even_when_fausts_flush_gives_up():
         buffer.app = SimpleNamespace(conf=SimpleNamespace(producer_threaded=False))
 
         async def slow_send(fut):  # a send stuck on metadata or a starved loop
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # not synchronisation: the slow send itself
             fut.set_result("acked")
 
         buffer._send_pending = slow_send
@@ -97,7 +97,7 @@ def test_barrier_refuses_to_commit_past_a_failed_write_and_holds_for_a_slow_one(
         fut = asyncio.get_running_loop().create_future()
         barrier.track(lambda: fut)()
         waiter = asyncio.ensure_future(barrier.wait())
-        await asyncio.sleep(0.3)  # several timeouts pass: still holding, not crashing
+        await asyncio.sleep(0.3)  # not synchronisation: several timeouts pass; still holding, not crashing
         held = not waiter.done()
         fut.set_result("acked")
         await waiter
@@ -191,3 +191,29 @@ def test_skip_counts_flush_in_batches_and_log_a_bounded_escaped_line(caplog, mon
     assert skips.due(1, after_good=False)  # old enough
     skips.add(2, "malformed", 1)
     assert skips.due(2, after_good=True)  # a good record on the partition writes what is pending
+
+
+def test_an_unexpected_error_logs_its_traceback_once_per_kind(caplog):
+    """Keyed by type and where it was raised, not by message (which holds per-record data)."""
+    import logging
+
+    from kafka_backup.schemas.logs import FirstOfEach
+
+    first = FirstOfEach(logging.getLogger("kafka_backup.test"))
+
+    def fail_here(i):
+        raise KeyError(f"record {i}")
+
+    def fail_there(i):
+        return {}[f"other {i}"]
+
+    logged = []
+    with caplog.at_level(logging.ERROR, logger="kafka_backup.test"):
+        for i, f in enumerate([fail_here, fail_here, fail_there, fail_here, fail_there]):
+            try:
+                f(i)
+            except KeyError as err:
+                logged.append(first.exception(err, "offset %d: unexpected failure", i))
+    assert logged == [True, False, True, False, False]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["offset 0", "offset 2"]
+    assert all(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)

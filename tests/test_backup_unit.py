@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kafka_backup.producers import layout
-from kafka_backup.producers.backup import PartitionWork
+from kafka_backup.producers.segment_reports import PartitionReports
 
 
 def info(start: int, end: int) -> layout.SegmentInfo:
@@ -11,7 +11,7 @@ def info(start: int, end: int) -> layout.SegmentInfo:
 
 
 def test_the_reported_mark_moves_only_over_a_safe_prefix():
-    work = PartitionWork("t", 0, 0, layout.Checkpoint("t", 0, 0))
+    work = PartitionReports("t", 0)
     segs = [info(0, 10), info(10, 20), info(20, 30)]
     for s in segs:
         work.unsettled[s.end_offset] = False

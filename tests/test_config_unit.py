@@ -183,6 +183,7 @@ def test_librdkafka_refuses_bad_properties_in_one_line_before_any_client(props, 
     assert str(err.value).startswith(needle), str(err.value)
 
 
+@pytest.mark.e2e
 def test_the_aggregator_refuses_unsecured_oauthbearer_in_one_line_before_connecting():
     from tests.conftest import cli
 
@@ -243,3 +244,14 @@ def test_the_aggregators_oidc_token_provider_does_the_client_credentials_grant_a
         server.shutdown()
     assert seen == [("Basic " + base64.b64encode(b"agg:s3cret").decode(),
                      {"grant_type": ["client_credentials"], "scope": ["kafka"]})]
+
+
+def test_aggregator_data_dir_reaches_faust(tmp_path):
+    from kafka_backup.streams.app import create_app
+
+    where = str(tmp_path / "agg-data")
+    cfg = load(None, None, environ={"KAFKA_BACKUP_AGGREGATOR_DATA_DIR": where})
+    assert cfg.aggregator.data_dir == where
+    assert str(create_app(cfg).conf.datadir) == where
+    default = create_app(load(None, None, environ={}))
+    assert str(default.conf.datadir) != where  # unset: Faust's own default, not ours

@@ -67,6 +67,7 @@ def test_bad_config_is_one_line_naming_the_field(tmp_path, yaml_text, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args,needle", [
     (["backup", "--bootstrap-servers", "127.0.0.1:1", "--topics", "t", "--backup-id", "a/b",
       "--storage", "file:///tmp/x"], "backup.backup_id: 'a/b' is not a safe id"),

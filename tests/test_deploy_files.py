@@ -67,6 +67,7 @@ def test_dockerfile_pins_its_base_exposes_the_port_labels_and_installs_with_cons
     assert re.search(r"^USER 65534:65534$", text, re.M)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not PROMTOOL, reason="apt-get install prometheus")
 def test_promtool_accepts_the_prometheus_config():
     r = subprocess.run([PROMTOOL, "check", "config", os.path.join(DOCKER, "prometheus", "prometheus.yml")],
@@ -125,3 +126,23 @@ def test_testcontainers_kafka_is_importable_and_configured_without_docker():
     assert (made.image, made.kraft) == ("confluentinc/cp-kafka:7.6.0", True)
     made = conftest.kafka_container({"KAFKA_BACKUP_TEST_KAFKA_IMAGE": "confluentinc/cp-kafka:7.7.1"}, Fake)
     assert made.image == "confluentinc/cp-kafka:7.7.1"
+
+
+def test_a_test_not_marked_e2e_cannot_start_a_process():
+    with pytest.raises(conftest.ProcessOutsideE2E, match=r"test_deploy_files.py::test_a_test_not_marked_e2e_cannot"
+                                                         r"_start_a_process starts a process \(true\) but is not marked e2e"):
+        subprocess.run(["true"])
+
+
+def test_a_test_asking_for_a_process_fixture_without_the_e2e_marker_is_refused_at_collection():
+    from types import SimpleNamespace
+
+    def item(nodeid: str, fixtures: list[str], e2e: bool):
+        return SimpleNamespace(nodeid=nodeid, fixturenames=fixtures,
+                               get_closest_marker=lambda name: object() if e2e and name == "e2e" else None)
+
+    conftest.pytest_collection_modifyitems(None, [item("t.py::marked", ["broker", "tmp_path"], True),
+                                                  item("t.py::pure", ["tmp_path"], False)])
+    with pytest.raises(pytest.UsageError, match=r"^tests that start processes must be marked e2e: "
+                                                r"t.py::unmarked uses \['pipeline_factory'\]$"):
+        conftest.pytest_collection_modifyitems(None, [item("t.py::unmarked", ["pipeline_factory", "tmp_path"], False)])

@@ -25,7 +25,11 @@ from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import Config, ConfigError, load
 from kafka_backup.schemas.state import (
+    STATE_VERSION,
+    Compressed,
+    Consumed,
     Histogram,
+    JobRate,
     JobState,
     PartitionState,
     PipelineState,
@@ -72,19 +76,19 @@ def backup_b1() -> JobState:
     }
     return JobState(
         kind="backup", job="b1", started_ts=NOW - 30, records=510, bytes=1_001_000, fetches=40,
-        consumed={"orders": [5000, 500_000], "payments": [7, 700]},
+        consumed={"orders": Consumed(5000, 500_000), "payments": Consumed(7, 700)},
         partitions=partitions,
         rates=[
             RateSample(SEC - 70, "orders", 1000, 100_000),  # outside the window
             RateSample(SEC - 20, "orders", 90, 9000),
             RateSample(SEC - 5, "orders", 30, 3000),
-            RateSample(SEC - 5, fold.FETCHES_TOPIC, 0, 0, 12),
         ],
+        job_rates=[JobRate(SEC - 5, fetches=12)],
         durations={"success": hist([0.5, 10, 12, 5000], cat.BACKUP_DURATION.buckets)},
         storage_latency={"write|s3|segment": hist([0.02, 0.3], cat.STORAGE_WRITE_LATENCY.buckets)},
         storage_bytes={"write|s3": 5000},
         storage_errors={"s3|timeout": 2, "file|auth": 1},
-        compression={"zstd": [1000, 4500], "none": [0, 0]},
+        compression={"zstd": Compressed(1000, 4500), "none": Compressed(0, 0)},
         errors={"storage_io": 3},
         retries={"write": 2},
         rebalances=4,
@@ -95,7 +99,7 @@ def backup_b1() -> JobState:
 def snapshot() -> dict:
     return {
         "backup:b1": backup_b1(),
-        "backup:b2": JobState(kind="backup", job="b2", started_ts=NOW - 3600, consumed={"t": [60, 600]},
+        "backup:b2": JobState(kind="backup", job="b2", started_ts=NOW - 3600, consumed={"t": Consumed(60, 600)},
                               rates=[RateSample(SEC - 10, "t", 60, 600)]),
         "restore:r1": JobState(
             kind="restore", job="r1", backup_id="b1",
@@ -301,14 +305,24 @@ def test_builders_cover_known_catalogue_and_skip_unknown(monkeypatch):
     assert cat.LAG_RECORDS.family_name in names
 
 
-def test_a_failing_builder_costs_only_its_family(monkeypatch):
+def test_a_failing_builder_costs_only_its_family(monkeypatch, caplog):
     def broken(view):
         raise ZeroDivisionError
 
     monkeypatch.setitem(col.BUILDERS, cat.LAG_RECORDS, broken)
-    for v in both(snapshot()):
-        assert get(v, cat.LAG_RECORDS, topic="orders", partition="0", backup_id="b1") is None
-        assert get(v, cat.RECORDS_TOTAL, backup_id="b1") == 510
+    counters = col.EndpointCounters()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(snapshot, WINDOW, clock=lambda: NOW, endpoint=counters))
+    with caplog.at_level(logging.ERROR, logger="kafka_backup.exporter"):
+        for scrape in (1, 2, 3):
+            v = samples(generate_latest(registry).decode(), prom_parse)
+            assert get(v, cat.LAG_RECORDS, topic="orders", partition="0", backup_id="b1") is None
+            assert get(v, cat.RECORDS_TOTAL, backup_id="b1") == 510
+            failed = v.get((cat.EXPORTER_FAILED_BUILDS.family_name + "_total", (("metric", cat.LAG_RECORDS.name),)))
+            assert failed == scrape  # this scrape's failure too
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and cat.LAG_RECORDS.name in tracebacks[0].getMessage()
+    assert tracebacks[0].exc_info[0] is ZeroDivisionError
 
 
 def test_state_folded_from_events():
@@ -353,15 +367,45 @@ def test_reader_keeps_latest_value_and_honours_tombstones():
     assert not reader.ready.is_set()
 
 
-def test_reader_counts_undecodable_values_and_keeps_going():
+def test_reader_counts_undecodable_values_by_reason_and_keeps_going(caplog):
     reader = StateReader("127.0.0.1:1", "unit")
-    reader.apply(b"backup:a", encode_state(JobState(kind="backup", job="a", records=1)))
-    reader.apply(b"backup:a", b"\xc1not msgpack")
-    reader.apply(b"backup:c", msgspec.msgpack.encode({"kind": 3}))
-    reader.apply(None, b"")
-    assert reader.undecodable == 3
-    assert reader.snapshot()["backup:a"].records == 1
-    assert "backup:c" not in reader.snapshot()
+    newer = STATE_VERSION + 1
+    with caplog.at_level(logging.WARNING, logger="kafka_backup.exporter"):
+        reader.apply(b"backup:a", encode_state(JobState(kind="backup", job="a", records=1)))
+        reader.apply(b"backup:a", b"\xc1not msgpack")
+        reader.apply(b"backup:c", msgspec.msgpack.encode({"kind": 3}))
+        reader.apply(None, b"")
+        reader.apply(b"backup:a", encode_state(JobState(kind="backup", job="a", v=newer, records=9)))
+        reader.apply(b"backup:d", encode_state(JobState(kind="backup", job="d", v=newer)))
+    assert reader.undecodable_counts() == {"malformed": 2, "no_key": 1, "newer_version": 2}
+    assert reader.undecodable == 5
+    assert reader.snapshot()["backup:a"].records == 1  # the last value it could read
+    assert "backup:c" not in reader.snapshot() and "backup:d" not in reader.snapshot()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3  # one per reason (and version), whatever the count
+    [newer_line] = [line for line in lines if "newer_version" in line]
+    assert f"version {newer}," in newer_line and "upgrade the exporter" in newer_line and "backup:a" in newer_line
+    assert "\n" not in newer_line
+
+    counters = col.EndpointCounters()
+    counters.undecodable = reader.undecodable_counts
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(reader.snapshot, WINDOW, clock=lambda: NOW, endpoint=counters))
+    v = samples(generate_latest(registry).decode(), prom_parse)
+    assert get(v, cat.EXPORTER_UNDECODABLE_STATE, reason="newer_version") == 2
+    assert get(v, cat.EXPORTER_UNDECODABLE_STATE, reason="malformed") == 2
+    assert get(v, cat.EXPORTER_UNDECODABLE_STATE, reason="no_key") == 1
+
+
+def test_fold_failures_are_their_own_metric_not_invalid_telemetry():
+    snap = {pipeline_key(0): PipelineState(partition=0, invalid={"bad_key": 2}, failures={"KeyError": 3}),
+            pipeline_key(1): PipelineState(partition=1, failures={"KeyError": 1, "TypeError": 1})}
+    for v in both(snap):
+        assert get(v, cat.TELEMETRY_FOLD_FAILURES, exception="KeyError") == 4
+        assert get(v, cat.TELEMETRY_FOLD_FAILURES, exception="TypeError") == 1
+        assert get(v, cat.TELEMETRY_INVALID, reason="bad_key") == 2
+        assert [k for k in v if k[0].startswith(cat.TELEMETRY_INVALID.family_name)] == [
+            (cat.TELEMETRY_INVALID.family_name + "_total", (("reason", "bad_key"),))]
 
 
 def test_catch_up_tracks_start_time_ends():

@@ -9,7 +9,7 @@ import pytest
 
 from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas import events as ev
-from kafka_backup.schemas.state import MAX_HOLES, Histogram, JobState, decode_state, encode_state
+from kafka_backup.schemas.state import MAX_HOLES, Histogram, Hole, JobState, decode_state, encode_state
 from kafka_backup.streams import fold
 
 T0 = 1_790_000_000.0
@@ -78,7 +78,7 @@ def test_a_lost_report_is_a_hole_that_the_next_run_fills_once():
     # the killed worker's report of 100..150 died in its queue; one of 150..200 got out
     state = fold_all([segment(killed, 0, 100, covers_from=0), segment(killed, 150, 200, covers_from=150)])
     p = state.partitions["t/0"]
-    assert (state.records, p.stored_next_offset, p.stored_holes) == (150, 200, [(100, 150)])
+    assert (state.records, p.stored_next_offset, p.stored_holes) == (150, 200, [Hole(100, 150)])
     # the next run reports again every segment the checkpoint has as unconfirmed
     for _ in range(2):
         state = fold.apply(state, segment(next_run, 100, 150, covers_from=100)) or state
@@ -109,7 +109,7 @@ def test_holes_are_bounded_and_a_forgotten_one_is_not_counted():
     w = Worker()
     state = fold_all([segment(w, 2 * i, 2 * i + 1, covers_from=2 * i) for i in range(MAX_HOLES + 3)])
     p = state.partitions["t/0"]
-    assert len(p.stored_holes) == MAX_HOLES and p.stored_holes[0] == (5, 6)
+    assert len(p.stored_holes) == MAX_HOLES and p.stored_holes[0] == Hole(5, 6)
     before = state.records
     state = fold.apply(state, segment(w, 1, 2, covers_from=1)) or state  # forgotten: not counted
     state = fold.apply(state, segment(w, 5, 6, covers_from=5)) or state  # remembered: counted

@@ -100,10 +100,10 @@ def counters(s: JobState) -> dict[str, float]:
     for name in ("errors", "permanent_errors", "retries", "dropped"):
         for k, v in getattr(s, name).items():
             out[f"{name}/{k}"] = v
-    for k, (a, b) in s.compression.items():
-        out[f"compression/{k}/0"], out[f"compression/{k}/1"] = a, b
-    for k, (a, b) in s.consumed.items():
-        out[f"consumed/{k}/0"], out[f"consumed/{k}/1"] = a, b
+    for k, c in s.compression.items():
+        out[f"compression/{k}/compressed"], out[f"compression/{k}/uncompressed"] = c.compressed, c.uncompressed
+    for k, c in s.consumed.items():
+        out[f"consumed/{k}/records"], out[f"consumed/{k}/bytes"] = c.records, c.bytes
     for c in s.storage_calls:
         key = f"calls/{c.direction}/{c.backend}/{c.operation}/{c.outcome}"
         out[key + "/count"], out[key + "/sum"], out[key + "/bytes"] = c.latency.count, c.latency.sum, c.bytes

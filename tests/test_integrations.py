@@ -58,6 +58,7 @@ def test_splunk_collector_pipeline_uses_its_receiver():
     assert (job["metrics_path"], job["static_configs"][0]["targets"]) == ("/metrics", ["kafka-backup-exporter:8080"])
 
 
+@pytest.mark.e2e
 @needs_promtool
 @pytest.mark.parametrize("name", ["newrelic-remote-write.yml", "splunk-otel-collector.yaml"])
 def test_prometheus_parts_pass_promtool(tmp_path, name):

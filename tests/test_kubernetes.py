@@ -22,6 +22,8 @@ needs_kubectl = pytest.mark.skipif(not KUBECTL and not os.environ.get("CI"),
 K8S = os.path.join(ROOT, "docker", "kubernetes")
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 
+pytestmark = pytest.mark.e2e  # every test renders with kubectl or runs generate.py: a process
+
 
 def render(directory: str) -> list[dict]:
     r = subprocess.run([KUBECTL or "kubectl", "kustomize", directory], capture_output=True, text=True, timeout=60)

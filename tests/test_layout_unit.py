@@ -52,6 +52,7 @@ def test_decoded_records_must_be_the_partition_and_range_the_index_claims():
         layout.read_segment(data, legacy, TOPIC, 1)
 
 
+@pytest.mark.e2e
 def test_a_small_zstd_bomb_does_not_allocate_what_it_claims(tmp_path):
     """1 GiB of zeros in ~32 KiB: decoding it against a recorded size of 1000 bytes fails within a few MB."""
     comp = cramjam.zstd.Compressor()
@@ -104,12 +105,17 @@ def test_the_file_backend_refuses_a_key_escaping_its_root(tmp_path):
     (b'{"topic": "../t", "partition": 0, "next_offset": 1}', "holds an invalid value"),
     (b'{"topic": "t", "partition": 0, "next_offset": -5}', "holds an invalid value"),
     (b'{"topic": "t", "partition": 0, "next_offset": 1, "version": 3}', "layout version 3, newer than"),
+    # a newer layout that changed a field's type: the version is the cause, not damage
+    (b'{"topic": "t", "partition": {"id": 0}, "next_offset": 1, "version": 3}', "layout version 3, newer than"),
+    (b'{"topic": "t", "partition": {"id": 0}, "next_offset": 1, "version": 2}', "holds an invalid value"),
 ])
 def test_unusable_checkpoints_are_one_line_naming_the_file(text, needle):
     with pytest.raises(layout.MetadataError) as err:
         layout.decode_checkpoint(text, "bk/topics/t/0/checkpoint.json")
     line = str(err.value)
     assert line.startswith("bk/topics/t/0/checkpoint.json: ") and needle in line and "\n" not in line
+    if "newer than" in needle:
+        assert line.endswith("upgrade kafka-backup") and err.value.error_type == "layout_version"
 
 
 def test_the_head_stays_bounded_and_the_chunks_chain_back_to_every_segment(tmp_path):

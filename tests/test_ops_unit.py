@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kafka_backup.exporter.collector import EndpointCounters, StateCollector
@@ -21,6 +22,7 @@ def _expected() -> dict[str, str]:
             "confluent_kafka": importlib.metadata.version("confluent-kafka")}
 
 
+@pytest.mark.e2e
 def test_version_flag_names_the_versions():
     r = cli("--version", timeout=60)
     want = _expected()

@@ -84,7 +84,7 @@ def test_forged_events_and_a_label_flood_are_refused_by_reason_and_touch_no_othe
     assert p.flush(60) == 0
     expected["too_many_keys"] = FLOOD - MAX_KEYS
 
-    # a job that starts after the flood is counted within seconds, exactly
+    # a job that starts after the flood is counted within a minute (asserted below), exactly
     started = time.monotonic()
     backup(broker, after_topic, "clean-b", store, *flag)
     pipe.wait_value(cat.RECORDS_TOTAL.name, truth_b.total_records, 90, backup_id="clean-b")

@@ -17,6 +17,7 @@ DATA = os.path.join(ROOT, "tests", "data")
 PERIOD = ["--from", "2026-07-25T17:00:00Z", "--to", "2026-07-26T00:00:00Z"]
 
 
+@pytest.mark.e2e
 def test_recorded_v1_log_gives_the_stored_report_byte_for_byte(tmp_path):
     r = cli("replay", "--input", os.path.join(DATA, "telemetry-v1.log"), *PERIOD,
             "--output", str(tmp_path / "m.prom"), "--report-json", str(tmp_path / "r.json"),
@@ -64,6 +65,7 @@ def test_period_bounds_select_events_by_event_time():
     assert b.restores == []
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args,needle", [
     (["--from", "yesterday"], "--from: 'yesterday' is neither ISO 8601"),
     (["--from", "2026-01-02", "--to", "2026-01-01"], "--from: must be before --to"),
@@ -135,6 +137,7 @@ def ed25519_pair(tmp_path, name: str):
     return private, public
 
 
+@pytest.mark.e2e
 def test_signed_audit_evidence_verifies_and_any_changed_byte_does_not(tmp_path):
     private, public = ed25519_pair(tmp_path, "auditor")
     _, other = ed25519_pair(tmp_path, "someone-else")

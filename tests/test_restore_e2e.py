@@ -244,7 +244,7 @@ def test_rate_limited_restore_progress_rises_and_eta_tracks_remaining(broker, sh
             if pct is not None:
                 samples.append((pct, s.get_value(cat.RESTORE_ETA.name, restore_id=rid),
                                 s.get_value(cat.RESTORE_THROUGHPUT.name, restore_id=rid)))
-            time.sleep(0.4)
+            time.sleep(0.4)  # not synchronisation: the sampling period of scrapes taken while the restore runs
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -399,6 +399,8 @@ def test_interrupted_restores_resume_and_write_every_record_exactly_once(broker,
     assert "resume" in (tmp_path / "term.log").read_text()
     stopped_at = restored(term)
     assert 300 <= stopped_at < 1200
+    # graceful: the checkpoint holds exactly what the target acknowledged
+    assert stopped_at == sum(watermarks(broker, f"{topic}-term", 2).values())
     r = restore(broker, bid, url, term, "--topic-map", f"{topic}:{topic}-term")
     assert r.returncode == 0, r.stderr
     assert read_topic(broker, f"{topic}-term", 2) == with_offsets(truth)

@@ -6,7 +6,8 @@ import pytest
 
 from kafka_backup.producers import layout, segments
 from kafka_backup.producers.offset_reset import target_of
-from kafka_backup.producers.restore import RestoreWorker, Window, parse_topic_map, resolve_topic_map
+from kafka_backup.producers.restore import RestoreWorker
+from kafka_backup.producers.restore_scope import Window, parse_topic_map, resolve_topic_map
 from kafka_backup.producers.storage import FileBackend, OpReport, Storage
 from kafka_backup.schemas.config import ConfigError, OffsetResetConfig, RestoreConfig
 from tests.conftest import cli
@@ -73,13 +74,13 @@ def test_scope_counts_exactly_and_reads_only_straddling_segments_once(tmp_path):
     cfg = RestoreConfig(restore_id="r", backup_id="bk", from_time=1000 + 20, to_time=1000 + 150)
     worker = RestoreWorker("127.0.0.1:1", cfg, storage, Events())
     storage.listener = reports.append
-    cp = worker._scope({"t": "t"}, {"t": 1})
+    cp = worker.scope({"t": "t"}, {"t": 1})
     assert cp.total_records == 130 and cp.partitions[0].records == 130 and cp.partitions[0].end_offset == 300
     # read: the partition checkpoint, then the two straddling segments; the third lies outside
     assert [(r.operation, r.nbytes) for r in reports] == [
         ("checkpoint", reports[0].nbytes), ("segment", infos[0].stored_bytes), ("segment", infos[1].stored_bytes)]
     reports.clear()
-    offsets = [r.offset for r in worker._records(cp.partitions[0], 0)]
+    offsets = [r.offset for r in worker.reader.records(cp.partitions[0], 0)]
     assert offsets == list(range(20, 150)) and reports == [], "kept decoded: not read again"
 
 
@@ -110,6 +111,7 @@ def test_offset_reset_needs_exactly_one_target():
      "offset_reset.to_timestamp: 1969-12-31T00:00:00Z is before 1970"),
     (["offset-reset", "--group", "", "--topics", "t", "--to-latest"], "offset_reset.group: '' is not a safe id"),
 ])
+@pytest.mark.e2e
 def test_cli_mistakes_exit_2_with_one_line(args, needle):
     r = cli(*args, "--bootstrap-servers", "127.0.0.1:1")
     assert r.returncode == 2, r.stderr
@@ -119,12 +121,12 @@ def test_cli_mistakes_exit_2_with_one_line(args, needle):
 
 def test_resumed_restore_rate_counts_only_the_current_run():
     from kafka_backup.exporter.collector import View, restore_eta, restore_rate
-    from kafka_backup.schemas.state import FETCHES_TOPIC, JobState, RateSample
+    from kafka_backup.schemas.state import JobRate, JobState
 
     now = 1_800_000_000.0
     s = JobState(kind="restore", job="r", backup_id="b", started_ts=now - 2, total_records=1000,
-                 restored_total=700, rates=[RateSample(int(now) - 30, FETCHES_TOPIC, 600, 0),  # earlier run
-                                            RateSample(int(now) - 1, FETCHES_TOPIC, 100, 0)])
+                 restored_total=700, job_rates=[JobRate(int(now) - 30, 600),  # earlier run
+                                                JobRate(int(now) - 1, 100)])
     view = View(now=now, window=60, jobs=[s])
     assert restore_rate(s, view) == 100 / 2
     assert restore_eta(s, view) == 300 / 50

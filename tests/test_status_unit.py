@@ -6,14 +6,14 @@ import json
 
 from kafka_backup.exporter import status
 from kafka_backup.schemas import catalogue as cat
-from kafka_backup.schemas.state import JobState, RateSample
+from kafka_backup.schemas.state import JobRate, JobState
 from tests.test_exporter_unit import NOW, SEC, both, get, snapshot
 
 
 def restore_state(**kw) -> JobState:
     return JobState(kind="restore", job="r9", backup_id="b1", status="running", started_ts=NOW - 30,
                     last_event_ts=NOW - 1, total_records=1000, restored_total=250, records=250,
-                    rates=[RateSample(SEC - 10, "", 120, 0)], **kw)
+                    job_rates=[JobRate(SEC - 10, 120)], **kw)
 
 
 def test_rows_carry_the_values_metrics_serves_for_the_same_state():

@@ -10,6 +10,7 @@ import pytest
 from kafka_backup.producers import segments
 from kafka_backup.producers.storage import (
     FileBackend,
+    Missing,
     OpReport,
     S3Backend,
     Storage,
@@ -47,7 +48,10 @@ def test_file_backend_reports_each_call_and_classifies_errors(tmp_path):
     assert [(r.direction, r.operation, r.nbytes, r.error is None) for r in reports] == [
         ("write", "segment", 5, True), ("read", "segment", 5, True), ("read", "checkpoint", 0, False)]
     assert all(r.latency_s >= 0 for r in reports)
-    assert store.list("a/") == ["a/b.bin"]
+    assert err.value.root == ""  # the object is missing, not the root
+    with pytest.raises(Missing) as err:
+        Storage(FileBackend(str(tmp_path / "nowhere"))).get("k", "manifest")
+    assert err.value.root == str(tmp_path / "nowhere")
 
 
 def test_transient_failures_are_retried_and_reported(tmp_path):
@@ -72,7 +76,6 @@ def test_s3_backend_over_http(s3_endpoint):
     assert isinstance(backend, S3Backend)
     backend.put("b1/x.seg", b"data")
     assert backend.get("b1/x.seg") == b"data"
-    assert backend.list("b1/") == ["b1/x.seg"]
     obj = boto3.client("s3", endpoint_url=s3_endpoint).head_object(Bucket="bk-test", Key="some/prefix/b1/x.seg")
     assert obj["ContentLength"] == 4
     with pytest.raises(StorageError) as err:
@@ -80,7 +83,7 @@ def test_s3_backend_over_http(s3_endpoint):
     assert err.value.error_type == "not_found"
     with pytest.raises(StorageError) as err:
         open_backend("s3://no-such-bucket/p", s3_endpoint).put("k", b"v")
-    assert err.value.error_type == "not_found"
+    assert err.value.error_type == "not_found" and err.value.root == "bucket 'no-such-bucket'"
 
 
 @pytest.mark.parametrize("url,field", [("", "backup.storage"), ("ftp://x/y", "unsupported scheme"),

@@ -42,3 +42,49 @@ def test_codes_outside_the_named_classes_follow_retriable(retriable, expected):
 def test_an_unknown_code_is_reported_not_raised():
     err = KafkaError(31337)
     assert classify_kafka_error(err) == ("consumer_error", False)
+
+
+class _Producer:
+    """Refuses the first record the way it is told to, takes the rest (the drop report)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error: Exception | None = error
+        self.taken = 0
+
+    def produce(self, *_args, **_kwargs) -> None:
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        self.taken += 1
+
+    def poll(self, _timeout: float) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _emitter(error: Exception):
+    from kafka_backup.producers.telemetry import Emitter
+
+    em = Emitter.__new__(Emitter)  # no cluster: only the send path is under test
+    em.topic, em.kind, em.job, em.key, em.instance, em.seq = "t", "backup", "j", b"k", "i", 0
+    em.dropped = em._reported_dropped = 0
+    em.lost_at = em.delivered_at = em._last_drop_report = 0.0
+    em._signing_key, em._spool, em._producer = None, None, _Producer(error)
+    return em
+
+
+def test_a_refused_event_counts_as_dropped_but_a_programming_error_surfaces():
+    from confluent_kafka import KafkaError, KafkaException
+
+    from kafka_backup.schemas import events as ev
+
+    outcomes: list[bool] = []
+    em = _emitter(KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)))
+    em.emit(ev.Retry, on_delivered=outcomes.append, operation="commit")
+    assert em.dropped == 1 and outcomes == [False] and em._producer.taken == 1  # the TelemetryDropped report
+    em = _emitter(TypeError("produce() got an unexpected keyword argument"))
+    with pytest.raises(TypeError):
+        em.emit(ev.Retry, operation="commit")
+    assert em.dropped == 0

@@ -90,8 +90,9 @@ def test_verify_names_each_missing_segment_and_each_gap(tmp_path):
     import pytest
 
     from kafka_backup.producers import layout, segments
+    from kafka_backup.producers.run import NullEmitter
     from kafka_backup.producers.storage import FileBackend, Storage
-    from kafka_backup.producers.verify import NullEmitter, VerifyFailed, VerifyWorker
+    from kafka_backup.producers.verify import VerifyFailed, VerifyWorker
     from kafka_backup.schemas.config import VerifyConfig
 
     storage = Storage(FileBackend(str(tmp_path)))

@@ -78,7 +78,7 @@ def test_a_refused_event_leaves_the_unflushed_state_as_it_was():
         assert (changed, refused) == ((True, None) if i < 3 else (False, "too_many_keys"))
     [(key, value)] = work.flush(0)
     state = decode_state(value)
-    assert sorted(state.errors) == ["e0", "e1", "e2"] and state.seen["w"][0] == 3
+    assert sorted(state.errors) == ["e0", "e1", "e2"] and state.seen["w"].seq == 3
 
 
 def test_a_state_growing_past_its_size_cap_is_refused_at_the_same_event():
@@ -113,4 +113,17 @@ def test_a_failing_fold_leaves_the_state_as_it_was(monkeypatch):
         work.apply(KEY, 0, ev.JobStarted(**base, seq=3), 50, {}.get)
     [(_, value)] = work.flush(0)
     state = decode_state(value)
-    assert state.runs == 0 and state.retries == {"write": 1, "read": 1} and state.seen["w"][0] == 2
+    assert state.runs == 0 and state.retries == {"write": 1, "read": 1} and state.seen["w"].seq == 2
+
+
+def test_a_newer_aggregators_value_is_not_folded_into():
+    """Decoding it would drop what the newer layout added: the agent stops on NewerStateError."""
+    from kafka_backup.schemas.state import STATE_VERSION, JobState, NewerStateError, encode_state
+
+    newer = encode_state(JobState(kind="backup", job="j", v=STATE_VERSION + 1, records=7))
+    work = WorkingSet()
+    event = ev.Retry(instance="w", seq=1, ts=T0, job="j", operation="write")
+    for _ in range(2):  # nothing half-loaded is kept: it refuses every time
+        with pytest.raises(NewerStateError):
+            work.apply(KEY, 0, event, 10, lambda key: newer)
+    assert work.entries == {} and work.dirty_partitions() == []

@@ -1,0 +1,101 @@
+"""The restore's reading side: a backup's segments, read once, checked, and cut to the time window.
+
+Segments whose ``[min_ts, max_ts]`` lie inside the window are counted from the
+checkpoint without reading them; segments outside are never read; a segment
+straddling a window edge is read and its records counted one by one, and kept
+decoded (up to ``PARTIAL_CACHE_BYTES``) so it is read from storage once per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from kafka_backup.producers import layout, segments
+from kafka_backup.producers.restore_scope import RestoreFailed, Window
+from kafka_backup.producers.run import Reporter
+from kafka_backup.producers.storage import Storage
+from kafka_backup.schemas import events as ev
+
+PARTIAL_CACHE_BYTES = 64 * 1024 * 1024  # decoded straddling segments kept between scoping and producing
+
+
+class SegmentReader:
+    """Per source partition: its segments (from the backup's checkpoint and index), and their records."""
+
+    def __init__(self, storage: Storage, backup_id: str, window: Window, emitter: Reporter) -> None:
+        self.storage = storage
+        self.backup_id = backup_id
+        self.window = window
+        self.emitter = emitter
+        self.segments_of: dict[tuple[str, int], list[layout.SegmentInfo]] = {}
+        self.owner_of: dict[str, tuple[str, int]] = {}  # segment key -> the partition whose index names it
+        self.cache: dict[str, list[segments.StoredRecord]] = {}
+        self.cache_bytes = 0
+        self.checked: set[str] = set()  # segments read and checked this run
+        self.unverified: set[str] = set()  # of those, without a digest (layout 1)
+
+    def backup_checkpoint(self, topic: str, partition: int) -> layout.Checkpoint:
+        # a partition that never had a record has no checkpoint: it is empty, not missing
+        cp = (layout.read_checkpoint(self.storage, self.backup_id, topic, partition, report=True)
+              or layout.Checkpoint(topic, partition, 0))
+        listed = layout.all_segments(cp, lambda k: self.storage.get(k, "index"), self.backup_id)
+        self.segments_of[(topic, partition)] = sorted(listed, key=lambda s: s.start_offset)
+        self.owner_of.update((seg.key, (topic, partition)) for seg in listed)
+        return cp
+
+    def segments(self, cur: layout.RestoreCursor) -> list[layout.SegmentInfo]:
+        key = (cur.topic, cur.partition)
+        if key not in self.segments_of:
+            self.backup_checkpoint(cur.topic, cur.partition)
+        return self.segments_of[key]
+
+    def count(self, seg: layout.SegmentInfo,
+              cutoffs: list[int | None] | None = None) -> tuple[int, list[int], int | None]:
+        """Records of ``seg`` in the window; of those, how many are older than each cutoff; the oldest's time.
+
+        Read only when the checkpoint's ``min_ts``/``max_ts`` cannot answer (a window edge or a
+        cutoff falls inside the segment)."""
+        cutoffs = cutoffs or []
+        if self.window.misses(seg):
+            return 0, [0] * len(cutoffs), None
+        known = seg.min_ts is not None and seg.max_ts is not None
+        if self.window.covers(seg) and known and all(
+                c is None or seg.max_ts < c or seg.min_ts >= c for c in cutoffs):
+            return seg.records, [seg.records if c is not None and seg.max_ts < c else 0 for c in cutoffs], seg.min_ts
+        if self.window.covers(seg) and not cutoffs:
+            return seg.records, [], seg.min_ts
+        records = self.load(seg)
+        inside = [r.timestamp for r in records if self.window.contains(r.timestamp)]
+        if inside and self.cache_bytes + seg.uncompressed_bytes <= PARTIAL_CACHE_BYTES:
+            self.cache[seg.key] = records
+            self.cache_bytes += seg.uncompressed_bytes
+        older = [0 if c is None else sum(1 for t in inside if t < c) for c in cutoffs]
+        return len(inside), older, min(inside, default=None)
+
+    def load(self, seg: layout.SegmentInfo) -> list[segments.StoredRecord]:
+        cached = self.cache.pop(seg.key, None)
+        if cached is not None:
+            self.cache_bytes -= seg.uncompressed_bytes
+            return cached
+        data = self.storage.get(seg.key, "segment")
+        topic, partition = self.owner_of[seg.key]  # the partition whose index names it: its records must be its
+        try:
+            records = layout.read_segment(data, seg, topic, partition)
+        except layout.SegmentDamaged as err:
+            self.emitter.emit(ev.ErrorRaised, error_type=err.error_type, transient=False, operation="read",
+                              backend=self.storage.name, message=str(err)[:500])
+            raise RestoreFailed(f"segment {err}; it is refused (records before it are restored and "
+                                "checkpointed, its own records are not)") from None
+        self.checked.add(seg.key)
+        if not seg.sha256:
+            self.unverified.add(seg.key)
+        return records
+
+    def records(self, cur: layout.RestoreCursor, start: int) -> Iterator[segments.StoredRecord]:
+        """The partition's in-scope records from source offset ``start``, in offset order."""
+        for seg in self.segments(cur):
+            if seg.end_offset <= start or seg.start_offset >= cur.end_offset or self.window.misses(seg):
+                continue
+            for r in self.load(seg):
+                if start <= r.offset < cur.end_offset and self.window.contains(r.timestamp):
+                    yield r
