@@ -537,7 +537,7 @@ def _last_seen(s: JobState, view: View) -> Iterator[Sample]:
 
 
 def _dropped_series(view: View) -> Iterator[Sample]:
-    return [((name,), n) for name, n in sorted(view.dropped_series.items())]
+    return iter([((name,), n) for name, n in sorted(view.dropped_series.items())])
 
 
 def _expired_jobs(view: View) -> Iterator[Sample]:
@@ -654,12 +654,12 @@ def _verify_gauge(attr: str) -> Builder:
     before one has completed."""
 
     def build(view: View) -> Iterator[Sample]:
-        newest: dict[str, JobState] = {}
+        newest: dict[str, tuple[float, JobState]] = {}
         for s in _verifies(view):
             bid = s.backup_id or s.job
-            if s.verified_ts is not None and (bid not in newest or s.verified_ts > newest[bid].verified_ts):
-                newest[bid] = s
-        return (((bid,), getattr(s, attr)) for bid, s in newest.items())
+            if s.verified_ts is not None and (bid not in newest or s.verified_ts > newest[bid][0]):
+                newest[bid] = (s.verified_ts, s)
+        return (((bid,), getattr(s, attr)) for bid, (_, s) in newest.items())
 
     return build
 
@@ -686,7 +686,10 @@ _FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histog
 _LAST = (cat.EXPORTER_DROPPED_SERIES, cat.EXPORTER_FAILED_BUILDS)  # built after the others: they report on them
 
 
-def new_family(m: cat.Metric):
+Family = CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily | InfoMetricFamily | StateSetMetricFamily
+
+
+def new_family(m: cat.Metric) -> Family:
     if m.type == "stateset":
         return StateSetMetricFamily(m.family_name, m.help, labels=m.labels)
     if m.type == "info":  # every label travels in the info value: see _build
@@ -729,15 +732,15 @@ class StateCollector(Collector):
         view.endpoint = self._endpoint
         return view
 
-    def collect(self) -> Iterator:
+    def collect(self) -> Iterator[Family]:
         view = self.view()
-        families = {}
+        families: dict[cat.Metric, Family] = {}
         for m, builder in rendered():
             family = families[m] = new_family(m)
             for sample in self.family_samples(m, builder, view):
-                if m.type == "info":
+                if isinstance(family, InfoMetricFamily):
                     family.add_metric([], dict(zip(m.labels, sample[0], strict=True)))
-                else:
+                else:  # the builder's sample is the family's: (labels, value) or (labels, buckets, sum)
                     family.add_metric(*sample)
         return (families[m] for m in cat.CATALOGUE if m in families)
 
