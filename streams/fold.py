@@ -16,6 +16,9 @@ value they protect:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.state import (
@@ -39,6 +42,9 @@ from kafka_backup.schemas.state import (
     encode_state,
 )
 
+if TYPE_CHECKING:  # the configuration is only read by Settings.of: the fold imports no YAML
+    from kafka_backup.schemas.config import AggregatorConfig
+
 MAX_INSTANCES_PER_JOB = 64  # bound on dedup marks kept per job; oldest (by last event) go first
 
 
@@ -56,7 +62,7 @@ class Settings:
 
 
     @classmethod
-    def of(cls, aggregator) -> Settings:
+    def of(cls, aggregator: AggregatorConfig) -> Settings:
         """From the ``aggregator:`` configuration section."""
         return cls(throughput_window_s=aggregator.throughput_window_s, max_future_s=aggregator.max_future_s,
                    max_keys_per_map=aggregator.max_keys_per_map,
@@ -388,7 +394,8 @@ def _segments_checked(state: JobState, e: ev.SegmentsChecked, s: Settings) -> No
         state.verify_gaps = e.gaps
 
 
-_HANDLERS = {
+# each handler takes the event type its key names (Any: a dict cannot say so per key; the assert checks the keys)
+_HANDLERS: dict[type[ev.Event], Callable[[JobState, Any, Settings], None]] = {
     ev.JobStarted: _job_started,
     ev.JobEnded: _job_ended,
     ev.Progress: _progress,
