@@ -25,6 +25,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
@@ -35,7 +36,7 @@ from kafka_backup.producers.segment_reports import PartitionReports, SegmentRepo
 from kafka_backup.producers.storage import OpReport, Storage, StorageError
 from kafka_backup.producers.telemetry import Emitter, classify_kafka_error
 from kafka_backup.schemas import events as ev
-from kafka_backup.schemas.config import BackupConfig, ConfigError
+from kafka_backup.schemas.config import BackupConfig, ConfigError, TelemetryConfig
 from kafka_backup.schemas.kafka_admin import client_config
 from kafka_backup.schemas.topics import consumer_group
 
@@ -158,7 +159,7 @@ class BackupWorker(Job):
         except Exception:  # closing must not mask the run's outcome
             pass
 
-    def stop(self, *_args) -> None:
+    def stop(self, *_args: object) -> None:
         self.stopping = True
 
     def _start(self) -> None:
@@ -274,7 +275,7 @@ class BackupWorker(Job):
             topic, partition = msg.topic(), msg.partition()
             work = self.parts.get(f"{topic}/{partition}")
             target = work.target if work is not None else None
-            buf = work.buffer if work is not None else None
+            buf = work.buffer if work is not None else []  # no work: the run is skipped, nothing buffered
             count = size = 0
             newest = last = -1
             beyond = False
@@ -311,7 +312,7 @@ class BackupWorker(Job):
             work.buffer_bytes = pending
             if last >= 0:
                 work.position = last + 1
-            if beyond:
+            if beyond and target is not None:  # beyond is only ever set with a target
                 work.position = max(work.position, target)
             if count:
                 work.newest_available_ts = max(work.newest_available_ts or 0, newest)
@@ -319,11 +320,13 @@ class BackupWorker(Job):
                 counts[0] += count
                 counts[1] += size
 
-    def _reached_end(self, msg) -> None:
-        """All records up to the end were delivered: the position steps over transaction markers too."""
+    def _reached_end(self, msg: Message) -> None:
+        """All records up to the end were delivered: the position steps over transaction markers too.
+        An end without an offset says nothing about where the end is: the position stays."""
         work = self.parts.get(f"{msg.topic()}/{msg.partition()}")
-        if work is not None and work.target is not None:
-            work.position = max(work.position, min(msg.offset(), work.target))
+        end = msg.offset()
+        if work is not None and work.target is not None and end is not None:
+            work.position = max(work.position, min(end, work.target))
 
     def _flush_due(self) -> None:
         now = time.monotonic()
@@ -349,11 +352,12 @@ class BackupWorker(Job):
         data, raw_size = segments.encode(work.topic, work.partition, records, alg)
         start, end = records[0][0], records[-1][0] + 1
         timestamps = [r[1] for r in records]
+        newest: int = max(timestamps)
         info = layout.SegmentInfo(
             key=layout.segment_key(self.id, work.topic, work.partition, start, alg),
             start_offset=start, end_offset=end, records=len(records), bytes=nbytes,
             uncompressed_bytes=raw_size, stored_bytes=len(data), algorithm=alg,
-            min_ts=min(timestamps), max_ts=max(timestamps), sha256=layout.digest(data),
+            min_ts=min(timestamps), max_ts=newest, sha256=layout.digest(data),
             covers_from=work.next_offset,
         )
         self.storage.put(info.key, data, "segment")
@@ -362,7 +366,7 @@ class BackupWorker(Job):
             self.storage.put(key, chunk, "index")
         self._write_checkpoint(work, head)
         covers_from, work.next_offset = work.next_offset, end
-        work.newest_stored_ts = max(work.newest_stored_ts or 0, info.max_ts)
+        work.newest_stored_ts = max(work.newest_stored_ts or 0, newest)
         self.reporter.report(work.reports, info, covers_from)
         self._commit(work)
 
@@ -519,6 +523,7 @@ class BackupWorker(Job):
             log.warning("could not record the run's end in the manifest: %s", err)
 
 
-def run_backup(bootstrap: str, telemetry_bootstrap: str, bcfg: BackupConfig, tcfg, storage: Storage) -> int:
+def run_backup(bootstrap: str, telemetry_bootstrap: str, bcfg: BackupConfig, tcfg: TelemetryConfig,
+               storage: Storage) -> int:
     emitter = Emitter(telemetry_bootstrap or bootstrap, tcfg, "backup", bcfg.backup_id)
     return run_reporting(BackupWorker(bootstrap, bcfg, storage, emitter), emitter)

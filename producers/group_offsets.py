@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from kafka_backup.producers import layout
@@ -23,10 +23,11 @@ TIMEOUT_S = 15
 BATCH = 50
 
 
-def _text(err) -> str:
+def _text(err: Exception | KafkaError) -> str:
+    """One line for an admin call's error: a KafkaException's KafkaError, else the error's text."""
     if isinstance(err, KafkaException) and err.args:
         err = err.args[0]
-    return err.str() if hasattr(err, "str") else str(err)
+    return err.str() if isinstance(err, KafkaError) else str(err)
 
 
 def read(admin: AdminClient, topics: set[str], wanted: list[str]) -> tuple[dict[str, layout.GroupSnapshot], list[str]]:

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+from collections.abc import Callable, Iterator
 from itertools import pairwise
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -329,7 +330,14 @@ class _Version(msgspec.Struct):
     version: int = 0
 
 
-def _decode(data: bytes, type_: type, key: str):
+class _Versioned(Protocol):
+    version: int
+
+
+Doc = TypeVar("Doc", bound=_Versioned)
+
+
+def _decode(data: bytes, type_: type[Doc], key: str) -> Doc:
     try:
         doc = msgspec.json.decode(data, type=type_)
     except msgspec.ValidationError as err:
@@ -439,7 +447,7 @@ def append(backup_id: str, cp: Checkpoint, info: SegmentInfo,
     return head, writes
 
 
-def chunks(cp: Checkpoint, read, backup_id: str, stop_below: int = -1):
+def chunks(cp: Checkpoint, read: Callable[[str], bytes], backup_id: str, stop_below: int = -1) -> Iterator[IndexChunk]:
     """Yield the sealed chunks, newest first, each checked against the digest naming it.
 
     ``read(key) -> bytes``. Stops once a chunk ends at or below ``stop_below``.
@@ -453,7 +461,7 @@ def chunks(cp: Checkpoint, read, backup_id: str, stop_below: int = -1):
         where, ref = ref.key, chunk.previous
 
 
-def all_segments(cp: Checkpoint, read, backup_id: str) -> list[SegmentInfo]:
+def all_segments(cp: Checkpoint, read: Callable[[str], bytes], backup_id: str) -> list[SegmentInfo]:
     """Every segment of the partition in offset order: the chunks' and the head's, keys checked."""
     out: list[SegmentInfo] = []
     for chunk in chunks(cp, read, backup_id):

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TextIO
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -129,7 +130,7 @@ def _parse_map(entries: list[str]) -> dict[str, str]:
 
 
 class OffsetFollow:
-    def __init__(self, bootstrap: str, cfg: OffsetResetConfig, storage: Storage, out=None) -> None:
+    def __init__(self, bootstrap: str, cfg: OffsetResetConfig, storage: Storage, out: TextIO | None = None) -> None:
         validate(cfg)
         self.bootstrap = bootstrap
         self.cfg = cfg
@@ -260,11 +261,14 @@ class OffsetFollow:
                         if err.code() == KafkaError._PARTITION_EOF:
                             return None
                         raise KafkaException(err)
-                    if msg.offset() >= hi:
+                    offset = msg.offset()
+                    if offset is None:  # no position to move a group to: stepped over like an unmarked record
+                        continue
+                    if offset >= hi:
                         return None
                     original = _original_offset(msg.headers())
                     if original is not None:
-                        return msg.offset(), original
+                        return offset, original
         finally:
             c.unassign()
         raise OffsetResetFailed(f"reading {topic}/{partition} from offset {start} timed out after "
@@ -326,23 +330,24 @@ class OffsetFollow:
                 pass
 
 
-def _original_offset(headers) -> int | None:
+def _original_offset(headers: Mapping[str, str | bytes | None] | Iterable[tuple[str, str | bytes | None]] | None
+                     ) -> int | None:
     """The last ``kafka-backup.offset`` header's value (a restore of a restore appends its own last)."""
     value = None
-    for name, raw in headers or []:
+    for name, raw in headers.items() if isinstance(headers, Mapping) else headers or []:
         if name == layout.OFFSET_HEADER:
             value = raw
     if value is None:
         return None
     try:
-        text = value.decode("ascii")
+        text = value if isinstance(value, str) else value.decode("ascii")
     except UnicodeDecodeError:
         return None
     return int(text) if text.isdigit() else None
 
 
 def run_offset_follow(bootstrap: str, telemetry_bootstrap: str, cfg: OffsetResetConfig, tcfg: TelemetryConfig,
-                      storage: Storage, out=None) -> int:
+                      storage: Storage, out: TextIO | None = None) -> int:
     validate(cfg)
     follow = OffsetFollow(bootstrap, cfg, storage, out)
     try:

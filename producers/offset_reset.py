@@ -31,6 +31,7 @@ such record goes to its end (the high watermark), as
 from __future__ import annotations
 
 import logging
+from typing import TextIO
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -54,8 +55,9 @@ class OffsetResetFailed(JobFailed):
 
 
 def target_of(cfg: OffsetResetConfig) -> str:
-    """Which of the three targets was asked for; exactly one must be."""
-    given = [name for name, on in (("to_timestamp", cfg.to_timestamp is not None),
+    """Which of the three targets was asked for; exactly one must be. An empty ``to_timestamp`` is no
+    time (as an empty environment variable is no value): ``to_timestamp`` is the target only with a time."""
+    given = [name for name, on in (("to_timestamp", timestamp_ms(cfg) is not None),
                                    ("to_earliest", cfg.to_earliest), ("to_latest", cfg.to_latest)) if on]
     if len(given) != 1:
         what = "none" if not given else " and ".join("--" + g.replace("_", "-") for g in given)
@@ -84,7 +86,7 @@ def timestamp_ms(cfg: OffsetResetConfig) -> int | None:
 class OffsetReset(Job):
     failed = OffsetResetFailed
 
-    def __init__(self, bootstrap: str, cfg: OffsetResetConfig, emitter: Reporter, out=None) -> None:
+    def __init__(self, bootstrap: str, cfg: OffsetResetConfig, emitter: Reporter, out: TextIO | None = None) -> None:
         self.bootstrap = bootstrap
         self.cfg = cfg
         self.group = cfg.group
@@ -154,6 +156,7 @@ class OffsetReset(Job):
                 return [TopicPartition(tp.topic, tp.partition, ends[(tp.topic, tp.partition)][0]) for tp in tps]
             if self.target == "to_latest":
                 return [TopicPartition(tp.topic, tp.partition, ends[(tp.topic, tp.partition)][1]) for tp in tps]
+            assert self.to_ms is not None, "target_of: to_timestamp is the target only with a time"
             found = consumer.offsets_for_times(
                 [TopicPartition(tp.topic, tp.partition, self.to_ms) for tp in tps], timeout=15)
             out = []
@@ -220,7 +223,7 @@ class OffsetReset(Job):
 
 
 def run_offset_reset(bootstrap: str, telemetry_bootstrap: str, cfg: OffsetResetConfig, tcfg: TelemetryConfig,
-                     out=None, err=None) -> int:
+                     out: TextIO | None = None, err: TextIO | None = None) -> int:
     validate(cfg)  # user mistakes fail before anything is emitted
     if not cfg.execute:  # a preview changes nothing, so it is no job: no telemetry
         code = OffsetReset(bootstrap, cfg, NullEmitter(), out).preview()

@@ -139,7 +139,7 @@ class RestoreWorker(Job):
             self.writer.flush()
         self.targets.close()
 
-    def stop(self, *_args) -> None:
+    def stop(self, *_args: object) -> None:
         """Signal handler: finish the batch in flight (acknowledged and checkpointed), then stop."""
         self.stopping.set()
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from kafka_backup.producers import layout, segments
+from kafka_backup.producers import layout
 from kafka_backup.producers.restore_scope import RestoreFailed, Window
 from kafka_backup.producers.run import Reporter
+from kafka_backup.producers.segments import StoredRecord  # by name: the method segments() hides the module
 from kafka_backup.producers.storage import Storage
 from kafka_backup.schemas import events as ev
 
@@ -29,7 +30,7 @@ class SegmentReader:
         self.emitter = emitter
         self.segments_of: dict[tuple[str, int], list[layout.SegmentInfo]] = {}
         self.owner_of: dict[str, tuple[str, int]] = {}  # segment key -> the partition whose index names it
-        self.cache: dict[str, list[segments.StoredRecord]] = {}
+        self.cache: dict[str, list[StoredRecord]] = {}
         self.cache_bytes = 0
         self.checked: set[str] = set()  # segments read and checked this run
         self.unverified: set[str] = set()  # of those, without a digest (layout 1)
@@ -58,10 +59,10 @@ class SegmentReader:
         cutoffs = cutoffs or []
         if self.window.misses(seg):
             return 0, [0] * len(cutoffs), None
-        known = seg.min_ts is not None and seg.max_ts is not None
-        if self.window.covers(seg) and known and all(
-                c is None or seg.max_ts < c or seg.min_ts >= c for c in cutoffs):
-            return seg.records, [seg.records if c is not None and seg.max_ts < c else 0 for c in cutoffs], seg.min_ts
+        lo, hi = seg.min_ts, seg.max_ts
+        if self.window.covers(seg) and lo is not None and hi is not None and all(
+                c is None or hi < c or lo >= c for c in cutoffs):
+            return seg.records, [seg.records if c is not None and hi < c else 0 for c in cutoffs], lo
         if self.window.covers(seg) and not cutoffs:
             return seg.records, [], seg.min_ts
         records = self.load(seg)
@@ -72,7 +73,7 @@ class SegmentReader:
         older = [0 if c is None else sum(1 for t in inside if t < c) for c in cutoffs]
         return len(inside), older, min(inside, default=None)
 
-    def load(self, seg: layout.SegmentInfo) -> list[segments.StoredRecord]:
+    def load(self, seg: layout.SegmentInfo) -> list[StoredRecord]:
         cached = self.cache.pop(seg.key, None)
         if cached is not None:
             self.cache_bytes -= seg.uncompressed_bytes
@@ -91,7 +92,7 @@ class SegmentReader:
             self.unverified.add(seg.key)
         return records
 
-    def records(self, cur: layout.RestoreCursor, start: int) -> Iterator[segments.StoredRecord]:
+    def records(self, cur: layout.RestoreCursor, start: int) -> Iterator[StoredRecord]:
         """The partition's in-scope records from source offset ``start``, in offset order."""
         for seg in self.segments(cur):
             if seg.end_offset <= start or seg.start_offset >= cur.end_offset or self.window.misses(seg):

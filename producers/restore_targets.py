@@ -24,10 +24,11 @@ from kafka_backup.producers.run import Reporter
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import ConfigError, RestoreConfig
 from kafka_backup.schemas.kafka_admin import client_config
+from kafka_backup.schemas.signing import ProducedHeaders
 
 log = logging.getLogger("kafka_backup.restore")
 
-Headers = Callable[[segments.StoredRecord], "list[tuple[str, bytes | None]]"]
+Headers = Callable[[segments.StoredRecord], ProducedHeaders]
 
 
 class TargetLimits:

@@ -15,9 +15,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TextIO
+from typing import TYPE_CHECKING, Never, TextIO
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, Message, Producer
 
 from kafka_backup.producers import layout, segments
 from kafka_backup.producers.restore_scope import RestoreFailed, RestoreInterrupted
@@ -27,6 +27,10 @@ from kafka_backup.producers.telemetry import classify_kafka_error
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import RestoreConfig
 from kafka_backup.schemas.kafka_admin import client_config
+from kafka_backup.schemas.signing import ProducedHeaders
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 CHECKPOINT_EVERY_S = 1.0  # acknowledged batches are checkpointed at least this often ...
 CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024  # ... or after this many key+value bytes
@@ -34,7 +38,7 @@ MAX_IN_FLIGHT = 50_000  # records produced but not yet acknowledged, per partiti
 RATE_SLICE_S = 0.25  # with a rate limit, a batch holds at most this many seconds' worth of records
 
 
-def record_headers(r: segments.StoredRecord, offset_header: bool) -> list[tuple[str, bytes | None]]:
+def record_headers(r: segments.StoredRecord, offset_header: bool) -> ProducedHeaders:
     """The record's headers, and (unless ``restore.offset_header`` was off when the restore began)
     ``kafka-backup.offset``: its source offset, appended last, for ``offset-reset --from-backup``."""
     if not offset_header:
@@ -69,22 +73,25 @@ class Pacer:
 class Flight:
     """One produced batch and its delivery reports."""
 
-    __slots__ = ("batch", "offsets", "failures")
+    __slots__ = ("batch", "offsets", "failures", "unplaced")
 
     def __init__(self, batch: list[segments.StoredRecord]) -> None:
         self.batch = batch
         self.offsets: list[int] = []
         self.failures: list[KafkaError] = []
+        self.unplaced = 0  # acknowledged without an offset: where they landed is unknown, so not claimed
 
-    def delivered(self, err: KafkaError | None, msg) -> None:
-        if err is None:
-            self.offsets.append(msg.offset())
-        else:
+    def delivered(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
             self.failures.append(err)
+        elif (offset := msg.offset()) is not None:
+            self.offsets.append(offset)
+        else:
+            self.unplaced += 1
 
     @property
     def done(self) -> bool:
-        return len(self.offsets) + len(self.failures) >= len(self.batch)
+        return len(self.offsets) + len(self.failures) + self.unplaced >= len(self.batch)
 
 
 
@@ -125,7 +132,7 @@ class Writer:
             }))
         return self._producer
 
-    def headers(self, r: segments.StoredRecord) -> list[tuple[str, bytes | None]]:
+    def headers(self, r: segments.StoredRecord) -> ProducedHeaders:
         return record_headers(r, self.checkpoint.offset_header)
 
     def restore_partition(self, cur: layout.RestoreCursor, records: Iterator[segments.StoredRecord]) -> None:
@@ -151,7 +158,7 @@ class Writer:
             self._settle(cur, flights, wait=True)
             self.checkpoint_progress()
 
-    def _send(self, cur: layout.RestoreCursor, batch: list[segments.StoredRecord], flights: deque) -> None:
+    def _send(self, cur: layout.RestoreCursor, batch: list[segments.StoredRecord], flights: deque[Flight]) -> None:
         """Produce a batch without waiting for it; settle the batches before it that are acknowledged."""
         self.pacer.pace(len(batch))
         flight = Flight(batch)
@@ -177,7 +184,7 @@ class Writer:
             self.emitter.poll()
             self._settle(cur, flights, wait=False)
 
-    def _settle(self, cur: layout.RestoreCursor, flights: deque, wait: bool) -> None:
+    def _settle(self, cur: layout.RestoreCursor, flights: deque[Flight], wait: bool) -> None:
         """Claim the acknowledged batches at the front, in order (with ``wait``, all of them)."""
         while flights:
             flight = flights[0]
@@ -195,7 +202,8 @@ class Writer:
                 self.checkpoint_progress()  # the batches before this one are good
                 err = flight.failures[0] if flight.failures else None
                 error_type, transient = classify_kafka_error(err) if err else ("broker_connection", True)
-                text = err.str() if err else "records not acknowledged"
+                text = (err.str() if err else f"{flight.unplaced} records acknowledged without an offset"
+                        if flight.unplaced else "records not acknowledged")
                 self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient, operation="produce",
                                   message=text[:500])
                 raise RestoreFailed(f"target {cur.target_topic}/{cur.partition}: {text}; the checkpoint holds the "
@@ -238,7 +246,7 @@ class Writer:
             self._producer.flush(10)
 
 
-def _open_bar(cp: layout.RestoreCheckpoint, restore_id: str, progress_file: TextIO):
+def _open_bar(cp: layout.RestoreCheckpoint, restore_id: str, progress_file: TextIO) -> tqdm[Never]:
     """tqdm's bar (records, rate, ETA) on a terminal; nothing when stderr is a file or a pipe."""
     from tqdm import tqdm
 

@@ -20,9 +20,9 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 
 from kafka_backup.producers.layout import MetadataError
 from kafka_backup.producers.storage import OpReport, StorageError
@@ -43,9 +43,13 @@ class JobInterrupted(JobFailed):
 class Reporter(Protocol):
     """What a job needs of its telemetry: the emitter, or ``NullEmitter`` without a cluster."""
 
-    def emit(self, event_type: type[ev.Event], **fields) -> None: ...
+    instance: str  # who emits: recorded in a backup's manifest run
+
+    def emit(self, event_type: type[ev.Event], **fields: Any) -> None: ...
 
     def storage_op(self, backend: str, r: OpReport) -> None: ...
+
+    def kafka_error(self, err: KafkaError, operation: str) -> None: ...
 
     def run_failure(self, err: StorageError | KafkaException, operation: str) -> str: ...
 
@@ -60,11 +64,15 @@ class NullEmitter:
 
     instance = "local"
 
-    def emit(self, *_args, **_kwargs) -> None:
+    def emit(self, event_type: type[ev.Event], **fields: Any) -> None:
         pass
 
-    def storage_op(self, *_args) -> None:
+    def storage_op(self, backend: str, r: OpReport) -> None:
         pass
+
+    def kafka_error(self, err: KafkaError, operation: str) -> None:
+        """Nothing to report it to; the line is still logged, as the emitter logs it."""
+        log.warning("kafka: %s", err.str())
 
     def run_failure(self, err: StorageError | KafkaException, _operation: str) -> str:
         if isinstance(err, KafkaException):
@@ -121,7 +129,7 @@ class Job:
         """The message a storage or Kafka failure ends the run with (``JobEnded`` keeps ``reason``)."""
         return reason
 
-    def stop(self, *_args) -> None:
+    def stop(self, *_args: object) -> None:
         """Signal handler: stop at the next safe point."""
 
     def run(self) -> int:

@@ -86,7 +86,9 @@ def encode(topic: str, partition: int, records: list[StoredRecord] | list[tuple]
     ``records`` may be ``StoredRecord``s or plain tuples of the same fields in the same order (the
     backup's buffer): both encode to the same msgpack array, so the segment bytes are identical.
     """
-    raw = _encoder.encode(Segment(FORMAT_VERSION, topic, partition, records))
+    # the fields of a Segment as a tuple: an array_like Struct and a tuple are the same msgpack array,
+    # and a tuple may hold the backup's plain tuples where a Segment is declared to hold StoredRecords
+    raw = _encoder.encode((FORMAT_VERSION, topic, partition, records))
     return compress(raw, algorithm), len(raw)
 
 

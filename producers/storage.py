@@ -6,6 +6,7 @@ Backends only move bytes and raise :class:`StorageError` with a PRD error type
 directory, a bucket) is missing. :class:`Storage` wraps one backend
 to time each call from request to response, retry transient failures, and
 report it all through a callback, so the workers' code never measures by hand.
+What :class:`Storage` needs of a backend is the :class:`Backend` protocol.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from kafka_backup.schemas.config import ConfigError
 
 TRANSIENT = frozenset({"timeout", "quota", "unknown"})
+T = TypeVar("T")
 
 
 class StorageError(Exception):
@@ -41,6 +44,22 @@ class Missing(StorageError):
     def __init__(self, message: str, root: str = "") -> None:
         super().__init__("not_found", message)
         self.root = root
+
+
+class Backend(Protocol):
+    """What :class:`Storage` needs of a backend (:class:`FileBackend`, :class:`S3Backend`): whole objects
+    by key, and the names under a prefix. Failures are :class:`StorageError`s; absence is :class:`Missing`."""
+
+    @property
+    def name(self) -> str:
+        """The backend's label in metrics (``filesystem``, ``s3``)."""
+        ...
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def children(self, prefix: str) -> list[str]: ...
 
 
 class FileBackend:
@@ -134,10 +153,11 @@ class S3Backend:
 
     def get(self, key: str) -> bytes:
         resp = self._call(self.client.get_object, key, Bucket=self.bucket, Key=self._key(key))
-        return resp["Body"].read()
+        data: bytes = resp["Body"].read()
+        return data
 
     def children(self, prefix: str) -> list[str]:
-        out = []
+        out: list[str] = []
         paginator = self.client.get_paginator("list_objects_v2")
         base = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         try:
@@ -147,7 +167,7 @@ class S3Backend:
             raise _classify_boto(err, prefix, self.bucket) from None
         return sorted(out)
 
-    def _call(self, fn: Callable, key: str, **kwargs):
+    def _call(self, fn: Callable[..., Any], key: str, **kwargs: Any) -> Any:  # boto3 is untyped
         try:
             return fn(**kwargs)
         except Exception as err:
@@ -181,7 +201,7 @@ def _classify_boto(err: Exception, key: str, bucket: str) -> StorageError:
     return StorageError("unknown", f"{key}: {err}")
 
 
-def open_backend(url: str, s3_endpoint_url: str = "", field: str = "backup.storage") -> FileBackend | S3Backend:
+def open_backend(url: str, s3_endpoint_url: str = "", field: str = "backup.storage") -> Backend:
     """``file:///dir`` (or a plain path) or ``s3://bucket/prefix``.
 
     ``field`` is the configuration key named in errors (``restore.storage`` for a restore).
@@ -216,7 +236,7 @@ class OpReport:
 class Storage:
     """A backend plus timing, retries of transient errors, and reports of every attempt."""
 
-    def __init__(self, backend: FileBackend | S3Backend, listener: Callable[[OpReport], None] | None = None,
+    def __init__(self, backend: Backend, listener: Callable[[OpReport], None] | None = None,
                  retries: int = 3, backoff_s: float = 0.2) -> None:
         self.backend = backend
         self.listener = listener or (lambda report: None)
@@ -255,7 +275,7 @@ class Storage:
         """Names directly under ``prefix``, as a listing call (not reported: it moves no data)."""
         return self.backend.children(prefix)
 
-    def _attempt(self, direction: str, operation: str, call: Callable, size: Callable):
+    def _attempt(self, direction: str, operation: str, call: Callable[[], T], size: Callable[[T], int]) -> T:
         attempt = 0
         while True:
             start = time.perf_counter()

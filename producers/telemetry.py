@@ -19,8 +19,9 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from kafka_backup.producers.spool import Spool
 from kafka_backup.producers.storage import OpReport, StorageError
@@ -68,7 +69,7 @@ def new_instance_id() -> str:
 
 
 class Emitter:
-    def __init__(self, bootstrap_servers: str, tcfg: TelemetryConfig, kind: str, job: str,
+    def __init__(self, bootstrap_servers: str, tcfg: TelemetryConfig, kind: ev.JobKind, job: str,
                  instance: str | None = None) -> None:
         self.topic = tcfg.topic
         self.kind = kind
@@ -105,7 +106,7 @@ class Emitter:
         ))
 
     def emit(self, event_type: type[ev.Event], on_delivered: Callable[[bool], None] | None = None,
-             **fields) -> None:
+             **fields: Any) -> None:
         """Queue one event. ``on_delivered(True)`` once it is safe: acknowledged by the telemetry
         cluster, or appended to the spool (which outlives the process); ``on_delivered(False)``
         once it is lost (dropped, counted). A worker killed before either leaves it unsaid.
@@ -155,7 +156,7 @@ class Emitter:
         else:
             callback = self._on_delivery
             if on_delivered is not None:
-                def callback(err, msg, then=on_delivered):
+                def callback(err: KafkaError | None, msg: Message, then: Callable[[bool], None] = on_delivered) -> None:
                     self._on_delivery(err, msg)
                     then(err is None)
             try:
@@ -173,7 +174,7 @@ class Emitter:
         self._producer.poll(0)
         self._maybe_report_drops()
 
-    def _headers(self, payload: bytes) -> list[tuple[str, bytes]] | None:
+    def _headers(self, payload: bytes) -> signing.ProducedHeaders | None:
         return signing.headers(self._signing_key, self.key, payload)
 
     @staticmethod
@@ -200,8 +201,7 @@ class Emitter:
     def _drain_spool(self) -> None:
         """Move spooled events back into the producer queue while it has room."""
         spool = self._spool
-        while spool is not None and spool.pending:
-            payload = spool.peek()
+        while spool is not None and (payload := spool.peek()) is not None:  # None: nothing pending
             try:
                 self._producer.produce(self.topic, payload, self.key, headers=self._headers(payload),
                                        on_delivery=self._on_delivery)
@@ -209,7 +209,7 @@ class Emitter:
                 return
             spool.pop()
 
-    def _on_delivery(self, err: KafkaError | None, msg) -> None:
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.delivered_at = time.monotonic()
         else:

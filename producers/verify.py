@@ -41,7 +41,7 @@ from kafka_backup.producers.run import (
 )
 from kafka_backup.producers.storage import Missing, OpReport, Storage, StorageError
 from kafka_backup.schemas import events as ev
-from kafka_backup.schemas.config import VerifyConfig
+from kafka_backup.schemas.config import TelemetryConfig, VerifyConfig
 
 log = logging.getLogger("kafka_backup.verify")
 
@@ -74,7 +74,7 @@ class VerifyWorker(Job):
     def _on_storage_op(self, r: OpReport) -> None:
         self.emitter.storage_op(self.storage.name, r)
 
-    def stop(self, *_args) -> None:
+    def stop(self, *_args: object) -> None:
         self.stopping = True
 
     def begin(self) -> None:
@@ -179,7 +179,7 @@ class VerifyWorker(Job):
                               backend=self.storage.name, message=line[:500])
 
 
-def run_verify(telemetry_bootstrap: str, cfg: VerifyConfig, tcfg, storage: Storage, out: TextIO | None = None) -> int:
+def run_verify(telemetry_bootstrap: str, cfg: VerifyConfig, tcfg: TelemetryConfig, storage: Storage, out: TextIO | None = None) -> int:
     from kafka_backup.producers.telemetry import Emitter
 
     emitter: Reporter

@@ -22,6 +22,9 @@ MIN_KEY_BYTES = 16
 # A record's headers as the clients hand them over: (name, value) pairs (confluent-kafka, recorded
 # logs) or a mapping (Faust); a name may arrive as bytes, a value may be None.
 Headers = Iterable[tuple[str | bytes, bytes | None]] | Mapping[str, bytes | None] | Mapping[bytes, bytes | None]
+# A record's headers as a producer is handed them: confluent-kafka's Producer.produce takes a list of
+# (name, value) pairs, a value being str, bytes or None (a list is invariant: the pairs are declared so).
+ProducedHeaders = list[tuple[str, str | bytes | None]]
 
 
 def load_key(path: str) -> bytes | None:
@@ -47,7 +50,7 @@ def sign(key: bytes, record_key: bytes | None, value: bytes | None) -> bytes:
     return b"sha256=" + mac.hexdigest().encode()
 
 
-def headers(key: bytes | None, record_key: bytes | None, value: bytes | None) -> list[tuple[str, bytes]] | None:
+def headers(key: bytes | None, record_key: bytes | None, value: bytes | None) -> ProducedHeaders | None:
     """The headers a worker adds to a record (None without a key)."""
     return None if key is None else [(HEADER, sign(key, record_key, value))]
 

@@ -21,12 +21,16 @@ since the last measurement could cross ``max_state_bytes``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.state import JobState, decode_state, encode_state
 from kafka_backup.streams import fold
 
 GROWTH_PER_EVENT = 4096
 GROWTH_PER_BYTE = 16
+
+Load = Callable[[bytes], "bytes | None"]  # a job's encoded state from the table (None: no state yet)
 
 
 class Entry:
@@ -47,13 +51,13 @@ class WorkingSet:
         self.entries: dict[bytes, Entry] = {}
         self.dirty: dict[int, set[bytes]] = {}  # telemetry partition -> keys changed since the last flush
 
-    def entry(self, key: bytes, partition: int, load) -> Entry:
+    def entry(self, key: bytes, partition: int, load: Load) -> Entry:
         e = self.entries.get(key)
         if e is None:
             e = self.entries[key] = Entry(load(key), partition)
         return e
 
-    def apply(self, key: bytes, partition: int, event: ev.Event, payload_len: int, load) -> tuple[bool, str | None]:
+    def apply(self, key: bytes, partition: int, event: ev.Event, payload_len: int, load: Load) -> tuple[bool, str | None]:
         """Fold ``event`` into the job's working state (``load(key)`` reads it from the table the first time).
 
         Returns ``(changed, refused_reason)``; a duplicate is ``(False, None)``. An exception from
@@ -68,6 +72,8 @@ class WorkingSet:
         except Exception:
             self._rebuild(e)
             raise
+        if new is None:  # a duplicate after all: nothing changed
+            return False, None
         reason = fold.over_limit(new, self.settings)
         if reason is None:
             e.growth += GROWTH_PER_EVENT + GROWTH_PER_BYTE * payload_len

@@ -331,3 +331,14 @@ def test_counters_saturate_instead_of_outgrowing_msgpack():
     state = fold_all([segment(w, 0, big, records=big, nbytes=big), other])  # two partitions: 2 * (2^63 - 1)
     assert state.records == state.bytes == ev.MAX_INT
     assert decode_state(encode_state(state)).records == ev.MAX_INT
+
+
+def test_sums_over_partitions_saturate_too():
+    """Found by the property tests: offsets near 2**63 on three partitions summed past 2**64 in the
+    status window, and the state could no longer be encoded."""
+    w = Worker()
+    big = ev.MAX_INT - 5
+    started = w(ev.JobStarted, mode="continuous")
+    state = fold_all([started, w(ev.Progress, partitions=[ev.PartitionProgress("t", p, big, big) for p in range(3)])])
+    assert state.window[-1].committed == ev.MAX_INT
+    assert decode_state(encode_state(state)).window[-1].committed == ev.MAX_INT

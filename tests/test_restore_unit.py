@@ -86,7 +86,9 @@ def test_scope_counts_exactly_and_reads_only_straddling_segments_once(tmp_path):
 
 def test_offset_reset_needs_exactly_one_target():
     assert target_of(OffsetResetConfig(group="g", topics=["t"], to_timestamp=0)) == "to_timestamp"
-    for cfg in (OffsetResetConfig(), OffsetResetConfig(to_earliest=True, to_latest=True)):
+    # an empty --to-timestamp is no time: it used to count as the target and reach the broker as offset None
+    for cfg in (OffsetResetConfig(), OffsetResetConfig(to_earliest=True, to_latest=True),
+                OffsetResetConfig(to_timestamp="")):
         with pytest.raises(ConfigError, match="exactly one"):
             target_of(cfg)
 
