@@ -68,19 +68,19 @@ def fleet_events(events: int, jobs: int) -> list[tuple[bytes, bytes]]:
 
             ts = now - 60 + cycle * 0.001
             if cycle == 0:
-                emit(ev.JobStarted(instance=inst, seq=nxt(), ts=ts, job=job, mode="continuous", topics=["t"]))
+                emit(ev.JobStarted(worker=inst, seq=nxt(), ts=ts, job=job, mode="continuous", topics=["t"]))
             p = cycle % JOB_PARTITIONS
-            emit(ev.Progress(instance=inst, seq=nxt(), ts=ts, job=job, fetches=3,
+            emit(ev.Progress(worker=inst, seq=nxt(), ts=ts, job=job, fetches=3,
                              partitions=[ev.PartitionProgress("t", q, offsets[j][q], offsets[j][q] + 50,
                                                               int(ts * 1000), int(ts * 1000) + 5)
                                          for q in range(JOB_PARTITIONS)],
                              consumed=[ev.TopicConsumed("t", 100, 10_000)]))
             start = offsets[j][p]
-            emit(ev.SegmentStored(instance=inst, seq=nxt(), ts=ts, job=job, topic="t", partition=p,
+            emit(ev.SegmentStored(worker=inst, seq=nxt(), ts=ts, job=job, topic="t", partition=p,
                                   start_offset=start, end_offset=start + 100, covers_from=start, records=100,
                                   bytes=10_000, uncompressed_bytes=12_000, stored_bytes=3_000, algorithm="zstd"))
             offsets[j][p] = start + 100
-            emit(ev.OffsetsCommitted(instance=inst, seq=nxt(), ts=ts, job=job,
+            emit(ev.OffsetsCommitted(worker=inst, seq=nxt(), ts=ts, job=job,
                                      offsets=[ev.TopicPartitionOffset("t", p, start + 100)]))
         cycle += 1
     return out[:events]
@@ -95,7 +95,7 @@ def fill(bootstrap: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> dic
         p.produce(topic, key=key, value=value)
         p.poll(0)
         e = ev.decode(value)
-        last[e.instance] = e.seq
+        last[e.worker] = e.seq
     assert p.flush(60) == 0
     return last
 

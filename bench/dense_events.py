@@ -22,7 +22,7 @@ from kafka_backup.streams import fold
 def cycles_dense(partitions: int, cycles: int) -> list[bytes]:
     out = []
     for c in range(cycles):
-        out.append(ev.encode(ev.Progress(instance="w", seq=c + 1, ts=1_790_000_000.0 + c * 0.5, job="b",
+        out.append(ev.encode(ev.Progress(worker="w", seq=c + 1, ts=1_790_000_000.0 + c * 0.5, job="b",
                                          partitions=[ev.PartitionProgress("t", p, c * 10, c * 10 + 5)
                                                      for p in range(partitions)],
                                          consumed=[ev.TopicConsumed("t", 10 * partitions, 1000 * partitions)],
@@ -35,7 +35,7 @@ def cycles_sparse(partitions: int, cycles: int) -> list[bytes]:
     for c in range(cycles):
         for p in range(partitions):
             seq += 1
-            out.append(ev.encode(ev.Progress(instance="w", seq=seq, ts=1_790_000_000.0 + c * 0.5, job="b",
+            out.append(ev.encode(ev.Progress(worker="w", seq=seq, ts=1_790_000_000.0 + c * 0.5, job="b",
                                              partitions=[ev.PartitionProgress("t", p, c * 10, c * 10 + 5)],
                                              consumed=[ev.TopicConsumed("t", 10, 1000)], fetches=1)))
     return out

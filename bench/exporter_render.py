@@ -39,7 +39,7 @@ START = T0 + 100  # the jobs are older than the rate window, as in a running fle
 def states(jobs: int, partitions: int) -> dict:
     out = {}
     for j in range(jobs):
-        w = dict(instance=f"w{j}", job=f"job-{j}")
+        w = dict(worker=f"w{j}", job=f"job-{j}")
         s = fold.apply(None, ev.JobStarted(**w, seq=1, ts=T0, mode="continuous"))
         s = fold.apply(s, ev.Progress(**w, seq=2, ts=T0 + 1, fetches=2,
                                       partitions=[ev.PartitionProgress("t", p, 100, 150, int(T0 * 1000), int(T0 * 1000) + 5)

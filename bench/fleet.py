@@ -51,7 +51,7 @@ class Worker:
 
         def emit(cls, **fields) -> None:
             self.seq += 1
-            out.append(ev.encode(cls(instance=self.inst, seq=self.seq, ts=now, job=self.job, **fields)))
+            out.append(ev.encode(cls(worker=self.inst, seq=self.seq, ts=now, job=self.job, **fields)))
 
         if self.seq == 0:
             emit(ev.JobStarted, mode="continuous", topics=["t"])

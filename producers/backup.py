@@ -506,7 +506,7 @@ class BackupWorker(Job):
         manifest.version = layout.LAYOUT_VERSION
         manifest.compression = self.cfg.compression
         manifest.updated_ts = now
-        self.run_record = layout.Run(self.emitter.instance, now, mode="continuous" if self.cfg.continuous
+        self.run_record = layout.Run(self.emitter.worker, now, mode="continuous" if self.cfg.continuous
                                      else "one-shot")
         manifest.runs.append(self.run_record)
         self.storage.put(layout.manifest_key(self.id), layout.encode(manifest), "manifest")

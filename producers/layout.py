@@ -167,7 +167,7 @@ TOPIC_CONFIG_KEYS = (
 
 
 class Run(msgspec.Struct, omit_defaults=True):
-    instance: str
+    worker: str = msgspec.field(name="instance")  # the manifest keeps layout 1's name
     started_ts: float
     ended_ts: float | None = None
     status: str = "running"

@@ -43,7 +43,7 @@ class JobInterrupted(JobFailed):
 class Reporter(Protocol):
     """What a job needs of its telemetry: the emitter, or ``NullEmitter`` without a cluster."""
 
-    instance: str  # who emits: recorded in a backup's manifest run
+    worker: str  # who emits: recorded in a backup's manifest run
 
     def emit(self, event_type: type[ev.Event], **fields: Any) -> None: ...
 
@@ -62,7 +62,7 @@ class NullEmitter:
     """Stands in for the telemetry emitter when no Kafka cluster was given (verify) or nothing may be
     emitted (a restore's dry run): the run still does its work."""
 
-    instance = "local"
+    worker = "local"
 
     def emit(self, event_type: type[ev.Event], **fields: Any) -> None:
         pass

@@ -5,7 +5,7 @@ emitter appends encoded events here instead of dropping them, and feeds them
 back, oldest first, as the queue drains. While anything is spooled, new events
 are spooled too, so one job's events keep their order. The file survives a
 crash: the next worker of the same job sends what is left (the events keep
-their original instance and sequence number, so a resend is deduplicated).
+their original worker and sequence number, so a resend is deduplicated).
 
 Format: repeated ``[4-byte big-endian length][payload]``; a read offset is kept
 in memory and persisted by rewriting the file only when it is fully drained

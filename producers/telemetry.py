@@ -63,20 +63,20 @@ def classify_kafka_error(err: KafkaError) -> tuple[str, bool]:
     return "broker_connection" if err.retriable() else "consumer_error", bool(err.retriable())
 
 
-def new_instance_id() -> str:
+def new_worker_id() -> str:
     """Unique per process start: sequence numbers restart at 0 with each instance."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 class Emitter:
     def __init__(self, bootstrap_servers: str, tcfg: TelemetryConfig, kind: ev.JobKind, job: str,
-                 instance: str | None = None) -> None:
+                 worker: str | None = None) -> None:
         self.topic = tcfg.topic
         self.kind = kind
         self.job = job
         self.key = ev.event_key(kind, job).encode()
-        self.instance = instance or new_instance_id()
-        logs.set_context(job=job, instance=self.instance)  # on this process's JSON log lines
+        self.worker = worker or new_worker_id()
+        logs.set_context(job=job, instance=self.worker)  # on JSON log lines: the key `instance` stays (log shippers parse it)
         self.seq = 0
         self.dropped = 0
         self.delivered_at = self.lost_at = 0.0
@@ -112,7 +112,7 @@ class Emitter:
         once it is lost (dropped, counted). A worker killed before either leaves it unsaid.
         """
         self.seq += 1
-        event = event_type(instance=self.instance, seq=self.seq, ts=time.time(), kind=self.kind, job=self.job,
+        event = event_type(worker=self.worker, seq=self.seq, ts=time.time(), kind=self.kind, job=self.job,
                            **fields)
         payload = ev.encode(event)
         if RUN_EVENTS is not None:
@@ -236,7 +236,7 @@ class Emitter:
         self._last_drop_report = now
         total = self.dropped
         self.seq += 1
-        event = ev.TelemetryDropped(instance=self.instance, seq=self.seq, ts=time.time(), kind=self.kind,
+        event = ev.TelemetryDropped(worker=self.worker, seq=self.seq, ts=time.time(), kind=self.kind,
                                     job=self.job, total=total)
         try:
             payload = ev.encode(event)
@@ -245,7 +245,7 @@ class Emitter:
             if RUN_EVENTS is not None:
                 RUN_EVENTS.append((self.key, payload))
             self._reported_dropped = total
-            log.warning("telemetry: %d events dropped so far by instance %s", total, self.instance)
+            log.warning("telemetry: %d events dropped so far by worker %s", total, self.worker)
         except BufferError:
             pass
 

@@ -6,10 +6,10 @@ a source of truth:
 
 * ``v``        schema version of the writer, so readers can skip what they do
                not understand instead of misreading it;
-* ``instance`` the emitting worker process (unique per process start);
-* ``seq``      a per-instance sequence number, strictly increasing, so a
+* ``worker``   the emitting worker process (unique per process start; ``instance`` on the wire);
+* ``seq``      a per-worker sequence number, strictly increasing, so a
                reader can drop duplicates and replays with one integer per
-               instance;
+               worker;
 * ``ts``       event time (epoch seconds) taken by the worker, never the
                aggregator's clock, so a replay computes the same values.
 
@@ -60,7 +60,7 @@ class Event(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
     """Envelope shared by every event."""
 
     v: int = SCHEMA_VERSION
-    instance: WorkerId
+    worker: WorkerId = msgspec.field(name="instance")  # the wire keeps schema v1's name
     seq: Count
     ts: EpochSeconds
     kind: JobKind = "backup"
@@ -231,7 +231,7 @@ class RestoreProgress(Event, tag="restore_progress"):
 
 
 class TelemetryDropped(Event, tag="telemetry_dropped"):
-    """Cumulative count of events this instance could not deliver; max() is idempotent."""
+    """Cumulative count of events this worker could not deliver; max() is idempotent."""
 
     total: Count
 
@@ -338,7 +338,8 @@ def render_markdown() -> str:
         rows = []
         for f in msgspec.structs.fields(cls):
             default = "" if f.required else f" = {f.default!r}" if f.default is not msgspec.NODEFAULT else " = []"
-            rows.append(f"`{f.name}: {_type_name(f.type)}{default}`")
+            wire = f" (`{f.encode_name}` on the wire)" if f.encode_name != f.name else ""
+            rows.append(f"`{f.name}: {_type_name(f.type)}{default}`{wire}")
         return ", ".join(rows)
 
     out = [

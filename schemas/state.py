@@ -197,7 +197,7 @@ class Compressed(msgspec.Struct, array_like=True):
 
 
 class Seen(msgspec.Struct, array_like=True):
-    """An instance's dedup mark: the highest ``seq`` folded in, and the time of its last event."""
+    """A worker's dedup mark: the highest ``seq`` folded in, and the time of its last event."""
 
     seq: int | float  # int; a float only as read from a value an older aggregator re-encoded (__post_init__)
     ts: float
@@ -263,8 +263,8 @@ class JobState(msgspec.Struct, omit_defaults=True):
     window: list[StatusSample] = []  # for the worker status (OK/WARN/STALL/STOP/ERROR)
     total_records: int | None = None  # restore: records in scope
     restored_total: int = 0  # restore: cumulative, including resumed runs
-    dropped: dict[str, int] = {}  # instance -> cumulative dropped events
-    seen: dict[str, Seen] = {}  # instance
+    dropped: dict[str, int] = {}  # worker -> cumulative dropped events
+    seen: dict[str, Seen] = {}  # worker
     checked_segments: int = 0  # verify/restore: segments read and checked, all runs
     unverified_segments: int = 0  # verify/restore: of those, without a digest (layout 1)
     verified_ts: float | None = None  # verify: event time of the last run that checked every segment

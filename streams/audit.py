@@ -20,7 +20,7 @@ REPORT_VERSION = 1
 
 
 class Run(msgspec.Struct):
-    instance: str
+    worker: str = msgspec.field(name="instance")  # the report keeps version 1's name
     started: str
     ended: str | None
     duration_s: float | None
@@ -86,16 +86,16 @@ def _runs(events: list[ev.AnyEvent], start: float, end: float) -> list[Run]:
     runs: list[Run] = []
     for e in events:
         if isinstance(e, ev.JobStarted):
-            started[e.instance] = e
+            started[e.worker] = e
         elif isinstance(e, ev.JobEnded):
-            s = started.pop(e.instance, None)
+            s = started.pop(e.worker, None)
             if start <= e.ts < end or (s is not None and start <= s.ts < end):
-                runs.append(Run(e.instance, iso_at(s.ts if s else e.ts - e.duration_s), iso_at(e.ts),
+                runs.append(Run(e.worker, iso_at(s.ts if s else e.ts - e.duration_s), iso_at(e.ts),
                                 round(e.duration_s, 3), e.status, s.mode if s else ""))
     for s in started.values():
         if start <= s.ts < end:
-            runs.append(Run(s.instance, iso_at(s.ts), None, None, "running", s.mode))
-    return sorted(runs, key=lambda r: (r.started, r.instance))
+            runs.append(Run(s.worker, iso_at(s.ts), None, None, "running", s.mode))
+    return sorted(runs, key=lambda r: (r.started, r.worker))
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -216,7 +216,7 @@ def to_markdown(report: AuditReport) -> str:
         out += ["", "| run (instance) | started | ended | duration (s) | status |", "|---|---|---|---|---|"]
         for r in b.runs:
             duration = "" if r.duration_s is None else f"{r.duration_s:g}"
-            out.append(f"| {r.instance} | {r.started} | {r.ended or '—'} | {duration} | {r.status} |")
+            out.append(f"| {r.worker} | {r.started} | {r.ended or '—'} | {duration} | {r.status} |")
         if b.restores:
             out += ["", "| restore | records restored in period | runs (status, duration s) |", "|---|---|---|"]
             for rs in b.restores:

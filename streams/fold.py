@@ -7,10 +7,10 @@ replay run exactly the same code.
 Exactness on an at-least-once log rests on two guards kept inside the state
 value they protect:
 
-* per-instance sequence high-water marks (``JobState.seen``): an event whose
-  ``seq`` is not above its instance's mark is a duplicate and changes nothing;
+* per-worker sequence high-water marks (``JobState.seen``): an event whose
+  ``seq`` is not above its worker's mark is a duplicate and changes nothing;
 * per-partition coverage (``PartitionState.claim``): a segment whose offset
-  range was already counted is not counted again, whichever instance reports
+  range was already counted is not counted again, whichever worker reports
   it; a range whose report is missing stays a hole that a later report fills.
 """
 
@@ -119,7 +119,7 @@ def new_state(event: ev.Event) -> JobState:
 
 
 def is_duplicate(state: JobState, event: ev.Event) -> bool:
-    mark = state.seen.get(event.instance)
+    mark = state.seen.get(event.worker)
     return mark is not None and event.seq <= mark.seq
 
 
@@ -131,7 +131,7 @@ def apply(state: JobState | None, event: ev.Event, settings: Settings = DEFAULT_
         return None
     _HANDLERS[type(event)](state, event, settings)
     state.v = STATE_VERSION  # decoding moved an older layout over: it is written in this one
-    state.seen[event.instance] = Seen(seq=event.seq, ts=event.ts)
+    state.seen[event.worker] = Seen(seq=event.seq, ts=event.ts)
     if len(state.seen) > MAX_INSTANCES_PER_JOB:
         oldest = min(state.seen, key=lambda i: state.seen[i].ts)
         del state.seen[oldest]
@@ -382,7 +382,7 @@ def _restore_progress(state: JobState, e: ev.RestoreProgress, s: Settings) -> No
 
 
 def _telemetry_dropped(state: JobState, e: ev.TelemetryDropped, s: Settings) -> None:
-    state.dropped[e.instance] = max(state.dropped.get(e.instance, 0), e.total)
+    state.dropped[e.worker] = max(state.dropped.get(e.worker, 0), e.total)
 
 
 def _segments_checked(state: JobState, e: ev.SegmentsChecked, s: Settings) -> None:

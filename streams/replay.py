@@ -3,7 +3,7 @@
 An auditor's question ("was this topic fully backed up last quarter?") must
 get the same answer from anyone, at any time. So replay is made independent
 of arrival order: the events of each job are deduplicated on
-``(instance, seq)`` and folded in a canonical order (event time, instance,
+``(worker, seq)`` and folded in a canonical order (event time, worker,
 sequence), then summarised. Two replays of the same events, duplicated or
 shuffled however the log happened to hold them, give byte-identical output.
 
@@ -133,9 +133,9 @@ def replay(records: Iterable[LogRecord], until: float | None = None,
             continue
         if event.ts >= result.until:
             continue
-        unique.setdefault(key, {}).setdefault((event.instance, event.seq), event)
+        unique.setdefault(key, {}).setdefault((event.worker, event.seq), event)
     for key in sorted(unique):
-        ordered = sorted(unique[key].values(), key=lambda e: (e.ts, e.instance, e.seq))
+        ordered = sorted(unique[key].values(), key=lambda e: (e.ts, e.worker, e.seq))
         raw, kept = None, []
         for event in ordered:
             new, refused = fold.apply_bytes(raw, event, settings)

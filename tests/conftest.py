@@ -366,7 +366,7 @@ class Pipeline:
         p = Producer({"bootstrap.servers": self.bootstrap})
         for partition in partitions:  # one job per partition: a job's state lives in one partition
             job = f"{base}-{partition}"
-            marker = ev.Retry(instance=job, seq=1, ts=time.time(), job=job, operation="marker")
+            marker = ev.Retry(worker=job, seq=1, ts=time.time(), job=job, operation="marker")
             p.produce(topic, ev.encode(marker), ev.event_key("backup", job).encode(), partition=partition)
         assert p.flush(15) == 0
 

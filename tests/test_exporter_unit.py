@@ -327,7 +327,7 @@ def test_a_failing_builder_costs_only_its_family(monkeypatch, caplog):
 
 def test_state_folded_from_events():
     """The same numbers when the state comes from the real fold rather than by hand."""
-    base = dict(instance="w1", kind="backup", job="fb")
+    base = dict(worker="w1", kind="backup", job="fb")
     events = [
         ev.JobStarted(seq=1, ts=NOW - 20, **base),
         ev.SegmentStored(seq=2, ts=NOW - 15, topic="t", partition=0, start_offset=0, end_offset=100,

@@ -165,7 +165,7 @@ def test_reports_that_died_in_a_workers_queue_are_sent_again_by_its_next_run(bro
     assert s.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == first.total_bytes + second.total_bytes
     reports = [ev.decode(v) for _k, v in read_job_events(broker, "backup", bid)]
     reports = [e for e in reports if isinstance(e, ev.SegmentStored)]
-    by_run = [e.instance for e in reports]
+    by_run = [e.worker for e in reports]
     second_run, third_run = dict.fromkeys(by_run)
     assert by_run.count(second_run) == segments_on_disk
     assert by_run.count(third_run) == sum(len(indexed_segments(store, cp)) for cp in checkpoints(store, bid)) - segments_on_disk
@@ -186,7 +186,7 @@ def test_duplicated_and_replayed_events_change_no_aggregate(broker, shared_pipel
         p.produce(TELEMETRY_TOPIC, value=value, key=key)
     assert p.flush(10) == 0
     # A marker event after the duplicates tells us when the aggregator has read past them.
-    marker = ev.Retry(instance=unique("marker"), seq=1, ts=time.time(), job=bid, operation="marker")
+    marker = ev.Retry(worker=unique("marker"), seq=1, ts=time.time(), job=bid, operation="marker")
     p.produce(TELEMETRY_TOPIC, value=ev.encode(marker), key=ev.event_key("backup", bid).encode())
     p.flush(10)
     after = shared_pipeline.wait_value(cat.RETRIES_TOTAL.name, 1, backup_id=bid, operation="marker")
@@ -207,9 +207,9 @@ def test_invalid_records_are_skipped_counted_and_dead_lettered(broker, pipeline_
         (b"not msgpack at all \xff", "malformed"),
         (msgspec.msgpack.encode({"type": "from_the_future", "v": 1, "instance": "x", "seq": 1}), "unknown_type"),
         (msgspec.msgpack.encode({"type": "retry", "v": 99, "instance": "x", "seq": 1}), "future_version"),
-        (ev.encode(ev.Progress(instance="x", seq=1, ts=now, job=bid, partitions=[
+        (ev.encode(ev.Progress(worker="x", seq=1, ts=now, job=bid, partitions=[
             ev.PartitionProgress(topic, 0, committed=500, high_watermark=100)])), "bad_value"),
-        (ev.encode(ev.Retry(instance="x", seq=2, ts=now + 5 * 365 * 86400, job=bid, operation="w")), "bad_timestamp"),
+        (ev.encode(ev.Retry(worker="x", seq=2, ts=now + 5 * 365 * 86400, job=bid, operation="w")), "bad_timestamp"),
     ]
     p = Producer({"bootstrap.servers": broker})
     for value, _reason in bad:

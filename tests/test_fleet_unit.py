@@ -16,15 +16,15 @@ from tests.conftest import parse_prometheus
 T0 = 1_790_000_000.0
 
 
-def progress_run(lags_and_commits, job="b1", instance="w1", every=5.0, status_end=None):
+def progress_run(lags_and_commits, job="b1", worker="w1", every=5.0, status_end=None):
     """Fold Progress events: each (lag, committed) becomes one sample 5 s apart."""
-    state = fold.apply(None, ev.JobStarted(instance=instance, seq=0, ts=T0, job=job, mode="continuous"))
+    state = fold.apply(None, ev.JobStarted(worker=worker, seq=0, ts=T0, job=job, mode="continuous"))
     for i, (lag, committed) in enumerate(lags_and_commits, start=1):
-        e = ev.Progress(instance=instance, seq=i, ts=T0 + i * every, job=job, partitions=[
+        e = ev.Progress(worker=worker, seq=i, ts=T0 + i * every, job=job, partitions=[
             ev.PartitionProgress("t", 0, committed=committed, high_watermark=committed + lag)])
         state = fold.apply(state, e)
     if status_end:
-        state = fold.apply(state, ev.JobEnded(instance=instance, seq=999, ts=T0 + 999, job=job,
+        state = fold.apply(state, ev.JobEnded(worker=worker, seq=999, ts=T0 + 999, job=job,
                                               status=status_end, duration_s=1.0))
     return state
 
@@ -82,9 +82,9 @@ def test_jobs_expire_after_the_configured_time():
 
 def test_a_scheduled_backup_expires_only_after_its_next_run_was_due_plus_the_expiry():
     """Else a weekly backup whose scheduler died would vanish before "no recent success" could fire."""
-    state = fold.apply(None, ev.JobStarted(instance="n1", seq=1, ts=T0, job="weekly", mode="one-shot",
+    state = fold.apply(None, ev.JobStarted(worker="n1", seq=1, ts=T0, job="weekly", mode="one-shot",
                                            expected_interval_s=7 * 86400.0))
-    state = fold.apply(state, ev.JobEnded(instance="n1", seq=2, ts=T0 + 60, job="weekly", status="success",
+    state = fold.apply(state, ev.JobEnded(worker="n1", seq=2, ts=T0 + 60, job="weekly", status="success",
                                           duration_s=60.0))
     s = render([state], T0 + 60 + 7 * 86400 + 1800, expire_after_s=1800)
     assert s.get_value(cat.LAST_SUCCESS.name, backup_id="weekly") == T0 + 60
@@ -95,9 +95,9 @@ def test_a_scheduled_backup_expires_only_after_its_next_run_was_due_plus_the_exp
 
 
 def test_newest_stored_record_and_objectives_are_exported():
-    state = fold.apply(None, ev.JobStarted(instance="c1", seq=1, ts=T0, job="c", mode="continuous",
+    state = fold.apply(None, ev.JobStarted(worker="c1", seq=1, ts=T0, job="c", mode="continuous",
                                            recovery_point_objective_s=3600.0))
-    state = fold.apply(state, ev.SegmentStored(instance="c1", seq=2, ts=T0 + 5, job="c", topic="t", partition=3,
+    state = fold.apply(state, ev.SegmentStored(worker="c1", seq=2, ts=T0 + 5, job="c", topic="t", partition=3,
                                                start_offset=0, end_offset=10, records=10, bytes=100,
                                                uncompressed_bytes=120, stored_bytes=50, algorithm="zstd",
                                                min_ts=1_789_000_000_000, max_ts=1_789_000_123_456))
@@ -123,8 +123,8 @@ def test_series_beyond_the_family_limit_are_dropped_and_counted():
 
 def test_throughput_of_a_new_run_ignores_the_previous_runs_samples():
     """A restart 10 s after a busy run: the new run's rate is its own, not the old records over 10 s."""
-    first = dict(instance="run1", job="b1")
-    second = dict(instance="run2", job="b1")
+    first = dict(worker="run1", job="b1")
+    second = dict(worker="run2", job="b1")
     state = fold.apply(None, ev.JobStarted(**first, seq=1, ts=T0))
     state = fold.apply(state, ev.Progress(**first, seq=2, ts=T0 + 20, consumed=[ev.TopicConsumed("t", 6000, 60_000)]))
     state = fold.apply(state, ev.JobEnded(**first, seq=3, ts=T0 + 21, status="success", duration_s=21))

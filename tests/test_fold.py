@@ -16,12 +16,12 @@ T0 = 1_790_000_000.0
 
 
 class Worker:
-    def __init__(self, job="b1", instance="w1"):
-        self.job, self.instance, self.seq = job, instance, 0
+    def __init__(self, job="b1", worker="w1"):
+        self.job, self.worker, self.seq = job, worker, 0
 
     def __call__(self, cls, **fields):
         self.seq += 1
-        return cls(instance=self.instance, seq=self.seq, ts=T0 + self.seq, job=self.job, **fields)
+        return cls(worker=self.worker, seq=self.seq, ts=T0 + self.seq, job=self.job, **fields)
 
 
 def segment(w, start, end, records=None, nbytes=10, covers_from=-1):
@@ -67,14 +67,14 @@ def test_duplicates_and_reordered_replays_change_nothing():
 
 
 def test_same_range_reported_by_a_second_instance_counts_once():
-    a, b = Worker(instance="a"), Worker(instance="b")
+    a, b = Worker(worker="a"), Worker(worker="b")
     state = fold_all([segment(a, 0, 100), segment(b, 0, 100), segment(b, 100, 130)])
     assert state.records == 130
     assert state.partitions["t/0"].stored_next_offset == 130
 
 
 def test_a_lost_report_is_a_hole_that_the_next_run_fills_once():
-    killed, next_run = Worker(instance="killed"), Worker(instance="next")
+    killed, next_run = Worker(worker="killed"), Worker(worker="next")
     # the killed worker's report of 100..150 died in its queue; one of 150..200 got out
     state = fold_all([segment(killed, 0, 100, covers_from=0), segment(killed, 150, 200, covers_from=150)])
     p = state.partitions["t/0"]
@@ -97,7 +97,7 @@ def test_any_order_of_reports_with_duplicates_counts_each_range_once():
     rng = random.Random(11)
     bounds = sorted(rng.sample(range(1, 5000), 40))
     spans = list(zip([0, *bounds], bounds, strict=False))
-    workers = [Worker(instance=f"w{i}") for i in range(3)]
+    workers = [Worker(worker=f"w{i}") for i in range(3)]
     reports = spans + rng.sample(spans, 15)
     rng.shuffle(reports)  # arrival order across instances; each instance's own events stay in sequence
     state = fold_all([segment(rng.choice(workers), a, b, covers_from=a) for a, b in reports])
@@ -117,7 +117,7 @@ def test_holes_are_bounded_and_a_forgotten_one_is_not_counted():
 
 
 def test_a_restarted_worker_counts_from_its_new_instance():
-    first, second = Worker(instance="run1"), Worker(instance="run2")
+    first, second = Worker(worker="run1"), Worker(worker="run2")
     state = fold_all([first(ev.JobStarted), segment(first, 0, 10), first(ev.JobEnded, status="failure",
                       duration_s=1.0), second(ev.JobStarted), segment(second, 10, 25),
                       second(ev.JobEnded, status="success", duration_s=2.0)])
@@ -204,19 +204,19 @@ def test_last_success_and_objectives_follow_the_runs():
 def test_dedup_marks_are_bounded():
     state = None
     for i in range(fold.MAX_INSTANCES_PER_JOB + 10):
-        state = fold.apply(state, Worker(instance=f"i{i}")(ev.Retry, operation="commit"))
+        state = fold.apply(state, Worker(worker=f"i{i}")(ev.Retry, operation="commit"))
     assert len(state.seen) == fold.MAX_INSTANCES_PER_JOB
     assert state.retries == {"commit": fold.MAX_INSTANCES_PER_JOB + 10}
 
 
 def seg(**fields):
-    base = dict(instance="i", seq=1, ts=T0, job="j", topic="t", partition=0, start_offset=0, end_offset=10,
+    base = dict(worker="i", seq=1, ts=T0, job="j", topic="t", partition=0, start_offset=0, end_offset=10,
                 records=10, bytes=0, uncompressed_bytes=0, stored_bytes=0, algorithm="none")
     return ev.SegmentStored(**{**base, **fields})
 
 
 def op(**fields):
-    base = dict(instance="i", seq=1, ts=T0, job="j", backend="s3", operation="segment", direction="write",
+    base = dict(worker="i", seq=1, ts=T0, job="j", backend="s3", operation="segment", direction="write",
                 latency_s=0.1, bytes=1)
     return ev.StorageOp(**{**base, **fields})
 
@@ -225,27 +225,27 @@ NAN, INF = float("nan"), float("inf")
 
 
 @pytest.mark.parametrize("event,reason", [
-    (ev.Progress(instance="i", seq=1, ts=T0, job="j",
+    (ev.Progress(worker="i", seq=1, ts=T0, job="j",
                  partitions=[ev.PartitionProgress("t", 0, committed=10, high_watermark=5)]), "bad_value"),
     (seg(records=-1), "bad_value"),
     (seg(bytes=-5), "bad_value"),
     (op(latency_s=NAN), "bad_value"),
     (op(latency_s=INF), "bad_value"),
     (op(latency_s=-INF), "bad_value"),
-    (ev.JobEnded(instance="i", seq=1, ts=T0, job="j", status="success", duration_s=NAN), "bad_value"),
-    (ev.Retry(instance="i", seq=1, ts=NAN, job="j", operation="x"), "bad_value"),
+    (ev.JobEnded(worker="i", seq=1, ts=T0, job="j", status="success", duration_s=NAN), "bad_value"),
+    (ev.Retry(worker="i", seq=1, ts=NAN, job="j", operation="x"), "bad_value"),
     (seg(end_offset=2**63), "bad_value"),  # above a signed 64-bit offset
     (seg(start_offset=20, end_offset=10, records=0), "bad_value"),  # inverted range
     (seg(start_offset=5, covers_from=7, records=5), "bad_value"),  # covers from above its start
     (seg(records=11), "bad_value"),  # more records than offsets
     (op(backend="s3|write"), "bad_value"),  # a `|` would have shifted labels
     (op(operation="x" * 65), "bad_value"),
-    (ev.Retry(instance="i", seq=1, ts=T0, job="j/../x", operation="x"), "bad_value"),  # not a safe job id
-    (ev.ErrorRaised(instance="i", seq=1, ts=T0, job="j", error_type="e\nINJECTED", transient=True), "bad_value"),
-    (ev.TelemetryDropped(instance="i", seq=1, ts=T0, job="j", total=2**64 - 1), "bad_value"),
-    (ev.Retry(instance="i", seq=1, ts=T0 + 301, job="j", operation="x"), "bad_timestamp"),  # 5 min ahead
-    (ev.Retry(instance="i", seq=1, ts=T0 + 3 * 365 * 86400, job="j", operation="x"), "bad_timestamp"),
-    (ev.Retry(instance="i", seq=1, ts=1000.0, job="j", operation="x"), "bad_timestamp"),
+    (ev.Retry(worker="i", seq=1, ts=T0, job="j/../x", operation="x"), "bad_value"),  # not a safe job id
+    (ev.ErrorRaised(worker="i", seq=1, ts=T0, job="j", error_type="e\nINJECTED", transient=True), "bad_value"),
+    (ev.TelemetryDropped(worker="i", seq=1, ts=T0, job="j", total=2**64 - 1), "bad_value"),
+    (ev.Retry(worker="i", seq=1, ts=T0 + 301, job="j", operation="x"), "bad_timestamp"),  # 5 min ahead
+    (ev.Retry(worker="i", seq=1, ts=T0 + 3 * 365 * 86400, job="j", operation="x"), "bad_timestamp"),
+    (ev.Retry(worker="i", seq=1, ts=1000.0, job="j", operation="x"), "bad_timestamp"),
 ])
 def test_absurd_values_are_refused_with_a_reason(event, reason):
     with pytest.raises(ev.InvalidEvent) as err:
@@ -254,17 +254,17 @@ def test_absurd_values_are_refused_with_a_reason(event, reason):
 
 
 def test_event_time_is_bounded_by_the_clock_when_the_record_has_no_timestamp():
-    ahead = ev.decode(ev.encode(ev.Retry(instance="i", seq=1, ts=T0 + 3600, job="j", operation="x")))
+    ahead = ev.decode(ev.encode(ev.Retry(worker="i", seq=1, ts=T0 + 3600, job="j", operation="x")))
     fold.check(ahead, record_ts=None)  # nothing to compare with (a replay without timestamps)
     with pytest.raises(ev.InvalidEvent, match="bad_timestamp"):
         fold.check(ahead, record_ts=None, now=T0)
     fold.check(ahead, record_ts=None, now=T0, settings=fold.Settings(max_future_s=7200))
-    within = ev.decode(ev.encode(ev.Retry(instance="i", seq=1, ts=T0 + 299, job="j", operation="x")))
+    within = ev.decode(ev.encode(ev.Retry(worker="i", seq=1, ts=T0 + 299, job="j", operation="x")))
     fold.check(within, record_ts=T0, now=T0)
 
 
 def restore_run(instance):
-    w = Worker(job="rs1", instance=instance)
+    w = Worker(job="rs1", worker=instance)
     return lambda cls, **f: w(cls, kind="restore", **f)
 
 

@@ -42,7 +42,7 @@ def kinds(wild: bool) -> tuple:
 
 def event_types(wild: bool) -> st.SearchStrategy[ev.Event]:
     i, f, label, ts = kinds(wild)
-    envelope = dict(instance=st.sampled_from(["w1", "w2"]) | (wild_text if wild else st.nothing()),
+    envelope = dict(worker=st.sampled_from(["w1", "w2"]) | (wild_text if wild else st.nothing()),
                     seq=st.integers(0, 50) | (wild_int if wild else st.nothing()), ts=ts,
                     job=st.just("j") | (wild_text if wild else st.nothing()))
     pp = st.builds(ev.PartitionProgress, topic=st.sampled_from(["t", "u"]) | label, partition=i, committed=i,
@@ -75,7 +75,7 @@ def segments(draw, envelope: dict, i, label) -> ev.SegmentStored:
     start = draw(st.integers(0, 10_000))
     length = draw(st.integers(0, 500))
     return ev.SegmentStored(
-        instance=draw(envelope["instance"]), seq=draw(envelope["seq"]), ts=draw(envelope["ts"]),
+        worker=draw(envelope["worker"]), seq=draw(envelope["seq"]), ts=draw(envelope["ts"]),
         job=draw(envelope["job"]), topic=draw(st.just("t") | label), partition=draw(st.integers(0, 3)),
         start_offset=start, end_offset=start + length, records=draw(st.integers(0, length)), bytes=draw(i),
         uncompressed_bytes=draw(i), stored_bytes=draw(i), algorithm=draw(st.just("zstd") | label),

@@ -41,7 +41,7 @@ class Fleet:
 
     def emit(self, cls: type[ev.Event], ts: float, kind: str, job: str, instance: str, **fields) -> None:
         self.seq[instance] = self.seq.get(instance, 0) + 1
-        event = cls(instance=instance, seq=self.seq[instance], ts=ts, kind=kind, job=job, **fields)
+        event = cls(worker=instance, seq=self.seq[instance], ts=ts, kind=kind, job=job, **fields)
         key = ev.event_key(kind, job)
         state = fold.apply(self.states.get(key), event)
         if state is not None:

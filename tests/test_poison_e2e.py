@@ -25,7 +25,7 @@ MAX_KEYS = 256  # aggregator.max_keys_per_map's default
 
 def forged(job: str, seq: int, now: float) -> list[tuple[ev.Event, str]]:
     """Hand-made events a buggy or hostile producer could send, each with the reason it must get."""
-    base = dict(instance="forger-1", job=job)
+    base = dict(worker="forger-1", job=job)
     return [
         (ev.StorageOp(**base, seq=seq, ts=now, backend="s3", operation="segment", direction="write",
                       latency_s=float("nan"), bytes=1), "bad_value"),
@@ -76,7 +76,7 @@ def test_forged_events_and_a_label_flood_are_refused_by_reason_and_touch_no_othe
         expected[reason] = expected.get(reason, 0) + 1
     flood_key = ev.event_key("backup", flood).encode()
     for i in range(FLOOD):  # 20,000 distinct error types on one job
-        e = ev.ErrorRaised(instance="flooder", seq=i + 1, ts=now, job=flood, error_type=f"type{i:05d}",
+        e = ev.ErrorRaised(worker="flooder", seq=i + 1, ts=now, job=flood, error_type=f"type{i:05d}",
                            transient=True)
         p.produce(telemetry, ev.encode(e), flood_key)
         if i % 5000 == 0:
@@ -126,7 +126,7 @@ def test_with_a_signing_key_unsigned_records_are_refused_and_signed_workers_coun
     pipe.wait_value(cat.RECORDS_TOTAL.name, truth.total_records, 60, backup_id="signed-bk")
     # a forger without the key: a well-formed segment report for the same job, unsigned or signed wrongly
     p = Producer({"bootstrap.servers": broker})
-    fake = ev.SegmentStored(instance="forger", seq=1, ts=time.time(), job="signed-bk", topic=topic, partition=0,
+    fake = ev.SegmentStored(worker="forger", seq=1, ts=time.time(), job="signed-bk", topic=topic, partition=0,
                             start_offset=10_000, end_offset=20_000, records=10_000, bytes=1, uncompressed_bytes=1,
                             stored_bytes=1, algorithm="zstd")
     key = ev.event_key("backup", "signed-bk").encode()

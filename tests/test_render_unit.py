@@ -49,7 +49,7 @@ class History:
     def emit(self, job: int, make) -> None:
         kind, name, backup_id = JOBS[job]
         self.seq += 1
-        event = make(dict(instance=f"{name}-w", seq=self.seq, ts=self.now, kind=kind, job=name), backup_id)
+        event = make(dict(worker=f"{name}-w", seq=self.seq, ts=self.now, kind=kind, job=name), backup_id)
         key = ev.event_key(kind, name)
         state = fold.apply(self.states.get(key), event)
         if state is not None:

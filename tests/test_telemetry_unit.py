@@ -68,7 +68,7 @@ def _emitter(error: Exception):
     from kafka_backup.producers.telemetry import Emitter
 
     em = Emitter.__new__(Emitter)  # no cluster: only the send path is under test
-    em.topic, em.kind, em.job, em.key, em.instance, em.seq = "t", "backup", "j", b"k", "i", 0
+    em.topic, em.kind, em.job, em.key, em.worker, em.seq = "t", "backup", "j", b"k", "i", 0
     em.dropped = em._reported_dropped = 0
     em.lost_at = em.delivered_at = em._last_drop_report = 0.0
     em._signing_key, em._spool, em._producer = None, None, _Producer(error)

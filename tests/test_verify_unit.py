@@ -31,7 +31,7 @@ def scrape(states: dict, now: float):
 
 
 def envelope(kind: str, job: str, seq: int, ts: float, instance: str = "i1") -> dict:
-    return {"instance": instance, "seq": seq, "ts": ts, "kind": kind, "job": job}
+    return {"worker": instance, "seq": seq, "ts": ts, "kind": kind, "job": job}
 
 
 def test_verify_runs_give_last_verified_time_failed_segments_gaps_and_counts():

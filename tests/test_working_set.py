@@ -71,7 +71,7 @@ def test_the_working_set_folds_and_refuses_exactly_as_one_write_per_event(batch,
 def test_a_refused_event_leaves_the_unflushed_state_as_it_was():
     limits = fold.Settings(max_keys_per_map=3)
     work = WorkingSet(limits)
-    base = dict(instance="w", job="j", ts=T0)
+    base = dict(worker="w", job="j", ts=T0)
     for i in range(5):  # no flush in between: the refusals rebuild from the events folded since
         changed, refused = work.apply(KEY, 0, ev.ErrorRaised(**base, seq=i + 1, error_type=f"e{i}", transient=True),
                                       100, {}.get)
@@ -84,7 +84,7 @@ def test_a_refused_event_leaves_the_unflushed_state_as_it_was():
 def test_a_state_growing_past_its_size_cap_is_refused_at_the_same_event():
     limits = fold.Settings(max_state_bytes=20_000, max_partitions_per_job=10_000)
     work = WorkingSet(limits)
-    raw, base = None, dict(instance="w", job="j", ts=T0)
+    raw, base = None, dict(worker="w", job="j", ts=T0)
     for i in range(2000):
         event = ev.Progress(**base, seq=i + 1, partitions=[ev.PartitionProgress(f"topic-{i}", 0, 1, 2)])
         new, want = fold.apply_bytes(raw, event, limits)
@@ -100,7 +100,7 @@ def test_a_state_growing_past_its_size_cap_is_refused_at_the_same_event():
 
 def test_a_failing_fold_leaves_the_state_as_it_was(monkeypatch):
     work = WorkingSet()
-    base = dict(instance="w", job="j", ts=T0)
+    base = dict(worker="w", job="j", ts=T0)
     assert work.apply(KEY, 0, ev.Retry(**base, seq=1, operation="write"), 50, {}.get) == (True, None)
     assert work.apply(KEY, 0, ev.Retry(**base, seq=2, operation="read"), 50, {}.get) == (True, None)
 
@@ -122,7 +122,7 @@ def test_a_newer_aggregators_value_is_not_folded_into():
 
     newer = encode_state(JobState(kind="backup", job="j", v=STATE_VERSION + 1, records=7))
     work = WorkingSet()
-    event = ev.Retry(instance="w", seq=1, ts=T0, job="j", operation="write")
+    event = ev.Retry(worker="w", seq=1, ts=T0, job="j", operation="write")
     for _ in range(2):  # nothing half-loaded is kept: it refuses every time
         with pytest.raises(NewerStateError):
             work.apply(KEY, 0, event, 10, lambda key: newer)

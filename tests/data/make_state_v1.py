@@ -7,6 +7,9 @@ topic. tests/test_state_wire.py folds the same histories with the current code a
 
     git archive d85ab4f | tar -x -C /tmp/old   # plus a kafka_backup/ directory of symlinks to it
     PYTHONPATH=/tmp/old-shim python tests/data/make_state_v1.py tests/data
+
+Since the event's ``instance`` field is called ``worker`` in Python (the wire name is unchanged),
+running this against d85ab4f needs ``worker=`` read back as ``instance=`` in the histories below.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def backup() -> bytes:
     seq = {"w1": 0, "w2": 0}
     def e(cls, inst, dt, **f):
         seq[inst] += 1
-        return cls(instance=inst, seq=seq[inst], ts=T0 + dt, kind="backup", job="orders-bk", **f)
+        return cls(worker=inst, seq=seq[inst], ts=T0 + dt, kind="backup", job="orders-bk", **f)
     s = None
     def do(x):
         nonlocal s
@@ -50,7 +53,7 @@ def restore() -> bytes:
     def e(cls, dt, **f):
         nonlocal n
         n += 1
-        return cls(instance="r1", seq=n, ts=T0 + dt, kind="restore", job="orders-rs", **f)
+        return cls(worker="r1", seq=n, ts=T0 + dt, kind="restore", job="orders-rs", **f)
     for x in (e(ev.JobStarted, 0, backup_id="orders-bk", total_records=1000, restored_total=100, restored_bytes=10_000),
               e(ev.RestoreProgress, 1, records=50, restored_total=150, bytes=5000, restored_bytes=15_000),
               e(ev.RestoreProgress, 1.5, records=25, restored_total=175, bytes=2500, restored_bytes=17_500)):
@@ -62,13 +65,13 @@ def plain() -> bytes:
     """A backup without fetches and without a restart: nothing the current code writes differently."""
     s = None
     for n, x in enumerate((
-            ev.JobStarted(instance="p1", seq=1, ts=T0, kind="backup", job="plain", mode="one-shot"),
-            ev.Progress(instance="p1", seq=2, ts=T0 + 1, kind="backup", job="plain",
+            ev.JobStarted(worker="p1", seq=1, ts=T0, kind="backup", job="plain", mode="one-shot"),
+            ev.Progress(worker="p1", seq=2, ts=T0 + 1, kind="backup", job="plain",
                         partitions=[ev.PartitionProgress("t", 0, 5, 9)], consumed=[ev.TopicConsumed("t", 5, 50)]),
-            ev.SegmentStored(instance="p1", seq=3, ts=T0 + 2, kind="backup", job="plain", topic="t", partition=0,
+            ev.SegmentStored(worker="p1", seq=3, ts=T0 + 2, kind="backup", job="plain", topic="t", partition=0,
                              start_offset=3, end_offset=5, records=2, bytes=20, uncompressed_bytes=30,
                              stored_bytes=10, algorithm="zstd", covers_from=3),
-            ev.JobEnded(instance="p1", seq=4, ts=T0 + 3, kind="backup", job="plain", status="success",
+            ev.JobEnded(worker="p1", seq=4, ts=T0 + 3, kind="backup", job="plain", status="success",
                         duration_s=3.0))):
         assert x.seq == n + 1
         s = fold.apply(s, x) or s

@@ -30,7 +30,7 @@ def history() -> list[LogRecord]:
     def put(e: ev.Event, k: bytes = key, partition: int = 3) -> None:
         out.append(LogRecord(partition, len(out), int(e.ts * 1000), k, ev.encode(e)))
 
-    a = dict(instance="host-a-1", job="orders-bk")
+    a = dict(worker="host-a-1", job="orders-bk")
     put(ev.JobStarted(**a, seq=1, ts=T, mode="one-shot", topics=["orders"], backend="s3", compression="zstd"))
     put(ev.Progress(**a, seq=2, ts=T + 0.5, partitions=[ev.PartitionProgress("orders", 0, 0, 300, None, 1_784_999_990_000),
                                                         ev.PartitionProgress("orders", 1, 0, 200, None, 1_784_999_991_000)],
@@ -45,7 +45,7 @@ def history() -> list[LogRecord]:
                        backend="s3", storage_error="auth", message="AccessDenied"))
     put(ev.JobEnded(**a, seq=6, ts=T + 2.5, status="failure", duration_s=2.5, reason="storage auth"))
     put(seg0)  # redelivered
-    b = dict(instance="host-b-1", job="orders-bk")
+    b = dict(worker="host-b-1", job="orders-bk")
     put(ev.JobStarted(**b, seq=1, ts=T + 3600, mode="one-shot", topics=["orders"], backend="s3", compression="zstd"))
     put(ev.Progress(**b, seq=2, ts=T + 3600.5, partitions=[
         ev.PartitionProgress("orders", 0, 150, 320, 1_784_999_985_000, 1_785_003_590_000),
@@ -65,7 +65,7 @@ def history() -> list[LogRecord]:
     out.append(LogRecord(3, len(out), int((T + 3604) * 1000), key, msgspec.msgpack.encode(
         {"type": "retry", "v": 1, "instance": "host-b-2", "seq": 2, "ts": T + 3604, "kind": "backup",
          "job": "orders-bk", "operation": "commit", "attempt": 2})))
-    r = dict(instance="host-c-1", kind="restore", job="orders-dr")
+    r = dict(worker="host-c-1", kind="restore", job="orders-dr")
     rk = b"restore:orders-dr"
     put(ev.JobStarted(**r, seq=1, ts=T + 7200, backup_id="orders-bk", total_records=520), rk, 1)
     put(ev.RestoreProgress(**r, seq=2, ts=T + 7201, records=300, restored_total=300, bytes=24_000), rk, 1)
