@@ -11,10 +11,15 @@ topic and broker:
   what Faust's own per-event path costs, the ceiling of any agent;
 * ``ours``: the real aggregator (``python -m kafka_backup.cli.main aggregate``).
 
+The same events are written twice, to two topics: one record per event (every worker today),
+and one batch record per poll cycle of a job (``telemetry.batch_events``, records made as
+``Emitter.send_batch`` makes them). ``bare`` reads the first only (the baseline of the goal: Faust
+with one table write per event); ``read`` and ``ours`` read both. Prints events/s and records/s.
+
 Each is timed from its first changelog record to the changelog showing every
 event folded (for ``ours``: every job's dedup mark at its last ``seq``), so
 Faust's start-up is not counted; the flush interval (200 ms by default) is.
-Prints events/s, the ratio ours/bare, changelog bytes per event and the
+Prints events/s, records/s, the ratios, changelog bytes per event and the
 aggregator's CPU seconds per 1,000 events; min/median over the repeats.
 
     python bench/aggregator.py [events] [jobs] [repeats] [-- extra aggregate flags]
@@ -47,20 +52,27 @@ PARTITIONS = 4  # telemetry partitions
 JOB_PARTITIONS = 8  # source partitions per backup job
 
 
-def fleet_events(events: int, jobs: int) -> list[tuple[bytes, bytes]]:
-    """(key, value) in emission order: jobs interleaved, each job's events in seq order."""
+def fleet_events(events: int, jobs: int) -> list[tuple[bytes, list[bytes]]]:
+    """(key, the events of one poll cycle of one job) in emission order: jobs interleaved, each
+    job's events in seq order; ``events`` events in all."""
     now = time.time()
-    out: list[tuple[bytes, bytes]] = []
+    out: list[tuple[bytes, list[bytes]]] = []
+    total = 0
     seqs = [0] * jobs
     offsets = [[0] * JOB_PARTITIONS for _ in range(jobs)]
     cycle = 0
-    while len(out) < events:
+    while total < events:
         for j in range(jobs):
             job, inst = f"bench-{j}", f"w-{j}"
             key = ev.event_key("backup", job).encode()
+            cycle_events: list[bytes] = []
+            out.append((key, cycle_events))
 
-            def emit(e: ev.Event, key: bytes = key) -> None:
-                out.append((key, ev.encode(e)))
+            def emit(e: ev.Event, cycle_events: list[bytes] = cycle_events) -> None:
+                nonlocal total
+                if total < events:
+                    cycle_events.append(ev.encode(e))
+                    total += 1
 
             def nxt(j: int = j) -> int:
                 seqs[j] += 1
@@ -83,19 +95,28 @@ def fleet_events(events: int, jobs: int) -> list[tuple[bytes, bytes]]:
             emit(ev.OffsetsCommitted(worker=inst, seq=nxt(), ts=ts, job=job,
                                      offsets=[ev.TopicPartitionOffset("t", p, start + 100)]))
         cycle += 1
-    return out[:events]
+    return [(key, cycle_events) for key, cycle_events in out if cycle_events]
 
 
-def fill(bootstrap: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> dict[str, int]:
+def records_of(cycles: list[tuple[bytes, list[bytes]]], batched: bool) -> list[tuple[bytes, bytes]]:
+    """The telemetry records an emitter sends: one per event, or (``telemetry.batch_events``) one
+    per poll cycle of a job, a lone event as a single-event record (``Emitter.send_batch``)."""
+    if not batched:
+        return [(key, value) for key, values in cycles for value in values]
+    return [(key, values[0] if len(values) == 1 else ev.encode_batch(values)) for key, values in cycles]
+
+
+def fill(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> dict[str, int]:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(15)
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True})
     last: dict[str, int] = {}
-    for key, value in payloads:
+    for key, value in records:
         p.produce(topic, key=key, value=value)
         p.poll(0)
-        e = ev.decode(value)
-        last[e.worker] = e.seq
+        for payload in ev.unpack(value):
+            e = ev.decode(payload)
+            last[e.worker] = e.seq
     assert p.flush(60) == 0
     return last
 
@@ -188,54 +209,74 @@ def main() -> None:
     events, jobs, repeats = int_args(args, 30_000, 40, 3)
     logdir = tempfile.mkdtemp(prefix="bench-aggregator-")
     with bootstrap_servers("aggregator") as bootstrap:
-        topic = "bench-telemetry-" + uuid.uuid4().hex[:6]
-        payloads = fleet_events(events, jobs)
-        last = fill(bootstrap, topic, payloads)
-        in_bytes = sum(len(k) + len(v) for k, v in payloads)
-        results: dict[str, list[dict]] = {"bare": [], "read": [], "ours": []}
-        for r in range(repeats):  # interleaved: a noisy neighbour hits both
-            app = f"bench-bare-{uuid.uuid4().hex[:6]}"
+        cycles = fleet_events(events, jobs)
+        topics, counts = {}, {}
+        for batched in (False, True):
+            topics[batched] = "bench-telemetry-" + uuid.uuid4().hex[:6]
+            records = records_of(cycles, batched)
+            counts[batched] = len(records)
+            last = fill(bootstrap, topics[batched], records)
+        in_bytes = sum(len(k) + len(v) for k, vs in cycles for v in vs)
+        runs = [("bare", False), ("read", False), ("ours", False), ("read", True), ("ours", True)]
+        results: dict[tuple[str, bool], list[dict]] = {run: [] for run in runs}
+        for r in range(repeats):  # interleaved: a noisy neighbour hits all
             with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
                 fh.write(BARE)
-            results["bare"].append(measure(
-                bootstrap, f"{app}-jobs-changelog", [sys.executable, fh.name, bootstrap, topic, app, "write",
-                                                     str(events)],
-                lambda k, v, n: n >= events, os.path.join(logdir, f"bare-{r}.log")))
-            app = f"bench-read-{uuid.uuid4().hex[:6]}"
-            results["read"].append(measure(
-                bootstrap, f"{app}-jobs-changelog", [sys.executable, fh.name, bootstrap, topic, app, "read",
-                                                     str(events)],
-                lambda k, v, n: v == str(events).encode(), os.path.join(logdir, f"read-{r}.log")))
+            for name, batched in runs:
+                topic, n = topics[batched], counts[batched]
+                tag = f"{name}-{'batched' if batched else 'single'}-{r}"
+                app = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+                if name == "bare":
+                    results[(name, batched)].append(measure(
+                        bootstrap, f"{app}-jobs-changelog",
+                        [sys.executable, fh.name, bootstrap, topic, app, "write", str(n)],
+                        lambda k, v, seen, n=n: seen >= n, os.path.join(logdir, f"{tag}.log")))
+                elif name == "read":
+                    results[(name, batched)].append(measure(
+                        bootstrap, f"{app}-jobs-changelog",
+                        [sys.executable, fh.name, bootstrap, topic, app, "read", str(n)],
+                        lambda k, v, seen, n=n: v == str(n).encode(), os.path.join(logdir, f"{tag}.log")))
+                else:
+                    marks: dict[str, int] = {}
+
+                    def folded(key: bytes, value: bytes, seen: int, marks: dict[str, int] = marks) -> bool:
+                        if value and not key.startswith(PIPELINE_PREFIX.encode()):
+                            for inst, mark in decode_state(value).seen.items():
+                                marks[inst] = mark.seq
+                        return len(marks) == len(last) and all(marks.get(i) == s for i, s in last.items())
+
+                    results[(name, batched)].append(measure(
+                        bootstrap, f"{app}-jobs-changelog",
+                        ours("aggregate", "--bootstrap-servers", bootstrap, "--app-id", app, "--instance-id", app,
+                             "--telemetry-topic", topic, "--telemetry-partitions", str(PARTITIONS), *extra),
+                        folded, os.path.join(logdir, f"{tag}.log")))
             os.unlink(fh.name)
-
-            app = f"bench-agg-{uuid.uuid4().hex[:6]}"
-            marks: dict[str, int] = {}
-
-            def folded(key: bytes, value: bytes, n: int, marks: dict[str, int] = marks) -> bool:
-                if value and not key.startswith(PIPELINE_PREFIX.encode()):
-                    for inst, mark in decode_state(value).seen.items():
-                        marks[inst] = mark.seq
-                return len(marks) == len(last) and all(marks.get(i) == s for i, s in last.items())
-
-            results["ours"].append(measure(
-                bootstrap, f"{app}-jobs-changelog",
-                ours("aggregate", "--bootstrap-servers", bootstrap, "--app-id", app, "--instance-id", app,
-                     "--telemetry-topic", topic, "--telemetry-partitions", str(PARTITIONS), *extra),
-                folded, os.path.join(logdir, f"ours-{r}.log")))
         print(f"{events} events of {jobs} jobs ({in_bytes / events:.0f} B/event) on {PARTITIONS} telemetry "
-              f"partitions, {repeats} runs each (logs in {logdir})")
-        rate: dict[str, list[float]] = {}
-        for name, runs in results.items():
-            rate[name] = [events / x["seconds"] for x in runs]
-            cl = statistics.median(x["bytes"] / events for x in runs)
-            cpu = statistics.median(x["cpu"] for x in runs)
-            print(f"  {name:4s}: {min(rate[name]):8.0f} min / {statistics.median(rate[name]):8.0f} median events/s; "
-                  f"changelog {cl:7.1f} B/event, {statistics.median(x['records'] for x in runs):7.0f} records; "
+              f"partitions: {counts[False]} single-event records, or {counts[True]} records batched per poll "
+              f"cycle ({events / counts[True]:.2f} events/record); {repeats} runs each (logs in {logdir})")
+        rate: dict[tuple[str, bool], float] = {}
+        for (name, batched), xs in results.items():
+            rates = [events / x["seconds"] for x in xs]
+            rate[(name, batched)] = statistics.median(rates)
+            per_record = counts[batched] / events
+            cl = statistics.median(x["bytes"] / events for x in xs)
+            cpu = statistics.median(x["cpu"] for x in xs)
+            label = f"{name} {'batched' if batched else 'single '}"
+            if name == "read":  # it reads records, whatever they carry
+                print(f"  {label}: {min(rates) * per_record:8.0f} min / {rate[(name, batched)] * per_record:8.0f} "
+                      f"median records/s (Faust's ceiling, nothing done per record)")
+                continue
+            print(f"  {label}: {min(rates):8.0f} min / {rate[(name, batched)]:8.0f} median events/s, "
+                  f"{rate[(name, batched)] * per_record:8.0f} records/s; changelog {cl:7.1f} B/event; "
                   f"process CPU {cpu * 1000 / events:.2f} s per 1,000 events (start-up included)")
-        med = {name: statistics.median(r) for name, r in rate.items()}
-        print(f"  ratio ours/bare (one table write per event), median: {med['ours'] / med['bare']:.2f}x; "
-              f"ours/read (Faust's ceiling): {med['ours'] / med['read']:.2f}x")
-
+        bare = rate[("bare", False)]
+        print(f"  ratio to bare (one table write per event), median events/s: ours single "
+              f"{rate[('ours', False)] / bare:.2f}x, ours batched {rate[('ours', True)] / bare:.2f}x")
+        for batched in (False, True):
+            read_records = rate[("read", batched)] * counts[batched] / events
+            ours_records = rate[("ours", batched)] * counts[batched] / events
+            print(f"  ours/read in records/s (Faust's ceiling), {'batched' if batched else 'single'}: "
+                  f"{ours_records / read_records:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,10 @@ exposed. Prints, per N, p50 / p99 / max of those latencies and the aggregator's 
 worker (its CPU seconds over the step / step seconds / N), and the largest N whose p99 stays
 at or under 2 s (the goal is 1 s at the default settings for the fleet one aggregator serves).
 
-    python bench/fleet.py [seconds per step] [N1,N2,...]
+With ``batched`` as third argument each worker sends a poll cycle's events as one batch record
+(``telemetry.batch_events``; a lone Progress stays a single-event record), else one record per event.
+
+    python bench/fleet.py [seconds per step] [N1,N2,...] [single|batched]
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ def scrape(url: str) -> dict[str, float]:
 def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 20
     steps = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [50, 100, 200, 400, 800]
+    batched = len(sys.argv) > 3 and sys.argv[3] == "batched"
     from kafka_backup.cli.devbroker import DevBroker
 
     logdir = tempfile.mkdtemp(prefix="bench-fleet-")
@@ -107,7 +111,8 @@ def main() -> None:
                     time.sleep(0.5)
             producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
             workers: list[Worker] = []
-            print(f"freshness at default settings, {seconds:.0f} s per step (logs in {logdir})")
+            print(f"freshness at default settings, {seconds:.0f} s per step, "
+                  f"{'a batch record per poll cycle' if batched else 'a record per event'} (logs in {logdir})")
             best = 0
             for n in steps:
                 workers += [Worker(i) for i in range(len(workers), n)]
@@ -117,13 +122,19 @@ def main() -> None:
                 cpu0, t0 = cpu_seconds(agg.pid), time.monotonic()
                 next_poll = t0
                 cycle = 0
+                sent_events = sent_records = 0
                 next_scrape = t0
                 while time.monotonic() - t0 < seconds:
                     now = time.monotonic()
                     if now >= next_poll:  # one poll cycle of every worker, spread over the 500 ms
                         for w in workers:
-                            for value in w.events(time.time(), flush=cycle % 10 == 9):
+                            values = w.events(time.time(), flush=cycle % 10 == 9)
+                            sent_events += len(values)
+                            if batched and len(values) > 1:
+                                values = [ev.encode_batch(values)]
+                            for value in values:
                                 producer.produce("kafka-backup.telemetry", key=w.key, value=value)
+                            sent_records += len(values)
                         producer.poll(0)
                         cycle += 1
                         next_poll += 0.5
@@ -145,7 +156,8 @@ def main() -> None:
                 latencies.sort()
                 p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
                 print(f"  N={n:5d}: {len(latencies):6d} samples, p50 {statistics.median(latencies):5.2f} s, "
-                      f"p99 {p99:5.2f} s, max {latencies[-1]:5.2f} s; aggregator CPU {cpu * 100:5.1f}% of a core, "
+                      f"p99 {p99:5.2f} s, max {latencies[-1]:5.2f} s; {sent_events / elapsed:6.0f} events/s in "
+                      f"{sent_records / elapsed:6.0f} records/s; aggregator CPU {cpu * 100:5.1f}% of a core, "
                       f"{cpu / n * 1000:.2f} ms CPU/s per worker")
                 if p99 <= 2.0:
                     best = n

@@ -246,10 +246,10 @@ class BackupWorker(Job):
             self.fetches += 1
             self._take(batch)
             self._flush_due()
-            self.emitter.poll()
             if time.monotonic() >= next_progress:
                 self._progress()
                 next_progress = time.monotonic() + poll_s
+            self.emitter.poll()  # after the cycle's last event: with telemetry.batch_events, one record per cycle
             if self.cfg.continuous and time.monotonic() >= self.groups_due:
                 self._record_groups()
 

@@ -9,6 +9,14 @@ event as soon as delivery works again, so loss is visible in the metrics
 Idempotence is on (no duplicates from producer retries, order kept per
 partition), and every event of a job carries the same key, so one job's events
 stay in order in one partition.
+
+With ``telemetry.batch_events``, the events of one poll cycle go out as one batch record
+(``events.Batch``): the aggregator pays Faust's per-record cost once per batch instead of once per
+event. Events wait in the batch until the worker's next :meth:`Emitter.poll` (its loop calls it
+once per cycle, after the cycle's last event), a :meth:`Emitter.flush` or :meth:`Emitter.close`,
+or an emit finding the batch ``BATCH_LINGER_S`` old or full; everything else is as for single
+events (order, per-event delivery callbacks, drops counted per event, spool, signature over the
+record).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from kafka_backup.schemas.kafka_admin import client_config, ensure_telemetry_top
 log = logging.getLogger("kafka_backup.telemetry")
 
 DROP_REPORT_INTERVAL_S = 5.0
+BATCH_LINGER_S = 0.05  # the producer's own linger.ms: an older batch is sent by the next emit
 
 # This process's own events (key, payload), kept only when the command line asks for the run's
 # metrics at its end (``--metrics-output``: cli/metrics_output.py folds them); None: not kept.
@@ -63,6 +72,14 @@ def classify_kafka_error(err: KafkaError) -> tuple[str, bool]:
     return "broker_connection" if err.retriable() else "consumer_error", bool(err.retriable())
 
 
+def events_in(payload: bytes) -> int:
+    """How many events a record's value carries (a spooled batch counts its events when lost)."""
+    try:
+        return len(ev.unpack(payload))
+    except ev.InvalidEvent:
+        return 1
+
+
 def new_worker_id() -> str:
     """Unique per process start: sequence numbers restart at 0 with each instance."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -81,6 +98,10 @@ class Emitter:
         self.dropped = 0
         self.delivered_at = self.lost_at = 0.0
         self.queue_limit = tcfg.buffer_max_events
+        self.batch_events = tcfg.batch_events
+        self._batch: list[tuple[bytes, Callable[[bool], None] | None]] = []  # emitted, not yet sent
+        self._batch_bytes = 0
+        self._batch_since = 0.0
         self._signing_key = signing.load_key(tcfg.signing_key_file)
         self._reported_dropped = 0
         self._last_drop_report = 0.0
@@ -117,7 +138,33 @@ class Emitter:
         payload = ev.encode(event)
         if RUN_EVENTS is not None:
             RUN_EVENTS.append((self.key, payload))
-        self._send(payload, on_delivered)
+        if not self.batch_events:
+            self._send(payload, on_delivered)
+            return
+        if self._batch and (len(self._batch) >= ev.MAX_BATCH_EVENTS
+                            or self._batch_bytes + len(payload) > ev.MAX_BATCH_BYTES):
+            self.send_batch()
+        if not self._batch:
+            self._batch_since = time.monotonic()
+        self._batch.append((payload, on_delivered))
+        self._batch_bytes += len(payload)
+        if time.monotonic() - self._batch_since >= BATCH_LINGER_S:
+            self.send_batch()
+
+    def send_batch(self) -> None:
+        """Send the events waiting in the batch now: one record (a lone event as a single-event record)."""
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if len(batch) <= 1:
+            if batch:
+                self._send(*batch[0])
+            return
+        callbacks = [then for _, then in batch if then is not None]
+
+        def each(safe: bool) -> None:
+            for then in callbacks:
+                then(safe)
+
+        self._send(ev.encode_batch([payload for payload, _ in batch]), each if callbacks else None, len(batch))
 
     def storage_op(self, backend: str, r: OpReport) -> None:
         """A timed storage call (the Storage listener of every worker)."""
@@ -149,27 +196,28 @@ class Emitter:
             return f"kafka: {kerr.str()}"
         return f"storage {err.error_type}: {err}"
 
-    def _send(self, payload: bytes, on_delivered: Callable[[bool], None] | None = None) -> None:
+    def _send(self, payload: bytes, on_delivered: Callable[[bool], None] | None = None, n: int = 1) -> None:
+        """Produce one record carrying ``n`` events (a batch record when ``n`` > 1)."""
         self._drain_spool()
         if self._spool is not None and self._spool.pending:
-            self._settle(on_delivered, self._to_spool(payload))  # keep order: nothing overtakes the spool
+            self._settle(on_delivered, self._to_spool(payload, n))  # keep order: nothing overtakes the spool
         else:
-            callback = self._on_delivery
-            if on_delivered is not None:
-                def callback(err: KafkaError | None, msg: Message, then: Callable[[bool], None] = on_delivered) -> None:
-                    self._on_delivery(err, msg)
+            def callback(err: KafkaError | None, msg: Message, then: Callable[[bool], None] | None = on_delivered,
+                         n: int = n) -> None:
+                self._on_delivery(err, msg, n)
+                if then is not None:
                     then(err is None)
             try:
                 self._producer.produce(self.topic, payload, self.key, headers=self._headers(payload),
                                        on_delivery=callback)
             except BufferError:
                 if self._spool is not None:
-                    self._settle(on_delivered, self._to_spool(payload))
+                    self._settle(on_delivered, self._to_spool(payload, n))
                 else:
-                    self._drop(1, "buffer full")
+                    self._drop(n, "buffer full")
                     self._settle(on_delivered, False)
             except KafkaException as err:  # refused by the client (too large, ...): a loss, counted
-                self._drop(1, str(err))
+                self._drop(n, str(err))
                 self._settle(on_delivered, False)
         self._producer.poll(0)
         self._maybe_report_drops()
@@ -182,12 +230,12 @@ class Emitter:
         if on_delivered is not None:
             on_delivered(safe)
 
-    def _to_spool(self, payload: bytes) -> bool:
+    def _to_spool(self, payload: bytes, n: int = 1) -> bool:
         assert self._spool is not None
         if not self._spool.pending:
             log.warning("telemetry: queue full; spooling events to %s until the cluster answers", self._spool.path)
         if not self._spool.append(payload):
-            self._drop(1, "spool full")
+            self._drop(n, "spool full")
             return False
         return True
 
@@ -202,18 +250,22 @@ class Emitter:
         """Move spooled events back into the producer queue while it has room."""
         spool = self._spool
         while spool is not None and (payload := spool.peek()) is not None:  # None: nothing pending
+            n = events_in(payload)
+
+            def callback(err: KafkaError | None, msg: Message, n: int = n) -> None:
+                self._on_delivery(err, msg, n)
             try:
                 self._producer.produce(self.topic, payload, self.key, headers=self._headers(payload),
-                                       on_delivery=self._on_delivery)
+                                       on_delivery=callback)
             except BufferError:
                 return
             spool.pop()
 
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+    def _on_delivery(self, err: KafkaError | None, msg: Message, n: int = 1) -> None:
         if err is None:
             self.delivered_at = time.monotonic()
         else:
-            self._drop(1, err.str())
+            self._drop(n, err.str())
 
     def _on_error(self, err: KafkaError) -> None:
         log.debug("telemetry producer: %s", err.str())
@@ -233,6 +285,9 @@ class Emitter:
             return
         if len(self._producer) > 0 and not force:
             return  # still backed up: the report would only join the queue; try again later
+        self.send_batch()  # events emitted before it go first: sequence numbers arrive in order
+        if self.dropped == self._reported_dropped:
+            return
         self._last_drop_report = now
         total = self.dropped
         self.seq += 1
@@ -250,13 +305,16 @@ class Emitter:
             pass
 
     def poll(self) -> None:
-        """Serve delivery callbacks and feed the spool back; called from the worker's loop, never blocks."""
+        """Send the batch, serve delivery callbacks and feed the spool back; called from the worker's
+        loop (once per cycle, after its events), never blocks."""
+        self.send_batch()
         self._producer.poll(0)
         self._drain_spool()
         self._maybe_report_drops()
 
     def flush(self, timeout: float) -> None:
         """Wait (bounded) until the telemetry cluster acknowledged what is queued; runs delivery callbacks."""
+        self.send_batch()
         self._drain_spool()
         self._producer.flush(timeout)
 
@@ -267,6 +325,7 @@ class Emitter:
         next run instead of being lost.
         """
         deadline = time.monotonic() + timeout
+        self.send_batch()
         while self._spool is not None and self._spool.pending and time.monotonic() < deadline:
             self._drain_spool()
             self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic())))

@@ -107,6 +107,9 @@ class TelemetryConfig(_Section):
     spool_dir: str = ""  # when set, events the queue cannot hold go to disk here instead of being dropped
     spool_max_bytes: Positive = 1024 * 1024 * 1024
     signing_key_file: str = ""  # shared by workers and aggregator: records are HMAC-signed, unsigned ones refused
+    # workers: send the events of one poll cycle as one batch record (upgrade every aggregator first:
+    # an older one refuses batch records as unknown_type; docs/architecture.md, "Batch records")
+    batch_events: bool = False
 
 
 class BackupConfig(_Section):

@@ -49,6 +49,8 @@ WorkerId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,
 TopicPartitionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,249}/[0-9]{1,10}$")]
 Text = Annotated[str, msgspec.Meta(max_length=2000)]  # free text for people, never a label
 MAX_LIST = 100_000
+MAX_BATCH_EVENTS = 500  # events in one batch record; more are refused as ``batch_too_large``
+MAX_BATCH_BYTES = 512 * 1024  # an emitter's batch record stays under this (the topic's record limit is 1 MB)
 
 JobKind = Literal["backup", "restore", "offset_reset", "verify"]
 # interrupted: stopped (SIGTERM, SIGINT) before the run's work was done; not a success, resumed by the next run
@@ -297,6 +299,62 @@ _KNOWN_TAGS = frozenset(t.__struct_config__.tag for t in EVENT_TYPES)
 _envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
 
 
+class Batch(msgspec.Struct, tag="batch", tag_field="type", kw_only=True):
+    """Several events of ONE job in one telemetry record, in emission order (``telemetry.batch_events``).
+
+    Each element of ``events`` is a whole event exactly as it would be sent alone (embedded, not
+    wrapped), and is checked, refused and counted on its own: a bad event inside a batch is
+    skipped by its reason and the others are folded. The record's key is the job's ``kind:job``
+    like any single event's, so partitioning and per-job order are unchanged. A batch record
+    whose envelope is unusable is refused once, as a whole: ``malformed`` (not a batch of events),
+    ``future_version`` (a newer batch layout), ``batch_too_large`` (more than
+    ``MAX_BATCH_EVENTS`` events). Batches do not nest. An aggregator older than this
+    envelope refuses the whole record as ``unknown_type``: upgrade aggregators before turning
+    ``telemetry.batch_events`` on (docs/architecture.md).
+    """
+
+    v: int = SCHEMA_VERSION
+    events: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=MAX_BATCH_EVENTS)]
+
+
+BATCH_TAG = "batch"
+_batch_encoder = msgspec.msgpack.Encoder()
+_batch_decoder = msgspec.msgpack.Decoder(Batch)
+
+
+def encode_batch(payloads: list[bytes]) -> bytes:
+    """One batch record carrying ``payloads`` (each an encoded event of the same job), in order."""
+    if not 1 <= len(payloads) <= MAX_BATCH_EVENTS:
+        raise ValueError(f"a batch holds 1 to {MAX_BATCH_EVENTS} events, not {len(payloads)}")
+    return _batch_encoder.encode(Batch(events=[msgspec.Raw(p) for p in payloads]))
+
+
+def unpack(data: bytes | None) -> list[bytes]:
+    """The events a telemetry record carries, each to be decoded on its own: the record
+    itself for a single event (whatever it holds: :func:`decode` judges it), a batch's events in order.
+
+    Raises :class:`InvalidEvent` for a batch record that cannot be used as a whole (see :class:`Batch`).
+    """
+    if not data:
+        return [b""]
+    try:
+        env = _envelope_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return [data]
+    if env.type != BATCH_TAG:
+        return [data]
+    if env.v > SCHEMA_VERSION:
+        raise InvalidEvent("future_version", f"batch v={env.v}")
+    try:
+        batch = _batch_decoder.decode(data)
+    except msgspec.ValidationError as err:  # the length is checked before any element is read
+        too_many = "of length <=" in str(err)
+        raise InvalidEvent("batch_too_large" if too_many else "malformed", f"batch: {err}") from None
+    except msgspec.DecodeError as err:
+        raise InvalidEvent("malformed", f"batch: {err}") from None
+    return [bytes(raw) for raw in batch.events]
+
+
 def decode(data: bytes | None) -> AnyEvent:
     """Decode one event, or raise :class:`InvalidEvent` with a reason.
 
@@ -375,6 +433,15 @@ def render_markdown() -> str:
         "  `kafka_backup_telemetry_invalid_events_total{reason=\"unknown_type\"}`.",
         "- An incompatible change (a field's meaning or type) bumps `v`; readers skip",
         "  events with a higher `v` than theirs (`reason=\"future_version\"`).",
+        "",
+        "## Batch records",
+        "",
+        inspect.cleandoc(Batch.__doc__ or ""),
+        "",
+        f"Fields: `type: \"{BATCH_TAG}\"`, `v: int = {SCHEMA_VERSION}`, "
+        f"`events: list[event] (1 to {MAX_BATCH_EVENTS})`. A refused batch record counts once in",
+        "`kafka_backup_telemetry_invalid_events_total`, whatever it held; a refused event inside",
+        "a batch counts once by its own reason. Single-event records stay valid for ever.",
         "",
         "## Event types",
         "",

@@ -175,20 +175,42 @@ def create_app(cfg: Config) -> faust.App:
     signing_key = signing.load_key(cfg.telemetry.signing_key_file)
 
     def handle(key: bytes | None, value: bytes | None, partition: int, offset: int,
-               record_ts: float | None, headers: signing.Headers | None = None) -> str | None:
-        """Fold one record; return the reason when it had to be skipped."""
+               record_ts: float | None, headers: signing.Headers | None = None) -> list[tuple[bytes | None, str]]:
+        """Fold one record's events (one, or a batch's, each as if it came alone); return the
+        ``(event bytes, reason)`` of each one that had to be skipped (the whole record's value when
+        the record itself was refused)."""
         try:
             if not signing.verified(signing_key, key, value, headers):
                 raise ev.InvalidEvent("bad_signature", "missing or wrong kafka-backup-sig header")
-            event = ev.decode(value)
-            assert value is not None  # decode refused None (and b"") as malformed
+            payloads = ev.unpack(value)
+        except ev.InvalidEvent as err:
+            skip(partition, offset, err.reason, err)
+            return [(value, err.reason)]
+        skipped: list[tuple[bytes | None, str]] = []
+        for payload in payloads:
+            try:
+                reason = handle_event(key, payload, partition, offset, record_ts)
+            except NewerStateError:
+                raise
+            except Exception as err:  # a bug, not a bad event: the batch's other events are still folded
+                reason = "internal_error"  # the dead letter's header; counted by exception type, not as invalid
+                failed(partition, offset, err)
+            if reason is not None:
+                skipped.append((payload, reason))
+        return skipped
+
+    def handle_event(key: bytes | None, payload: bytes, partition: int, offset: int,
+                     record_ts: float | None) -> str | None:
+        """Fold one event; return the reason when it had to be skipped."""
+        try:
+            event = ev.decode(payload)
             fold.check(event, record_ts, time.time(), settings)
             if key is None or key.decode("utf-8", "replace") != ev.event_key(event.kind, event.job):
                 raise ev.InvalidEvent("bad_key", repr(key))
         except ev.InvalidEvent as err:
             skip(partition, offset, err.reason, err)
             return err.reason
-        changed, refused = work.apply(key, partition, event, len(value), table.get)
+        changed, refused = work.apply(key, partition, event, len(payload), table.get)
         if refused is not None:
             skip(partition, offset, refused, f"{event.kind}:{event.job}")
             return refused
@@ -229,16 +251,16 @@ def create_app(cfg: Config) -> faust.App:
                 return
             ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
             try:
-                reason = handle(event.key, event.value, msg.partition, msg.offset, ts, event.headers)
+                skipped = handle(event.key, event.value, msg.partition, msg.offset, ts, event.headers)
             except NewerStateError as err:  # folding into it would drop what the newer aggregator added
                 job = escaped(event.key.decode("utf-8", "replace") if event.key else "")
                 exit_now(f"the stored state of {job} has {err}: a newer aggregator wrote it; upgrade this aggregator")
                 return
             except Exception as err:  # a bug, not a bad record: never let one record kill the agent
-                reason = "internal_error"  # the dead letter's header; counted by exception type, not as invalid
+                skipped = [(event.value, "internal_error")]  # counted by exception type, not as invalid
                 failed(msg.partition, msg.offset, err)
-            if reason is not None:
-                await dead_letter(event.key, event.value, reason)
+            for value, reason in skipped:
+                await dead_letter(event.key, value, reason)
             guard.folded(msg.partition, msg.offset)
             if time.monotonic() >= next_flush[0]:
                 flush_all()

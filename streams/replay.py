@@ -116,24 +116,33 @@ def replay(records: Iterable[LogRecord], until: float | None = None,
     result = Replay(until=until if until is not None else float("inf"))
     unique: dict[str, dict[tuple[str, int], ev.AnyEvent]] = {}
     skipped: set[tuple[str, bytes | None, bytes | None]] = set()  # a duplicate of a bad record is one bad record
+    def refuse(err: ev.InvalidEvent, key: bytes | None, value: bytes | None) -> None:
+        if (err.reason, key, value) not in skipped:
+            skipped.add((err.reason, key, value))
+            result.invalid.invalid[err.reason] = result.invalid.invalid.get(err.reason, 0) + 1
+
     for rec in records:
         try:
             if not signing.verified(signing_key, rec.key, rec.value, rec.headers):
                 raise ev.InvalidEvent("bad_signature", "missing or wrong kafka-backup-sig header")
-            event = ev.decode(rec.value)
-            # no clock here: the report is a function of the log alone (``until`` bounds event time)
-            fold.check(event, rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None, None, settings)
-            key = ev.event_key(event.kind, event.job)
-            if rec.key is None or rec.key.decode("utf-8", "replace") != key:
-                raise ev.InvalidEvent("bad_key", repr(rec.key))
+            payloads = ev.unpack(rec.value)  # a batch record's events, each judged as if it came alone
         except ev.InvalidEvent as err:
-            if (err.reason, rec.key, rec.value) not in skipped:
-                skipped.add((err.reason, rec.key, rec.value))
-                result.invalid.invalid[err.reason] = result.invalid.invalid.get(err.reason, 0) + 1
+            refuse(err, rec.key, rec.value)
             continue
-        if event.ts >= result.until:
-            continue
-        unique.setdefault(key, {}).setdefault((event.worker, event.seq), event)
+        for payload in payloads:
+            try:
+                event = ev.decode(payload)
+                # no clock here: the report is a function of the log alone (``until`` bounds event time)
+                fold.check(event, rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None, None, settings)
+                key = ev.event_key(event.kind, event.job)
+                if rec.key is None or rec.key.decode("utf-8", "replace") != key:
+                    raise ev.InvalidEvent("bad_key", repr(rec.key))
+            except ev.InvalidEvent as err:
+                refuse(err, rec.key, payload)
+                continue
+            if event.ts >= result.until:
+                continue
+            unique.setdefault(key, {}).setdefault((event.worker, event.seq), event)
     for key in sorted(unique):
         ordered = sorted(unique[key].values(), key=lambda e: (e.ts, e.worker, e.seq))
         raw, kept = None, []

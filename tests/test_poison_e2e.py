@@ -10,6 +10,7 @@ import json
 import math
 import time
 
+import msgspec
 import pytest
 from confluent_kafka import Producer
 
@@ -81,12 +82,28 @@ def test_forged_events_and_a_label_flood_are_refused_by_reason_and_touch_no_othe
         p.produce(telemetry, ev.encode(e), flood_key)
         if i % 5000 == 0:
             p.poll(0)
+    # the same forgeries inside one batch record, around a good event: each refused by its own
+    # reason, the good one folded; a batch over the cap refused once, as a whole
+    mixed = unique("mixed")
+    bad = forged(mixed, 2, now)
+    good = ev.SegmentStored(worker="forger-1", seq=1, ts=now, job=mixed, topic="t", partition=0, start_offset=0,
+                            end_offset=10, records=10, bytes=100, uncompressed_bytes=1, stored_bytes=1,
+                            algorithm="zstd")
+    payloads = [ev.encode(good)] + [ev.encode(event) for event, _ in bad]
+    p.produce(telemetry, ev.encode_batch(payloads), ev.event_key("backup", mixed).encode())
+    for _, reason in bad:
+        expected[reason] += 1
+    too_many = ev.Retry(worker="forger-2", seq=1, ts=now, job=mixed, operation="commit")
+    p.produce(telemetry, msgspec.msgpack.encode({"type": "batch", "events": [too_many] * (ev.MAX_BATCH_EVENTS + 1)}),
+              ev.event_key("backup", mixed).encode())
+    expected["batch_too_large"] = 1
     assert p.flush(60) == 0
     expected["too_many_keys"] = FLOOD - MAX_KEYS
 
-    # a job that starts after the flood is counted within a minute (asserted below), exactly
+    # a job that starts after the flood is counted within a minute (asserted below), exactly; its
+    # worker sends batch records
     started = time.monotonic()
-    backup(broker, after_topic, "clean-b", store, *flag)
+    backup(broker, after_topic, "clean-b", store, *flag, "--telemetry-batch-events", "true")
     pipe.wait_value(cat.RECORDS_TOTAL.name, truth_b.total_records, 90, backup_id="clean-b")
     counted_after_s = time.monotonic() - started
     for reason, n in expected.items():
@@ -98,6 +115,8 @@ def test_forged_events_and_a_label_flood_are_refused_by_reason_and_touch_no_othe
     assert s.get_value(cat.BYTES_TOTAL.name, backup_id="clean-b") == truth_b.total_bytes
     assert len(s.matching(cat.ERRORS_TOTAL.family_name + "_total", backup_id=flood)) == MAX_KEYS
     assert s.get_value(cat.RECORDS_TOTAL.name, backup_id=victim) is None  # nothing of the forgeries folded
+    assert s.get_value(cat.RECORDS_TOTAL.name, backup_id=mixed) == 10  # the good event of the batch
+    assert s.get_value(cat.RETRIES_TOTAL.name, backup_id=mixed, operation="commit") is None
     assert values_are_finite(text) == []
     assert counted_after_s < 60, f"the job after the flood took {counted_after_s:.0f} s to be counted"
 
@@ -122,7 +141,7 @@ def test_with_a_signing_key_unsigned_records_are_refused_and_signed_workers_coun
     key_file.write_text("k" * 32 + "\n")
     flags = ["--telemetry-topic", telemetry, "--telemetry-signing-key-file", str(key_file)]
     pipe = pipeline_factory(extra_aggregator_args=flags)
-    backup(broker, topic, "signed-bk", f"file://{tmp_path / 'store'}", *flags)
+    backup(broker, topic, "signed-bk", f"file://{tmp_path / 'store'}", *flags, "--telemetry-batch-events", "true")
     pipe.wait_value(cat.RECORDS_TOTAL.name, truth.total_records, 60, backup_id="signed-bk")
     # a forger without the key: a well-formed segment report for the same job, unsigned or signed wrongly
     p = Producer({"bootstrap.servers": broker})

@@ -71,6 +71,7 @@ def _emitter(error: Exception):
     em.topic, em.kind, em.job, em.key, em.worker, em.seq = "t", "backup", "j", b"k", "i", 0
     em.dropped = em._reported_dropped = 0
     em.lost_at = em.delivered_at = em._last_drop_report = 0.0
+    em.batch_events, em._batch, em._batch_bytes, em._batch_since = False, [], 0, 0.0
     em._signing_key, em._spool, em._producer = None, None, _Producer(error)
     return em
 
