@@ -748,9 +748,13 @@ class StateCollector(Collector):
         """One malformed state value must cost its family's samples, not the whole scrape; beyond
         ``max_series_per_family`` samples are counted in ``view.dropped_series``, not served."""
         out: list[Sample] = []
+        # The families reporting on the others (one series per catalogue metric at most) are never
+        # cut: with more than max_series families over the limit, the count of dropped series would
+        # itself be dropped, silently.
+        limit = self._max_series if m not in _LAST else len(cat.CATALOGUE)
         try:
             for n, sample in enumerate(builder(view)):
-                if n >= self._max_series:
+                if n >= limit:
                     view.dropped_series[m.name] = view.dropped_series.get(m.name, 0) + 1
                     continue
                 if m.type == "info" and len(sample[0]) != len(m.labels):

@@ -133,3 +133,14 @@ def test_throughput_of_a_new_run_ignores_the_previous_runs_samples():
     s = render([state], T0 + 40)
     assert s.get_value(cat.THROUGHPUT_RECORDS.name, backup_id="b1", topic="t") == 50 / 10
     assert s.get_value(cat.THROUGHPUT_BYTES.name, backup_id="b1", topic="t") == 500 / 10
+
+
+def test_the_count_of_dropped_series_is_never_cut_itself():
+    """More families over the limit than the limit: every one still has its dropped-series count
+    (found while adding a metric: the count of drops obeyed the limit it reports on)."""
+    states = [progress_run([(1, 1)], job=f"j{i:02d}") for i in range(25)]
+    s = render(states, LAST, max_series_per_family=2)
+    dropped = s.matching(cat.EXPORTER_DROPPED_SERIES.name)
+    assert len(dropped) > 2  # more families over the limit than the limit itself
+    assert s.get_value(cat.EXPORTER_DROPPED_SERIES.name, metric=cat.RECORDS_TOTAL.name) == 23
+    assert s.get_value(cat.EXPORTER_DROPPED_SERIES.name, metric=cat.BACKUP_STATUS.name) == 23
