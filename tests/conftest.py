@@ -405,7 +405,8 @@ class Pipeline:
             got = self.scrape().get_value(name, **labels)
             raise AssertionError(
                 f"{name}{labels}: expected {expected}, got {got}\n--- aggregator log ---\n{self.aggregator.log()}"
-                f"\n--- exporter log ---\n{self.exporter.log()}") from None
+                + "".join(f"\n--- aggregator worker {n} log ---\n{w.log()}" for n, w in enumerate(self.workers, 2))
+                + f"\n--- exporter log ---\n{self.exporter.log()}") from None
 
 
 @pytest.fixture
