@@ -64,11 +64,8 @@ class WorkingSet:
         the fold leaves the state as it was before the event and propagates.
         """
         e = self.entry(key, partition, load)
-        state = e.state
-        if state is not None and fold.is_duplicate(state, event):
-            return False, None
         try:
-            new = fold.apply(state, event, self.settings)
+            new = fold.apply(e.state, event, self.settings)
         except Exception:
             self._rebuild(e)
             raise
