@@ -202,11 +202,13 @@ class Emitter:
         if self._spool is not None and self._spool.pending:
             self._settle(on_delivered, self._to_spool(payload, n))  # keep order: nothing overtakes the spool
         else:
-            def callback(err: KafkaError | None, msg: Message, then: Callable[[bool], None] | None = on_delivered,
-                         n: int = n) -> None:
-                self._on_delivery(err, msg, n)
-                if then is not None:
-                    then(err is None)
+            callback: Callable[[KafkaError | None, Message], None] = self._on_delivery  # one event, no one waiting
+            if on_delivered is not None or n != 1:
+                def callback(err: KafkaError | None, msg: Message, then: Callable[[bool], None] | None = on_delivered,
+                             n: int = n) -> None:
+                    self._on_delivery(err, msg, n)
+                    if then is not None:
+                        then(err is None)
             try:
                 self._producer.produce(self.topic, payload, self.key, headers=self._headers(payload),
                                        on_delivery=callback)
@@ -250,10 +252,9 @@ class Emitter:
         """Move spooled events back into the producer queue while it has room."""
         spool = self._spool
         while spool is not None and (payload := spool.peek()) is not None:  # None: nothing pending
-            n = events_in(payload)
-
-            def callback(err: KafkaError | None, msg: Message, n: int = n) -> None:
-                self._on_delivery(err, msg, n)
+            def callback(err: KafkaError | None, msg: Message, payload: bytes = payload) -> None:
+                # how many events a lost record held is only needed when it is lost (a batch decodes)
+                self._on_delivery(err, msg, events_in(payload) if err is not None else 1)
             try:
                 self._producer.produce(self.topic, payload, self.key, headers=self._headers(payload),
                                        on_delivery=callback)
