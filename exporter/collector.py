@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 from prometheus_client.core import (
@@ -63,15 +62,6 @@ class View:
     expired: int = 0
     dropped_series: dict[str, int] = field(default_factory=dict)
     endpoint: EndpointCounters | None = None  # the exporter's own counters (section 8)
-
-    # cached: about twenty builders ask for them on every scrape; ``jobs`` is complete before the first
-    @cached_property
-    def backups(self) -> list[JobState]:
-        return [j for j in self.jobs if j.kind == "backup"]
-
-    @cached_property
-    def restores(self) -> list[JobState]:
-        return [j for j in self.jobs if j.kind == "restore"]
 
 
 def expired(s: JobState, now: float, expire_after_s: float) -> bool:
@@ -814,7 +804,7 @@ BUILDERS[cat.EXPORTER_CONNECTIONS_CLOSED] = _endpoint(cat.EXPORTER_CONNECTIONS_C
 
 def _state_age(view: View) -> Iterator[Sample]:
     """Read at scrape time from the state reader (``EndpointCounters.state_age``, set by exporter.server)."""
-    age_fn = getattr(view.endpoint, "state_age", None)
+    age_fn = view.endpoint.state_age if view.endpoint is not None else None
     age = age_fn(view.now) if age_fn is not None else None
     return iter([] if age is None else [((), age)])
 
@@ -825,7 +815,7 @@ BUILDERS[cat.EXPORTER_FAILED_BUILDS] = _endpoint(cat.EXPORTER_FAILED_BUILDS)
 
 def _undecodable(view: View) -> Iterator[Sample]:
     """Read at scrape time from the state reader (``EndpointCounters.undecodable``, set by exporter.server)."""
-    counts_fn = getattr(view.endpoint, "undecodable", None)
+    counts_fn = view.endpoint.undecodable if view.endpoint is not None else None
     counts = counts_fn() if counts_fn is not None else {}
     return iter([((reason,), n) for reason, n in sorted(counts.items())])
 

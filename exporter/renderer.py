@@ -58,9 +58,8 @@ class _Job:
 class Renderer:
     """Renders one :class:`StateCollector`; one render at a time (a lock)."""
 
-    def __init__(self, collector: StateCollector, reuse: bool = True) -> None:
+    def __init__(self, collector: StateCollector) -> None:
         self._collector = collector
-        self._reuse = reuse
         self._jobs: dict[str, _Job] = {}
         self._live: list[bool] = []
         self._shared: dict[Shared, str] = {}  # merged lines, valid until the fleet changes
@@ -68,8 +67,6 @@ class Renderer:
 
     def render(self, openmetrics: bool = False) -> bytes:
         with self._lock:
-            if not self._reuse:
-                self._jobs, self._shared = {}, {}
             view = self._collector.view()
             jobs, changed = self._refresh(view)
             bodies: dict[cat.Metric, str] = {}

@@ -539,7 +539,7 @@ def render_markdown() -> str:
     for key, default in all_keys():
         if key.split(".")[0] != section:
             section = key.split(".")[0]
-            users = [c for c, secs in COMMAND_SECTIONS.items() if section in secs]
+            users = commands_for(section)
             some = [c for c, secs in COMMAND_SECTIONS.items() if any(s.startswith(section + ".") for s in secs)]
             used = ", ".join(f"`{c}`" for c in users) + (
                 f" (and {', '.join(f'`{c}`' for c in some)}: some keys)" if some else "")
