@@ -35,9 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from confluent_kafka import Producer  # noqa: E402
 
-from bench.common import ROOT, cpu_seconds, ours  # noqa: E402
+from bench.common import ROOT, bootstrap_servers, cpu_seconds, ours  # noqa: E402
 from kafka_backup.cli.devbroker import free_port  # noqa: E402
 from kafka_backup.schemas import events as ev  # noqa: E402
+from kafka_backup.schemas.topics import TELEMETRY_TOPIC  # noqa: E402
 
 PARTS = 8
 
@@ -86,11 +87,9 @@ def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 20
     steps = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [50, 100, 200, 400, 800]
     batched = len(sys.argv) > 3 and sys.argv[3] == "batched"
-    from kafka_backup.cli.devbroker import DevBroker
-
     logdir = tempfile.mkdtemp(prefix="bench-fleet-")
-    with DevBroker(log_path=os.path.join(logdir, "broker.log")) as broker:
-        bootstrap, app, port = broker.bootstrap, "fleet-" + uuid.uuid4().hex[:6], free_port()
+    with bootstrap_servers("fleet") as bootstrap:  # KAFKA_BOOTSTRAP_SERVERS, or a dev broker
+        app, port = "fleet-" + uuid.uuid4().hex[:6], free_port()
         env = {**os.environ, "APP_DATADIR": os.path.join(logdir, "{conf.name}-data")}  # not the repository root
         procs = [subprocess.Popen(ours(*args), cwd=ROOT, stdin=subprocess.DEVNULL,
                                   stdout=open(os.path.join(logdir, f"{args[0]}.log"), "ab"), stderr=subprocess.STDOUT,
@@ -133,7 +132,7 @@ def main() -> None:
                             if batched and len(values) > 1:
                                 values = [ev.encode_batch(values)]
                             for value in values:
-                                producer.produce("kafka-backup.telemetry", key=w.key, value=value)
+                                producer.produce(TELEMETRY_TOPIC, key=w.key, value=value)
                             sent_records += len(values)
                         producer.poll(0)
                         cycle += 1
