@@ -18,7 +18,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from kafka_backup.producers.layout import OFFSET_HEADER
-from tests.conftest import Proc, cli, create_topic, unique, wait_for, watermarks
+from tests.conftest import Proc, cli, committed, create_topic, unique, wait_for, watermarks
 from tests.test_restore_e2e import backup, one_line, produce_records, read_topic, restore
 
 pytestmark = pytest.mark.e2e
@@ -27,14 +27,6 @@ def commit(broker: str, group: str, topic: str, offsets: dict[int, int]) -> None
     c = Consumer({"bootstrap.servers": broker, "group.id": group, "enable.auto.commit": False})
     try:
         c.commit(offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=False)
-    finally:
-        c.close()
-
-
-def committed(broker: str, group: str, topic: str, n: int) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": broker, "group.id": group, "enable.auto.commit": False})
-    try:
-        return {tp.partition: tp.offset for tp in c.committed([TopicPartition(topic, p) for p in range(n)], 10)}
     finally:
         c.close()
 

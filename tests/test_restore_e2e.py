@@ -24,7 +24,7 @@ from confluent_kafka.admin import AdminClient
 
 from kafka_backup.producers.layout import OFFSET_HEADER
 from kafka_backup.schemas import catalogue as cat
-from tests.conftest import ROOT, cli, create_topic, unique, wait_for, watermarks
+from tests.conftest import ROOT, cli, committed, create_topic, unique, wait_for, watermarks
 
 pytestmark = pytest.mark.e2e
 
@@ -456,14 +456,6 @@ def test_resume_refuses_a_target_written_by_someone_else(broker, tmp_path):
 # ---- offset reset -------------------------------------------------------------------------------
 
 
-def committed_offsets(broker: str, group: str, topic: str, n: int) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": broker, "group.id": group, "enable.auto.commit": False})
-    try:
-        return {tp.partition: tp.offset for tp in c.committed([TopicPartition(topic, p) for p in range(n)], 10)}
-    finally:
-        c.close()
-
-
 def offset_reset(broker: str, group: str, topic: str, *target: str, execute: bool = True):
     return cli("offset-reset", "--bootstrap-servers", broker, "--group", group, "--topics", topic, *target,
                *(["--execute"] if execute else []))
@@ -483,20 +475,20 @@ def test_offset_reset_to_earliest_latest_and_timestamp(broker, shared_pipeline):
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"{topic}\t0\t5 -> 0\n{topic}\t1\t7 -> 0\n"
     assert "no offset was changed; add --execute" in r.stderr
-    assert committed_offsets(broker, group, topic, 2) == {0: 5, 1: 7}
+    assert committed(broker, group, topic, 2) == {0: 5, 1: 7}
 
     r = offset_reset(broker, group, topic, "--to-earliest")
     assert r.returncode == 0, r.stderr
-    assert committed_offsets(broker, group, topic, 2) == {0: 0, 1: 0}
+    assert committed(broker, group, topic, 2) == {0: 0, 1: 0}
     r = offset_reset(broker, group, topic, "--to-latest")
     assert r.returncode == 0, r.stderr
-    assert committed_offsets(broker, group, topic, 2) == {0: 20, 1: 20}
+    assert committed(broker, group, topic, 2) == {0: 20, 1: 20}
     ts = base + 105
     iso = dt.datetime.fromtimestamp(ts / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     r = offset_reset(broker, group, topic, "--to-timestamp", iso)  # ISO 8601, as replay takes
     assert r.returncode == 0, r.stderr
     first_at_or_after = {p: next(j for j, x in enumerate(recs) if x.timestamp >= ts) for p, recs in truth.items()}
-    assert committed_offsets(broker, group, topic, 2) == first_at_or_after == {0: 6, 1: 5}
+    assert committed(broker, group, topic, 2) == first_at_or_after == {0: 6, 1: 5}
 
     # exactly one target
     for args in ([], ["--to-earliest", "--to-latest"]):
@@ -512,17 +504,17 @@ def test_offset_reset_to_earliest_latest_and_timestamp(broker, shared_pipeline):
         assert r.returncode == 2
         line = one_line(r.stderr)
         assert "offset_reset.group" in line and "active member" in line and "--force" in line
-        assert committed_offsets(broker, group, topic, 2) == {0: 6, 1: 5}
+        assert committed(broker, group, topic, 2) == {0: 6, 1: 5}
         # --force skips our check only: the broker itself refuses to move a live group's offsets
         r = offset_reset(broker, group, topic, "--to-earliest", "--force")
         assert r.returncode == 2
         assert "broker refused" in one_line(r.stderr)
-        assert committed_offsets(broker, group, topic, 2) == {0: 6, 1: 5}
+        assert committed(broker, group, topic, 2) == {0: 6, 1: 5}
     finally:
         member.close()
     r = offset_reset(broker, group, topic, "--to-earliest")  # members gone: allowed again
     assert r.returncode == 0, r.stderr
-    assert committed_offsets(broker, group, topic, 2) == {0: 0, 1: 0}
+    assert committed(broker, group, topic, 2) == {0: 0, 1: 0}
 
     s = shared_pipeline.wait_value(cat.OFFSET_RESET_DURATION.name + "_count", 4, consumer_group=group,
                                    status="success")
