@@ -34,11 +34,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from kafka_backup.producers import layout
-from kafka_backup.producers.offset_reset import NOT_EMPTY, UNSUPPORTED, OffsetResetFailed
+from kafka_backup.producers.offset_reset import UNSUPPORTED, OffsetResetFailed, write_offsets
 from kafka_backup.producers.restore_scope import parse_topic_map, resolve_topic_map
 from kafka_backup.producers.run import Job, run_reporting
 from kafka_backup.producers.storage import Storage, StorageError
@@ -297,30 +297,7 @@ class OffsetFollow:
                                   f"(state {desc.state.name.lower()}); stop its consumers first, nothing was changed")
 
     def write(self, group: str, offsets: list[TopicPartition]) -> None:
-        try:
-            result = self.admin.alter_consumer_group_offsets(
-                [ConsumerGroupTopicPartitions(group, offsets)])[group].result(15)
-            failed = [tp for tp in result.topic_partitions if tp.error is not None]
-            if failed:
-                raise KafkaException(failed[0].error)
-            return
-        except KafkaException as err:
-            code = err.args[0].code()
-            if code in NOT_EMPTY:
-                raise ConfigError(f"offset_reset.groups: the broker refused to change the offsets of group "
-                                  f"{group!r} because it has active members; stop its consumers first") from None
-            if code not in UNSUPPORTED:
-                raise
-        c = Consumer(client_config(self.bootstrap, **{"group.id": group, "enable.auto.commit": False}))
-        try:
-            c.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as err:
-            if err.args[0].code() in NOT_EMPTY:
-                raise ConfigError(f"offset_reset.groups: the broker refused to change the offsets of group "
-                                  f"{group!r} because it has active members; stop its consumers first") from None
-            raise
-        finally:
-            c.close()
+        write_offsets(self.admin, self.bootstrap, group, offsets, "offset_reset.groups")
 
     def close(self) -> None:
         if self._consumer is not None:

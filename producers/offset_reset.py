@@ -171,21 +171,7 @@ class OffsetReset(Job):
 
     def _write(self, offsets: list[TopicPartition]) -> None:
         before = self._committed(offsets)
-        try:
-            result = self.admin.alter_consumer_group_offsets(
-                [ConsumerGroupTopicPartitions(self.group, offsets)])[self.group].result(15)
-            failed = [tp for tp in result.topic_partitions if tp.error is not None]
-            if failed:
-                raise KafkaException(failed[0].error)
-        except KafkaException as err:
-            code = err.args[0].code()
-            if code in NOT_EMPTY:
-                raise ConfigError(f"offset_reset.group: the broker refused to change the offsets of group "
-                                  f"{self.group!r} because it has active members; stop its consumers first"
-                                  ) from None
-            if code not in UNSUPPORTED:
-                raise
-            self._commit_as_outsider(offsets)
+        write_offsets(self.admin, self.bootstrap, self.group, offsets, "offset_reset.group")
         self._report(offsets, before)
 
     def _report(self, offsets: list[TopicPartition], before: dict[tuple[str, int], int]) -> None:
@@ -197,19 +183,6 @@ class OffsetReset(Job):
             if self.out is not None:
                 print(line, file=self.out)
 
-    def _commit_as_outsider(self, offsets: list[TopicPartition]) -> None:
-        """Brokers without AlterConsumerGroupOffsets: a commit from a consumer that never joins."""
-        consumer = Consumer(client_config(self.bootstrap, **{"group.id": self.group, "enable.auto.commit": False}))
-        try:
-            consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as err:
-            if err.args[0].code() in NOT_EMPTY:
-                raise ConfigError(f"offset_reset.group: the broker refused to change the offsets of group "
-                                  f"{self.group!r} because it has active members; stop its consumers first"
-                                  ) from None
-            raise
-        finally:
-            consumer.close()
 
     def _committed(self, offsets: list[TopicPartition]) -> dict[tuple[str, int], int]:
         consumer = Consumer(client_config(self.bootstrap, **{"group.id": self.group, "enable.auto.commit": False}))
@@ -232,3 +205,32 @@ def run_offset_reset(bootstrap: str, telemetry_bootstrap: str, cfg: OffsetResetC
         return code
     emitter = Emitter(telemetry_bootstrap or bootstrap, tcfg, "offset_reset", cfg.group)
     return run_reporting(OffsetReset(bootstrap, cfg, emitter, out), emitter, signals=False)
+
+
+def write_offsets(admin: AdminClient, bootstrap: str, group: str, offsets: list[TopicPartition], field: str) -> None:
+    """Set a group's committed offsets: AlterConsumerGroupOffsets, or on brokers without it a commit
+    from a consumer that never joins. The broker refusing because the group has members is the
+    one-line error naming ``field`` (the setting that named the group)."""
+    refused = ConfigError(f"{field}: the broker refused to change the offsets of group {group!r} because it "
+                          f"has active members; stop its consumers first")
+    try:
+        result = admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, offsets)])[group].result(15)
+        failed = [tp for tp in result.topic_partitions if tp.error is not None]
+        if failed:
+            raise KafkaException(failed[0].error)
+        return
+    except KafkaException as err:
+        code = err.args[0].code()
+        if code in NOT_EMPTY:
+            raise refused from None
+        if code not in UNSUPPORTED:
+            raise
+    consumer = Consumer(client_config(bootstrap, **{"group.id": group, "enable.auto.commit": False}))
+    try:
+        consumer.commit(offsets=offsets, asynchronous=False)
+    except KafkaException as err:
+        if err.args[0].code() in NOT_EMPTY:
+            raise refused from None
+        raise
+    finally:
+        consumer.close()
