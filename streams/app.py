@@ -33,7 +33,6 @@ from faust.exceptions import PartitionsMismatch
 from faust.types import TP
 from faust.types.auth import CredentialsT
 
-from kafka_backup.schemas import events as ev
 from kafka_backup.schemas import logs, signing
 from kafka_backup.schemas.config import Config, ConfigError
 from kafka_backup.schemas.kafka_admin import (
@@ -43,23 +42,15 @@ from kafka_backup.schemas.kafka_admin import (
     security_for,
     serve_logs,
 )
-from kafka_backup.schemas.state import (
-    NewerStateError,
-    PipelineState,
-    decode_pipeline,
-    encode_state,
-    pipeline_key,
-)
 from kafka_backup.schemas.topics import STATE_TABLE, state_topic
 from kafka_backup.streams import fold
+from kafka_backup.streams.folder import DeadLetter, Folder, SkipCounts
 from kafka_backup.streams.guards import (
     ChangelogBarrier,
     OffsetGuard,
     check_faust_version,
     verify_copartitioned,
-    write_outside_event,
 )
-from kafka_backup.streams.working import WorkingSet
 
 log = logging.getLogger("kafka_backup.aggregator")
 
@@ -89,13 +80,10 @@ def create_app(cfg: Config) -> faust.App:
         stream_wait_empty=False,
         **datadir,
     )
-    settings = fold.Settings.of(cfg.aggregator)
     topic = app.topic(cfg.telemetry.topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                       value_serializer="raw", partitions=cfg.telemetry.partitions)
     # key_type/value_type bytes make Faust pick the raw serializer for the changelog too; a
     # Schema alone is not used when recovering, and recovery then fails to decode.
-    dead_letters = app.topic(cfg.aggregator.dead_letter_topic, key_type=bytes, value_type=bytes,
-                             key_serializer="raw", value_serializer="raw") if cfg.aggregator.dead_letter_topic else None
     table = app.Table(STATE_TABLE, default=None, key_type=bytes, value_type=bytes,
                       partitions=cfg.telemetry.partitions)
     barrier = ChangelogBarrier()
@@ -104,129 +92,36 @@ def create_app(cfg: Config) -> faust.App:
     offsets = GroupOffsets(bootstrap, cfg.aggregator.app_id, cfg.telemetry.topic)
     guard = OffsetGuard(cfg.telemetry.topic, offsets.start)
     guard.guard_commits(app.consumer)
-    work = WorkingSet(settings)
-    flush_every_s = cfg.aggregator.flush_interval_ms / 1000
-    next_flush = [time.monotonic() + flush_every_s]
+
+    dead_letter: DeadLetter | None = None
+    if cfg.aggregator.dead_letter_topic:
+        dead_letters = app.topic(cfg.aggregator.dead_letter_topic, key_type=bytes, value_type=bytes,
+                                 key_serializer="raw", value_serializer="raw")
+
+        async def send_dead_letter(key: bytes | None, value: bytes | None, reason: str) -> None:
+            await dead_letters.send(key=key, value=value, headers={"kafka-backup-reason": reason.encode()})
+
+        dead_letter = send_dead_letter
+    folder = Folder(table, guard, OffLoop(offsets), fold.Settings.of(cfg.aggregator),
+                    cfg.aggregator.flush_interval_ms / 1000, signing.load_key(cfg.telemetry.signing_key_file),
+                    dead_letter, restart=restart_in_place, stop=exit_now)
 
     # Faust's signal type wants receivers of (sender, *args, signal=...); it calls this one with
     # (app, revoked, signal=...), which **kwargs takes
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def forget_revoked(app: faust.App, revoked: set[TP], **kwargs: Any) -> None:
-        partitions = {tp.partition for tp in revoked if tp.topic == cfg.telemetry.topic}
-        guard.forget(partitions)
-        work.forget(partitions)  # unflushed, uncommitted: the next owner reads those events again
-        for p in partitions:
-            skips.take(p)
-            failures.take(p)
+        folder.revoked({tp.partition for tp in revoked if tp.topic == cfg.telemetry.topic})
 
-    async def dead_letter(key: bytes | None, value: bytes | None, reason: str) -> None:
-        if dead_letters is not None:
-            await dead_letters.send(key=key, value=value, headers={"kafka-backup-reason": reason.encode()})
-
-    skips = SkipCounts()
-    failures = SkipCounts()  # records whose fold raised (a bug), by exception type: not a record's fault
-    first_of_each = logs.FirstOfEach(log)
-
-    def skip(partition: int, offset: int, reason: str, detail: object, n: int = 1) -> None:
-        """Count a skipped record in memory; :func:`flush_partition` writes the counts in one table write."""
-        skips.add(partition, reason, n)
-        guard.hold(partition, offset)  # no commit past it before its count is in the table
-        skips.log(partition, reason, detail)
-
-    def failed(partition: int, offset: int, err: Exception) -> None:
-        """Count a record whose fold raised; its traceback is logged the first time this error is seen."""
-        failures.add(partition, type(err).__qualname__, 1)
-        guard.hold(partition, offset)
-        first_of_each.exception(err, "telemetry partition %d offset %d: unexpected failure folding a record",
-                                partition, offset)
-
-    def flush_partition(partition: int) -> None:
-        """Write the partition's changed job states and skip counts to the table, then let its commit pass.
-
-        The commit still waits for the broker to acknowledge these writes (``ChangelogBarrier``).
-        """
-        for key, value in work.flush(partition):
-            write_outside_event(table, partition, key, value)
-        pending, failed_now = skips.take(partition), failures.take(partition)
-        if pending or failed_now:
-            key = pipeline_key(partition).encode()
-            raw = table.get(key)
-            state = decode_pipeline(raw) if raw else PipelineState(partition=partition)
-            for reason, n in pending.items():
-                state.invalid[reason] = state.invalid.get(reason, 0) + n
-            for exception, n in failed_now.items():
-                state.failures[exception] = state.failures.get(exception, 0) + n
-            write_outside_event(table, partition, key, encode_state(state))
-        guard.release(partition)
-
-    def flush_all() -> None:
-        next_flush[0] = time.monotonic() + flush_every_s
-        for partition in {*work.dirty_partitions(), *skips.pending(), *failures.pending()}:
-            flush_partition(partition)
-
-    @app.timer(min(flush_every_s, SkipCounts.MAX_AGE_S))
+    @app.timer(min(folder.flush_interval_s, SkipCounts.MAX_AGE_S))
     async def flush_quiet_partitions() -> None:
-        """Events followed by silence: no later event would flush them."""
-        if time.monotonic() >= next_flush[0]:
-            flush_all()
-        for partition in {*skips.stale(), *failures.stale()}:
-            flush_partition(partition)
+        folder.flush_quiet()
 
-    signing_key = signing.load_key(cfg.telemetry.signing_key_file)
-
-    def handle(key: bytes | None, value: bytes | None, partition: int, offset: int,
-               record_ts: float | None, headers: signing.Headers | None = None) -> list[tuple[bytes | None, str]]:
-        """Fold one record's events (one, or a batch's, each as if it came alone); return the
-        ``(event bytes, reason)`` of each one that had to be skipped (the whole record's value when
-        the record itself was refused)."""
-        try:
-            if not signing.verified(signing_key, key, value, headers):
-                raise ev.InvalidEvent("bad_signature", "missing or wrong kafka-backup-sig header")
-            payloads = ev.unpack(value)
-        except ev.InvalidEvent as err:
-            skip(partition, offset, err.reason, err)
-            return [(value, err.reason)]
-        skipped: list[tuple[bytes | None, str]] = []
-        for payload in payloads:
-            try:
-                reason = handle_event(key, payload, partition, offset, record_ts)
-            except NewerStateError:
-                raise
-            except Exception as err:  # a bug, not a bad event: the batch's other events are still folded
-                reason = "internal_error"  # the dead letter's header; counted by exception type, not as invalid
-                failed(partition, offset, err)
-            if reason is not None:
-                skipped.append((payload, reason))
-        return skipped
-
-    def handle_event(key: bytes | None, payload: bytes, partition: int, offset: int,
-                     record_ts: float | None) -> str | None:
-        """Fold one event; return the reason when it had to be skipped."""
-        try:
-            event = ev.decode(payload)
-            fold.check(event, record_ts, time.time(), settings)
-            if key is None or key.decode("utf-8", "replace") != ev.event_key(event.kind, event.job):
-                raise ev.InvalidEvent("bad_key", repr(key))
-        except ev.InvalidEvent as err:
-            skip(partition, offset, err.reason, err)
-            return err.reason
-        changed, refused = work.apply(key, partition, event, len(payload), table.get)
-        if refused is not None:
-            skip(partition, offset, refused, f"{event.kind}:{event.job}")
-            return refused
-        if changed:
-            guard.hold(partition, offset)  # no commit past it before the job's new state is in the table
-        return None
-
-    loop_offsets = OffLoop(offsets)
     verified = [False]
 
     @app.agent(topic, concurrency=1)
     async def aggregate(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             msg = event.message
-            if msg.partition not in guard.next:  # where folding starts, asked off the event loop
-                guard.next[msg.partition] = await loop_offsets.start(msg.partition)
             if not verified[0]:  # the check Faust's table[key] = value makes, once
                 try:
                     verify_copartitioned(table, msg.topic)
@@ -235,100 +130,9 @@ def create_app(cfg: Config) -> faust.App:
                              "running; start the aggregator again to check them)")
                     return
                 verified[0] = True
-            verdict = guard.admit(msg.partition, msg.offset)
-            if verdict == "duplicate":
-                continue
-            if verdict == "gap" and guard.next[msg.partition] < (
-                    earliest := await loop_offsets.earliest(msg.partition)):
-                lost = earliest - guard.next[msg.partition]
-                skip(msg.partition, guard.next[msg.partition], "expired",  # written with the next flush
-                     f"{lost} records deleted by retention before they were read", lost)
-                guard.folded(msg.partition, earliest - 1)
-                verdict = guard.admit(msg.partition, msg.offset)
-            if verdict == "gap":
-                restart_in_place(f"telemetry partition {msg.partition}: offset {msg.offset} arrived before offset "
-                                 f"{guard.next[msg.partition]} was folded (Faust skipped events; they are read again)")
-                return
-            ts = msg.timestamp if msg.timestamp and msg.timestamp > 0 else None
-            try:
-                skipped = handle(event.key, event.value, msg.partition, msg.offset, ts, event.headers)
-            except NewerStateError as err:  # folding into it would drop what the newer aggregator added
-                job = escaped(event.key.decode("utf-8", "replace") if event.key else "")
-                exit_now(f"the stored state of {job} has {err}: a newer aggregator wrote it; upgrade this aggregator")
-                return
-            except Exception as err:  # a bug, not a bad record: never let one record kill the agent
-                skipped = [(event.value, "internal_error")]  # counted by exception type, not as invalid
-                failed(msg.partition, msg.offset, err)
-            for value, reason in skipped:
-                await dead_letter(event.key, value, reason)
-            guard.folded(msg.partition, msg.offset)
-            if time.monotonic() >= next_flush[0]:
-                flush_all()
-            elif skips.due(msg.partition, after_good=False) or failures.due(msg.partition, after_good=False):
-                # a flood of bad records: its counts in batches
-                flush_partition(msg.partition)
+            await folder.record(msg.partition, msg.offset, msg.timestamp, event.key, event.value, event.headers)
 
     return app
-
-
-class SkipCounts:
-    """Skipped records counted in memory per telemetry partition, written to the table in batches.
-
-    A flood of bad records (a broken or hostile producer) then costs one small table write per
-    ``batch`` records or ``max_age_s``, not one per record; the offset guard holds the commit back
-    until the counts are written, so a crash re-reads and counts them again, exactly once. Log
-    lines are limited to one per reason and partition every ``log_every_s``, with the untrusted
-    detail escaped and cut.
-    """
-
-    MAX_AGE_S = 0.5
-
-    def __init__(self, batch: int = 500, max_age_s: float = MAX_AGE_S, log_every_s: float = 10.0) -> None:
-        self.batch, self.max_age_s, self.log_every_s = batch, max_age_s, log_every_s
-        self._pending: dict[int, dict[str, int]] = {}
-        self._since: dict[int, float] = {}
-        self._logged: dict[tuple[int, str], tuple[float, int]] = {}  # -> (last logged, suppressed since)
-
-    def add(self, partition: int, reason: str, n: int) -> None:
-        counts = self._pending.setdefault(partition, {})
-        counts[reason] = counts.get(reason, 0) + n
-        self._since.setdefault(partition, time.monotonic())
-
-    def due(self, partition: int, after_good: bool) -> bool:
-        counts = self._pending.get(partition)
-        if not counts:
-            return False
-        return after_good or sum(counts.values()) >= self.batch or (
-            time.monotonic() - self._since[partition] >= self.max_age_s)
-
-    def stale(self) -> list[int]:
-        """Partitions whose counts have waited ``max_age_s`` or longer."""
-        now = time.monotonic()
-        return [p for p, since in self._since.items() if now - since >= self.max_age_s]
-
-    def pending(self) -> list[int]:
-        return [p for p, counts in self._pending.items() if counts]
-
-    def take(self, partition: int) -> dict[str, int]:
-        self._since.pop(partition, None)
-        return self._pending.pop(partition, {})
-
-    def log(self, partition: int, reason: str, detail: object) -> None:
-        now = time.monotonic()
-        last, suppressed = self._logged.get((partition, reason), (-self.log_every_s, 0))
-        if now - last < self.log_every_s:
-            self._logged[(partition, reason)] = (last, suppressed + 1)
-            return
-        self._logged[(partition, reason)] = (now, 0)
-        more = f"; {suppressed} more since the last line" if suppressed else ""
-        log.warning("skipped telemetry record on partition %d: %s (%s)%s", partition, reason,
-                    escaped(detail), more)
-
-
-def escaped(value: object, limit: int = 200) -> str:
-    """An untrusted value for a log line: one line, printable, cut to ``limit`` characters."""
-    text = repr(str(value))[1:-1]
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class GroupOffsets:

@@ -170,11 +170,11 @@ def test_skipped_records_hold_the_commit_until_their_count_is_written():
 def test_skip_counts_flush_in_batches_and_log_a_bounded_escaped_line(caplog, monkeypatch):
     import logging
 
-    from kafka_backup.streams import app
+    from kafka_backup.streams import folder
 
     clock = [1000.0]
-    monkeypatch.setattr(app.time, "monotonic", lambda: clock[0])
-    skips = app.SkipCounts(batch=500, max_age_s=0.2, log_every_s=10.0)
+    monkeypatch.setattr(folder.time, "monotonic", lambda: clock[0])
+    skips = folder.SkipCounts(batch=500, max_age_s=0.2, log_every_s=10.0)
     with caplog.at_level(logging.WARNING, logger="kafka_backup.aggregator"):
         for i in range(499):
             skips.add(0, "bad_value", 1)
