@@ -17,10 +17,11 @@ value they protect:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas import events as ev
+from kafka_backup.schemas import signing
 from kafka_backup.schemas.state import (
     SIZE_WINDOW_MINUTES,
     STATE_VERSION,
@@ -112,6 +113,43 @@ def check(event: ev.Event, record_ts: float | None, now: float | None = None,
             problem = "restored_total above total_records"
     if problem:
         raise ev.InvalidEvent("bad_value", f"{type(event).__name__}: {problem}")
+
+
+class Admitted(NamedTuple):
+    """One event of a telemetry record as judged by :func:`admit`: decoded and checked, or refused."""
+
+    payload: bytes  # the event's bytes (the whole record's value when the record was refused)
+    event: ev.AnyEvent | ev.InvalidEvent  # the event, or why it was refused
+
+
+def admit(key: bytes | None, value: bytes | None, headers: signing.Headers | None, record_ts: float | None,
+          now: float | None, settings: Settings = DEFAULT_SETTINGS,
+          signing_key: bytes | None = None) -> list[Admitted]:
+    """The events a telemetry record carries, each decoded and checked, or the reason it is refused.
+
+    The one judgement of a record, made alike by the live aggregator and by replay (``now`` is
+    None there: a replay's output is a function of the log alone). A record refused as a whole
+    (a missing or wrong signature with ``signing_key``, an unusable batch) is one item carrying
+    the record's value; a batch's events are judged each as if it came alone.
+    """
+    try:
+        if not signing.verified(signing_key, key, value, headers):
+            raise ev.InvalidEvent("bad_signature", "missing or wrong kafka-backup-sig header")
+        payloads = ev.unpack(value)
+    except ev.InvalidEvent as err:
+        return [Admitted(value or b"", err)]
+    out = []
+    for payload in payloads:
+        try:
+            event = ev.decode(payload)
+            check(event, record_ts, now, settings)
+            if key is None or key.decode("utf-8", "replace") != ev.event_key(event.kind, event.job):
+                raise ev.InvalidEvent("bad_key", repr(key))
+        except ev.InvalidEvent as err:
+            out.append(Admitted(payload, err))
+        else:
+            out.append(Admitted(payload, event))
+    return out
 
 
 def new_state(event: ev.Event) -> JobState:

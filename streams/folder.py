@@ -142,44 +142,27 @@ class Folder:
         """Fold one record's events (one, or a batch's, each as if it came alone); return the
         ``(event bytes, reason)`` of each one that had to be skipped (the whole record's value when
         the record itself was refused)."""
-        try:
-            if not signing.verified(self.signing_key, key, value, headers):
-                raise ev.InvalidEvent("bad_signature", "missing or wrong kafka-backup-sig header")
-            payloads = ev.unpack(value)
-        except ev.InvalidEvent as err:
-            self.skip(partition, offset, err.reason, err)
-            return [(value, err.reason)]
         skipped: list[tuple[bytes | None, str]] = []
-        for payload in payloads:
+        for payload, event in fold.admit(key, value, headers, record_ts, time.time(), self.settings, self.signing_key):
+            if isinstance(event, ev.InvalidEvent):
+                self.skip(partition, offset, event.reason, event)
+                skipped.append((None if value is None else payload, event.reason))  # a null record stays null
+                continue
+            key = key or b""  # admitted: the key named the event's job
             try:
-                reason = self.handle_event(key, payload, partition, offset, record_ts)
+                changed, reason = self.work.apply(key, partition, event, len(payload), self.table.get)
             except NewerStateError:
                 raise
             except Exception as err:  # a bug, not a bad event: the batch's other events are still folded
-                reason = "internal_error"  # the dead letter's header; counted by exception type, not as invalid
                 self.failed(partition, offset, err)
+                skipped.append((payload, "internal_error"))  # the dead letter's header; not counted as invalid
+                continue
             if reason is not None:
+                self.skip(partition, offset, reason, f"{event.kind}:{event.job}")
                 skipped.append((payload, reason))
+            elif changed:
+                self.guard.hold(partition, offset)  # no commit past it before the job's new state is in the table
         return skipped
-
-    def handle_event(self, key: bytes | None, payload: bytes, partition: int, offset: int,
-                     record_ts: float | None) -> str | None:
-        """Fold one event; return the reason when it had to be skipped."""
-        try:
-            event = ev.decode(payload)
-            fold.check(event, record_ts, time.time(), self.settings)
-            if key is None or key.decode("utf-8", "replace") != ev.event_key(event.kind, event.job):
-                raise ev.InvalidEvent("bad_key", repr(key))
-        except ev.InvalidEvent as err:
-            self.skip(partition, offset, err.reason, err)
-            return err.reason
-        changed, refused = self.work.apply(key, partition, event, len(payload), self.table.get)
-        if refused is not None:
-            self.skip(partition, offset, refused, f"{event.kind}:{event.job}")
-            return refused
-        if changed:
-            self.guard.hold(partition, offset)  # no commit past it before the job's new state is in the table
-        return None
 
     def skip(self, partition: int, offset: int, reason: str, detail: object, n: int = 1) -> None:
         """Count a skipped record in memory; :meth:`flush_partition` writes the counts in one table write."""

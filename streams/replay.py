@@ -21,7 +21,6 @@ import msgspec
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from kafka_backup.schemas import events as ev
-from kafka_backup.schemas import signing
 from kafka_backup.schemas.kafka_admin import client_config
 from kafka_backup.schemas.state import JobState, PipelineState, decode_state
 from kafka_backup.streams import fold
@@ -122,24 +121,13 @@ def replay(records: Iterable[LogRecord], until: float | None = None,
             result.invalid.invalid[err.reason] = result.invalid.invalid.get(err.reason, 0) + 1
 
     for rec in records:
-        try:
-            if not signing.verified(signing_key, rec.key, rec.value, rec.headers):
-                raise ev.InvalidEvent("bad_signature", "missing or wrong kafka-backup-sig header")
-            payloads = ev.unpack(rec.value)  # a batch record's events, each judged as if it came alone
-        except ev.InvalidEvent as err:
-            refuse(err, rec.key, rec.value)
-            continue
-        for payload in payloads:
-            try:
-                event = ev.decode(payload)
-                # no clock here: the report is a function of the log alone (``until`` bounds event time)
-                fold.check(event, rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None, None, settings)
-                key = ev.event_key(event.kind, event.job)
-                if rec.key is None or rec.key.decode("utf-8", "replace") != key:
-                    raise ev.InvalidEvent("bad_key", repr(rec.key))
-            except ev.InvalidEvent as err:
-                refuse(err, rec.key, payload)
+        # no clock here: the report is a function of the log alone (``until`` bounds event time)
+        ts = rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else None
+        for payload, event in fold.admit(rec.key, rec.value, rec.headers, ts, None, settings, signing_key):
+            if isinstance(event, ev.InvalidEvent):
+                refuse(event, rec.key, rec.value if rec.value is None else payload)
                 continue
+            key = ev.event_key(event.kind, event.job)
             if event.ts >= result.until:
                 continue
             unique.setdefault(key, {}).setdefault((event.worker, event.seq), event)
