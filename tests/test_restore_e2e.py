@@ -220,14 +220,11 @@ def test_round_trip_over_s3(broker, shared_pipeline, s3_endpoint):
 
 
 def test_rate_limited_restore_progress_rises_and_eta_tracks_remaining(broker, shared_pipeline, tmp_path):
-    """ETA = remaining / measured throughput, exactly, in every scrape; and close to remaining / limit.
+    """In every scrape: progress = restored / total and ETA = remaining / measured throughput, exactly,
+    and the throughput never above the limit.
 
-    The second comparison has a tolerance because the measured throughput is
-    records over elapsed time since the run started, which includes the start
-    (reading the backup, the first paced batch) and the aggregator's delay of a
-    few hundred ms: it runs below the limit early on. From a quarter of the way
-    these account for at most about a third of the elapsed time, so the ETA is
-    within 50% of remaining / limit.
+    No band around remaining / limit: on a loaded machine the restore runs below its limit and the
+    ETA rightly says so; such a band failed CI for a correct ETA.
     """
     topic, bid, rid = unique("paced"), unique("bk-paced"), unique("rs-paced")
     create_topic(broker, topic, 2)
@@ -243,7 +240,8 @@ def test_rate_limited_restore_progress_rises_and_eta_tracks_remaining(broker, sh
             pct = s.get_value(cat.RESTORE_PROGRESS.name, restore_id=rid, backup_id=bid)
             if pct is not None:
                 samples.append((pct, s.get_value(cat.RESTORE_ETA.name, restore_id=rid),
-                                s.get_value(cat.RESTORE_THROUGHPUT.name, restore_id=rid)))
+                                s.get_value(cat.RESTORE_THROUGHPUT.name, restore_id=rid),
+                                s.get_value(cat.RESTORE_RECORDS_TOTAL.name, restore_id=rid)))
             time.sleep(0.4)  # not synchronisation: the sampling period of scrapes taken while the restore runs
     finally:
         if proc.poll() is None:
@@ -252,16 +250,16 @@ def test_rate_limited_restore_progress_rises_and_eta_tracks_remaining(broker, sh
     s = shared_pipeline.wait_value(cat.RESTORE_PROGRESS.name, 100, restore_id=rid, backup_id=bid)
     assert s.get_value(cat.RESTORE_RECORDS_TOTAL.name, restore_id=rid) == 2000
 
-    pcts = [p for p, _, _ in samples]
+    pcts = [p for p, _, _, _ in samples]
     assert pcts == sorted(pcts), f"progress went backwards: {pcts}"
-    middle = [(p, eta, rate) for p, eta, rate in samples if 25 <= p < 100 and rate and rate > 0]
+    for p, _, _, restored in samples:
+        assert p == pytest.approx(100 * restored / 2000, rel=1e-9), (p, restored)
+    middle = [(p, eta, rate, restored) for p, eta, rate, restored in samples if 0 < p < 100 and rate and rate > 0]
     assert len(middle) >= 5, f"too few scrapes mid-way: {samples}"
-    for p, eta, rate in middle:
-        remaining = 2000 * (1 - p / 100)
-        assert eta == pytest.approx(remaining / rate, rel=1e-6)
+    for _, eta, rate, restored in middle:
+        assert eta == pytest.approx((2000 - restored) / rate, rel=1e-6)
         assert rate <= RATE * 1.05, "the limit is a ceiling"
-        assert remaining / RATE * 0.5 <= eta <= remaining / RATE * 1.5, (p, eta, rate)
-    assert all(math.isnan(eta) or eta >= 0 for _, eta, _ in samples)
+    assert all(math.isnan(eta) or eta >= 0 for _, eta, _, _ in samples)
     # the limit held over the whole run: records over the measured duration
     s = shared_pipeline.wait_value(cat.RESTORE_DURATION.name + "_count", 1, backup_id=bid, status="success")
     assert 2000 / s.get_value(cat.RESTORE_DURATION.name + "_sum", backup_id=bid, status="success") <= RATE * 1.05
