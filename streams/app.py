@@ -90,7 +90,7 @@ def create_app(cfg: Config) -> faust.App:
     barrier.guard_changelog(table)
     barrier.guard_flush(app.producer, on_failure=lambda err: restart_in_place(f"{err}"))
     offsets = GroupOffsets(bootstrap, cfg.aggregator.app_id, cfg.telemetry.topic)
-    guard = OffsetGuard(cfg.telemetry.topic, offsets.start)
+    guard = OffsetGuard(cfg.telemetry.topic)
     guard.guard_commits(app.consumer)
 
     dead_letter: DeadLetter | None = None

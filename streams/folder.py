@@ -98,7 +98,7 @@ class Folder:
             start = await self.offsets.start(partition)
             if not still_owned():
                 return
-            guard.next[partition] = start
+            guard.start(partition, start)
         verdict = guard.admit(partition, offset)
         if verdict == "duplicate":
             return

@@ -68,22 +68,24 @@ def verify_copartitioned(table: Any, source_topic: str) -> None:
 class OffsetGuard:
     """The folded frontier of each telemetry partition, and the commits it allows.
 
-    ``start_offset(partition)`` says where a partition's folding starts when this
-    process first sees it (its committed offset, else its earliest offset); it is
-    asked again after the partition is revoked.
+    A partition's frontier starts where :meth:`start` puts it (its committed offset, else its
+    earliest offset, asked by the aggregator when it first sees the partition, and again after
+    the partition was revoked and :meth:`forget` dropped it).
     """
 
-    def __init__(self, topic: str, start_offset: Callable[[int], int]) -> None:
+    def __init__(self, topic: str) -> None:
         self.topic = topic
-        self.start_offset = start_offset
         self.next: dict[int, int] = {}  # partition -> next offset to fold
         self.held: dict[int, int] = {}  # partition -> first offset whose effect is not yet in the table
 
+    def start(self, partition: int, offset: int) -> None:
+        self.next[partition] = offset
+
     def admit(self, partition: int, offset: int) -> str:
-        """``"fold"``, ``"duplicate"`` (already folded) or ``"gap"`` (events before it were skipped)."""
-        expected = self.next.get(partition)
-        if expected is None:
-            expected = self.next[partition] = self.start_offset(partition)
+        """``"fold"``, ``"duplicate"`` (already folded) or ``"gap"`` (events before it were skipped).
+
+        Only for a started partition (a ``KeyError`` otherwise: where folding starts is not guessed)."""
+        expected = self.next[partition]
         if offset < expected:
             return "duplicate"
         return "fold" if offset == expected else "gap"

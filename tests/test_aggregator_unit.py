@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_recovery_watchdog_restarts_only_a_stalled_recovery():
     import threading
@@ -112,8 +114,9 @@ def test_barrier_refuses_to_commit_past_a_failed_write_and_holds_for_a_slow_one(
 def test_offset_guard_folds_in_order_skips_redeliveries_and_spots_holes():
     from kafka_backup.streams.guards import OffsetGuard
 
-    starts = {0: 40, 1: 0}
-    guard = OffsetGuard("telemetry", starts.__getitem__)
+    guard = OffsetGuard("telemetry")
+    guard.start(0, 40)
+    guard.start(1, 0)
     assert guard.admit(0, 39) == "duplicate"  # below the committed offset: folded by an earlier worker
     assert guard.admit(0, 40) == "fold"
     guard.folded(0, 40)
@@ -122,8 +125,10 @@ def test_offset_guard_folds_in_order_skips_redeliveries_and_spots_holes():
     assert guard.admit(0, 41) == "duplicate"
     assert guard.admit(0, 43) == "gap"  # offset 42 was never delivered
     assert guard.admit(1, 5) == "gap"  # started past the beginning with nothing committed: the restart case
-    starts[0] = 7
     guard.forget({0})  # revoked: where to start is asked again on its return
+    with pytest.raises(KeyError):
+        guard.admit(0, 7)
+    guard.start(0, 7)
     assert guard.admit(0, 7) == "fold"
 
 
@@ -136,7 +141,8 @@ def test_offset_guard_holds_commits_back_to_what_was_folded():
 
     from kafka_backup.streams.guards import OffsetGuard
 
-    guard = OffsetGuard("telemetry", lambda p: 0)
+    guard = OffsetGuard("telemetry")
+    guard.start(0, 0)
     sent = []
 
     async def commit_offsets(offsets, start_new_transaction=True):
@@ -157,7 +163,8 @@ def test_skipped_records_hold_the_commit_until_their_count_is_written():
 
     from kafka_backup.streams.guards import OffsetGuard
 
-    guard = OffsetGuard("telemetry", lambda p: 0)
+    guard = OffsetGuard("telemetry")
+    guard.start(0, 0)
     guard.admit(0, 0)
     guard.folded(0, 9)
     guard.hold(0, 10)  # offset 10 was skipped; its count is still in memory

@@ -63,7 +63,7 @@ def segment(seq: int, start: int, records: int = 10) -> bytes:
 
 def make_folder(offsets: GatedOffsets, **kwargs: object) -> tuple[Folder, FakeTable, list[str]]:
     table, restarts = FakeTable(), []
-    folder = Folder(table, OffsetGuard("telemetry", lambda p: 0), offsets, fold.DEFAULT_SETTINGS,
+    folder = Folder(table, OffsetGuard("telemetry"), offsets, fold.DEFAULT_SETTINGS,
                     flush_interval_s=3600, restart=restarts.append, **kwargs)  # type: ignore[arg-type]
     return folder, table, restarts
 
