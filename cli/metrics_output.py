@@ -20,7 +20,7 @@ import tempfile
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.utils import floatToGoString
 
-from kafka_backup.exporter.collector import StateCollector
+from kafka_backup.exporter.collector import frozen_collector
 from kafka_backup.schemas.config import Config, ConfigError
 from kafka_backup.streams import fold
 from kafka_backup.streams.replay import LogRecord, replay, snapshot
@@ -42,9 +42,8 @@ def render(cfg: Config, events: list[tuple[bytes, bytes]], fmt: str) -> bytes:
     snap = snapshot(result)
     now = max((s.last_event_ts for s in result.jobs.values()), default=0.0)  # the run's end, not the wall clock
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StateCollector(lambda: snap, cfg.aggregator.throughput_window_s, clock=lambda: now,
-                                     stop_after_s=cfg.metrics.worker_stop_after_s, expire_after_s=float("inf"),
-                                     max_series_per_family=cfg.metrics.max_series_per_family))
+    registry.register(frozen_collector(snap, now, cfg.aggregator.throughput_window_s, cfg.metrics.worker_stop_after_s,
+                                       cfg.metrics.max_series_per_family))
     if fmt == "prometheus":
         return generate_latest(registry)
     samples: dict[str, list[dict]] = {}

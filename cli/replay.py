@@ -13,7 +13,7 @@ import sys
 import msgspec
 
 from kafka_backup.cli import evidence
-from kafka_backup.exporter.collector import StateCollector
+from kafka_backup.exporter.collector import frozen_collector
 from kafka_backup.exporter.renderer import Renderer
 from kafka_backup.schemas import signing
 from kafka_backup.schemas.config import Config, ConfigError, require_safe_id
@@ -109,9 +109,8 @@ def _metrics(cfg: Config, result: Replay, fmt: str) -> bytes:
     if fmt == "json":
         return msgspec.json.format(msgspec.json.encode(dict(sorted(snap.items())), order="sorted"), indent=2) + b"\n"
     # "now" is --to, not the wall clock: the same replay renders the same bytes tomorrow
-    collector = StateCollector(lambda: snap, cfg.aggregator.throughput_window_s, clock=lambda: now,
-                               stop_after_s=cfg.metrics.worker_stop_after_s, expire_after_s=float("inf"),
-                               max_series_per_family=cfg.metrics.max_series_per_family)
+    collector = frozen_collector(snap, now, cfg.aggregator.throughput_window_s, cfg.metrics.worker_stop_after_s,
+                                 cfg.metrics.max_series_per_family)
     return Renderer(collector).render(openmetrics=fmt == "openmetrics")  # the live exporter's bytes
 
 

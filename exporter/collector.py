@@ -758,6 +758,17 @@ class StateCollector(Collector):
         return out
 
 
+def frozen_collector(snapshot: Mapping[str, Any], now: float, throughput_window_s: int, stop_after_s: float,
+                     max_series_per_family: int) -> StateCollector:
+    """A collector over a state that no longer changes (a replayed log, one run's events).
+
+    ``now`` is the state's own end, not the wall clock, and nothing expires: the same state
+    renders the same bytes tomorrow.
+    """
+    return StateCollector(lambda: snapshot, throughput_window_s, clock=lambda: now, stop_after_s=stop_after_s,
+                          expire_after_s=float("inf"), max_series_per_family=max_series_per_family)
+
+
 def rendered() -> list[tuple[cat.Metric, Builder]]:
     """The families a scrape serves, in the order they are built (catalogue order, then ``_LAST``)."""
     first = [(m, b) for m in cat.CATALOGUE
