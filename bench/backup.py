@@ -3,7 +3,11 @@
 Fills a topic, then alternates, ``repeats`` times:
 
 * ``bare``: a consumer (new group, from the earliest offset) calling ``consume(1000)`` until it
-  has seen every record, touching each record's key and value: the ceiling of any Python backup;
+  has seen every record, touching each record's key and value: the ceiling of any Python backup
+  (the issue's baseline);
+* ``bare-full``: the same loop also reading what a backup must keep of each record besides key and
+  value: offset, timestamp and headers (confluent-kafka builds a new list of header tuples per
+  record on ``headers()``, a cost no Python backup can skip without losing the headers);
 * ``ours``: ``python -m kafka_backup.cli.main backup`` (one-shot, zstd, telemetry on to the same broker, file
   storage in a temp dir).
 
@@ -34,6 +38,7 @@ BARE = r'''
 import sys, time
 from confluent_kafka import Consumer, TopicPartition
 bootstrap, topic, n, partitions = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[5])
+full = sys.argv[6] == "full"
 c = Consumer({"bootstrap.servers": bootstrap, "group.id": sys.argv[4], "enable.auto.commit": False})
 c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])  # as a one-shot backup does
 seen = size = 0
@@ -43,6 +48,8 @@ while seen < n:
             continue
         seen += 1
         size += len(m.key() or b"") + len(m.value() or b"")
+        if full:
+            m.offset(), m.timestamp(), m.headers()
 c.close()
 '''
 
@@ -78,11 +85,12 @@ def main() -> None:
             bare_py = os.path.join(work, "bare.py")
             with open(bare_py, "w") as fh:
                 fh.write(BARE)
-            runs: dict[str, list[dict[str, float]]] = {"bare": [], "ours": [], "bare-empty": [], "ours-empty": []}
+            names = ("bare", "bare-full", "ours")
+            runs: dict[str, list[dict[str, float]]] = {k: [] for n in names for k in (n, f"{n}-empty")}
 
-            def bare(source: str, n: int, log: str) -> dict[str, float]:
+            def bare(source: str, n: int, log: str, full: bool = False) -> dict[str, float]:
                 return timed([sys.executable, bare_py, bootstrap, source, str(n), "bench-bare-" + uuid.uuid4().hex[:6],
-                              str(partitions)], os.path.join(work, log))
+                              str(partitions), "full" if full else "kv"], os.path.join(work, log))
 
             def backup(source: str, log: str, spy: list[str]) -> dict[str, float]:
                 store = os.path.join(work, "store")
@@ -96,12 +104,14 @@ def main() -> None:
 
             for r in range(repeats):  # interleaved: a noisy neighbour hits both
                 runs["bare"].append(bare(topic, records, f"bare-{r}.log"))
+                runs["bare-full"].append(bare(topic, records, f"bare-full-{r}.log", full=True))
                 runs["ours"].append(backup(topic, f"ours-{r}.log", pyspy(r == 0)))  # py-spy: the first run
                 runs["bare-empty"].append(bare(empty, 0, f"bare-empty-{r}.log"))  # start-up and shut-down alone
+                runs["bare-full-empty"].append(bare(empty, 0, f"bare-full-empty-{r}.log", full=True))
                 runs["ours-empty"].append(backup(empty, f"ours-empty-{r}.log", []))
             print(f"{records} records ({payload / records:.0f} B key+value, 1 header) on {partitions} partitions, "
                   f"{repeats} runs each, whole process (start-up included)")
-            compare(runs, records, payload)
+            compare(runs, records, payload, baselines=("bare", "bare-full"))
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

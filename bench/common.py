@@ -70,30 +70,35 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
-def compare(runs: dict[str, list[dict[str, float]]], records: int, payload: int | None = None) -> None:
-    """Print ours against bare: whole process, then with start-up subtracted.
+def compare(runs: dict[str, list[dict[str, float]]], records: int, payload: int | None = None,
+            baselines: tuple[str, ...] = ("bare",)) -> None:
+    """Print ours against each baseline: whole process, then with start-up subtracted.
 
-    ``runs`` holds ``bare``, ``ours``, ``bare-empty`` and ``ours-empty`` (the same processes on an
-    empty topic: start-up and shut-down alone), each a list of :func:`timed` results.
+    ``runs`` holds ``ours`` and each baseline, and the same processes on an empty topic under
+    ``<name>-empty`` (start-up and shut-down alone), each a list of :func:`timed` results.
     """
+    names = (*baselines, "ours")
+    width = max(map(len, names))
     med: dict[str, tuple[float, float]] = {}
-    for name in ("bare", "ours"):
+    for name in names:
         xs = runs[name]
         rates = [records / x["wall"] for x in xs]
         med[name] = (statistics.median(rates), statistics.median(x["cpu"] for x in xs))
         mbs = f" ({med[name][0] * payload / records / 1e6:5.1f} MB/s)" if payload else ""
-        print(f"  {name:4s}: {min(rates):8.0f} min / {med[name][0]:8.0f} median records/s{mbs}; "
+        print(f"  {name:{width}s}: {min(rates):8.0f} min / {med[name][0]:8.0f} median records/s{mbs}; "
               f"CPU {med[name][1]:5.2f} s median")
-    print(f"  ratio ours/bare, whole process: rate {med['ours'][0] / med['bare'][0]:.2f}x, "
-          f"CPU {med['ours'][1] / med['bare'][1]:.2f}x")
+    for base in baselines:
+        print(f"  ratio ours/{base}, whole process: rate {med['ours'][0] / med[base][0]:.2f}x, "
+              f"CPU {med['ours'][1] / med[base][1]:.2f}x")
     steady: dict[str, tuple[float, float]] = {}
-    for name in ("bare", "ours"):
+    for name in names:
         wall0 = statistics.median(x["wall"] for x in runs[f"{name}-empty"])
         cpu0 = statistics.median(x["cpu"] for x in runs[f"{name}-empty"])
         steady[name] = (records / (statistics.median(x["wall"] for x in runs[name]) - wall0),
                         statistics.median(x["cpu"] for x in runs[name]) - cpu0)
-        print(f"  {name:4s} without start-up ({wall0:.2f} s, {cpu0:.2f} s CPU on an empty topic): "
+        print(f"  {name:{width}s} without start-up ({wall0:.2f} s, {cpu0:.2f} s CPU on an empty topic): "
               f"{steady[name][0]:8.0f} records/s, CPU {steady[name][1]:5.2f} s")
-    print(f"  ratio ours/bare, start-up subtracted: rate {steady['ours'][0] / steady['bare'][0]:.2f}x, "
-          f"CPU {steady['ours'][1] / steady['bare'][1]:.2f}x")
+    for base in baselines:
+        print(f"  ratio ours/{base}, start-up subtracted: rate {steady['ours'][0] / steady[base][0]:.2f}x, "
+              f"CPU {steady['ours'][1] / steady[base][1]:.2f}x")
 

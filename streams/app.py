@@ -104,7 +104,7 @@ def create_app(cfg: Config) -> faust.App:
         dead_letter = send_dead_letter
     folder = Folder(table, guard, OffLoop(offsets), fold.Settings.of(cfg.aggregator),
                     cfg.aggregator.flush_interval_ms / 1000, signing.load_key(cfg.telemetry.signing_key_file),
-                    dead_letter, restart=restart_in_place, stop=exit_now)
+                    dead_letter, restart=restart_in_place, stop=exit_now, may_write=lambda: not app.rebalancing)
 
     # Faust's signal type wants receivers of (sender, *args, signal=...); it calls this one with
     # (app, revoked, signal=...), which **kwargs takes

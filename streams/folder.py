@@ -57,13 +57,15 @@ class Folder:
                  flush_interval_s: float, signing_key: bytes | None = None,
                  dead_letter: DeadLetter | None = None,
                  restart: Callable[[str], None] | None = None,
-                 stop: Callable[[str], None] | None = None) -> None:
+                 stop: Callable[[str], None] | None = None,
+                 may_write: Callable[[], bool] = lambda: True) -> None:
         self.table, self.guard, self.offsets, self.settings = table, guard, offsets, settings
         self.flush_interval_s = flush_interval_s
         self.signing_key = signing_key
         self.dead_letter = dead_letter
         self.restart = restart or _raise  # production: re-execute the worker in place (never returns)
         self.stop = stop or _raise  # production: exit non-zero (never returns)
+        self.may_write = may_write  # production: not while Faust rebalances
         self.work = WorkingSet(settings)
         self.skips = SkipCounts()
         self.failures = SkipCounts()  # records whose fold raised (a bug), by exception type: not a record's fault
@@ -183,7 +185,14 @@ class Folder:
         """Write the partition's changed job states and skip counts to the table, then let its commit pass.
 
         The commit still waits for the broker to acknowledge these writes (``ChangelogBarrier``).
+        Nothing is written while a rebalance is under way (``may_write``): from its start until
+        :meth:`revoked`, the partition may already be on its way to another worker, and a write
+        landing after that worker recovered the changelog would overwrite what it folds next. The
+        commit stays held instead; what was not written is dropped with the partition or written
+        at the next flush after the rebalance.
         """
+        if not self.may_write():
+            return
         for key, value in self.work.flush(partition):
             write_outside_event(self.table, partition, key, value)
         pending, failed_now = self.skips.take(partition), self.failures.take(partition)

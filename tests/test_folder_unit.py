@@ -164,3 +164,23 @@ def test_a_state_written_by_a_newer_aggregator_stops_the_worker():
         assert table.writes == []
 
     asyncio.run(scenario())
+
+
+def test_nothing_is_written_while_a_rebalance_is_under_way_and_the_commit_stays_held():
+    from faust.types import TP
+
+    async def scenario():
+        rebalancing = [False]
+        folder, table, _ = make_folder(GatedOffsets(start=0), may_write=lambda: not rebalancing[0])
+        await folder.record(0, 0, None, KEY, segment(1, 0))
+        rebalancing[0] = True  # Faust's rebalance started: the partition may be on its way elsewhere
+        folder.flush_all()
+        folder.flush_quiet()
+        assert table.writes == []
+        assert folder.guard.allowed({TP("telemetry", 0): 1}) == {TP("telemetry", 0): 0}  # offset 0 not committed
+        rebalancing[0] = False  # it stayed here after all: written at the next flush
+        folder.flush_all()
+        assert [decode_state(v).records for _, _, v in table.writes] == [10]
+        assert folder.guard.allowed({TP("telemetry", 0): 1}) == {TP("telemetry", 0): 1}
+
+    asyncio.run(scenario())
