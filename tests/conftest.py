@@ -257,6 +257,18 @@ def parse_prometheus(text: str) -> Samples:
     return out
 
 
+def state_counters(text: str) -> dict[tuple[str, frozenset], float]:
+    """The samples of every counter and histogram served from the aggregator's state (the
+    exporter's own endpoint counters live in its process and start again with it)."""
+    from kafka_backup.schemas import catalogue as cat
+
+    cumulative = {m.name.removesuffix("_total") for m in cat.CATALOGUE
+                  if m.type in ("counter", "histogram") and m.section != cat.S9}
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) if fam.name in cumulative
+            for s in fam.samples if not s.name.endswith("_created")}
+
+
 class Proc:
     def __init__(self, args: list[str], log_path: str, env: dict[str, str] | None = None) -> None:
         self.args = args
@@ -299,6 +311,7 @@ class Pipeline:
         self.tmp = tmp
         self.extra_aggregator_args = extra_aggregator_args or []
         self.workers: list[Proc] = []
+        self.highest: dict[tuple[str, frozenset], float] = {}  # each state counter's highest value served
         self.aggregator = self._aggregator_proc(1)
         self.exporter = Proc(["exporter", "--bootstrap-servers", bootstrap, "--app-id", self.app_id,
                               "--port", str(self.port), "--metrics-update-interval-ms", "100",
@@ -347,7 +360,21 @@ class Pipeline:
             return r.read().decode(), r.headers.get("Content-Type", "")
 
     def scrape(self) -> Samples:
-        return parse_prometheus(self.scrape_text()[0])
+        """The exporter's samples; every test that scrapes also checks that no counter served from
+        the state ever fell, across aggregator and exporter kills, restarts and rebalances."""
+        text = self.scrape_text()[0]
+        self.check_no_counter_fell(text)
+        return parse_prometheus(text)
+
+    def check_no_counter_fell(self, text: str) -> None:
+        fell = []
+        for key, value in state_counters(text).items():
+            before = self.highest.get(key)
+            if before is not None and value < before:
+                fell.append(f"{key[0]}{dict(key[1])}: {before} -> {value}")
+            else:
+                self.highest[key] = value
+        assert not fell, "counters fell (Prometheus would read a reset):\n" + "\n".join(fell[:20])
 
     def caught_up(self, timeout: float = 120, topic: str | None = None) -> Samples:
         """Wait until the aggregator has folded everything produced to the telemetry topic so far.
