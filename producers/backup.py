@@ -274,19 +274,22 @@ class BackupWorker(Job):
                 continue
             topic, partition = msg.topic(), msg.partition()
             work = self.parts.get(f"{topic}/{partition}")
-            target = work.target if work is not None else None
-            buf = work.buffer if work is not None else []  # no work: the run is skipped, nothing buffered
+            if work is None:  # not this worker's partition (any more): the run is skipped, nothing buffered
+                i += 1
+                while i < n and (m := batch[i]).partition() == partition and m.error() is None and m.topic() == topic:
+                    i += 1
+                continue
+            target = work.target
+            buf = work.buffer
             count = size = 0
             newest = last = -1
             beyond = False
-            pending = work.buffer_bytes if work is not None else 0
+            pending = work.buffer_bytes
             while i < n:
                 msg = batch[i]
                 if msg.partition() != partition or msg.error() is not None or msg.topic() != topic:
                     break
                 i += 1
-                if work is None:
-                    continue
                 offset = msg.offset()
                 if target is not None and offset >= target:
                     beyond = True  # one-shot: beyond the watermark seen at start (so is the rest of the run)
@@ -307,8 +310,6 @@ class BackupWorker(Job):
                     work.buffer_bytes, work.position = pending, offset + 1
                     self._flush(work)
                     buf, pending = work.buffer, 0
-            if work is None:
-                continue
             work.buffer_bytes = pending
             if last >= 0:
                 work.position = last + 1

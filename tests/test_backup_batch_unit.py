@@ -16,3 +16,70 @@ def test_tuples_and_stored_records_make_the_same_segment():
         back = segments.decode(as_tuples[0], alg, as_tuples[1])
         assert [tuple(getattr(r, f) for f in r.__struct_fields__) for r in back.records] == [
             (o, ts, tt, k, v, [tuple(h) for h in hs]) for o, ts, tt, k, v, hs in rows]
+
+
+class FakeMessage:
+    """What ``BackupWorker._take`` reads of a confluent-kafka Message."""
+
+    def __init__(self, topic: str, partition: int, offset: int, key: bytes | None = b"k", value: bytes | None = b"vv",
+                 headers: list | None = None, error: object = None) -> None:
+        self._t, self._p, self._o, self._k, self._v, self._h, self._e = topic, partition, offset, key, value, headers, error
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def key(self) -> bytes | None:
+        return self._k
+
+    def value(self) -> bytes | None:
+        return self._v
+
+    def headers(self) -> list | None:
+        return self._h
+
+    def timestamp(self) -> tuple[int, int]:
+        return 1, 1_790_000_000_000 + self._o
+
+    def error(self) -> object:
+        return self._e
+
+
+class Eof:
+    def code(self) -> int:
+        from confluent_kafka import KafkaError
+
+        return KafkaError._PARTITION_EOF
+
+
+def test_take_buffers_each_run_of_a_batch_and_skips_partitions_not_owned():
+    """Runs of one partition's records at a time: a partition this worker does not own is skipped
+    whole, records at or past a one-shot target are not buffered, an EOF moves the position."""
+    from types import SimpleNamespace
+
+    from kafka_backup.producers.backup import BackupWorker, PartitionWork
+
+    worker = BackupWorker.__new__(BackupWorker)
+    worker.cfg = SimpleNamespace(segment_max_records=1000, segment_max_bytes=1 << 30)
+    worker.consumed = {}
+    mine = PartitionWork("t", 0, 0, None, None, target=None)  # type: ignore[arg-type]
+    capped = PartitionWork("t", 2, 0, None, None, target=6)  # type: ignore[arg-type]
+    worker.parts = {"t/0": mine, "t/2": capped}
+    batch = [FakeMessage("t", 0, 0, headers=[("h", b"1")]), FakeMessage("t", 0, 1, key=None),
+             FakeMessage("t", 1, 0), FakeMessage("t", 1, 1),  # not owned: skipped, run and all
+             FakeMessage("t", 2, 5), FakeMessage("t", 2, 6), FakeMessage("t", 2, 7),  # 6 and 7: past the target
+             FakeMessage("t", 0, 2, value=None),
+             FakeMessage("t", 2, 9, error=Eof())]
+    worker._take(batch)
+    assert [r[0] for r in mine.buffer] == [0, 1, 2]
+    assert mine.buffer[0] == (0, 1_790_000_000_000, 1, b"k", b"vv", [("h", b"1")])
+    assert mine.buffer[1][3] is None and mine.buffer[2][4] is None and mine.buffer[1][5] == []
+    assert mine.buffer_bytes == 3 + 2 + 1 and mine.position == 3
+    assert [r[0] for r in capped.buffer] == [5] and capped.position == 6
+    assert worker.consumed == {"t": [4, 3 + 2 + 1 + 3]}
+    assert mine.newest_available_ts == 1_790_000_000_002 and capped.newest_available_ts == 1_790_000_000_005
