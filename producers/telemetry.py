@@ -87,7 +87,9 @@ def new_worker_id() -> str:
 
 class Emitter:
     def __init__(self, bootstrap_servers: str, tcfg: TelemetryConfig, kind: ev.JobKind, job: str,
-                 worker: str | None = None) -> None:
+                 worker: str | None = None, producer: Any = None) -> None:
+        """``producer``: a confluent-kafka ``Producer`` to send through instead of one made here
+        (tests hand in a fake one; nothing then touches a cluster)."""
         self.topic = tcfg.topic
         self.kind = kind
         self.job = job
@@ -105,15 +107,18 @@ class Emitter:
         self._signing_key = signing.load_key(tcfg.signing_key_file)
         self._reported_dropped = 0
         self._last_drop_report = 0.0
+        self._spool = (Spool(os.path.join(tcfg.spool_dir, f"{kind}-{job}.spool"), tcfg.spool_max_bytes)
+                       if tcfg.spool_dir else None)
+        if self._spool and self._spool.pending:
+            log.warning("telemetry: %d events spooled by an earlier run will be sent first", self._spool.pending)
+        if producer is not None:
+            self._producer = producer
+            return
         try:
             ensure_telemetry_topic(bootstrap_servers, tcfg)
         except Exception as err:  # the backup must not depend on the telemetry cluster being up
             log.warning("telemetry: could not check topic %s on %s (%s); events stay buffered",
                         tcfg.topic, bootstrap_servers, err)
-        self._spool = (Spool(os.path.join(tcfg.spool_dir, f"{kind}-{job}.spool"), tcfg.spool_max_bytes)
-                       if tcfg.spool_dir else None)
-        if self._spool and self._spool.pending:
-            log.warning("telemetry: %d events spooled by an earlier run will be sent first", self._spool.pending)
         self._producer = Producer(client_config(
             bootstrap_servers,
             **{

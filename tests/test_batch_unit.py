@@ -117,14 +117,12 @@ class FakeProducer:
 
 def emitter(batch: bool, producer: FakeProducer | None = None, spool: Spool | None = None,
             signing_key: bytes | None = None) -> Emitter:
-    em = Emitter.__new__(Emitter)  # no cluster: the send path only
-    em.topic, em.kind, em.job, em.key, em.worker, em.seq = "t", "backup", "j", KEY, "w-1", 0
-    em.dropped = em._reported_dropped = 0
-    em.lost_at = em.delivered_at = em._last_drop_report = 0.0
-    em.queue_limit = 1000
-    em.batch_events, em._batch, em._batch_bytes, em._batch_since = batch, [], 0, 0.0
-    em._signing_key, em._spool = signing_key, spool
-    em._producer = producer if producer is not None else FakeProducer()
+    """An emitter sending through a fake producer: no cluster, the send path only."""
+    from kafka_backup.schemas.config import TelemetryConfig
+
+    em = Emitter("unused:9092", TelemetryConfig(batch_events=batch, buffer_max_events=1000), "backup", "j",
+                 worker="w-1", producer=producer if producer is not None else FakeProducer())
+    em._signing_key, em._spool = signing_key, spool  # as loaded from their files
     return em
 
 

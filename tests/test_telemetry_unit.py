@@ -66,14 +66,9 @@ class _Producer:
 
 def _emitter(error: Exception):
     from kafka_backup.producers.telemetry import Emitter
+    from kafka_backup.schemas.config import TelemetryConfig
 
-    em = Emitter.__new__(Emitter)  # no cluster: only the send path is under test
-    em.topic, em.kind, em.job, em.key, em.worker, em.seq = "t", "backup", "j", b"k", "i", 0
-    em.dropped = em._reported_dropped = 0
-    em.lost_at = em.delivered_at = em._last_drop_report = 0.0
-    em.batch_events, em._batch, em._batch_bytes, em._batch_since = False, [], 0, 0.0
-    em._signing_key, em._spool, em._producer = None, None, _Producer(error)
-    return em
+    return Emitter("unused:9092", TelemetryConfig(), "backup", "j", worker="i", producer=_Producer(error))
 
 
 def test_a_refused_event_counts_as_dropped_but_a_programming_error_surfaces():
