@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-import msgspec
-
-from kafka_backup.cli import evidence
-from kafka_backup.exporter.collector import frozen_collector
-from kafka_backup.exporter.renderer import Renderer
-from kafka_backup.schemas import signing
 from kafka_backup.schemas.config import Config, ConfigError, require_safe_id
-from kafka_backup.schemas.times import parse_time
-from kafka_backup.streams import audit, fold
-from kafka_backup.streams.replay import Replay, read_log, read_topic, replay, snapshot, write_log
+
+if TYPE_CHECKING:
+    from kafka_backup.streams.replay import Replay
+
+# The fold, the collector and the signing code are imported by the commands that use them, not
+# here: every command's parser imports this module's add_arguments, and a one-shot backup (run
+# every few minutes by a scheduler) should not pay for importing the exporter.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_replay(cfg: Config, args: argparse.Namespace) -> int:
+    import msgspec
+
+    from kafka_backup.cli import evidence
+    from kafka_backup.schemas import signing
+    from kafka_backup.schemas.times import parse_time
+    from kafka_backup.streams import audit, fold
+    from kafka_backup.streams.replay import read_log, read_topic, replay, write_log
+
     if args.verify_report:
         return _verify_report(args)
     sign_key = evidence.load_private_key(args.sign_key) if args.sign_key else None  # fail before any work
@@ -91,6 +98,8 @@ def run_replay(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _verify_report(args: argparse.Namespace) -> int:
+    from kafka_backup.cli import evidence
+
     if not args.public_key:
         raise ConfigError("--public-key: required with --verify-report (the signer's Ed25519 public key, PEM)")
     signature = args.signature or args.verify_report + ".sig"
@@ -103,6 +112,12 @@ def _verify_report(args: argparse.Namespace) -> int:
 
 
 def _metrics(cfg: Config, result: Replay, fmt: str) -> bytes:
+    import msgspec
+
+    from kafka_backup.exporter.collector import frozen_collector
+    from kafka_backup.exporter.renderer import Renderer
+    from kafka_backup.streams.replay import snapshot
+
     now = result.until if result.until != float("inf") else max(
         (s.last_event_ts for s in result.jobs.values()), default=0.0)
     snap = snapshot(result)

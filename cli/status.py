@@ -13,13 +13,16 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
-from kafka_backup.exporter import status
-from kafka_backup.exporter.state_reader import StateReader
 from kafka_backup.schemas.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
+
+    from kafka_backup.exporter import status
+
+# The exporter's collector is imported by the functions that use it: every command's parser
+# imports add_arguments from here, and a one-shot backup should not pay for importing it.
 
 STATUS_STYLE = {"OK": "green", "WARN": "yellow", "STALL": "red", "STOP": "red", "ERROR": "bold red"}
 READY_TIMEOUT_S = 30.0
@@ -33,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_status(cfg: Config, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    from kafka_backup.exporter import status
+    from kafka_backup.exporter.state_reader import StateReader
+
     if not cfg.kafka.bootstrap_servers:
         raise ConfigError("kafka.bootstrap_servers: not set; use --bootstrap-servers (the telemetry cluster)")
     if args.watch is not None and args.watch <= 0:
@@ -63,6 +69,7 @@ def run_status(cfg: Config, args: argparse.Namespace, out: TextIO = sys.stdout) 
 
 
 def _print(out: TextIO, fmt: str, now: float, selected: list[status.Row]) -> None:
+    from kafka_backup.exporter import status
     if fmt == "json":
         out.write(json.dumps(status.as_json(selected, now), indent=2) + "\n")
     elif out.isatty():
@@ -73,6 +80,7 @@ def _print(out: TextIO, fmt: str, now: float, selected: list[status.Row]) -> Non
 
 
 def _watch(out: TextIO, args: argparse.Namespace, current: Callable[[], tuple[float, list[status.Row]]]) -> int:
+    from kafka_backup.exporter import status
     code = status.EXIT_NO_JOB
     try:
         if args.status_format == "table" and out.isatty():
@@ -104,6 +112,8 @@ def _console(out: TextIO) -> Console:
 
 def _table(selected: list[status.Row]) -> Table:
     from rich.table import Table
+
+    from kafka_backup.exporter import status
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name in status.COLUMNS:
