@@ -260,7 +260,6 @@ class BackupWorker(Job):
         ``StoredRecord``), its payload size is computed once; the partition lookup, the consumed
         counts and the newest timestamp are per run of records, not per record.
         """
-        max_records, max_bytes = self.cfg.segment_max_records, self.cfg.segment_max_bytes
         n, i = len(batch), 0
         while i < n:
             msg = batch[i]
@@ -279,47 +278,45 @@ class BackupWorker(Job):
                 while i < n and (m := batch[i]).partition() == partition and m.error() is None and m.topic() == topic:
                     i += 1
                 continue
+            j = i + 1  # the run: this partition's records up to another partition's, or an error
+            while j < n and (m := batch[j]).partition() == partition and m.error() is None and m.topic() == topic:
+                j += 1
+            run, i = batch[i:j], j
             target = work.target
-            buf = work.buffer
-            count = size = 0
-            newest = last = -1
-            beyond = False
-            pending = work.buffer_bytes
-            while i < n:
-                msg = batch[i]
-                if msg.partition() != partition or msg.error() is not None or msg.topic() != topic:
-                    break
-                i += 1
-                offset = msg.offset()
-                if target is not None and offset >= target:
-                    beyond = True  # one-shot: beyond the watermark seen at start (so is the rest of the run)
-                    continue
-                ts_type, ts = msg.timestamp()
-                key, value = msg.key(), msg.value()
-                rec_size = (len(key) if key is not None else 0) + (len(value) if value is not None else 0)
-                if not buf:
-                    work.buffer_since = time.monotonic()
-                buf.append((offset, ts, ts_type, key, value, msg.headers() or []))
-                pending += rec_size
-                size += rec_size
-                count += 1
-                last = offset
-                if ts > newest:
-                    newest = ts
-                if len(buf) >= max_records or pending >= max_bytes:
-                    work.buffer_bytes, work.position = pending, offset + 1
-                    self._flush(work)
-                    buf, pending = work.buffer, 0
-            work.buffer_bytes = pending
-            if last >= 0:
-                work.position = last + 1
-            if beyond and target is not None:  # beyond is only ever set with a target
+            beyond = target is not None and run[-1].offset() >= target
+            if beyond:  # one-shot: records past the watermark seen at start are not backed up
+                run = [m for m in run if m.offset() < target]
+            if run:
+                self._buffer(work, [(m.offset(), (t := m.timestamp())[1], t[0], m.key(), m.value(), m.headers() or [])
+                                    for m in run])
+            if beyond and target is not None:
                 work.position = max(work.position, target)
-            if count:
-                work.newest_available_ts = max(work.newest_available_ts or 0, newest)
-                counts = self.consumed.setdefault(work.topic, [0, 0])
-                counts[0] += count
-                counts[1] += size
+
+    def _buffer(self, work: PartitionWork, rows: list[tuple]) -> None:
+        """Append a run of one partition's records (``StoredRecord`` tuples, in offset order) to its
+        buffer, cutting a segment wherever it reaches ``segment_max_records`` or ``_max_bytes``."""
+        sizes = [len(r[3] or b"") + len(r[4] or b"") for r in rows]
+        size = sum(sizes)
+        if not work.buffer:
+            work.buffer_since = time.monotonic()
+        max_records, max_bytes = self.cfg.segment_max_records, self.cfg.segment_max_bytes
+        if len(work.buffer) + len(rows) < max_records and work.buffer_bytes + size < max_bytes:
+            work.buffer.extend(rows)  # the usual case: no segment ends inside this run
+            work.buffer_bytes += size
+        else:
+            for row, rec_size in zip(rows, sizes, strict=True):
+                if not work.buffer:
+                    work.buffer_since = time.monotonic()
+                work.buffer.append(row)
+                work.buffer_bytes += rec_size
+                if len(work.buffer) >= max_records or work.buffer_bytes >= max_bytes:
+                    work.position = row[0] + 1
+                    self._flush(work)
+        work.position = rows[-1][0] + 1
+        work.newest_available_ts = max(work.newest_available_ts or 0, max([r[1] for r in rows]))
+        counts = self.consumed.setdefault(work.topic, [0, 0])
+        counts[0] += len(rows)
+        counts[1] += size
 
     def _reached_end(self, msg: Message) -> None:
         """All records up to the end were delivered: the position steps over transaction markers too.

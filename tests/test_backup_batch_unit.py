@@ -83,3 +83,28 @@ def test_take_buffers_each_run_of_a_batch_and_skips_partitions_not_owned():
     assert [r[0] for r in capped.buffer] == [5] and capped.position == 6
     assert worker.consumed == {"t": [4, 3 + 2 + 1 + 3]}
     assert mine.newest_available_ts == 1_790_000_000_002 and capped.newest_available_ts == 1_790_000_000_005
+
+
+def test_take_cuts_segments_inside_a_run_where_the_record_or_byte_limit_is_reached():
+    from types import SimpleNamespace
+
+    from kafka_backup.producers.backup import BackupWorker, PartitionWork
+
+    worker = BackupWorker.__new__(BackupWorker)
+    worker.cfg = SimpleNamespace(segment_max_records=3, segment_max_bytes=10)
+    worker.consumed = {}
+    work = PartitionWork("t", 0, 0, None, None)  # type: ignore[arg-type]
+    worker.parts = {"t/0": work}
+    segments: list[tuple[list[int], int, int]] = []  # (offsets, buffered bytes, position) at each cut
+
+    def flush(w: PartitionWork) -> None:
+        segments.append(([r[0] for r in w.buffer], w.buffer_bytes, w.position))
+        w.buffer, w.buffer_bytes = [], 0
+
+    worker._flush = flush  # type: ignore[method-assign]
+    sizes = [2, 2, 2, 2, 9, 1, 1, 1, 1]  # key + value bytes of offsets 0..8
+    worker._take([FakeMessage("t", 0, o, key=b"", value=b"x" * n) for o, n in enumerate(sizes)])
+    # 3 records (the record limit); 2 + 9 >= 10 bytes (the byte limit); 3 records again; 1 left over
+    assert segments == [([0, 1, 2], 6, 3), ([3, 4], 11, 5), ([5, 6, 7], 3, 8)]
+    assert [r[0] for r in work.buffer] == [8] and work.buffer_bytes == 1 and work.position == 9
+    assert worker.consumed == {"t": [9, sum(sizes)]}
