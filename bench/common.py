@@ -7,6 +7,7 @@ machine is shared and noisy; absolute numbers drift, ratios much less).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import subprocess
@@ -94,11 +95,15 @@ def compare(runs: dict[str, list[dict[str, float]]], records: int, payload: int 
     for name in names:
         wall0 = statistics.median(x["wall"] for x in runs[f"{name}-empty"])
         cpu0 = statistics.median(x["cpu"] for x in runs[f"{name}-empty"])
-        steady[name] = (records / (statistics.median(x["wall"] for x in runs[name]) - wall0),
-                        statistics.median(x["cpu"] for x in runs[name]) - cpu0)
+        wall = statistics.median(x["wall"] for x in runs[name]) - wall0
+        # nan when the run on the empty topic took as long: start-up and shut-down hid the work
+        steady[name] = (records / wall if wall > 0 else math.nan, statistics.median(x["cpu"] for x in runs[name]) - cpu0)
         print(f"  {name:{width}s} without start-up ({wall0:.2f} s, {cpu0:.2f} s CPU on an empty topic): "
               f"{steady[name][0]:8.0f} records/s, CPU {steady[name][1]:5.2f} s")
     for base in baselines:
         print(f"  ratio ours/{base}, start-up subtracted: rate {steady['ours'][0] / steady[base][0]:.2f}x, "
               f"CPU {steady['ours'][1] / steady[base][1]:.2f}x")
+    if any(math.isnan(r) for r, _ in steady.values()):
+        print("  (rate nan: the run on the empty topic took as long as the run on the data, so start-up and "
+              "shut-down waits, not the data, set the wall time; use a larger topic, or read the CPU ratio)")
 
