@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import msgspec
@@ -101,6 +103,8 @@ class BackupWorker(Job):
         self.run_record: layout.Run | None = None
         self._admin: AdminClient | None = None
         self.groups_due = 0.0  # continuous: when the consumer groups' offsets are read next (monotonic)
+        # continuous: a reading of them under way in a thread, off the fetch loop
+        self._groups_reading: Future[tuple[dict[str, layout.GroupSnapshot], list[str]]] | None = None
         storage.listener = self._on_storage_op
         self.consumer = Consumer(client_config(
             bootstrap_servers,
@@ -250,8 +254,8 @@ class BackupWorker(Job):
                 self._progress()
                 next_progress = time.monotonic() + poll_s
             self.emitter.poll()  # after the cycle's last event: with telemetry.batch_events, one record per cycle
-            if self.cfg.continuous and time.monotonic() >= self.groups_due:
-                self._record_groups()
+            if self.cfg.continuous:
+                self._poll_groups()
 
     def _take(self, batch: list) -> None:
         """Buffer a fetched batch, a run of one partition's records at a time.
@@ -462,20 +466,59 @@ class BackupWorker(Job):
         return snapshots
 
     def _record_groups(self) -> None:
-        """Record the consumer groups' committed offsets on the backed-up topics (``groups.json``).
+        """Record the consumer groups' committed offsets on the backed-up topics (``groups.json``), now.
 
-        Read after the run's data is flushed, so a group's offset is at most a little ahead of
-        what the backup holds (``offset-reset --from-backup`` then moves it to the end of the
-        restored data). Never fails the backup: a failure is counted (``ErrorRaised``,
+        Called at the end of a run, after its data is flushed, so a group's offset is at most a
+        little ahead of what the backup holds (``offset-reset --from-backup`` then moves it to the
+        end of the restored data). A reading still under way from the loop is waited for and
+        superseded by this one. Never fails the backup: a failure is counted (``ErrorRaised``,
         ``error_type="consumer_groups"``) and logged in one line.
         """
         self.groups_due = time.monotonic() + self.cfg.consumer_groups_interval_s
+        if self._groups_reading is not None:
+            self._groups_reading.result()  # bounded: every admin call in it has a timeout
+            self._groups_reading = None
+        if self.cfg.consumer_groups:
+            self._save_groups(*self._read_groups())
+
+    def _poll_groups(self) -> None:
+        """Continuous mode, from the fetch loop: read the groups' offsets every
+        ``consumer_groups_interval_s`` in a thread and save them once read.
+
+        A cluster's groups are read one request per group (the client's limit), so with
+        ``consumer_groups: ["*"]`` and thousands of groups a reading takes seconds, longer with a
+        slow coordinator (15 s a call at most); done in the loop it would stall fetching each time.
+        """
+        reading = self._groups_reading
+        if reading is not None:
+            if reading.done():
+                self._groups_reading = None
+                self._save_groups(*reading.result())  # storage and telemetry stay on the loop's thread
+            return
+        if time.monotonic() < self.groups_due:
+            return
+        self.groups_due = time.monotonic() + self.cfg.consumer_groups_interval_s
         if not self.cfg.consumer_groups:
             return
+        reading = self._groups_reading = Future()
+
+        def read() -> None:
+            try:
+                reading.set_result(self._read_groups())
+            except BaseException as err:  # handed to the loop, which raises it as it would have itself
+                reading.set_exception(err)
+
+        # a daemon thread: a run that ends while a reading hangs on a dead coordinator does not wait for it
+        threading.Thread(target=read, name="consumer-groups", daemon=True).start()
+
+    def _read_groups(self) -> tuple[dict[str, layout.GroupSnapshot], list[str]]:
+        """Admin calls only (thread-safe): the groups' offsets on the backed-up topics, and the problems met."""
         if self._admin is None:
             self._admin = AdminClient(client_config(self.bootstrap))
         topics = set(self.manifest.topics if self.manifest else self.cfg.topics)
-        found, problems = group_offsets.read(self._admin, topics, list(self.cfg.consumer_groups))
+        return group_offsets.read(self._admin, topics, list(self.cfg.consumer_groups))
+
+    def _save_groups(self, found: dict[str, layout.GroupSnapshot], problems: list[str]) -> None:
         try:
             if found:
                 key = layout.groups_key(self.id)
@@ -483,7 +526,7 @@ class BackupWorker(Job):
                 doc = layout.decode_groups(raw, key) if raw else layout.GroupsDocument(self.id)
                 self.storage.put(key, layout.encode(group_offsets.merge(doc, found)), "manifest")
         except (StorageError, layout.MetadataError) as err:
-            problems.append(f"writing {layout.groups_key(self.id)}: {err}")
+            problems = [*problems, f"writing {layout.groups_key(self.id)}: {err}"]
         if problems:
             message = (f"consumer group offsets not recorded in full ({len(problems)} problem(s)): "
                        f"{problems[0]}")
