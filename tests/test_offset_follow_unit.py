@@ -181,7 +181,7 @@ def _worker(tmp_path, admin, groups=("*",)):
 
     w = BackupWorker.__new__(BackupWorker)  # no Kafka client: only the groups step is exercised
     w.cfg = BackupConfig(backup_id="bk", topics=["t"], consumer_groups=list(groups))
-    w.id, w.manifest, w.groups_due, w._admin = "bk", None, 0.0, admin
+    w.id, w.manifest, w.groups_due, w._admin, w._groups_reading = "bk", None, 0.0, admin, None
     w.storage, w.emitter = Storage(FileBackend(str(tmp_path))), _Emitter()
     return w
 
