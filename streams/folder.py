@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -69,7 +68,7 @@ class Folder:
         self.work = WorkingSet(settings)
         self.skips = SkipCounts()
         self.failures = SkipCounts()  # records whose fold raised (a bug), by exception type: not a record's fault
-        self.revocations: Counter[int] = Counter()  # telemetry partition -> times revoked from this worker
+        self.revocations: dict[int, int] = {}  # telemetry partition -> times revoked from this worker
         self.next_flush = time.monotonic() + flush_interval_s
         self._first_of_each = logs.FirstOfEach(log)
 
@@ -82,7 +81,7 @@ class Folder:
         for p in partitions:
             self.skips.take(p)
             self.failures.take(p)
-            self.revocations[p] += 1
+            self.revocations[p] = self.revocations.get(p, 0) + 1
 
     # -- the per-record loop -----------------------------------------------------------------------
 
@@ -90,29 +89,26 @@ class Folder:
                      value: bytes | None, headers: signing.Headers | None = None) -> None:
         """Fold one telemetry record (``timestamp_s``: the record's, in seconds), unless it was folded
         already or its partition was revoked meanwhile."""
-        owned = self.revocations[partition]
-
-        def still_owned() -> bool:
-            return self.revocations[partition] == owned
-
+        owned = self.revocations.get(partition, 0)  # changes if the partition is revoked during an await below
+        revocations = self.revocations
         guard = self.guard
         if partition not in guard.next:  # where folding starts, asked off the event loop
             start = await self.offsets.start(partition)
-            if not still_owned():
+            if revocations.get(partition, 0) != owned:
                 return
             guard.start(partition, start)
         verdict = guard.admit(partition, offset)
         if verdict == "duplicate":
             return
         if verdict == "gap" and guard.next[partition] < (earliest := await self.offsets.earliest(partition)):
-            if not still_owned():
+            if revocations.get(partition, 0) != owned:
                 return
             lost = earliest - guard.next[partition]
             self.skip(partition, guard.next[partition], "expired",  # written with the next flush
                       f"{lost} records deleted by retention before they were read", lost)
             guard.folded(partition, earliest - 1)
             verdict = guard.admit(partition, offset)
-        if not still_owned():
+        if revocations.get(partition, 0) != owned:
             return
         if verdict == "gap":
             self.restart(f"telemetry partition {partition}: offset {offset} arrived before offset "
@@ -131,7 +127,7 @@ class Folder:
         if self.dead_letter is not None:
             for payload, reason in skipped:
                 await self.dead_letter(key, payload, reason)
-            if not still_owned():  # revoked while sending: what was folded went with the partition
+            if revocations.get(partition, 0) != owned:  # revoked while sending: what was folded went with the partition
                 return
         guard.folded(partition, offset)
         if time.monotonic() >= self.next_flush:
