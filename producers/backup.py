@@ -276,16 +276,13 @@ class BackupWorker(Job):
                 i += 1
                 continue
             topic, partition = msg.topic(), msg.partition()
-            work = self.parts.get(f"{topic}/{partition}")
-            if work is None:  # not this worker's partition (any more): the run is skipped, nothing buffered
-                i += 1
-                while i < n and (m := batch[i]).partition() == partition and m.error() is None and m.topic() == topic:
-                    i += 1
-                continue
             j = i + 1  # the run: this partition's records up to another partition's, or an error
             while j < n and (m := batch[j]).partition() == partition and m.error() is None and m.topic() == topic:
                 j += 1
             run, i = batch[i:j], j
+            work = self.parts.get(f"{topic}/{partition}")
+            if work is None:  # not this worker's partition (any more): the run is skipped, nothing buffered
+                continue
             target = work.target
             beyond = target is not None and run[-1].offset() >= target
             if beyond:  # one-shot: records past the watermark seen at start are not backed up
