@@ -43,3 +43,13 @@ class CountsUndecodable(Protocol):
     def undecodable_counts(self) -> dict[str, int]:
         """Values refused so far, by reason (``newer_version``, ``malformed``, ``no_key``)."""
         ...
+
+
+@runtime_checkable
+class CountsChanges(Protocol):
+    """A state source that says when its values may have changed: the endpoint renders a changed
+    state at the next scrape instead of serving the cached body for ``metrics.update_interval_ms``."""
+
+    def changes(self) -> int:
+        """Grows whenever a value may have changed; equal counts mean equal snapshots."""
+        ...

@@ -7,8 +7,11 @@ existing checks) and ``metrics.path``. Only ``metrics.path`` asks for credential
 landing page reveal nothing and must answer a kubelet that has none. Metrics are gzipped when the
 client accepts it (Prometheus always does); the compressed body is cached with the render.
 
-Rendering is cached per format for ``update_interval_ms`` so that many
-scrapers (or an impatient curl loop) cost one render per interval, and the
+Rendering is cached per format so that many scrapers (or an impatient curl loop)
+cost one render per interval: for ``update_interval_ms`` while the state is unchanged
+(only time-dependent values such as ages would differ), for ``CHANGED_RENDER_S`` once the
+state reader has applied a new value (a changelog write shows at the next scrape instead
+of up to an interval later). The
 registry holds only the state collector: process metrics of the exporter
 itself would be mistaken for the backup's.
 
@@ -50,7 +53,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from kafka_backup.exporter.collector import EndpointCounters, StateCollector
-from kafka_backup.exporter.ports import CountsUndecodable, ProvenCurrent, StateSource
+from kafka_backup.exporter.ports import CountsChanges, CountsUndecodable, ProvenCurrent, StateSource
 from kafka_backup.exporter.renderer import Renderer
 from kafka_backup.exporter.webconfig import CachedBasicAuth, WebConfig
 from kafka_backup.schemas import catalogue as cat
@@ -68,6 +71,7 @@ HEALTHY_PATH = "/-/healthy"  # liveness: the process answers (Prometheus' own co
 READY_PATH = "/-/ready"  # readiness: caught up and current; HEALTH_PATH is an alias
 OPEN_PATHS = ("/", HEALTHY_PATH, READY_PATH, HEALTH_PATH)  # answered without credentials
 GZIP_LEVEL = 6
+CHANGED_RENDER_S = 0.1  # a changed state is rendered at most this often (a client hammering a busy fleet)
 LANDING = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>kafka-backup exporter</title></head>
 <body><h1>kafka-backup exporter</h1>
@@ -126,6 +130,20 @@ class _FailedLogins:
         self._last, self._unlogged = now, 0
 
 
+class _Rendered:
+    """One format's cached body, with the state's change count it was rendered at."""
+
+    __slots__ = ("at", "body", "changes", "gzipped")
+
+    def __init__(self, at: float, changes: int, body: bytes) -> None:
+        self.at, self.changes, self.body = at, changes, body
+        self.gzipped: bytes | None = None  # made once, for the first scraper that asks for it
+
+    def fresh(self, now: float, changes: int, interval: float, changed_interval: float) -> bool:
+        age = now - self.at
+        return age < (interval if changes == self.changes else changed_interval)
+
+
 class _Conn:
     __slots__ = ("reading",)
 
@@ -151,6 +169,7 @@ class MetricsServer:
         counters: EndpointCounters | None = None,
         web_config: WebConfig | None = None,
         current_fn: Callable[[], str | None] | None = None,
+        changes_fn: Callable[[], int] | None = None,
     ) -> None:
         self.path = path
         self._web = web_config
@@ -167,7 +186,9 @@ class MetricsServer:
         self._renderer = Renderer(collector) if isinstance(collector, StateCollector) else None
         self._interval = update_interval_ms / 1000
         self._ready = ready_fn
-        self._cache: dict[str, tuple[float, bytes, bytes | None]] = {}  # ctype -> (at, body, gzipped)
+        self._changed_interval = min(self._interval, CHANGED_RENDER_S)
+        self._changes = changes_fn  # the state's change count; None: only the interval ends a cached body
+        self._cache: dict[str, _Rendered] = {}
         self._lock = threading.Lock()
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         self._sock = socket.create_server((bind, port), family=family, backlog=BACKLOG)
@@ -355,15 +376,15 @@ class MetricsServer:
         encoder, ctype = choose_encoder(accept)
         with self._lock:
             now = time.monotonic()
+            changes = self._changes() if self._changes is not None else 0
             hit = self._cache.get(ctype)
-            if hit is None or now - hit[0] >= self._interval:
-                hit = (now, self._encode(encoder, ctype), None)
-            body = hit[1]
-            if gzipped:
-                body = hit[2] if hit[2] is not None else gzip.compress(hit[1], GZIP_LEVEL, mtime=0)
-                hit = (hit[0], hit[1], body)
-            self._cache[ctype] = hit
-        return body, ctype
+            if hit is None or not hit.fresh(now, changes, self._interval, self._changed_interval):
+                hit = self._cache[ctype] = _Rendered(now, changes, self._encode(encoder, ctype))
+            if not gzipped:
+                return hit.body, ctype
+            if hit.gzipped is None:
+                hit.gzipped = gzip.compress(hit.body, GZIP_LEVEL, mtime=0)
+            return hit.gzipped, ctype
 
     def _encode(self, encoder: Callable[[CollectorRegistry], bytes], ctype: str) -> bytes:
         """The state collector's own renderer (same bytes, reusing unchanged jobs' lines), except for
@@ -428,7 +449,8 @@ def serve(cfg: Config, reader: StateSource) -> MetricsServer:
     try:
         server = MetricsServer(m.bind, m.port, m.path, collector, m.update_interval_ms, reader.ready.is_set,
                                tls, auth, header_timeout_s=m.header_timeout_s, max_connections=m.max_connections,
-                               counters=counters, web_config=web, current_fn=current)
+                               counters=counters, web_config=web, current_fn=current,
+                               changes_fn=reader.changes if isinstance(reader, CountsChanges) else None)
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             raise ConfigError(f"metrics.port: {m.port} is in use on {m.bind}; choose another with --port") from None

@@ -26,7 +26,7 @@ log = logging.getLogger("kafka_backup.exporter")
 rdkafka_log = logging.getLogger("kafka_backup.exporter.rdkafka")
 
 RETRY_S = 1.0
-POLL_S = 0.5
+POLL_S = 0.5  # the longest wait for a record when there is none (to notice a stop, and to prove currency)
 BATCH = 500
 METADATA_TIMEOUT_S = 5.0
 END_CHECK_S = 2.0  # how often a caught-up reader asks the broker for the ends, to prove it is still current
@@ -52,6 +52,16 @@ class RepeatFilter(logging.Filter):
 
 
 rdkafka_log.addFilter(RepeatFilter())
+
+
+def arrived(consumer: Consumer, most: int, timeout: float) -> list[Any]:
+    """What the consumer holds now, up to ``most`` records, or else the first record to arrive within
+    ``timeout``. ``Consumer.consume(most, timeout)`` alone waits the whole ``timeout`` unless ``most``
+    records arrive: a changelog write would wait up to half a second before the exporter saw it."""
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(most - 1, 0)] if most > 1 else [first]
 
 
 class CatchUp:
@@ -89,6 +99,7 @@ class StateReader:
         self._logged: set[tuple[str, object]] = set()
         self.current_at: float | None = None  # wall time the copy was last proven to hold the whole topic
         self._values: dict[str, Any] = {}
+        self._changes = 0  # records applied: the copy may differ from a snapshot taken at another count
         self._positions: dict[int, int] = {}  # partition -> next offset to read, kept across reconnects
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -128,6 +139,10 @@ class StateReader:
         with self._lock:
             return dict(self._values)
 
+    def changes(self) -> int:
+        """Records applied so far: while it stays the same, so does :meth:`snapshot`."""
+        return self._changes
+
     @property
     def undecodable(self) -> int:
         with self._lock:
@@ -146,6 +161,7 @@ class StateReader:
         the counter has the rest.
         """
         with self._lock:
+            self._changes += 1
             if key is None:
                 self._refuse("no_key", None, "skipping a state topic record without a key")
                 return
@@ -204,7 +220,7 @@ class StateReader:
             if catch_up.done and time.monotonic() - checked >= END_CHECK_S:
                 checked = time.monotonic()
                 self._check_current(consumer, partitions)
-            for msg in consumer.consume(BATCH, POLL_S):
+            for msg in arrived(consumer, BATCH, POLL_S):
                 self._handle(msg, catch_up)
 
     def _check_current(self, consumer: Consumer, partitions: list[int]) -> None:

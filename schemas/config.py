@@ -40,7 +40,7 @@ class MetricsConfig(_Section):
     bind: str = "127.0.0.1"
     port: Port = 8080
     path: str = "/metrics"
-    update_interval_ms: Positive = 500  # the exporter re-renders at most this often
+    update_interval_ms: Positive = 500  # an unchanged state is re-rendered at most this often (a changed one: 100 ms)
     worker_stop_after_s: Positive = 60  # a running job silent this long is STOP
     expire_after_s: Positive = 7 * 24 * 3600  # series of jobs ended or silent this long are dropped
     max_series_per_family: Positive = 10_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import socket
 import threading
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families as prom_pars
 from prometheus_client.registry import CollectorRegistry
 
 from kafka_backup.exporter import collector as col
+from kafka_backup.exporter import server as server_module
 from kafka_backup.exporter.collector import StateCollector
 from kafka_backup.exporter.main import run
 from kafka_backup.exporter.server import MetricsServer, serve
@@ -354,11 +356,13 @@ def test_state_folded_from_events():
 
 def test_reader_keeps_latest_value_and_honours_tombstones():
     reader = StateReader("127.0.0.1:1", "unit")
+    assert reader.changes() == 0
     reader.apply(b"backup:a", encode_state(JobState(kind="backup", job="a", records=1)))
     reader.apply(b"backup:a", encode_state(JobState(kind="backup", job="a", records=2)))
     reader.apply(b"backup:b", encode_state(JobState(kind="backup", job="b")))
     reader.apply(pipeline_key(3).encode(), encode_state(PipelineState(partition=3, invalid={"x": 1})))
     reader.apply(b"backup:b", None)
+    assert reader.changes() == 5  # every record applied, a tombstone too: the endpoint re-renders
     snap = reader.snapshot()
     assert snap["backup:a"].records == 2
     assert "backup:b" not in snap
@@ -511,6 +515,26 @@ def test_render_is_cached_for_the_update_interval():
         assert server.render("")[0] == first
         om_body, om_type = server.render("application/openmetrics-text")
         assert om_type.startswith("application/openmetrics-text") and b'backup_id="z"' in om_body
+    finally:
+        server.shutdown()
+
+
+def test_a_changed_state_is_rendered_at_the_next_scrape(monkeypatch):
+    """The cache holds a body for the interval only while the state reader has applied nothing new:
+    otherwise a changelog write would show up to ``metrics.update_interval_ms`` late."""
+    monkeypatch.setattr(server_module, "CHANGED_RENDER_S", 0.0)
+    snap: dict = {}
+    changes = [0]
+    server = MetricsServer("127.0.0.1", 0, "/metrics", StateCollector(lambda: snap), 60_000, lambda: True,
+                           changes_fn=lambda: changes[0])
+    try:
+        first = server.render("", gzipped=True)[0]
+        snap["backup:z"] = JobState(kind="backup", job="z", records=7)
+        assert server.render("", gzipped=True)[0] == first, "no change counted: the cached body"
+        changes[0] += 1
+        body = server.render("")[0]
+        assert b'kafka_backup_records_total{backup_id="z"} 7.0' in body
+        assert gzip.decompress(server.render("", gzipped=True)[0]) == body, "gzip of the new body, not the old"
     finally:
         server.shutdown()
 
