@@ -790,6 +790,7 @@ class EndpointCounters:
         # set by exporter.server from the state reader, read at scrape time
         self.state_age: Callable[[float | None], float | None] | None = None
         self.undecodable: Callable[[], dict[str, int]] | None = None
+        self.telemetry_lag: Callable[[float], dict[int, tuple[int, float]]] | None = None
 
     def add(self, metric: cat.Metric, reason: str, n: int = 1) -> None:
         with self._lock:
@@ -821,6 +822,21 @@ def _state_age(view: View) -> Iterator[Sample]:
 
 
 BUILDERS[cat.EXPORTER_STATE_AGE] = _state_age
+
+
+def _telemetry_lag(index: int) -> Builder:
+    """Read at scrape time from the exporter's ``TelemetryLag`` (``EndpointCounters.telemetry_lag``)."""
+
+    def build(view: View) -> Iterator[Sample]:
+        lag_fn = view.endpoint.telemetry_lag if view.endpoint is not None else None
+        lags = lag_fn(view.now) if lag_fn is not None else {}
+        return iter([((str(p),), lag[index]) for p, lag in lags.items()])
+
+    return build
+
+
+BUILDERS[cat.TELEMETRY_LAG_RECORDS] = _telemetry_lag(0)
+BUILDERS[cat.TELEMETRY_LAG_SECONDS] = _telemetry_lag(1)
 BUILDERS[cat.EXPORTER_FAILED_BUILDS] = _endpoint(cat.EXPORTER_FAILED_BUILDS)
 
 

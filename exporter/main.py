@@ -8,6 +8,7 @@ import threading
 
 from kafka_backup.exporter.server import serve
 from kafka_backup.exporter.state_reader import StateReader
+from kafka_backup.exporter.telemetry_lag import TelemetryLag
 from kafka_backup.schemas.config import Config, ConfigError, flag_for
 
 
@@ -21,14 +22,18 @@ def run(cfg: Config) -> None:
         sys.stdout.write("exporter: metrics.enabled is false; not serving (set it true to serve /metrics)\n")
         return
     reader = StateReader(cfg.kafka.bootstrap_servers, cfg.aggregator.app_id)
-    server = serve(cfg, reader)  # binds first: a busy port must fail before the reader starts
+    # the aggregator's consumer group is its app id (Faust's default)
+    lag = TelemetryLag(cfg.kafka.bootstrap_servers, cfg.aggregator.app_id, cfg.telemetry.topic)
+    server = serve(cfg, reader, lag.lags)  # binds first: a busy port must fail before the reader starts
     reader.start()
+    lag.start()
     try:
         sys.stdout.write(f"exporter: serving http://{cfg.metrics.bind}:{server.port}{cfg.metrics.path}\n")
         sys.stdout.flush()
         wait_for_signal()
     finally:
         server.shutdown()
+        lag.stop()
         reader.stop()
 
 

@@ -411,10 +411,13 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
-def serve(cfg: Config, reader: StateSource) -> MetricsServer:
-    """Start serving ``reader``'s state as configured; a busy port is a configuration mistake."""
+def serve(cfg: Config, reader: StateSource,
+          telemetry_lag: Callable[[float], dict[int, tuple[int, float]]] | None = None) -> MetricsServer:
+    """Start serving ``reader``'s state as configured; a busy port is a configuration mistake.
+    ``telemetry_lag``: how far the aggregator is behind (``exporter.telemetry_lag.TelemetryLag.lags``)."""
     m = cfg.metrics
     counters = EndpointCounters()
+    counters.telemetry_lag = telemetry_lag
     collector = StateCollector(reader.snapshot, cfg.aggregator.throughput_window_s,
                                stop_after_s=cfg.metrics.worker_stop_after_s,
                                expire_after_s=cfg.metrics.expire_after_s,

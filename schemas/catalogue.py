@@ -369,6 +369,21 @@ EXPORTER_STATE_AGE = _m(
     note="Not the age of the newest state record: a fleet at rest writes no state for hours, which is not "
          "staleness. This grows when the telemetry cluster is unreachable or the exporter falls behind; "
          "/-/ready answers 503 above metrics.ready_max_state_age_s, and KafkaBackupExporterStateStale fires.")
+TELEMETRY_LAG_RECORDS = _m(
+    "kafka_backup_telemetry_lag_records", "gauge", "records",
+    "Telemetry records the aggregator has not folded into the state yet, per telemetry partition: the topic's "
+    "end minus the aggregator group's committed offset (asked of the broker by the exporter every 2 s)",
+    ("partition",), section=S9, extension=True,
+    note="The aggregator commits a record only once the state it changed is written, so this is what the "
+         "served numbers do not include yet. Absent while the exporter cannot ask the broker.")
+TELEMETRY_LAG_SECONDS = _m(
+    "kafka_backup_telemetry_lag_seconds", "gauge", "seconds",
+    "How long the oldest telemetry record not folded yet has waited, per telemetry partition (0 when none "
+    "waits): how late every job's series are",
+    ("partition",), section=S9, extension=True,
+    note="A lower bound, from when each end of the topic was first seen (as Burrow does), so "
+         "KafkaBackupAggregatorBehind never fires early. With the aggregator down it grows without end, "
+         "while the job alerts would only say that every backup went silent.")
 EXPORTER_UNDECODABLE_STATE = _m(
     "kafka_backup_exporter_undecodable_state_values_total", "counter", "values",
     "State topic records the exporter could not read, by reason: newer_version (written by a newer aggregator: "

@@ -224,7 +224,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "verify": ("kafka", "telemetry", "verify", "run", "log"),
     "offset-reset": ("kafka", "telemetry", "offset_reset", "run", "log"),
     "aggregate": ("kafka", "telemetry", "aggregator", "log"),
-    "exporter": ("metrics", "kafka", "log", "aggregator.app_id", "aggregator.throughput_window_s"),
+    "exporter": ("metrics", "kafka", "log", "aggregator.app_id", "aggregator.throughput_window_s", "telemetry.topic"),
     "replay": ("metrics", "kafka", "telemetry", "aggregator", "log", "backup.backup_id", "restore.restore_id"),
     "list": ("log", "backup.storage", "backup.s3_endpoint_url"),
     "describe": ("log", "backup.storage", "backup.s3_endpoint_url", "backup.backup_id"),

@@ -72,7 +72,7 @@ def test_each_command_shows_its_own_settings_only():
     exporter_help = sub["exporter"].format_help()
     assert "--metrics-port" in exporter_help and "--app-id" in exporter_help
     for foreign in ("--restore-id", "--offset-reset-group", "--group", "--topic-map", "--backup-compression",
-                    "--aggregator-dead-letter-topic", "--telemetry-topic"):
+                    "--aggregator-dead-letter-topic", "--telemetry-partitions"):
         assert foreign not in exporter_help, foreign
     assert "--metrics-port" not in sub["backup"].format_help()
     assert "--group" in sub["offset-reset"].format_help()

@@ -1,0 +1,156 @@
+"""How far the aggregator is behind the telemetry topic: how late everything the exporter serves is.
+
+``kafka_backup_exporter_state_age_seconds`` proves the exporter's copy of the state topic current.
+A current copy of a state the aggregator stopped updating is still wrong: with the aggregator down
+or stuck, every job's series freeze, and a while later every running backup looks silent (STOP),
+paging as if the backups had stopped. So the exporter also asks the broker, every ``CHECK_S``, for
+the telemetry topic's ends and the aggregator group's committed offsets. The aggregator commits a
+record only once the state it changed is written, so end minus committed is what the served
+numbers do not include yet (``kafka_backup_telemetry_lag_records``).
+
+How long the oldest of those records has waited (``kafka_backup_telemetry_lag_seconds``) is read
+from when each end was first seen, as Burrow and kafka-lag-exporter do: record ``c`` existed at the
+first check whose end was past ``c``. That time is a lower bound (the record may have arrived up to
+a check earlier), so an alert on it never fires early. The samples kept per partition are bounded:
+when full, the newest is overwritten by the next one, which keeps every answer a lower bound.
+
+The answers are served while the last check is recent (``SERVE_FOR_S``); when the broker cannot be
+asked, the series disappear rather than age on their own (the exporter's state age says why).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from kafka_backup.schemas.kafka_admin import client_config, serve_logs
+
+log = logging.getLogger("kafka_backup.exporter")
+
+CHECK_S = 2.0
+TIMEOUT_S = 10.0
+SERVE_FOR_S = 10 * CHECK_S
+MAX_SAMPLES = 4096  # per partition: 2.3 hours of checks when the end moves at every one
+
+
+class PartitionLag:
+    """One telemetry partition: the ends seen (with when each was first seen) and what was folded."""
+
+    __slots__ = ("folded", "records", "samples")
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, int]] = deque()  # (first seen at, end), ends increasing
+        self.records = 0
+        self.folded = 0
+
+    def observe(self, now: float, earliest: int, end: int, committed: int | None) -> None:
+        """``committed`` None: the aggregator never committed (it has folded nothing that is kept)."""
+        if self.samples and end < self.samples[-1][1]:
+            self.samples.clear()  # the topic was recreated: what was seen says nothing any more
+        if not self.samples or end > self.samples[-1][1]:
+            if len(self.samples) < MAX_SAMPLES:
+                self.samples.append((now, end))
+            else:
+                self.samples[-1] = (now, end)
+        # records deleted by retention before the aggregator read them are not waiting any more
+        self.folded = max(earliest, committed if committed is not None else earliest)
+        while self.samples and self.samples[0][1] <= self.folded:
+            self.samples.popleft()
+        self.records = max(0, end - self.folded)
+
+    def waiting_since(self) -> float | None:
+        """When the oldest record not folded was known to exist (None: nothing waits)."""
+        if not self.records or not self.samples:
+            return None
+        return self.samples[0][0]
+
+
+class TelemetryLag:
+    """Asks the broker in a thread; :meth:`lags` is read at scrape time."""
+
+    def __init__(self, bootstrap_servers: str, group: str, topic: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.group, self.topic = group, topic
+        self._clock = clock
+        self._conf = client_config(bootstrap_servers)
+        self._partitions: dict[int, PartitionLag] = {}
+        self._checked_at: float | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="telemetry-lag", daemon=True)
+
+    def start(self) -> TelemetryLag:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def lags(self, now: float) -> dict[int, tuple[int, float]]:
+        """Per partition: records not folded and seconds the oldest has waited; empty when unknown."""
+        with self._lock:
+            if self._checked_at is None or now - self._checked_at > SERVE_FOR_S:
+                return {}
+            out = {}
+            for p, lag in sorted(self._partitions.items()):
+                since = lag.waiting_since()
+                out[p] = (lag.records, 0.0 if since is None else max(0.0, now - since))
+            return out
+
+    def observe(self, now: float, earliest: dict[int, int], ends: dict[int, int],
+                committed: dict[int, int | None]) -> None:
+        """One check's answers (the thread's, or a test's)."""
+        with self._lock:
+            for p in list(self._partitions):
+                if p not in ends:
+                    del self._partitions[p]
+            for p, end in ends.items():
+                self._partitions.setdefault(p, PartitionLag()).observe(
+                    now, earliest.get(p, 0), end, committed.get(p))
+            self._checked_at = now
+
+    # ---- the thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        admin = AdminClient(self._conf)
+        failing = False
+        while not self._stop.is_set():
+            try:
+                self._check(admin)
+                failing = False
+            except KafkaException as err:
+                if not failing:  # once per outage; the series disappear after SERVE_FOR_S
+                    log.warning("telemetry lag: cannot ask the broker about %s (%s); retrying every %.0f s",
+                                self.topic, err, CHECK_S)
+                failing = True
+            serve_logs(admin)
+            self._stop.wait(CHECK_S)
+
+    def _check(self, admin: AdminClient) -> None:
+        meta = admin.list_topics(self.topic, timeout=TIMEOUT_S).topics.get(self.topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            return  # no telemetry topic yet: nothing waits
+        tps = [TopicPartition(self.topic, p) for p in sorted(meta.partitions)]
+        earliest = _offsets(admin, tps, OffsetSpec.earliest())
+        ends = _offsets(admin, tps, OffsetSpec.latest())
+        seen = self._clock()  # every record below these ends existed by now (a lower bound of its wait)
+        answer = admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(self.group, tps)], request_timeout=TIMEOUT_S)[self.group]
+        committed: dict[int, int | None] = {}
+        for tp in answer.result(TIMEOUT_S).topic_partitions or []:
+            if tp.error is None and tp.offset >= 0:
+                committed[tp.partition] = tp.offset
+        self.observe(seen, earliest, ends, committed)
+
+
+def _offsets(admin: AdminClient, tps: list[TopicPartition], spec: OffsetSpec) -> dict[int, int]:
+    futures = admin.list_offsets({tp: spec for tp in tps}, request_timeout=TIMEOUT_S)
+    return {tp.partition: future.result(TIMEOUT_S).offset for tp, future in futures.items()}

@@ -1,0 +1,85 @@
+"""How far the aggregator is behind, from the broker's answers (no broker: answers are handed in)."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kafka_backup.exporter import telemetry_lag
+from kafka_backup.exporter.collector import EndpointCounters, StateCollector
+from kafka_backup.exporter.renderer import Renderer
+from kafka_backup.exporter.telemetry_lag import PartitionLag, TelemetryLag
+from kafka_backup.schemas import catalogue as cat
+
+
+def test_records_are_end_minus_committed_and_seconds_the_oldest_wait():
+    lag = TelemetryLag("127.0.0.1:1", "agg", "telemetry")
+    lag.observe(100.0, {0: 0, 1: 0}, {0: 10, 1: 5}, {0: 10, 1: 5})
+    assert lag.lags(100.0) == {0: (0, 0.0), 1: (0, 0.0)}
+    lag.observe(102.0, {0: 0, 1: 0}, {0: 14, 1: 5}, {0: 10, 1: 5})  # offsets 10-13 arrived by 102
+    lag.observe(104.0, {0: 0, 1: 0}, {0: 20, 1: 5}, {0: 12, 1: 5})  # 12 and 13 still wait
+    assert lag.lags(105.0) == {0: (8, 3.0), 1: (0, 0.0)}
+    lag.observe(106.0, {0: 0, 1: 0}, {0: 20, 1: 5}, {0: 14, 1: 5})  # the oldest waiting now arrived by 104
+    assert lag.lags(106.0) == {0: (6, 2.0), 1: (0, 0.0)}
+    lag.observe(108.0, {0: 0, 1: 0}, {0: 20, 1: 5}, {0: 20, 1: 5})
+    assert lag.lags(108.0) == {0: (0, 0.0), 1: (0, 0.0)}
+
+
+def test_a_stopped_aggregator_waits_longer_at_every_scrape():
+    lag = TelemetryLag("127.0.0.1:1", "agg", "telemetry")
+    lag.observe(100.0, {0: 0}, {0: 3}, {0: 3})
+    for t in (102.0, 104.0, 106.0):
+        lag.observe(t, {0: 0}, {0: 3 + int(t - 100)}, {0: 3})
+    assert lag.lags(107.0) == {0: (6, 5.0)}  # offset 3 was first seen at 102
+    assert lag.lags(110.0) == {0: (6, 8.0)}  # computed at the scrape, between checks too
+
+
+def test_never_committed_and_deleted_by_retention_count_from_the_earliest_offset():
+    part = PartitionLag()
+    part.observe(10.0, earliest=0, end=7, committed=None)
+    assert (part.records, part.waiting_since()) == (7, 10.0)
+    part.observe(12.0, earliest=5, end=9, committed=2)  # 2-4 deleted before the aggregator read them
+    assert part.records == 4
+
+
+def test_a_recreated_topic_forgets_what_was_seen():
+    part = PartitionLag()
+    part.observe(10.0, 0, 100, 50)
+    part.observe(12.0, 0, 3, None)
+    assert (part.records, part.waiting_since()) == (3, 12.0)
+
+
+def test_when_the_samples_are_full_the_answers_stay_lower_bounds(monkeypatch):
+    monkeypatch.setattr(telemetry_lag, "MAX_SAMPLES", 3)
+    part = PartitionLag()
+    for t, end in ((1.0, 10), (2.0, 20), (3.0, 30), (4.0, 40), (5.0, 50)):
+        part.observe(t, 0, end, 0)
+    assert list(part.samples) == [(1.0, 10), (2.0, 20), (5.0, 50)]
+    part.observe(6.0, 0, 50, 25)  # offset 25 existed by 3.0: the answer says 5.0, never earlier
+    assert part.waiting_since() == 5.0
+
+
+def test_partitions_gone_are_dropped_and_an_old_check_is_not_served():
+    lag = TelemetryLag("127.0.0.1:1", "agg", "telemetry")
+    assert lag.lags(0.0) == {}  # never asked
+    lag.observe(100.0, {0: 0, 1: 0}, {0: 1, 1: 1}, {0: 0, 1: 1})
+    lag.observe(102.0, {0: 0}, {0: 1}, {0: 0})
+    assert lag.lags(102.0) == {0: (1, 2.0)}
+    assert lag.lags(102.0 + telemetry_lag.SERVE_FOR_S) == {0: (1, 2.0 + telemetry_lag.SERVE_FOR_S)}
+    assert lag.lags(102.1 + telemetry_lag.SERVE_FOR_S) == {}, "the broker cannot be asked: unknown, not aging"
+
+
+def test_served_per_partition_in_both_formats_as_prometheus_client_would():
+    lag = TelemetryLag("127.0.0.1:1", "agg", "telemetry")
+    lag.observe(100.0, {0: 0, 1: 0}, {0: 4, 1: 2}, {0: 1, 1: 2})
+    counters = EndpointCounters()
+    counters.telemetry_lag = lag.lags
+    collector = StateCollector(lambda: {}, clock=lambda: 101.5, endpoint=counters)
+    text = Renderer(collector).render().decode()
+    samples = {(s.name, s.labels.get("partition")): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name.startswith("kafka_backup_telemetry_lag")}
+    assert samples == {
+        (cat.TELEMETRY_LAG_RECORDS.name, "0"): 3, (cat.TELEMETRY_LAG_RECORDS.name, "1"): 0,
+        (cat.TELEMETRY_LAG_SECONDS.name, "0"): 1.5, (cat.TELEMETRY_LAG_SECONDS.name, "1"): 0,
+    }
+    assert "kafka_backup_telemetry_lag_seconds" in Renderer(collector).render(openmetrics=True).decode()
