@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from kafka_backup.schemas.kafka_admin import client_config
+from kafka_backup.schemas.kafka_admin import arrived, client_config
 from kafka_backup.schemas.state import PIPELINE_PREFIX, NewerStateError, decode_pipeline, decode_state
 from kafka_backup.schemas.topics import state_topic
 
@@ -52,16 +52,6 @@ class RepeatFilter(logging.Filter):
 
 
 rdkafka_log.addFilter(RepeatFilter())
-
-
-def arrived(consumer: Consumer, most: int, timeout: float) -> list[Any]:
-    """What the consumer holds now, up to ``most`` records, or else the first record to arrive within
-    ``timeout``. ``Consumer.consume(most, timeout)`` alone waits the whole ``timeout`` unless ``most``
-    records arrive: a changelog write would wait up to half a second before the exporter saw it."""
-    first = consumer.poll(timeout)
-    if first is None:
-        return []
-    return [first, *consumer.consume(most - 1, 0)] if most > 1 else [first]
 
 
 class CatchUp:

@@ -39,7 +39,7 @@ from kafka_backup.producers.storage import OpReport, Storage, StorageError
 from kafka_backup.producers.telemetry import Emitter, classify_kafka_error
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import BackupConfig, ConfigError, TelemetryConfig
-from kafka_backup.schemas.kafka_admin import client_config
+from kafka_backup.schemas.kafka_admin import arrived, client_config
 from kafka_backup.schemas.topics import consumer_group
 
 log = logging.getLogger("kafka_backup.backup")
@@ -139,6 +139,7 @@ class BackupWorker(Job):
     def work(self) -> None:
         self._start()
         self._loop()
+        self._stop_fetching()
         self._flush_all()
         self._record_groups()
         log.info("stopping with %s", self._summary())
@@ -246,7 +247,7 @@ class BackupWorker(Job):
             if not self.cfg.continuous and all(w.done() for w in self.parts.values()):
                 break
             timeout = max(0.0, min(poll_s, next_progress - time.monotonic()))
-            batch = self.consumer.consume(num_messages=1000, timeout=timeout)
+            batch = arrived(self.consumer, 1000, timeout)
             self.fetches += 1
             self._take(batch)
             self._flush_due()
@@ -256,6 +257,15 @@ class BackupWorker(Job):
             self.emitter.poll()  # after the cycle's last event: with telemetry.batch_events, one record per cycle
             if self.cfg.continuous:
                 self._poll_groups()
+
+    def _stop_fetching(self) -> None:
+        """Nothing more is read: stop fetching while the run flushes, saves and waits for its
+        telemetry to be acknowledged (an assigned consumer keeps fetching, and the dev broker
+        answers an idle fetch at once, so that wait cost CPU)."""
+        try:
+            self.consumer.pause(self.consumer.assignment())
+        except KafkaException as err:  # the run's outcome does not depend on it
+            log.debug("could not pause fetching: %s", err)
 
     def _take(self, batch: list) -> None:
         """Buffer a fetched batch, a run of one partition's records at a time.

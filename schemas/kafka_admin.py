@@ -1,4 +1,5 @@
-"""Kafka plumbing every stage shares: client settings and the telemetry topic's creation.
+"""Kafka plumbing every stage shares: client settings, reading without waiting out a timeout, and the
+telemetry topic's creation.
 
 A cluster is named by its bootstrap list. The command line registers the
 security settings (SASL, TLS) of each cluster it talks to once, at start;
@@ -149,6 +150,16 @@ def client_config(bootstrap_servers: str, **extra: object) -> dict[str, Any]:
     annotation (str, int, float or bool) does not admit although it accepts them."""
     return {"bootstrap.servers": bootstrap_servers, **security_for(bootstrap_servers).librdkafka(),
             "logger": LIBRDKAFKA_LOGGER, **extra}
+
+
+def arrived(consumer: Any, most: int, timeout: float) -> list[Any]:
+    """What a confluent-kafka consumer holds now, up to ``most`` messages, or else the first to arrive
+    within ``timeout``. ``Consumer.consume(most, timeout)`` alone returns early only once ``most``
+    messages arrived: with fewer, it sits out the whole ``timeout`` while they wait."""
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(most - 1, 0)] if most > 1 else [first]
 
 
 def serve_logs(client: Any) -> None:
