@@ -49,6 +49,7 @@ from kafka_backup.streams.guards import (
     ChangelogBarrier,
     OffsetGuard,
     check_faust_version,
+    deliver_eagerly,
     verify_copartitioned,
 )
 
@@ -92,6 +93,7 @@ def create_app(cfg: Config) -> faust.App:
     offsets = GroupOffsets(bootstrap, cfg.aggregator.app_id, cfg.telemetry.topic)
     guard = OffsetGuard(cfg.telemetry.topic)
     guard.guard_commits(app.consumer)
+    deliver_eagerly(app.consumer)
 
     dead_letter: DeadLetter | None = None
     if cfg.aggregator.dead_letter_topic:

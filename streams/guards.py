@@ -196,3 +196,63 @@ class ChangelogBarrier:
                 raise
 
         producer.flush = flush_then_wait
+
+
+class _Resumed:
+    """A coroutine already started by hand, awaitable from where it stopped.
+
+    It hands the task that awaits it the very future the coroutine is blocked on, and resumes the
+    coroutine (``send``, or ``throw`` when the task is cancelled) exactly as a task would have: the
+    coroutine cannot tell it was started outside a task.
+    """
+
+    __slots__ = ("coro", "blocked_on")
+
+    def __init__(self, coro: Any, blocked_on: Any) -> None:
+        self.coro, self.blocked_on = coro, blocked_on
+
+    def __await__(self) -> Any:
+        coro, step = self.coro, self.blocked_on
+        while True:
+            try:
+                sent = yield step
+            except BaseException as err:  # a cancelled task throws into its awaitable: pass it on
+                try:
+                    step = coro.throw(err)
+                except StopIteration as done:
+                    return done.value
+                continue
+            try:
+                step = coro.send(sent)
+            except StopIteration as done:
+                return done.value
+
+
+def deliver_eagerly(consumer: Any) -> None:
+    """Run each fetched record's delivery at once, not as a task raced by three others.
+
+    Faust 0.15.3's fetch loop (``Consumer._drain_messages``) hands each record to the streams with
+    ``await self.wait_first(callback(message), self.suspend_flow.wait())``: four tasks per record
+    (the delivery, the flow suspension, the service's stop and crash) and an ``asyncio.wait``, so
+    that a rebalance can abandon a delivery blocked on a full stream buffer. Almost every delivery
+    finishes without blocking: it is now started in place, and only one that blocks goes on through
+    ``wait_first`` from where it stopped, as before. A suspended flow takes Faust's own path.
+    """
+    wait_first = consumer.wait_first
+    suspended = consumer.suspend_flow.is_set
+
+    async def wait_first_unless_done(*coros: Any, timeout: Any = None) -> Any:
+        if len(coros) != 2 or suspended() or not asyncio.iscoroutine(coros[0]):
+            return await wait_first(*coros, timeout=timeout)
+        delivery, flow = coros
+        try:
+            blocked_on = delivery.send(None)
+        except StopIteration:  # delivered: the fetch loop ignores what wait_first returns
+            flow.close()
+            return None
+        except BaseException:
+            flow.close()
+            raise
+        return await wait_first(_Resumed(delivery, blocked_on), flow, timeout=timeout)
+
+    consumer.wait_first = wait_first_unless_done
