@@ -8,7 +8,8 @@ Choices forced by measurements (see docs/architecture.md): memory store with
 no standby replicas (standbys double-counted), agent concurrency 1 (offset
 commit bug above 1), static membership (a killed member otherwise holds its
 partitions forever on the dev broker), web server off (no ``/table/`` views),
-and two guards against Faust skipping events (``streams.guards``).
+two guards against Faust skipping events, and records delivered without four
+tasks each (all in ``streams.guards``).
 The app is built by a function rather than at import time because its broker,
 id and partition count come from the configuration.
 """

@@ -1,4 +1,4 @@
-"""Guards that keep Faust 0.15.3 from losing telemetry events.
+"""Guards that keep Faust 0.15.3 from losing telemetry events, and every other reach into its internals.
 
 The fold makes redelivery harmless (``streams.fold``: dedup marks travel with
 the counters), so the aggregator can afford to read too much, never too little.
