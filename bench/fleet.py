@@ -21,7 +21,12 @@ thousands of workers a page is megabytes, and scraping it ten times a second (th
 rendering it, this process parsing it) takes more of the machine than the fleet itself does, while
 Prometheus scrapes every 15 s or more: a longer period measures the pipeline rather than the probe.
 
-    python bench/fleet.py [seconds per step] [N1,N2,...] [single|batched] [scrape period s]
+With ``changelog`` as fourth argument no exporter runs: the probe reads the aggregator's state topic
+instead, and an event's latency is from its time to the first state value holding it (the
+aggregator's own freshness, what one aggregator worker is asked to keep for 2,000 workers; the
+exporter's render of thousands of jobs is then not on this 2-core machine's bill).
+
+    python bench/fleet.py [seconds per step] [N1,N2,...] [single|batched] [scrape period s|changelog]
 """
 
 from __future__ import annotations
@@ -88,11 +93,87 @@ def scrape(url: str) -> dict[str, float]:
     return {m.group(1).decode(): float(m.group(2)) for m in LAST_SEEN.finditer(text)}
 
 
+class Scraper:
+    """Latencies seen on /metrics: every ``period`` s, each worker's newest last-seen time."""
+
+    def __init__(self, url: str, period: float) -> None:
+        self.url, self.period = url, period
+        self.next = time.monotonic()
+
+    def start_step(self) -> None:
+        self.next = time.monotonic()
+
+    def ready(self) -> bool:
+        try:
+            scrape(self.url)
+            return True
+        except Exception:
+            return False
+
+    def observe(self, seen: dict[str, float], fleet: set[str], latencies: list[float]) -> None:
+        if time.monotonic() < self.next:
+            return
+        t_scrape = time.time()
+        for worker, ts in scrape(self.url).items():
+            if worker not in fleet:
+                continue
+            if worker in seen and ts > seen[worker]:  # a first sighting may be an old event
+                latencies.append(t_scrape - ts)
+            seen[worker] = ts
+        self.next += self.period
+
+    def describe(self) -> str:
+        return f"a scrape every {self.period:g} s"
+
+
+class ChangelogProbe:
+    """Latencies seen in the aggregator's state topic: each state value's dedup marks carry every
+    worker's newest folded event time (``JobState.seen``)."""
+
+    def __init__(self, bootstrap: str, app: str) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        from kafka_backup.schemas.kafka_admin import arrived
+        from kafka_backup.schemas.state import decode_state
+        from kafka_backup.schemas.topics import state_topic
+
+        self._arrived, self._decode, self._tp = arrived, decode_state, TopicPartition
+        self.topic = state_topic(app)
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "fleet-probe-" + uuid.uuid4().hex[:6],
+                                  "enable.auto.commit": False, "receive.message.max.bytes": 1_000_000_000})
+
+    def start_step(self) -> None:
+        """Nothing to align: every state value is read as it arrives."""
+
+    def ready(self) -> bool:
+        md = self.consumer.list_topics(self.topic, timeout=5).topics.get(self.topic)
+        if md is None or md.error is not None or not md.partitions:
+            return False
+        self.consumer.assign([self._tp(self.topic, p, 0) for p in md.partitions])
+        return True
+
+    def observe(self, seen: dict[str, float], fleet: set[str], latencies: list[float]) -> None:
+        for m in self._arrived(self.consumer, 5000, 0):
+            if m.error() or not m.value() or m.key().startswith(b"pipeline:"):
+                continue
+            t_read = time.time()
+            for worker, mark in self._decode(m.value()).seen.items():
+                if worker not in fleet:
+                    continue
+                if worker in seen and mark.ts > seen[worker]:
+                    latencies.append(t_read - mark.ts)
+                seen[worker] = max(mark.ts, seen.get(worker, 0.0))
+
+    def describe(self) -> str:
+        return "read from the state topic (no exporter)"
+
+
 def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 20
     steps = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [50, 100, 200, 400, 800]
     batched = len(sys.argv) > 3 and sys.argv[3] == "batched"
-    scrape_s = float(sys.argv[4]) if len(sys.argv) > 4 else 0.1
+    via_changelog = len(sys.argv) > 4 and sys.argv[4] == "changelog"
+    scrape_s = float(sys.argv[4]) if len(sys.argv) > 4 and not via_changelog else 0.1
     logdir = tempfile.mkdtemp(prefix="bench-fleet-")
     with bootstrap_servers("fleet") as bootstrap:  # KAFKA_BOOTSTRAP_SERVERS, or a dev broker
         app, port = "fleet-" + uuid.uuid4().hex[:6], free_port()
@@ -101,24 +182,22 @@ def main() -> None:
                                   stdout=open(os.path.join(logdir, f"{args[0]}.log"), "ab"), stderr=subprocess.STDOUT,
                                   env=env)
                  for args in (["aggregate", "--bootstrap-servers", bootstrap, "--app-id", app, "--instance-id", app],
-                              ["exporter", "--bootstrap-servers", bootstrap, "--app-id", app, "--port", str(port)])]
+                              ["exporter", "--bootstrap-servers", bootstrap, "--app-id", app, "--port", str(port)])
+                 if not (via_changelog and args[0] == "exporter")]
         agg = procs[0]
-        url = f"http://127.0.0.1:{port}/metrics"
+        probe = ChangelogProbe(bootstrap, app) if via_changelog else Scraper(f"http://127.0.0.1:{port}/metrics",
+                                                                             scrape_s)
         try:
             deadline = time.monotonic() + 90
-            while True:
-                try:
-                    scrape(url)
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"exporter never ready; logs in {logdir}") from None
-                    time.sleep(0.5)
+            while not probe.ready():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the pipeline never became ready; logs in {logdir}") from None
+                time.sleep(0.5)
             producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
             workers: list[Worker] = []
             print(f"freshness at default settings, {seconds:.0f} s per step, "
                   f"{'a batch record per poll cycle' if batched else 'a record per event'}, "
-                  f"a scrape every {scrape_s:g} s (logs in {logdir})")
+                  f"{probe.describe()} (logs in {logdir})")
             best = 0
             for n in steps:
                 workers += [Worker(i) for i in range(len(workers), n)]
@@ -129,7 +208,7 @@ def main() -> None:
                 next_poll = t0
                 cycle = 0
                 sent_events = sent_records = 0
-                next_scrape = t0
+                probe.start_step()
                 while time.monotonic() - t0 < seconds:
                     now = time.monotonic()
                     if now >= next_poll:  # one poll cycle of every worker, spread over the 500 ms
@@ -144,15 +223,7 @@ def main() -> None:
                         producer.poll(0)
                         cycle += 1
                         next_poll += 0.5
-                    if now >= next_scrape:
-                        t_scrape = time.time()
-                        for worker, ts in scrape(url).items():
-                            if worker not in fleet:
-                                continue
-                            if worker in seen and ts > seen[worker]:  # a first sighting may be an old event
-                                latencies.append(t_scrape - ts)
-                            seen[worker] = ts
-                        next_scrape += scrape_s
+                    probe.observe(seen, fleet, latencies)
                     producer.poll(0.01)
                 elapsed = time.monotonic() - t0
                 cpu = (cpu_seconds(agg.pid) - cpu0) / elapsed
