@@ -239,10 +239,9 @@ def deliver_eagerly(consumer: Any) -> None:
     ``wait_first`` from where it stopped, as before. A suspended flow takes Faust's own path.
     """
     wait_first = consumer.wait_first
-    suspended = consumer.suspend_flow.is_set
 
     async def wait_first_unless_done(*coros: Any, timeout: Any = None) -> Any:
-        if len(coros) != 2 or suspended() or not asyncio.iscoroutine(coros[0]):
+        if len(coros) != 2 or consumer.suspend_flow.is_set() or not asyncio.iscoroutine(coros[0]):
             return await wait_first(*coros, timeout=timeout)
         delivery, flow = coros
         try:
