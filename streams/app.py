@@ -8,8 +8,8 @@ Choices forced by measurements (see docs/architecture.md): memory store with
 no standby replicas (standbys double-counted), agent concurrency 1 (offset
 commit bug above 1), static membership (a killed member otherwise holds its
 partitions forever on the dev broker), web server off (no ``/table/`` views),
-two guards against Faust skipping events, and records delivered without four
-tasks each (all in ``streams.guards``).
+two guards against Faust skipping events, and, with ``aggregator.eager_delivery``,
+records delivered without four tasks each (all in ``streams.guards``).
 The app is built by a function rather than at import time because its broker,
 id and partition count come from the configuration.
 """
@@ -94,7 +94,8 @@ def create_app(cfg: Config) -> faust.App:
     offsets = GroupOffsets(bootstrap, cfg.aggregator.app_id, cfg.telemetry.topic)
     guard = OffsetGuard(cfg.telemetry.topic)
     guard.guard_commits(app.consumer)
-    deliver_eagerly(app.consumer)
+    if cfg.aggregator.eager_delivery:
+        deliver_eagerly(app.consumer)
 
     dead_letter: DeadLetter | None = None
     if cfg.aggregator.dead_letter_topic:

@@ -429,9 +429,12 @@ class Pipeline:
         try:
             return wait_for(check, timeout, what=f"{name}{labels} == {expected}")
         except AssertionError:
-            got = self.scrape().get_value(name, **labels)
+            scraped = self.scrape()
+            got = scraped.get_value(name, **labels)
+            lag = {dict(k[1]).get("partition"): v for k, v in scraped.items() if k[0].startswith("kafka_backup_telemetry_lag")}
             raise AssertionError(
-                f"{name}{labels}: expected {expected}, got {got}\n--- aggregator log ---\n{self.aggregator.log()}"
+                f"{name}{labels}: expected {expected}, got {got}; telemetry lag (records, seconds): {lag}"
+                f"\n--- aggregator log ---\n{self.aggregator.log()}"
                 + "".join(f"\n--- aggregator worker {n} log ---\n{w.log()}" for n, w in enumerate(self.workers, 2))
                 + f"\n--- exporter log ---\n{self.exporter.log()}") from None
 
