@@ -186,8 +186,8 @@ class AggregatorConfig(_Section):
     max_state_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1_000_000)] = 900_000  # one job's encoded state
     flush_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200  # changed job states: one table write per interval
     # Deliver each fetched record without Faust's four tasks per record (1.4x the single-event rate,
-    # docs/performance.md). Off: a worker restarted in place after a rebalance stalled in 2 of 9 test runs
-    # with it and 0 of 3 without, cause not found yet.
+    # docs/performance.md). Off: with it, Faust skipped records at rebalances 3x as often in tests (each
+    # skip restarts the worker in place), and a restarted worker stalled twice.
     eager_delivery: bool = False
 
 
