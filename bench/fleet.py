@@ -43,12 +43,14 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from confluent_kafka import Producer  # noqa: E402
+from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from bench.common import ROOT, bootstrap_servers, cpu_seconds, ours  # noqa: E402
 from kafka_backup.cli.devbroker import free_port  # noqa: E402
 from kafka_backup.schemas import events as ev  # noqa: E402
-from kafka_backup.schemas.topics import TELEMETRY_TOPIC  # noqa: E402
+from kafka_backup.schemas.kafka_admin import arrived  # noqa: E402
+from kafka_backup.schemas.state import PIPELINE_PREFIX, decode_state  # noqa: E402
+from kafka_backup.schemas.topics import TELEMETRY_TOPIC, state_topic  # noqa: E402
 
 PARTS = 8
 
@@ -93,6 +95,17 @@ def scrape(url: str) -> dict[str, float]:
     return {m.group(1).decode(): float(m.group(2)) for m in LAST_SEEN.finditer(text)}
 
 
+def sighted(seen: dict[str, float], fleet: set[str], latencies: list[float], worker: str, ts: float,
+            at: float) -> None:
+    """A worker's newest event time ``ts``, seen at ``at``: a newer one than before is one latency
+    sample (a first sighting may be an old event, so it only sets the mark)."""
+    if worker not in fleet:
+        return
+    if worker in seen and ts > seen[worker]:
+        latencies.append(at - ts)
+    seen[worker] = max(ts, seen.get(worker, ts))
+
+
 class Scraper:
     """Latencies seen on /metrics: every ``period`` s, each worker's newest last-seen time."""
 
@@ -115,11 +128,7 @@ class Scraper:
             return
         t_scrape = time.time()
         for worker, ts in scrape(self.url).items():
-            if worker not in fleet:
-                continue
-            if worker in seen and ts > seen[worker]:  # a first sighting may be an old event
-                latencies.append(t_scrape - ts)
-            seen[worker] = ts
+            sighted(seen, fleet, latencies, worker, ts, t_scrape)
         self.next += self.period
 
     def describe(self) -> str:
@@ -131,13 +140,6 @@ class ChangelogProbe:
     worker's newest folded event time (``JobState.seen``)."""
 
     def __init__(self, bootstrap: str, app: str) -> None:
-        from confluent_kafka import Consumer, TopicPartition
-
-        from kafka_backup.schemas.kafka_admin import arrived
-        from kafka_backup.schemas.state import decode_state
-        from kafka_backup.schemas.topics import state_topic
-
-        self._arrived, self._decode, self._tp = arrived, decode_state, TopicPartition
         self.topic = state_topic(app)
         self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "fleet-probe-" + uuid.uuid4().hex[:6],
                                   "enable.auto.commit": False, "receive.message.max.bytes": 1_000_000_000})
@@ -149,20 +151,16 @@ class ChangelogProbe:
         md = self.consumer.list_topics(self.topic, timeout=5).topics.get(self.topic)
         if md is None or md.error is not None or not md.partitions:
             return False
-        self.consumer.assign([self._tp(self.topic, p, 0) for p in md.partitions])
+        self.consumer.assign([TopicPartition(self.topic, p, 0) for p in md.partitions])
         return True
 
     def observe(self, seen: dict[str, float], fleet: set[str], latencies: list[float]) -> None:
-        for m in self._arrived(self.consumer, 5000, 0):
-            if m.error() or not m.value() or m.key().startswith(b"pipeline:"):
+        for m in arrived(self.consumer, 5000, 0):
+            if m.error() or not m.value() or m.key().startswith(PIPELINE_PREFIX.encode()):
                 continue
             t_read = time.time()
-            for worker, mark in self._decode(m.value()).seen.items():
-                if worker not in fleet:
-                    continue
-                if worker in seen and mark.ts > seen[worker]:
-                    latencies.append(t_read - mark.ts)
-                seen[worker] = max(mark.ts, seen.get(worker, 0.0))
+            for worker, mark in decode_state(m.value()).seen.items():
+                sighted(seen, fleet, latencies, worker, mark.ts, t_read)
 
     def describe(self) -> str:
         return "read from the state topic (no exporter)"
