@@ -15,6 +15,7 @@ the aggregator far below its per-event cost ceiling.
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import threading
@@ -138,6 +139,10 @@ class BackupWorker(Job):
 
     def work(self) -> None:
         self._start()
+        # Everything built so far (modules, configuration, clients) lives as long as the process: out
+        # of the collector's sight, a full collection no longer walks it again (0.1-0.2 s per 300,000
+        # records before, bench/backup.py).
+        gc.freeze()
         self._loop()
         self._stop_fetching()
         self._flush_all()
@@ -271,7 +276,9 @@ class BackupWorker(Job):
         """Buffer a fetched batch, a run of one partition's records at a time.
 
         Per record only what differs: its fields go into the buffer as a tuple (encoded exactly as a
-        ``StoredRecord``), its payload size is computed once; the partition lookup, the consumed
+        ``StoredRecord``; headers as a tuple of tuples, none as ``()``: a row of atomic values and
+        tuples is soon untracked by the garbage collector, which then never walks the buffer), its
+        payload size is computed once; the partition lookup, the consumed
         counts and the newest timestamp are per run of records, not per record.
         """
         n, i = len(batch), 0
@@ -298,7 +305,8 @@ class BackupWorker(Job):
             if beyond:  # one-shot: records past the watermark seen at start are not backed up
                 run = [m for m in run if m.offset() < target]
             if run:
-                self._buffer(work, [(m.offset(), (t := m.timestamp())[1], t[0], m.key(), m.value(), m.headers() or [])
+                self._buffer(work, [(m.offset(), (t := m.timestamp())[1], t[0], m.key(), m.value(),
+                                     tuple(h) if (h := m.headers()) else ())
                                     for m in run])
             if beyond and target is not None:
                 work.position = max(work.position, target)

@@ -77,12 +77,34 @@ def test_take_buffers_each_run_of_a_batch_and_skips_partitions_not_owned():
              FakeMessage("t", 2, 9, error=Eof())]
     worker._take(batch)
     assert [r[0] for r in mine.buffer] == [0, 1, 2]
-    assert mine.buffer[0] == (0, 1_790_000_000_000, 1, b"k", b"vv", [("h", b"1")])
-    assert mine.buffer[1][3] is None and mine.buffer[2][4] is None and mine.buffer[1][5] == []
+    assert mine.buffer[0] == (0, 1_790_000_000_000, 1, b"k", b"vv", (("h", b"1"),))
+    assert mine.buffer[1][3] is None and mine.buffer[2][4] is None and mine.buffer[1][5] == ()
     assert mine.buffer_bytes == 3 + 2 + 1 and mine.position == 3
     assert [r[0] for r in capped.buffer] == [5] and capped.position == 6
     assert worker.consumed == {"t": [4, 3 + 2 + 1 + 3]}
     assert mine.newest_available_ts == 1_790_000_000_002 and capped.newest_available_ts == 1_790_000_000_005
+
+
+def test_buffered_records_cost_the_garbage_collector_nothing():
+    """A buffered row holds only atomic values and tuples of them (headers as a tuple of tuples, none
+    as the empty tuple): the collector stops tracking it within its first passes, so a buffer of millions of
+    records is not walked again by every full collection (with headers as lists, every row stayed
+    tracked: 0.1-0.25 s of collections per 300,000 records)."""
+    import gc
+    from types import SimpleNamespace
+
+    from kafka_backup.producers.backup import BackupWorker, PartitionWork
+
+    worker = BackupWorker.__new__(BackupWorker)
+    worker.cfg = SimpleNamespace(segment_max_records=1000, segment_max_bytes=1 << 30)
+    worker.consumed = {}
+    work = PartitionWork("t", 0, 0, None, None)  # type: ignore[arg-type]
+    worker.parts = {"t/0": work}
+    worker._take([FakeMessage("t", 0, 0, headers=[("h", b"1"), ("n", None)]), FakeMessage("t", 0, 1),
+                  FakeMessage("t", 0, 2, key=None, value=None, headers=[])])
+    gc.collect()
+    gc.collect()  # a tuple is untracked once what it holds is: a header's tuple may be seen after its row's
+    assert [gc.is_tracked(row) for row in work.buffer] == [False, False, False]
 
 
 def test_take_cuts_segments_inside_a_run_where_the_record_or_byte_limit_is_reached():
