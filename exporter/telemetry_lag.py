@@ -16,6 +16,11 @@ when full, the newest is overwritten by the next one, which keeps every answer a
 
 The answers are served while the last check is recent (``SERVE_FOR_S``); when the broker cannot be
 asked, the series disappear rather than age on their own (the exporter's state age says why).
+
+An exporter told another telemetry topic than its aggregator reads would see every record of that
+topic as never folded, page ``KafkaBackupAggregatorBehind`` for nothing and hold the alerts that
+judge silence. So when the group has committed nothing on the topic but has commits on others, the
+check says so in one log line naming the setting, and serves no lag until the two agree.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class TelemetryLag:
         self._conf = client_config(bootstrap_servers)
         self._partitions: dict[int, PartitionLag] = {}
         self._checked_at: float | None = None
+        self._mismatch: set[str] | None = None  # the group's topics, when it commits on others only
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="telemetry-lag", daemon=True)
@@ -117,6 +123,12 @@ class TelemetryLag:
                     now, earliest.get(p, 0), end, committed.get(p))
             self._checked_at = now
 
+    def forget(self) -> None:
+        """Serve nothing until the next check that is answered and counts."""
+        with self._lock:
+            self._partitions.clear()
+            self._checked_at = None
+
     # ---- the thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -148,7 +160,27 @@ class TelemetryLag:
         for tp in answer.result(TIMEOUT_S).topic_partitions or []:
             if tp.error is None and tp.offset >= 0:
                 committed[tp.partition] = tp.offset
+        others = set() if committed else _committed_topics(admin, self.group) - {self.topic}
+        if others:
+            if others != self._mismatch:  # once, and again if what the group reads changes
+                log.error("telemetry lag: the aggregator group %r has committed offsets on %s but none on %r: "
+                          "set telemetry.topic (--telemetry-topic) to the topic the aggregator reads; no "
+                          "telemetry lag is served until then", self.group, ", ".join(sorted(others)),
+                          self.topic)
+            self._mismatch = others
+            self.forget()
+            return
+        if self._mismatch is not None:
+            log.info("telemetry lag: the aggregator group %r now commits on %r", self.group, self.topic)
+            self._mismatch = None
         self.observe(seen, earliest, ends, committed)
+
+
+def _committed_topics(admin: AdminClient, group: str) -> set[str]:
+    """The topics on which ``group`` has a committed offset (a group that never committed: none)."""
+    answer = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)], request_timeout=TIMEOUT_S)
+    return {tp.topic for tp in answer[group].result(TIMEOUT_S).topic_partitions or []
+            if tp.error is None and tp.offset >= 0}
 
 
 def _offsets(admin: AdminClient, tps: list[TopicPartition], spec: OffsetSpec) -> dict[int, int]:

@@ -375,7 +375,9 @@ TELEMETRY_LAG_RECORDS = _m(
     "end minus the aggregator group's committed offset (asked of the broker by the exporter every 2 s)",
     ("partition",), section=S9, extension=True,
     note="The aggregator commits a record only once the state it changed is written, so this is what the "
-         "served numbers do not include yet. Absent while the exporter cannot ask the broker.")
+         "served numbers do not include yet. Absent while the exporter cannot ask the broker, and while the "
+         "aggregator group commits on other topics only (the exporter's telemetry.topic is not the "
+         "aggregator's: one error line says so).")
 TELEMETRY_LAG_SECONDS = _m(
     "kafka_backup_telemetry_lag_seconds", "gauge", "seconds",
     "How long the oldest telemetry record not folded yet has waited, per telemetry partition (0 when none "

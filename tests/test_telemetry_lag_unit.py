@@ -83,3 +83,71 @@ def test_served_per_partition_in_both_formats_as_prometheus_client_would():
         (cat.TELEMETRY_LAG_SECONDS.name, "0"): 1.5, (cat.TELEMETRY_LAG_SECONDS.name, "1"): 0,
     }
     assert "kafka_backup_telemetry_lag_seconds" in Renderer(collector).render(openmetrics=True).decode()
+
+
+class FakeAdmin:
+    """What ``TelemetryLag._check`` asks an AdminClient, answered from dicts (``commits``: the group's
+    committed offsets, ``{(topic, partition): offset}``)."""
+
+    def __init__(self, ends: dict[str, dict[int, int]], commits: dict[tuple[str, int], int]) -> None:
+        self.ends, self.commits = ends, commits
+
+    @staticmethod
+    def _done(value: object) -> object:
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        future.set_result(value)
+        return future
+
+    def list_topics(self, topic: str, timeout: float) -> object:
+        from types import SimpleNamespace
+
+        topics = {t: SimpleNamespace(error=None, partitions=dict.fromkeys(parts)) for t, parts in self.ends.items()}
+        return SimpleNamespace(topics=topics)
+
+    def list_offsets(self, specs: dict, request_timeout: float) -> dict:
+        from types import SimpleNamespace
+
+        latest = type(next(iter(specs.values()))).__name__ == "LatestSpec"
+        return {tp: self._done(SimpleNamespace(offset=self.ends[tp.topic][tp.partition] if latest else 0))
+                for tp in specs}
+
+    def list_consumer_group_offsets(self, requests: list, request_timeout: float) -> dict:
+        from types import SimpleNamespace
+
+        from confluent_kafka import TopicPartition
+
+        request = requests[0]
+        asked = request.topic_partitions
+        found = [TopicPartition(t, p, o) for (t, p), o in sorted(self.commits.items())
+                 if asked is None or any((a.topic, a.partition) == (t, p) for a in asked)]
+        return {request.group_id: self._done(SimpleNamespace(topic_partitions=found))}
+
+
+def test_an_exporter_told_another_topic_than_the_aggregator_reads_serves_no_lag_and_says_so(caplog):
+    """The aggregator group commits on ``kafka-backup.telemetry``; the exporter was told ``telemetry``:
+    every record there would look unfolded and page for nothing. One error line naming the setting,
+    no lag served; once the group commits on the topic, the lag is served again."""
+    import logging
+
+    lag = TelemetryLag("127.0.0.1:1", "agg", "telemetry", clock=lambda: 100.0)
+    admin = FakeAdmin({"telemetry": {0: 7, 1: 3}}, {("kafka-backup.telemetry", 0): 40})
+    with caplog.at_level(logging.INFO, logger="kafka_backup.exporter"):
+        lag._check(admin)  # type: ignore[arg-type]
+        lag._check(admin)  # type: ignore[arg-type]
+    assert lag.lags(100.0) == {}
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "set telemetry.topic (--telemetry-topic)" in said[0]
+    assert "'agg'" in said[0] and "kafka-backup.telemetry" in said[0] and "'telemetry'" in said[0]
+    admin.commits[("telemetry", 0)] = 5  # the aggregator now reads the topic (or the exporter was fixed)
+    lag._check(admin)  # type: ignore[arg-type]
+    assert lag.lags(100.0) == {0: (2, 0.0), 1: (3, 0.0)}
+
+
+def test_a_group_that_never_committed_anything_is_behind_by_every_record():
+    """No commit anywhere: an aggregator that has not folded anything yet (or is not running), not a
+    mismatch: every record waits, and the lag says so."""
+    lag = TelemetryLag("127.0.0.1:1", "agg", "telemetry", clock=lambda: 100.0)
+    lag._check(FakeAdmin({"telemetry": {0: 7}}, {}))  # type: ignore[arg-type]
+    assert lag.lags(100.0) == {0: (7, 0.0)}
