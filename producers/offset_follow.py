@@ -29,16 +29,17 @@ they were: not at the beginning, not at the end.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from typing import TextIO
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from kafka_backup.producers import layout
 from kafka_backup.producers.offset_reset import UNSUPPORTED, OffsetResetFailed, write_offsets
+from kafka_backup.producers.partition_reader import PartitionReader, ReadTimedOut
 from kafka_backup.producers.restore_scope import parse_topic_map, resolve_topic_map
 from kafka_backup.producers.run import Job, run_reporting
 from kafka_backup.producers.storage import Storage, StorageError
@@ -138,7 +139,9 @@ class OffsetFollow:
         self.storage = storage
         self.out = out
         self.admin = AdminClient(client_config(bootstrap))
-        self._consumer: Consumer | None = None
+        # a probe below the log start (retention deleted the restore's first records) reads the first
+        # record left, which is the first at or after the probe: never jump to the end
+        self.reader = PartitionReader(bootstrap, f"kafka-backup-offset-follow.{self.id}", **{"auto.offset.reset": "earliest"})
 
     # -- the plan ---------------------------------------------------------
 
@@ -209,7 +212,7 @@ class OffsetFollow:
         md = self.admin.list_topics(move.target_topic, timeout=15).topics.get(move.target_topic)
         if md is None or md.error is not None or move.partition not in md.partitions:
             return None
-        return self.consumer.get_watermark_offsets(TopicPartition(move.target_topic, move.partition), timeout=10)
+        return self.reader.consumer.get_watermark_offsets(TopicPartition(move.target_topic, move.partition), timeout=10)
 
     def _locate(self, move: Move, lo: int, hi: int) -> None:
         cache: dict[int, tuple[int, int] | None] = {}
@@ -234,33 +237,12 @@ class OffsetFollow:
             move.note = ("before the first restored record: the first" if first is not None
                          and first[0] == move.target else "not restored: the next restored record")
 
-    @property
-    def consumer(self) -> Consumer:
-        if self._consumer is None:
-            self._consumer = Consumer(client_config(self.bootstrap, **{
-                "group.id": f"kafka-backup-offset-follow.{self.id}",  # never joined, never committed
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                # a probe below the log start (retention deleted the restore's first records) reads the
-                # first record left, which is the first at or after the probe: never jump to the end
-                "auto.offset.reset": "earliest",
-            }))
-        return self._consumer
-
     def _probe(self, topic: str, partition: int, start: int, hi: int) -> tuple[int, int] | None:
         """(target offset, original offset) of the first record at or after ``start`` (below ``hi``)
         carrying the header; records without it are stepped over."""
-        c = self.consumer
-        c.assign([TopicPartition(topic, partition, start)])
-        deadline = time.monotonic() + PROBE_TIMEOUT_S
         try:
-            while time.monotonic() < deadline:
-                for msg in c.consume(num_messages=100, timeout=1.0):
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            return None
-                        raise KafkaException(err)
+            with closing(self.reader.read(topic, partition, start, PROBE_TIMEOUT_S, batch=100)) as records:
+                for msg in records:
                     offset = msg.offset()
                     if offset is None:  # no position to move a group to: stepped over like an unmarked record
                         continue
@@ -269,10 +251,10 @@ class OffsetFollow:
                     original = _original_offset(msg.headers())
                     if original is not None:
                         return offset, original
-        finally:
-            c.unassign()
-        raise OffsetResetFailed(f"reading {topic}/{partition} from offset {start} timed out after "
-                                f"{PROBE_TIMEOUT_S}s")
+        except ReadTimedOut:
+            raise OffsetResetFailed(f"reading {topic}/{partition} from offset {start} timed out after "
+                                    f"{PROBE_TIMEOUT_S}s") from None
+        return None
 
     # -- applying --------------------------------------------------------
 
@@ -300,11 +282,7 @@ class OffsetFollow:
         write_offsets(self.admin, self.bootstrap, group, offsets, "offset_reset.groups")
 
     def close(self) -> None:
-        if self._consumer is not None:
-            try:
-                self._consumer.close()
-            except Exception:  # closing must not mask the outcome
-                pass
+        self.reader.close()
 
 
 def _original_offset(headers: Mapping[str, str | bytes | None] | Iterable[tuple[str, str | bytes | None]] | None

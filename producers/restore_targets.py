@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from itertools import islice
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from kafka_backup.producers import layout, segments, topic_configs
+from kafka_backup.producers.partition_reader import PartitionReader, ReadTimedOut
 from kafka_backup.producers.restore_scope import RestoreFailed
 from kafka_backup.producers.run import Reporter
 from kafka_backup.schemas import events as ev
@@ -29,6 +31,8 @@ from kafka_backup.schemas.signing import ProducedHeaders
 log = logging.getLogger("kafka_backup.restore")
 
 Headers = Callable[[segments.StoredRecord], ProducedHeaders]
+
+READ_TIMEOUT_S = 30  # reading back what the target holds after the last checkpoint
 
 
 class TargetLimits:
@@ -53,7 +57,7 @@ class Targets:
         self.bootstrap = bootstrap
         self.cfg = cfg
         self.emitter = emitter
-        self._consumer: Consumer | None = None
+        self.reader = PartitionReader(bootstrap, f"kafka-backup-restore.{cfg.restore_id}")
 
     def _error(self, error_type: str, message: str) -> None:
         self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=False, operation="produce",
@@ -174,21 +178,11 @@ class Targets:
                 return
             time.sleep(0.2)
 
-    @property
-    def consumer(self) -> Consumer:
-        if self._consumer is None:
-            self._consumer = Consumer(client_config(self.bootstrap, **{
-                "group.id": f"kafka-backup-restore.{self.cfg.restore_id}",  # never joined, never committed
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-            }))
-        return self._consumer
-
     def high_watermark(self, topic: str, partition: int) -> int:
         last: Exception | None = None
         for attempt in range(5):
             try:
-                return self.consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
+                return self.reader.consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
             except KafkaException as err:  # a just-created topic may not be served yet
                 last = err
                 time.sleep(0.2 * (attempt + 1))
@@ -226,27 +220,20 @@ class Targets:
         return expected
 
     def _read(self, topic: str, partition: int, start: int, n: int) -> list[tuple]:
-        c = self.consumer
-        c.assign([TopicPartition(topic, partition, start)])
+        """(key, value, headers) of the ``n`` records from ``start``, or of all there are if fewer."""
         out: list[tuple] = []
-        deadline = time.monotonic() + 30
         try:
-            while len(out) < n and time.monotonic() < deadline:
-                for msg in c.consume(num_messages=min(n - len(out), 1000), timeout=1.0):
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            return out
-                        raise KafkaException(err)
+            with closing(self.reader.read(topic, partition, start, READ_TIMEOUT_S, batch=min(n, 1000))) as records:
+                for msg in records:
                     out.append((msg.key(), msg.value(), list(msg.headers() or [])))
-        finally:
-            c.unassign()
+                    if len(out) == n:
+                        break
+        except ReadTimedOut as err:
+            self.emitter.emit(ev.ErrorRaised, error_type="consumer_timeout", transient=True, operation="fetch",
+                              backend="", message=str(err)[:500])
+            raise RestoreFailed(f"could not read back what the target holds after the last checkpoint: {err}; "
+                                "run the restore again") from None
         return out
 
     def close(self) -> None:
-        if self._consumer is not None:
-            try:
-                self._consumer.close()
-            except Exception:  # closing must not mask the run's outcome
-                pass
-
+        self.reader.close()
