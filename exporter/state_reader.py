@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from kafka_backup.exporter.background import Background
 from kafka_backup.schemas.kafka_admin import arrived, client_config
 from kafka_backup.schemas.state import PIPELINE_PREFIX, NewerStateError, decode_pipeline, decode_state
 from kafka_backup.schemas.topics import state_topic
@@ -79,10 +80,13 @@ class CatchUp:
         return not self._pending
 
 
-class StateReader:
+class StateReader(Background):
     """A background thread mirroring the state topic into a dict; call :meth:`start` once."""
 
+    thread_name = "state-reader"
+
     def __init__(self, bootstrap_servers: str, app_id: str) -> None:
+        super().__init__()
         self.topic = state_topic(app_id)
         self.ready = threading.Event()
         self._undecodable: dict[str, int] = {}  # reason -> records (kafka_backup_exporter_undecodable_...)
@@ -92,7 +96,6 @@ class StateReader:
         self._changes = 0  # records applied: the copy may differ from a snapshot taken at another count
         self._positions: dict[int, int] = {}  # partition -> next offset to read, kept across reconnects
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._conf = client_config(bootstrap_servers, **{
             "group.id": f"kafka-backup-exporter-{uuid.uuid4().hex}",  # required by librdkafka; never committed
             "enable.auto.commit": False,
@@ -101,16 +104,6 @@ class StateReader:
             "auto.offset.reset": "earliest",
             "logger": rdkafka_log,
         })
-        self._thread = threading.Thread(target=self._run, name="state-reader", daemon=True)
-
-    def start(self) -> StateReader:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
     def state_age(self, now: float | None = None) -> float | None:
         """Seconds since the copy was last proven complete (every partition read to its end), None before.

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from kafka_backup.exporter.background import Background
 from kafka_backup.schemas.kafka_admin import client_config, serve_logs
 
 log = logging.getLogger("kafka_backup.exporter")
@@ -76,11 +77,14 @@ class PartitionLag:
         return self.samples[0][0]
 
 
-class TelemetryLag:
+class TelemetryLag(Background):
     """Asks the broker in a thread; :meth:`lags` is read at scrape time."""
+
+    thread_name = "telemetry-lag"
 
     def __init__(self, bootstrap_servers: str, group: str, topic: str,
                  clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
         self.group, self.topic = group, topic
         self._clock = clock
         self._conf = client_config(bootstrap_servers)
@@ -88,17 +92,6 @@ class TelemetryLag:
         self._checked_at: float | None = None
         self._mismatch: set[str] | None = None  # the group's topics, when it commits on others only
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="telemetry-lag", daemon=True)
-
-    def start(self) -> TelemetryLag:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
     def lags(self, now: float) -> dict[int, tuple[int, float]]:
         """Per partition: records not folded and seconds the oldest has waited; empty when unknown."""
