@@ -11,6 +11,14 @@ lost, and the total catches up with the checkpoint.
 One poll cycle (``poll_interval_ms``) = one ``consume()`` batch and one
 ``Progress`` event carrying every assigned partition: few, dense events keep
 the aggregator far below its per-event cost ceiling.
+
+Sealing a segment (encode, compress, digest, then storing the segment, its index chunks and the
+checkpoint, in that order) runs in one worker thread while the loop goes on fetching: compression
+and storage round trips (an S3 upload) no longer stop the fetch loop. Sealed segments are completed
+on the loop's thread in the order they were cut: only then do the partition's durable offset move,
+its ``SegmentStored`` go out and its group offset get committed. At most ``SEALING_MAX`` segments
+are in the thread's hands; after a failed seal the thread seals nothing more (a later segment's
+checkpoint would step over the lost one), and the run fails as it did when sealing was inline.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import logging
 import socket
 import threading
 import time
-from concurrent.futures import Future
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import msgspec
@@ -46,10 +55,15 @@ from kafka_backup.schemas.topics import consumer_group
 log = logging.getLogger("kafka_backup.backup")
 
 CONFIRM_WAIT_S = 10.0  # at the end of a run, how long to resend lost reports and wait for acknowledgements
+SEALING_MAX = 2  # segments handed to the sealing thread and not completed yet: bounds the memory they hold
 
 
 class BackupFailed(JobFailed):
     """A backup run failed (already reported as an error event)."""
+
+
+class SealingStopped(Exception):
+    """A segment not sealed because an earlier one failed (that failure is the run's)."""
 
 
 class BackupInterrupted(BackupFailed, JobInterrupted):
@@ -57,6 +71,19 @@ class BackupInterrupted(BackupFailed, JobInterrupted):
 
     What was flushed is checkpointed: the next run resumes from there.
     """
+
+
+@dataclass
+class Sealed:
+    """What sealing a segment did, to complete on the loop's thread: its storage calls, to report,
+    then either the segment and the checkpoint naming it, stored, or the error that stopped it."""
+
+    work: PartitionWork
+    covers_from: int
+    ops: list[OpReport] = field(default_factory=list)
+    info: layout.SegmentInfo | None = None
+    head: layout.Checkpoint | None = None
+    error: BaseException | None = None
 
 
 @dataclass
@@ -74,6 +101,16 @@ class PartitionWork:
     buffer_since: float = 0.0
     newest_stored_ts: int | None = None
     newest_available_ts: int | None = None
+    # the sealing thread's own: the checkpoint naming the last segment it stored, and where the next
+    # segment's coverage starts (the loop's ``checkpoint``/``next_offset`` follow once each completes)
+    sealed_checkpoint: layout.Checkpoint | None = None
+    sealed_next: int = -1
+
+    def __post_init__(self) -> None:
+        if self.sealed_checkpoint is None:
+            self.sealed_checkpoint = self.checkpoint
+        if self.sealed_next < 0:
+            self.sealed_next = self.next_offset
 
     @property
     def tp(self) -> str:
@@ -106,6 +143,11 @@ class BackupWorker(Job):
         self.groups_due = 0.0  # continuous: when the consumer groups' offsets are read next (monotonic)
         # continuous: a reading of them under way in a thread, off the fetch loop
         self._groups_reading: Future[tuple[dict[str, layout.GroupSnapshot], list[str]]] | None = None
+        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")  # one: segments stay in order
+        self._sealing: deque[Future[Sealed]] = deque()
+        self._seal_failed = threading.Event()
+        self._loop_thread = threading.get_ident()
+        self._sealing_now: Sealed | None = None  # the sealing thread's current segment (its storage calls)
         storage.listener = self._on_storage_op
         self.consumer = Consumer(client_config(
             bootstrap_servers,
@@ -124,6 +166,9 @@ class BackupWorker(Job):
     # -- telemetry hooks -------------------------------------------------
 
     def _on_storage_op(self, r: OpReport) -> None:
+        if threading.get_ident() != self._loop_thread and self._sealing_now is not None:
+            self._sealing_now.ops.append(r)  # the emitter is the loop thread's alone: reported on completion
+            return
         self.emitter.storage_op(self.storage.name, r)
 
     def _on_kafka_error(self, err: KafkaError) -> None:
@@ -162,6 +207,11 @@ class BackupWorker(Job):
         self._finish_manifest(outcome.status)
 
     def after_end(self, outcome: Outcome) -> None:
+        # a failed run may leave segments queued: the failure stops their sealing (nothing is stored
+        # past a lost segment); one being stored finishes, atomically, and is read back by the next run
+        self._seal_failed.set()
+        self._sealer.shutdown(wait=True, cancel_futures=True)
+        self._sealing.clear()  # a success completed them all; a failure's leftovers are the next run's
         if outcome.status in ("success", "interrupted"):
             self._save_confirmations()
         try:
@@ -237,7 +287,9 @@ class BackupWorker(Job):
         return work.next_offset
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Unflushed records are simply dropped: the next owner re-reads them from the checkpoint.
+        # Segments being sealed are completed first (stored, checkpointed, committed: the next owner
+        # resumes after them); unflushed records are simply dropped: it re-reads them from the checkpoint.
+        self._complete_sealed(wait=True)
         for tp in partitions:
             self.parts.pop(f"{tp.topic}/{tp.partition}", None)
             self.reporter.forget(f"{tp.topic}/{tp.partition}")
@@ -256,6 +308,7 @@ class BackupWorker(Job):
             self.fetches += 1
             self._take(batch)
             self._flush_due()
+            self._complete_sealed()
             if time.monotonic() >= next_progress:
                 self._progress()
                 next_progress = time.monotonic() + poll_s
@@ -362,30 +415,68 @@ class BackupWorker(Job):
         for work in list(self.parts.values()):
             if work.buffer:
                 self._flush(work)
+        self._complete_sealed(wait=True)
 
     def _flush(self, work: PartitionWork) -> None:
+        """Cut the partition's buffer into a segment and hand it to the sealing thread."""
         records, nbytes, work.buffer, work.buffer_bytes = work.buffer, work.buffer_bytes, [], 0
-        alg = self.cfg.compression
-        data, raw_size = segments.encode(work.topic, work.partition, records, alg)
-        start, end = records[0][0], records[-1][0] + 1
-        timestamps = [r[1] for r in records]
-        newest: int = max(timestamps)
-        info = layout.SegmentInfo(
-            key=layout.segment_key(self.id, work.topic, work.partition, start, alg),
-            start_offset=start, end_offset=end, records=len(records), bytes=nbytes,
-            uncompressed_bytes=raw_size, stored_bytes=len(data), algorithm=alg,
-            min_ts=min(timestamps), max_ts=newest, sha256=layout.digest(data),
-            covers_from=work.next_offset,
-        )
-        self.storage.put(info.key, data, "segment")
-        head, chunks = layout.append(self.id, work.checkpoint, info, work.reports.reported_offset)
-        for key, chunk in chunks:  # sealed index chunks first: the head names them
-            self.storage.put(key, chunk, "index")
-        self._write_checkpoint(work, head)
-        covers_from, work.next_offset = work.next_offset, end
-        work.newest_stored_ts = max(work.newest_stored_ts or 0, newest)
-        self.reporter.report(work.reports, info, covers_from)
-        self._commit(work)
+        covers_from, work.sealed_next = work.sealed_next, records[-1][0] + 1
+        while len(self._sealing) >= SEALING_MAX:
+            self._complete_sealed(wait=True, most=1)
+        self._sealing.append(self._sealer.submit(self._seal, work, records, nbytes, covers_from))
+
+    def _seal(self, work: PartitionWork, records: list[tuple], nbytes: int, covers_from: int) -> Sealed:
+        """The sealing thread: encode, compress and store a segment, then the checkpoint naming it."""
+        sealed = self._sealing_now = Sealed(work, covers_from)
+        if self._seal_failed.is_set():
+            sealed.error = SealingStopped(f"{work.tp}: not sealed, an earlier segment failed")
+            return sealed
+        try:
+            alg = self.cfg.compression
+            data, raw_size = segments.encode(work.topic, work.partition, records, alg)
+            start, end = records[0][0], records[-1][0] + 1
+            timestamps = [r[1] for r in records]
+            info = layout.SegmentInfo(
+                key=layout.segment_key(self.id, work.topic, work.partition, start, alg),
+                start_offset=start, end_offset=end, records=len(records), bytes=nbytes,
+                uncompressed_bytes=raw_size, stored_bytes=len(data), algorithm=alg,
+                min_ts=min(timestamps), max_ts=max(timestamps), sha256=layout.digest(data),
+                covers_from=covers_from,
+            )
+            self.storage.put(info.key, data, "segment")
+            assert work.sealed_checkpoint is not None
+            head, chunks = layout.append(self.id, work.sealed_checkpoint, info, work.reports.reported_offset)
+            for key, chunk in chunks:  # sealed index chunks first: the head names them
+                self.storage.put(key, chunk, "index")
+            self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition), layout.encode(head),
+                             "checkpoint")
+            work.sealed_checkpoint, sealed.info, sealed.head = head, info, head
+        except BaseException as err:  # handed to the loop's thread, which raises it as it would have itself
+            self._seal_failed.set()
+            sealed.error = err
+        finally:
+            self._sealing_now = None
+        return sealed
+
+    def _complete_sealed(self, wait: bool = False, most: int | None = None) -> None:
+        """On the loop's thread, in the order they were cut: each sealed segment's storage calls are
+        reported, then the partition's durable offset moves, its ``SegmentStored`` goes out and its
+        offset is committed; a failed one raises its error. ``wait``: for the oldest ``most`` (all)
+        still being sealed too."""
+        done = 0
+        while self._sealing and (wait or self._sealing[0].done()) and (most is None or done < most):
+            sealed = self._sealing.popleft().result()
+            for op in sealed.ops:
+                self.emitter.storage_op(self.storage.name, op)
+            if sealed.error is not None:
+                raise sealed.error
+            work, info = sealed.work, sealed.info
+            assert info is not None and sealed.head is not None
+            work.checkpoint, work.next_offset = sealed.head, info.end_offset
+            work.newest_stored_ts = max(work.newest_stored_ts or 0, info.max_ts or 0)
+            self.reporter.report(work.reports, info, sealed.covers_from)
+            self._commit(work)
+            done += 1
 
     def _save_confirmations(self) -> None:
         """At the end of a run, record in each checkpoint how far its reports were acknowledged.
@@ -410,8 +501,9 @@ class BackupWorker(Job):
         return self.storage.get(key, "index")
 
     def _write_checkpoint(self, work: PartitionWork, cp: layout.Checkpoint) -> None:
+        """Once nothing is being sealed (the end of a run)."""
         self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition), layout.encode(cp), "checkpoint")
-        work.checkpoint = cp
+        work.checkpoint = work.sealed_checkpoint = cp
 
     def _commit(self, work: PartitionWork) -> None:
         offsets = [TopicPartition(work.topic, work.partition, work.next_offset)]

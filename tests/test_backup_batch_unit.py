@@ -130,3 +130,124 @@ def test_take_cuts_segments_inside_a_run_where_the_record_or_byte_limit_is_reach
     assert segments == [([0, 1, 2], 6, 3), ([3, 4], 11, 5), ([5, 6, 7], 3, 8)]
     assert [r[0] for r in work.buffer] == [8] and work.buffer_bytes == 1 and work.position == 9
     assert worker.consumed == {"t": [9, sum(sizes)]}
+
+
+class SealingEmitter:
+    """The worker's emitter, recording each event with the thread that emitted it."""
+
+    worker = "test"
+
+    def __init__(self) -> None:
+        import threading
+
+        self.events: list[tuple[str, dict, int]] = []
+        self._ident = threading.get_ident
+
+    def emit(self, event_type, on_delivered=None, **fields) -> None:
+        self.events.append((event_type.__name__, fields, self._ident()))
+
+    def storage_op(self, backend, r) -> None:
+        self.events.append(("StorageOp", {"operation": r.operation, "error": r.error}, self._ident()))
+
+    def kafka_error(self, err, operation) -> None:
+        pass  # the real consumer, closed at once, may say its (unreachable) broker is down
+
+
+class Commits:
+    """The consumer's commit, recorded (the rest of the consumer is never reached here)."""
+
+    def __init__(self) -> None:
+        self.offsets: list[tuple[str, int, int]] = []
+
+    def commit(self, offsets, asynchronous=True) -> None:
+        self.offsets += [(tp.topic, tp.partition, tp.offset) for tp in offsets]
+
+
+def sealing_worker(tmp_path, backend):
+    import threading
+
+    from kafka_backup.producers.backup import BackupWorker
+    from kafka_backup.producers.storage import Storage
+    from kafka_backup.schemas.config import BackupConfig
+
+    cfg = BackupConfig(backup_id="b1", topics=["t"], segment_max_records=2, compression="none")
+    emitter = SealingEmitter()
+    worker = BackupWorker("127.0.0.1:9", cfg, Storage(backend, backoff_s=0), emitter)  # type: ignore[arg-type]
+    worker.consumer.close()
+    worker.consumer = Commits()  # type: ignore[assignment]
+    worker._load_partition("t", 0)
+    return worker, emitter, threading.get_ident()
+
+
+class Recording:
+    """A file backend recording each put's key (below the backup) and the thread that made it; it
+    fails the put of ``fail_key`` (not transient: no retry)."""
+
+    def __new__(cls, root: str, fail_key: str | None = None):  # a FileBackend, recording
+        import threading
+
+        from kafka_backup.producers.storage import FileBackend, StorageError
+
+        class _Recording(FileBackend):
+            def put(self, key, data):
+                short = key.removeprefix("b1/topics/t/0/").lstrip("0") or key
+                self.puts.append((short, threading.current_thread().name))
+                if short == fail_key:
+                    raise StorageError("auth", f"{key}: access denied")
+                super().put(key, data)
+
+        backend = _Recording(root)
+        backend.puts = []
+        return backend
+
+
+def test_segments_are_sealed_off_the_loop_and_completed_on_it_in_order(tmp_path):
+    """Six records, segments of two: each segment stored before the checkpoint naming it, by the
+    sealing thread; each completed in order on the loop's thread: its storage calls reported, then
+    its SegmentStored, then its offset committed."""
+    from kafka_backup.producers import layout
+    from kafka_backup.producers.storage import FileBackend, Storage
+
+    backend = Recording(str(tmp_path))
+    worker, emitter, loop = sealing_worker(tmp_path, backend)
+    worker._take([FakeMessage("t", 0, o) for o in range(6)])
+    worker._flush_all()
+    assert backend.puts == [(k, "seal_0") for k in (".seg", "checkpoint.json", "2.seg", "checkpoint.json",
+                                                    "4.seg", "checkpoint.json")]
+    assert [(name, f.get("operation")) for name, f, _ in emitter.events] == [
+        ("StorageOp", "segment"), ("StorageOp", "checkpoint"), ("SegmentStored", None), ("OffsetsCommitted", None),
+    ] * 3
+    stored = [(f["start_offset"], f["end_offset"], f["covers_from"]) for name, f, _ in emitter.events
+              if name == "SegmentStored"]
+    assert stored == [(0, 2, 0), (2, 4, 2), (4, 6, 4)]
+    assert worker.consumer.offsets == [("t", 0, 2), ("t", 0, 4), ("t", 0, 6)]
+    assert {ident for _, _, ident in emitter.events} == {loop}  # the emitter is the loop thread's alone
+    cp = layout.read_checkpoint(Storage(FileBackend(str(tmp_path))), "b1", "t", 0)
+    assert cp is not None and cp.next_offset == 6 and worker.parts["t/0"].next_offset == 6
+
+
+def test_after_a_failed_seal_nothing_later_is_stored_and_the_run_fails_with_that_error(tmp_path):
+    """The second segment's put fails: the third, already handed to the sealing thread, must not be
+    stored either (its checkpoint would say offsets 2-3 are backed up), the durable offset stays at
+    2, and the storage error surfaces on the loop's thread, reported before it is raised."""
+    import pytest
+
+    from kafka_backup.producers import layout
+    from kafka_backup.producers.run import Outcome
+    from kafka_backup.producers.storage import FileBackend, Storage, StorageError
+
+    backend = Recording(str(tmp_path), fail_key="2.seg")
+    worker, emitter, _loop = sealing_worker(tmp_path, backend)
+    with pytest.raises(StorageError, match="access denied"):
+        worker._take([FakeMessage("t", 0, o) for o in range(6)])
+        worker._flush_all()
+    for later in list(worker._sealing):  # what was handed to the sealing thread after the failure
+        later.result()
+    worker.after_end(Outcome("failed"))
+    assert [k for k, _ in backend.puts] == [".seg", "checkpoint.json", "2.seg"]
+    cp = layout.read_checkpoint(Storage(FileBackend(str(tmp_path))), "b1", "t", 0)
+    assert cp is not None and cp.next_offset == 2 and worker.parts["t/0"].next_offset == 2
+    assert worker.consumer.offsets == [("t", 0, 2)]
+    assert [(name, f.get("operation"), f.get("error") is not None) for name, f, _ in emitter.events] == [
+        ("StorageOp", "segment", False), ("StorageOp", "checkpoint", False), ("SegmentStored", None, False),
+        ("OffsetsCommitted", None, False), ("StorageOp", "segment", True)]
