@@ -9,13 +9,14 @@ Fills a topic, then alternates, ``repeats`` times:
   value: offset, timestamp and headers (confluent-kafka builds a new list of header tuples per
   record on ``headers()``, a cost no Python backup can skip without losing the headers);
 * ``ours``: ``python -m kafka_backup.cli.main backup`` (one-shot, zstd, telemetry on to the same broker, file
-  storage in a temp dir).
+  storage in a temp dir, or with ``s3`` an S3 bucket served over HTTP by moto's server in its own
+  process: storage round trips, which the sealing thread takes off the fetch loop).
 
 Each runs in its own process; wall time and CPU time (user + system, from ``wait4``) cover the
 whole process, start-up included for both. Prints records/s, MB/s and CPU seconds, and the ratios
 ours/bare (rate) and ours/bare (CPU); min/median over the repeats.
 
-    python bench/backup.py [records] [partitions] [repeats]
+    python bench/backup.py [records] [partitions] [repeats] [file|s3]
     BENCH_PYSPY=/tmp/backup.txt python bench/backup.py ...   # also py-spy's collapsed stacks of ours
 
 Starts its own dev broker unless KAFKA_BOOTSTRAP_SERVERS is set. The dev broker ignores fetch
@@ -24,11 +25,16 @@ size limits: keep records x ~250 B / partitions under ~100 MB.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 import uuid
+from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -73,10 +79,45 @@ def fill(bootstrap: str, topic: str, partitions: int, records: int) -> int:
     return payload
 
 
+@contextlib.contextmanager
+def s3_bucket() -> Iterator[tuple[str, str]]:
+    """A bucket on moto's S3 server, run in its own process: (storage URL prefix, endpoint URL)."""
+    import boto3
+
+    for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(key, value)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench-backup")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield "s3://bench-backup/", endpoint
+    finally:
+        server.kill()
+        server.wait()
+
+
 def main() -> None:
     records, partitions, repeats = int_args(sys.argv[1:], 200_000, 4, 3)
+    storage = sys.argv[4] if len(sys.argv) > 4 else "file"
+    if storage not in ("file", "s3"):
+        sys.exit(f"storage: {storage!r} is not file or s3")
     work = tempfile.mkdtemp(prefix="bench-backup-")
-    with bootstrap_servers("backup") as bootstrap:
+    with contextlib.ExitStack() as stack:
+        bootstrap = stack.enter_context(bootstrap_servers("backup"))
+        bucket, endpoint = stack.enter_context(s3_bucket()) if storage == "s3" else ("", "")
         try:
             topic = "bench-src-" + uuid.uuid4().hex[:6]
             payload = fill(bootstrap, topic, partitions, records)
@@ -94,10 +135,12 @@ def main() -> None:
 
             def backup(source: str, log: str, spy: list[str]) -> dict[str, float]:
                 store = os.path.join(work, "store")
+                where = (["--storage", bucket + uuid.uuid4().hex[:6], "--s3-endpoint-url", endpoint] if bucket
+                         else ["--storage", f"file://{store}"])
                 try:
                     return timed([*spy, *ours("backup", "--bootstrap-servers", bootstrap, "--topics", source,
-                                              "--backup-id", "bench-" + uuid.uuid4().hex[:6],
-                                              "--storage", f"file://{store}", "--compression", "zstd")],
+                                              "--backup-id", "bench-" + uuid.uuid4().hex[:6], *where,
+                                              "--compression", "zstd")],
                                  os.path.join(work, log))
                 finally:
                     shutil.rmtree(store, ignore_errors=True)
@@ -110,7 +153,7 @@ def main() -> None:
                 runs["bare-full-empty"].append(bare(empty, 0, f"bare-full-empty-{r}.log", full=True))
                 runs["ours-empty"].append(backup(empty, f"ours-empty-{r}.log", []))
             print(f"{records} records ({payload / records:.0f} B key+value, 1 header) on {partitions} partitions, "
-                  f"{repeats} runs each, whole process (start-up included)")
+                  f"{repeats} runs each, whole process (start-up included); ours stores to {storage}")
             compare(runs, records, payload, baselines=("bare", "bare-full"))
         finally:
             shutil.rmtree(work, ignore_errors=True)
