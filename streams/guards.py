@@ -236,12 +236,18 @@ def deliver_eagerly(consumer: Any) -> None:
     (the delivery, the flow suspension, the service's stop and crash) and an ``asyncio.wait``, so
     that a rebalance can abandon a delivery blocked on a full stream buffer. Almost every delivery
     finishes without blocking: it is now started in place, and only one that blocks goes on through
-    ``wait_first`` from where it stopped, as before. A suspended flow takes Faust's own path.
+    ``wait_first`` from where it stopped, as before. A suspended flow takes Faust's own path, and
+    so does every record from the moment a rebalance starts: ``app.rebalancing`` is set by the
+    consumer thread's rebalance listener at once, while the flow is suspended only once the event
+    loop runs the revocation, which records delivered in place (no task, no yield to the loop) would
+    keep waiting for; on Faust's path each delivery yields, and the revocation runs before the next.
     """
     wait_first = consumer.wait_first
+    app = consumer.app
 
     async def wait_first_unless_done(*coros: Any, timeout: Any = None) -> Any:
-        if len(coros) != 2 or consumer.suspend_flow.is_set() or not asyncio.iscoroutine(coros[0]):
+        if (len(coros) != 2 or consumer.suspend_flow.is_set() or app.rebalancing
+                or not asyncio.iscoroutine(coros[0])):
             return await wait_first(*coros, timeout=timeout)
         delivery, flow = coros
         try:

@@ -17,6 +17,7 @@ class Consumer(mode.Service):
 
     def __init__(self) -> None:
         super().__init__()
+        self.app = type("App", (), {"rebalancing": False})()  # set by the consumer thread's rebalance listener
         self.suspend_flow = asyncio.Event()
         self.raced = 0
         race = self.wait_first
@@ -126,3 +127,20 @@ def test_an_error_in_the_delivery_is_raised_as_wait_first_would():
         return None
 
     assert run(main()) == ("bad record", 0)
+
+
+def test_from_the_start_of_a_rebalance_faust_s_own_race_runs():
+    """The consumer thread marks the rebalance at once; the flow is suspended only when the loop gets
+    to run the revocation: in between, every delivery must yield to the loop as Faust's own does."""
+
+    async def main():
+        consumer = Consumer()
+        queue: asyncio.Queue = asyncio.Queue()
+        await consumer.wait_first(queue.put(1), consumer.suspend_flow.wait())
+        consumer.app.rebalancing = True
+        await consumer.wait_first(queue.put(2), consumer.suspend_flow.wait())
+        consumer.app.rebalancing = False  # assigned and recovered: in place again
+        await consumer.wait_first(queue.put(3), consumer.suspend_flow.wait())
+        return consumer.raced, [queue.get_nowait() for _ in range(3)]
+
+    assert run(main()) == (1, [1, 2, 3])
