@@ -185,9 +185,9 @@ class AggregatorConfig(_Section):
     max_partitions_per_job: Positive = 2000  # per job (a backup id); split bigger backups into several ids
     max_state_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1_000_000)] = 900_000  # one job's encoded state
     flush_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200  # changed job states: one table write per interval
-    # Deliver each fetched record without Faust's four tasks per record (1.4x the single-event rate,
-    # docs/performance.md). Off: with it, Faust skipped records at rebalances 3x as often in tests (each
-    # skip restarts the worker in place), and a restarted worker stalled twice.
+    # Deliver each fetched record without Faust's four tasks per record, through Faust's own path from the
+    # start of a rebalance (1.2-1.4x the single-event rate, docs/performance.md). Off: after a kill and
+    # restart, Faust skipped records far more often with it in tests (each skip restarts the worker in place).
     eager_delivery: bool = False
 
 
