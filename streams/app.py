@@ -120,6 +120,10 @@ def create_app(cfg: Config) -> faust.App:
     async def flush_quiet_partitions() -> None:
         folder.flush_quiet()
 
+    @app.task
+    async def watch_delivery() -> None:  # once, when the worker starts
+        delivery_watchdog(app, folder, offsets, cfg.aggregator.delivery_stall_s)
+
     verified = [False]
 
     @app.agent(topic, concurrency=1)
@@ -156,6 +160,11 @@ class GroupOffsets:
         low, _ = self._client.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15, cached=False)
         serve_logs(self._client)
         return max(0, low)
+
+    def end(self, partition: int) -> int:
+        _, high = self._client.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15, cached=False)
+        serve_logs(self._client)
+        return max(0, high)
 
 
 class OffLoop:
@@ -322,6 +331,73 @@ def recovery_watchdog(app: faust.App, stall_s: float, restart: Callable[[str], N
                 return
 
     thread = threading.Thread(target=watch, name="recovery-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+class DeliveryStall:
+    """Decides, from checks made every second or so, when records have waited ``stall_s`` in this
+    worker's telemetry partitions while none was delivered to its agent.
+
+    Faust 0.15.3 can come back from a restart "ready" and then fetch nothing (seen after a restart in
+    place): the exporter's lag pages, but the worker would stay stuck. The clock starts when records
+    are first seen waiting, and starts again at every delivery, so an idle worker whose first record
+    just arrived is not judged by how long it was idle.
+    """
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.since: float | None = None  # records seen waiting, none delivered since
+
+    def check(self, now: float, delivered_at: float, positions: dict[int, tuple[int, int]]) -> str | None:
+        """``positions``: per assigned partition, (next offset to fold, end offset). The reason to
+        restart, or None."""
+        waiting = {p: end - at for p, (at, end) in sorted(positions.items()) if end > at}
+        if not waiting:
+            self.since = None
+            return None
+        if self.since is None or delivered_at > self.since:
+            self.since = now
+            return None
+        if now - self.since < self.stall_s:
+            return None
+        p, n = next(iter(waiting.items()))
+        return (f"no telemetry record delivered for {now - self.since:.0f} s while telemetry partition {p} has {n} "
+                f"waiting (a Faust fetch stall)")
+
+    def pause(self) -> None:
+        """Recovering or rebalancing: no judgement now."""
+        self.since = None
+
+
+def delivery_watchdog(app: faust.App, folder: Folder, offsets: GroupOffsets, stall_s: float,
+                      restart: Callable[[str], None] = restart_in_place, interval_s: float = 1.0) -> threading.Thread:
+    """Restart this worker in place when records wait in its telemetry partitions and none reaches the
+    agent for ``stall_s`` (:class:`DeliveryStall`). Its broker calls run here, in a thread."""
+    stall = DeliveryStall(stall_s)
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if getattr(app, "in_recovery", False) or app.rebalancing:
+                stall.pause()
+                continue
+            try:
+                mine = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == offsets.topic)
+                positions = {}
+                for p in mine:
+                    at = folder.guard.next.get(p)
+                    positions[p] = (offsets.start(p) if at is None else at, offsets.end(p))
+            except Exception as err:  # a broker that cannot say: no judgement this time
+                log.debug("delivery watchdog: %s", err)
+                stall.pause()
+                continue
+            reason = stall.check(time.monotonic(), folder.delivered_at, positions)
+            if reason is not None:
+                restart(reason)
+                return
+
+    thread = threading.Thread(target=watch, name="delivery-watchdog", daemon=True)
     thread.start()
     return thread
 

@@ -70,6 +70,7 @@ class Folder:
         self.failures = SkipCounts()  # records whose fold raised (a bug), by exception type: not a record's fault
         self.revocations: dict[int, int] = {}  # telemetry partition -> times revoked from this worker
         self.next_flush = time.monotonic() + flush_interval_s
+        self.delivered_at = time.monotonic()  # when the agent last received a record (the delivery watchdog's)
         self._first_of_each = logs.FirstOfEach(log)
 
     # -- ownership ---------------------------------------------------------------------------------
@@ -89,6 +90,7 @@ class Folder:
                      value: bytes | None, headers: signing.Headers | None = None) -> None:
         """Fold one telemetry record (``timestamp_s``: the record's, in seconds), unless it was folded
         already or its partition was revoked meanwhile."""
+        self.delivered_at = time.monotonic()
         owned = self.revocations.get(partition, 0)  # changes if the partition is revoked during an await below
         revocations = self.revocations
         guard = self.guard

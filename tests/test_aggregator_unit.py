@@ -1,8 +1,75 @@
-"""The aggregator process around the fold: its recovery watchdog."""
+"""The aggregator process around the fold: its recovery and delivery watchdogs."""
 
 from __future__ import annotations
 
 import pytest
+
+
+def test_delivery_stall_is_judged_from_when_records_wait_and_none_is_delivered():
+    """Times are given: records first seen waiting at 100; restarted once they waited 60 s with no
+    delivery; a delivery, or nothing waiting, starts the clock again; an idle worker is not judged
+    by how long it was idle."""
+    from kafka_backup.streams.app import DeliveryStall
+
+    stall = DeliveryStall(60)
+    idle_since = 0.0  # the last delivery, long ago: the worker was idle
+    assert stall.check(100.0, idle_since, {0: (5, 5), 1: (7, 7)}) is None  # nothing waits
+    assert stall.check(101.0, idle_since, {0: (5, 8), 1: (7, 7)}) is None  # 3 records arrive: the clock starts
+    assert stall.check(160.0, idle_since, {0: (5, 8), 1: (7, 7)}) is None  # 59 s
+    assert stall.check(161.0, idle_since, {0: (5, 9), 1: (7, 7)}) == (
+        "no telemetry record delivered for 60 s while telemetry partition 0 has 4 waiting (a Faust fetch stall)")
+
+    stall = DeliveryStall(60)
+    assert stall.check(101.0, idle_since, {0: (5, 8)}) is None
+    assert stall.check(150.0, 149.0, {0: (6, 9)}) is None  # delivered at 149: the clock starts again at 150
+    assert stall.check(209.0, 149.0, {0: (6, 9)}) is None
+    assert stall.check(210.0, 149.0, {0: (6, 9)}) is not None
+    stall.pause()  # a rebalance: no judgement, and the clock starts again after it
+    assert stall.check(211.0, 149.0, {0: (6, 9)}) is None
+    assert stall.check(270.0, 149.0, {0: (6, 9)}) is None
+    assert stall.check(271.0, 149.0, {0: (6, 9)}) is not None
+    assert stall.check(272.0, 149.0, {0: (9, 9)}) is None  # caught up: nothing waits
+    assert stall.since is None
+
+
+def test_delivery_watchdog_asks_the_broker_for_this_worker_s_partitions_and_restarts_a_stalled_one():
+    """The thread around DeliveryStall: only the telemetry partitions assigned to this worker count,
+    from where the guard will fold next (else the committed offset) to the end; a worker whose
+    records keep arriving is left alone."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from confluent_kafka import TopicPartition
+
+    from kafka_backup.streams.app import delivery_watchdog
+
+    def worker(next_offsets: dict[int, int]):
+        app = SimpleNamespace(in_recovery=False, rebalancing=False, consumer=SimpleNamespace(
+            assignment=lambda: {TopicPartition("telemetry", 0), TopicPartition("telemetry", 1),
+                                TopicPartition("other", 0)}))
+        folder = SimpleNamespace(guard=SimpleNamespace(next=next_offsets), delivered_at=time.monotonic())
+        return app, folder
+
+    ends = {0: 10, 1: 4, 2: 99}  # partition 2 is another worker's: its backlog is not this one's
+    offsets = SimpleNamespace(topic="telemetry", start=lambda p: 4, end=ends.__getitem__)
+    reasons: list[str] = []
+    restarted = threading.Event()
+
+    app, folder = worker({0: 7})  # partition 0: 3 records waiting past the guard; partition 1: at its end
+    delivery_watchdog(app, folder, offsets, stall_s=0.3, restart=lambda why: (reasons.append(why), restarted.set()),
+                      interval_s=0.05)
+    assert restarted.wait(3)
+    assert reasons[0].endswith("while telemetry partition 0 has 3 waiting (a Faust fetch stall)")
+
+    app, folder = worker({0: 7})
+    moving = threading.Event()
+    delivery_watchdog(app, folder, offsets, stall_s=0.3, restart=lambda why: moving.set(), interval_s=0.05)
+    for _ in range(20):  # records keep reaching the agent
+        folder.delivered_at = time.monotonic()
+        time.sleep(0.05)  # not synchronisation: deliveries over time, what the watchdog watches
+    folder.guard.next[0] = 10  # caught up
+    assert not moving.wait(0.5)
 
 
 def test_recovery_watchdog_restarts_only_a_stalled_recovery():
