@@ -22,6 +22,14 @@ def lags(pipe) -> dict[int, tuple[float | None, float | None]]:
                 s.get_value(cat.TELEMETRY_LAG_SECONDS.name, partition=p)) for p in range(PARTITIONS)}
 
 
+def no_lag(pipe) -> bool:
+    """True once every partition shows no lag; else raises with the lags now (wait_for's message)."""
+    now = lags(pipe)
+    if now != {p: (0, 0) for p in range(PARTITIONS)}:
+        raise ValueError(f"lags now (records, seconds) per partition: {now}")
+    return True
+
+
 def test_lag_is_what_a_stopped_aggregator_has_not_folded_and_clears_when_it_returns(broker, pipeline_factory):
     telemetry = unique("tlag")
     create_topic(broker, telemetry, PARTITIONS)
@@ -29,7 +37,7 @@ def test_lag_is_what_a_stopped_aggregator_has_not_folded_and_clears_when_it_retu
     pipe = pipeline_factory(extra_aggregator_args=[*topic_args, "--telemetry-partitions", str(PARTITIONS)],
                             extra_exporter_args=topic_args)
     pipe.caught_up(topic=telemetry)
-    wait_for(lambda: lags(pipe) == {p: (0, 0) for p in range(PARTITIONS)}, 60, what="no lag once folded")
+    wait_for(lambda: no_lag(pipe), 60, what="no lag once folded")
 
     pipe.aggregator.stop()
     folded = committed(broker, pipe.app_id, telemetry, PARTITIONS)  # final: the group has no member now
@@ -54,4 +62,5 @@ def test_lag_is_what_a_stopped_aggregator_has_not_folded_and_clears_when_it_retu
         assert seen[q][1] <= elapsed, f"partition {q}: waited {seen[q][1]} s, more than the {elapsed:.2f} s since"
 
     pipe.aggregator.start()
-    wait_for(lambda: lags(pipe) == {q: (0, 0) for q in range(PARTITIONS)}, 120, what="the lag to clear")
+    # a worker Faust leaves stalled after a restart is restarted by its delivery watchdog within ~60 s
+    wait_for(lambda: no_lag(pipe), 120, what="the lag to clear")
