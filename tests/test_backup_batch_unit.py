@@ -175,7 +175,7 @@ def sealing_worker(tmp_path, backend):
     worker = BackupWorker("127.0.0.1:9", cfg, Storage(backend, backoff_s=0), emitter)  # type: ignore[arg-type]
     worker.consumer.close()
     worker.consumer = Commits()  # type: ignore[assignment]
-    worker._load_partition("t", 0)
+    worker._load_partition("t", 0, None)
     return worker, emitter, threading.get_ident()
 
 
@@ -251,3 +251,29 @@ def test_after_a_failed_seal_nothing_later_is_stored_and_the_run_fails_with_that
     assert [(name, f.get("operation"), f.get("error") is not None) for name, f, _ in emitter.events] == [
         ("StorageOp", "segment", False), ("StorageOp", "checkpoint", False), ("SegmentStored", None, False),
         ("OffsetsCommitted", None, False), ("StorageOp", "segment", True)]
+
+
+def test_checkpoints_are_read_several_at_a_time_each_for_its_own_partition(tmp_path):
+    """Four partitions' checkpoints: the reads meet at a barrier of four (one after the other, the first
+    would wait there alone and fail), and each partition gets its own."""
+    import threading
+
+    from kafka_backup.producers import layout
+    from kafka_backup.producers.storage import FileBackend, Storage
+
+    store = Storage(FileBackend(str(tmp_path)))
+    for p in range(4):
+        store.put(layout.checkpoint_key("b1", "t", p), layout.encode(layout.Checkpoint("t", p, 100 + p)), "checkpoint")
+    meet = threading.Barrier(4, timeout=10)
+
+    class Together(FileBackend):
+        def get(self, key):
+            if key in {layout.checkpoint_key("b1", "t", p) for p in range(4)}:
+                meet.wait()
+            return super().get(key)
+
+    worker, _emitter, _loop = sealing_worker(tmp_path, Together(str(tmp_path)))
+    found = worker._read_checkpoints([("t", p) for p in range(4)])
+    assert {tp: (cp.topic, cp.partition, cp.next_offset) for tp, cp in found.items() if cp} == {
+        ("t", p): ("t", p, 100 + p) for p in range(4)}
+    assert worker._read_checkpoints([("t", 9), ("t", 8)]) == {("t", 9): None, ("t", 8): None}
