@@ -147,13 +147,10 @@ class TelemetryLag(Background):
         earliest = _offsets(admin, tps, OffsetSpec.earliest())
         ends = _offsets(admin, tps, OffsetSpec.latest())
         seen = self._clock()  # every record below these ends existed by now (a lower bound of its wait)
-        answer = admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(self.group, tps)], request_timeout=TIMEOUT_S)[self.group]
-        committed: dict[int, int | None] = {}
-        for tp in answer.result(TIMEOUT_S).topic_partitions or []:
-            if tp.error is None and tp.offset >= 0:
-                committed[tp.partition] = tp.offset
-        others = set() if committed else _committed_topics(admin, self.group) - {self.topic}
+        group_commits = _committed(admin, self.group)  # every topic's: a group reading another says so
+        committed: dict[int, int | None] = {p: offset for (topic, p), offset in group_commits.items()
+                                            if topic == self.topic}
+        others = set() if committed else {topic for topic, _ in group_commits}
         if others:
             if others != self._mismatch:  # once, and again if what the group reads changes
                 log.error("telemetry lag: the aggregator group %r has committed offsets on %s but none on %r: "
@@ -169,10 +166,10 @@ class TelemetryLag(Background):
         self.observe(seen, earliest, ends, committed)
 
 
-def _committed_topics(admin: AdminClient, group: str) -> set[str]:
-    """The topics on which ``group`` has a committed offset (a group that never committed: none)."""
+def _committed(admin: AdminClient, group: str) -> dict[tuple[str, int], int]:
+    """``group``'s committed offsets, on every topic: (topic, partition) -> offset."""
     answer = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)], request_timeout=TIMEOUT_S)
-    return {tp.topic for tp in answer[group].result(TIMEOUT_S).topic_partitions or []
+    return {(tp.topic, tp.partition): tp.offset for tp in answer[group].result(TIMEOUT_S).topic_partitions or []
             if tp.error is None and tp.offset >= 0}
 
 
