@@ -157,14 +157,15 @@ class GroupOffsets:
         return committed if committed >= 0 else self.earliest(partition)
 
     def earliest(self, partition: int) -> int:
-        low, _ = self._client.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15, cached=False)
-        serve_logs(self._client)
-        return max(0, low)
+        return self._watermarks(partition)[0]
 
     def end(self, partition: int) -> int:
-        _, high = self._client.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15, cached=False)
+        return self._watermarks(partition)[1]
+
+    def _watermarks(self, partition: int) -> tuple[int, int]:
+        low, high = self._client.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15, cached=False)
         serve_logs(self._client)
-        return max(0, high)
+        return max(0, low), max(0, high)
 
 
 class OffLoop:
@@ -377,9 +378,13 @@ def delivery_watchdog(app: faust.App, folder: Folder, offsets: GroupOffsets, sta
     stall = DeliveryStall(stall_s)
 
     def watch() -> None:
+        checked = time.monotonic()
         while True:
             time.sleep(interval_s)
-            if getattr(app, "in_recovery", False) or app.rebalancing:
+            delivered_since, checked = folder.delivered_at > checked, time.monotonic()
+            # recovering or rebalancing: no judgement; a record delivered since the last check: the clock
+            # starts again at the next check without one, and the broker is not asked (a busy worker never is)
+            if delivered_since or getattr(app, "in_recovery", False) or app.rebalancing:
                 stall.pause()
                 continue
             try:
