@@ -104,14 +104,11 @@ class PartitionWork:
     newest_available_ts: int | None = None
     # the sealing thread's own: the checkpoint naming the last segment it stored, and where the next
     # segment's coverage starts (the loop's ``checkpoint``/``next_offset`` follow once each completes)
-    sealed_checkpoint: layout.Checkpoint | None = None
-    sealed_next: int = -1
+    sealed_checkpoint: layout.Checkpoint = field(init=False)
+    sealed_next: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.sealed_checkpoint is None:
-            self.sealed_checkpoint = self.checkpoint
-        if self.sealed_next < 0:
-            self.sealed_next = self.next_offset
+        self.sealed_checkpoint, self.sealed_next = self.checkpoint, self.next_offset
 
     @property
     def tp(self) -> str:
@@ -458,12 +455,10 @@ class BackupWorker(Job):
                 covers_from=covers_from,
             )
             self.storage.put(info.key, data, "segment")
-            assert work.sealed_checkpoint is not None
             head, chunks = layout.append(self.id, work.sealed_checkpoint, info, work.reports.reported_offset)
             for key, chunk in chunks:  # sealed index chunks first: the head names them
                 self.storage.put(key, chunk, "index")
-            self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition), layout.encode(head),
-                             "checkpoint")
+            self._store_checkpoint(work, head)
             work.sealed_checkpoint, sealed.info, sealed.head = head, info, head
         except BaseException as err:  # handed to the loop's thread, which raises it as it would have itself
             self._seal_failed.set()
@@ -516,8 +511,11 @@ class BackupWorker(Job):
 
     def _write_checkpoint(self, work: PartitionWork, cp: layout.Checkpoint) -> None:
         """Once nothing is being sealed (the end of a run)."""
-        self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition), layout.encode(cp), "checkpoint")
+        self._store_checkpoint(work, cp)
         work.checkpoint = work.sealed_checkpoint = cp
+
+    def _store_checkpoint(self, work: PartitionWork, cp: layout.Checkpoint) -> None:
+        self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition), layout.encode(cp), "checkpoint")
 
     def _commit(self, work: PartitionWork) -> None:
         offsets = [TopicPartition(work.topic, work.partition, work.next_offset)]
