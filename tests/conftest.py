@@ -431,9 +431,10 @@ class Pipeline:
         except AssertionError:
             scraped = self.scrape()
             got = scraped.get_value(name, **labels)
-            lag = {dict(k[1]).get("partition"): v for k, v in scraped.items() if k[0].startswith("kafka_backup_telemetry_lag")}
+            lag = {(k[0].removeprefix("kafka_backup_telemetry_lag_"), dict(k[1]).get("partition")): v
+                   for k, v in scraped.items() if k[0].startswith("kafka_backup_telemetry_lag")}
             raise AssertionError(
-                f"{name}{labels}: expected {expected}, got {got}; telemetry lag (records, seconds): {lag}"
+                f"{name}{labels}: expected {expected}, got {got}; telemetry lag (what, partition): {lag}"
                 f"\n--- aggregator log ---\n{self.aggregator.log()}"
                 + "".join(f"\n--- aggregator worker {n} log ---\n{w.log()}" for n, w in enumerate(self.workers, 2))
                 + f"\n--- exporter log ---\n{self.exporter.log()}") from None
