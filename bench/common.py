@@ -43,9 +43,11 @@ def bootstrap_servers(name: str) -> Iterator[str]:
 
 
 def pyspy(enabled: bool) -> list[str]:
-    """A py-spy prefix writing raw collapsed stacks to ``$BENCH_PYSPY`` (where the time goes), if asked."""
+    """A py-spy prefix writing raw collapsed stacks to ``$BENCH_PYSPY`` (where the time goes), if asked;
+    with ``BENCH_PYSPY_IDLE=1`` waiting threads are sampled too (where the wall time goes)."""
     out = os.environ.get("BENCH_PYSPY")
-    return ["py-spy", "record", "-r", "200", "-f", "raw", "-o", out, "--"] if out and enabled else []
+    idle = ["--idle"] if os.environ.get("BENCH_PYSPY_IDLE") == "1" else []
+    return ["py-spy", "record", "-r", "200", "-f", "raw", *idle, "-o", out, "--"] if out and enabled else []
 
 
 def timed(cmd: list[str], log_path: str) -> dict[str, float]:

@@ -17,6 +17,14 @@ when full, the newest is overwritten by the next one, which keeps every answer a
 The answers are served while the last check is recent (``SERVE_FOR_S``); when the broker cannot be
 asked, the series disappear rather than age on their own (the exporter's state age says why).
 
+Offsets are not contiguous: a transactional producer (MirrorMaker 2 with exactly-once, say) leaves
+its commit and abort markers at offsets no consumer is handed, and the aggregator's commit stops one
+short of a marker at the end of a partition until a record arrives past it. Counted as waiting, that
+marker would page ``KafkaBackupAggregatorBehind`` for nothing. So when a partition's commit has not
+moved since the last check and stands short of the end, the check asks the broker whether anything
+between holds a record (once per range; a consumer reads from the commit), and offsets holding none
+count as folded.
+
 An exporter told another telemetry topic than its aggregator reads would see every record of that
 topic as never folded, page ``KafkaBackupAggregatorBehind`` for nothing and hold the alerts that
 judge silence. So when the group has committed nothing on the topic but has commits on others, the
@@ -35,13 +43,14 @@ from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicP
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from kafka_backup.exporter.background import Background
-from kafka_backup.schemas.kafka_admin import client_config, serve_logs
+from kafka_backup.schemas.kafka_admin import client_config, first_record, serve_logs
 
 log = logging.getLogger("kafka_backup.exporter")
 
 CHECK_S = 2.0
 TIMEOUT_S = 10.0
 SERVE_FOR_S = 10 * CHECK_S
+PROBE_GROUP = "kafka-backup-exporter-probe"  # assigned, never joined nor committed; within the exporter's ACL prefix
 MAX_SAMPLES = 4096  # per partition: 2.3 hours of checks when the end moves at every one
 
 
@@ -83,10 +92,18 @@ class TelemetryLag(Background):
     thread_name = "telemetry-lag"
 
     def __init__(self, bootstrap_servers: str, group: str, topic: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 probe: Callable[[int, int, int], int | None] | None = None) -> None:
+        """``probe(partition, start, before)``: the first offset in [start, before) holding a record, or
+        None (:func:`schemas.kafka_admin.first_record` by default; tests hand in their own)."""
         super().__init__()
         self.group, self.topic = group, topic
         self._clock = clock
+        self._probe = probe or (lambda p, start, before: first_record(bootstrap_servers, PROBE_GROUP, topic, p,
+                                                                        start, before, TIMEOUT_S))
+        self._probe_failing = False
+        self._known: dict[int, tuple[int, int, bool]] = {}  # partition -> (commit, offset, a record there?)
+        self._last_committed: dict[int, int | None] = {}
         self._conf = client_config(bootstrap_servers)
         self._partitions: dict[int, PartitionLag] = {}
         self._checked_at: float | None = None
@@ -103,6 +120,40 @@ class TelemetryLag(Background):
                 since = lag.waiting_since()
                 out[p] = (lag.records, 0.0 if since is None else max(0.0, now - since))
             return out
+
+    def past_empty(self, ends: dict[int, int], committed: dict[int, int | None]) -> dict[int, int | None]:
+        """``committed``, with each commit that stands still short of the end moved past the offsets after
+        it that hold no record (transaction markers), as far as the first that holds one."""
+        out, last, self._last_committed = dict(committed), self._last_committed, dict(committed)
+        for p, c in committed.items():
+            end = ends.get(p)
+            if c is None or end is None or c >= end:
+                self._known.pop(p, None)
+                continue
+            known = self._known.get(p)
+            if known is not None and known[0] != c:
+                known = None
+            if known is not None and known[2]:  # a record waits there: it stays until folded
+                out[p] = known[1]
+                continue
+            start = known[1] if known is not None else c
+            if start < end and last.get(p) == c:  # the commit stood still since the last check
+                try:
+                    first = self._probe(p, start, end)
+                except KafkaException as err:  # counted as waiting, as before: the lag may page for nothing
+                    if not self._probe_failing:
+                        log.warning("telemetry lag: cannot read %s partition %d to tell transaction markers from "
+                                    "records (%s); offsets after the aggregator's commit all count as waiting: "
+                                    "allow the exporter Read on the telemetry topic (docs/security.md)",
+                                    self.topic, p, err)
+                    self._probe_failing = True
+                    out[p] = start
+                    continue
+                self._probe_failing = False
+                known = self._known[p] = (c, end, False) if first is None else (c, first, True)
+                start = known[1]
+            out[p] = start
+        return out
 
     def observe(self, now: float, earliest: dict[int, int], ends: dict[int, int],
                 committed: dict[int, int | None]) -> None:
@@ -163,7 +214,7 @@ class TelemetryLag(Background):
         if self._mismatch is not None:
             log.info("telemetry lag: the aggregator group %r now commits on %r", self.group, self.topic)
             self._mismatch = None
-        self.observe(seen, earliest, ends, committed)
+        self.observe(seen, earliest, ends, self.past_empty(ends, committed))
 
 
 def _committed(admin: AdminClient, group: str) -> dict[tuple[str, int], int]:

@@ -40,6 +40,7 @@ from kafka_backup.schemas.kafka_admin import (
     Security,
     client_config,
     ensure_telemetry_topic,
+    first_record,
     security_for,
     serve_logs,
 )
@@ -147,7 +148,7 @@ class GroupOffsets:
     """The aggregator group's committed offsets and the telemetry topic's earliest offsets, from the broker."""
 
     def __init__(self, bootstrap: str, group: str, topic: str) -> None:
-        self.topic = topic
+        self.topic, self._bootstrap, self._group = topic, bootstrap, group
         self._client = Consumer(client_config(bootstrap, **{"group.id": group, "enable.auto.commit": False}))
 
     def start(self, partition: int) -> int:
@@ -161,6 +162,10 @@ class GroupOffsets:
 
     def end(self, partition: int) -> int:
         return self._watermarks(partition)[1]
+
+    def first_record(self, partition: int, start: int, before: int) -> int | None:
+        """The first offset in [start, before) that holds a record; None: transaction markers only."""
+        return first_record(self._bootstrap, self._group, self.topic, partition, start, before)
 
     def _watermarks(self, partition: int) -> tuple[int, int]:
         low, high = self._client.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15, cached=False)
@@ -179,6 +184,10 @@ class OffLoop:
 
     async def earliest(self, partition: int) -> int:
         return await asyncio.get_running_loop().run_in_executor(None, self.offsets.earliest, partition)
+
+    async def first_record(self, partition: int, start: int, before: int) -> int | None:
+        return await asyncio.get_running_loop().run_in_executor(None, self.offsets.first_record, partition, start,
+                                                                before)
 
 
 def settle_partitions(cfg: Config) -> None:
@@ -371,11 +380,35 @@ class DeliveryStall:
         self.since = None
 
 
+class EmptyTails:
+    """Offsets at a partition's end that hold no record (a transaction's commit or abort marker): the
+    offset guard waits at them until a record arrives past them, and they are not records waiting."""
+
+    def __init__(self, offsets: GroupOffsets) -> None:
+        self.offsets = offsets
+        self.known: dict[int, tuple[int, int]] = {}  # partition -> [start, end) found to hold no record
+        self.told: set[int] = set()
+
+    def past(self, partition: int, at: int, end: int) -> int:
+        """``end`` when nothing in [at, end) holds a record, else ``at`` (asks the broker once per range)."""
+        if at >= end or self.known.get(partition) == (at, end):
+            return max(at, end)
+        if self.offsets.first_record(partition, at, end) is not None:
+            return at
+        self.known[partition] = (at, end)
+        (log.debug if partition in self.told else log.info)(
+            "telemetry partition %d: offsets %d..%d hold no record (transaction markers); not a stall",
+            partition, at, end - 1)
+        self.told.add(partition)
+        return end
+
+
 def delivery_watchdog(app: faust.App, folder: Folder, offsets: GroupOffsets, stall_s: float,
                       restart: Callable[[str], None] = restart_in_place, interval_s: float = 1.0) -> threading.Thread:
     """Restart this worker in place when records wait in its telemetry partitions and none reaches the
     agent for ``stall_s`` (:class:`DeliveryStall`). Its broker calls run here, in a thread."""
     stall = DeliveryStall(stall_s)
+    tails = EmptyTails(offsets)
 
     def watch() -> None:
         checked = time.monotonic()
@@ -391,8 +424,8 @@ def delivery_watchdog(app: faust.App, folder: Folder, offsets: GroupOffsets, sta
                 mine = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == offsets.topic)
                 positions = {}
                 for p in mine:
-                    at = folder.guard.next.get(p)
-                    positions[p] = (offsets.start(p) if at is None else at, offsets.end(p))
+                    at, end = folder.guard.next.get(p), offsets.end(p)
+                    positions[p] = (tails.past(p, offsets.start(p) if at is None else at, end), end)
             except Exception as err:  # a broker that cannot say: no judgement this time
                 log.debug("delivery watchdog: %s", err)
                 stall.pause()

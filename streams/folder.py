@@ -39,11 +39,14 @@ log = logging.getLogger("kafka_backup.aggregator")
 
 
 class Offsets(Protocol):
-    """Where folding a partition starts, and its earliest offset (asked off the event loop)."""
+    """Where folding a partition starts, its earliest offset, and whether offsets hold records (asked off
+    the event loop)."""
 
     async def start(self, partition: int) -> int: ...
 
     async def earliest(self, partition: int) -> int: ...
+
+    async def first_record(self, partition: int, start: int, before: int) -> int | None: ...
 
 
 DeadLetter = Callable[[bytes | None, bytes | None, str], Awaitable[None]]
@@ -112,10 +115,23 @@ class Folder:
             verdict = guard.admit(partition, offset)
         if revocations.get(partition, 0) != owned:
             return
-        if verdict == "gap":
-            self.restart(f"telemetry partition {partition}: offset {offset} arrived before offset "
-                         f"{guard.next[partition]} was folded (Faust skipped events; they are read again)")
-            return
+        if verdict == "gap":  # a skip by Faust, or offsets that hold no record (transaction markers)
+            expected = guard.next[partition]
+            try:
+                first = await self.offsets.first_record(partition, expected, offset)
+            except Exception as err:  # the broker cannot say: reading again from the commit is always safe
+                first, why = expected, f"the broker could not say what they hold ({err})"
+            else:
+                why = f"offset {first} holds a record Faust skipped"
+            if revocations.get(partition, 0) != owned:
+                return
+            if first is not None:
+                self.restart(f"telemetry partition {partition}: offset {offset} arrived before offset {expected} "
+                             f"was folded and {why}; they are read again")
+                return
+            log.debug("telemetry partition %d: offsets %d..%d hold no record (transaction markers); folding on",
+                      partition, expected, offset - 1)
+            guard.folded(partition, offset - 1)
         ts = timestamp_s if timestamp_s and timestamp_s > 0 else None
         try:
             skipped = self.handle(key, value, partition, offset, ts, headers)

@@ -52,7 +52,8 @@ def test_delivery_watchdog_asks_the_broker_for_this_worker_s_partitions_and_rest
         return app, folder
 
     ends = {0: 10, 1: 4, 2: 99}  # partition 2 is another worker's: its backlog is not this one's
-    offsets = SimpleNamespace(topic="telemetry", start=lambda p: 4, end=ends.__getitem__)
+    offsets = SimpleNamespace(topic="telemetry", start=lambda p: 4, end=ends.__getitem__,
+                              first_record=lambda p, start, before: start)  # every offset holds a record
     reasons: list[str] = []
     restarted = threading.Event()
 
@@ -70,6 +71,35 @@ def test_delivery_watchdog_asks_the_broker_for_this_worker_s_partitions_and_rest
         time.sleep(0.05)  # not synchronisation: deliveries over time, what the watchdog watches
     folder.guard.next[0] = 10  # caught up
     assert not moving.wait(0.5)
+
+
+def test_offsets_at_the_end_that_hold_no_record_are_not_records_waiting(caplog):
+    """A transaction's marker at the end of a partition: the guard waits at it until a record comes past
+    it. The watchdog asks the broker once per range, and a range with a record in it is waiting."""
+    import logging
+    from types import SimpleNamespace
+
+    from kafka_backup.streams.app import DeliveryStall, EmptyTails
+
+    empty = {7, 8, 9, 12}
+    asked: list[tuple[int, int, int]] = []
+
+    def first_record(p: int, start: int, before: int) -> int | None:
+        asked.append((p, start, before))
+        return next((o for o in range(start, before) if o not in empty), None)
+
+    tails = EmptyTails(SimpleNamespace(first_record=first_record))  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="kafka_backup.aggregator"):
+        assert tails.past(0, 7, 10) == 10
+        assert tails.past(0, 7, 10) == 10
+        assert tails.past(0, 10, 10) == 10  # nothing past the guard: not asked
+        assert tails.past(0, 7, 13) == 7  # 10 and 11 hold records
+    assert asked == [(0, 7, 10), (0, 7, 13)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "telemetry partition 0: offsets 7..9 hold no record (transaction markers); not a stall"]
+    stall = DeliveryStall(0)
+    for now in (1.0, 2.0, 3.0):
+        assert stall.check(now, 0.0, {0: (tails.past(0, 7, 10), 10)}) is None
 
 
 def test_recovery_watchdog_restarts_only_a_stalled_recovery():

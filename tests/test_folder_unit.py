@@ -39,8 +39,12 @@ class FakeTable:
 class GatedOffsets:
     """Group offsets whose answers wait for the test to open a gate (``None``: answer at once)."""
 
-    def __init__(self, start: int = 0, earliest: int = 0) -> None:
+    def __init__(self, start: int = 0, earliest: int = 0, empty: frozenset[int] = frozenset(),
+                 probe_fails: bool = False) -> None:
         self._start, self._earliest = start, earliest
+        self.empty = empty  # offsets that hold no record (transaction markers); every other one holds one
+        self.probe_fails = probe_fails
+        self.probed: list[tuple[int, int, int]] = []
         self.gate: asyncio.Event | None = None
         self.asked = asyncio.Event()
 
@@ -52,6 +56,12 @@ class GatedOffsets:
 
     async def earliest(self, partition: int) -> int:
         return self._earliest
+
+    async def first_record(self, partition: int, start: int, before: int) -> int | None:
+        self.probed.append((partition, start, before))
+        if self.probe_fails:
+            raise RuntimeError("broker down")
+        return next((o for o in range(start, before) if o not in self.empty), None)
 
 
 def segment(seq: int, start: int, records: int = 10) -> bytes:
@@ -79,6 +89,36 @@ def test_folds_in_order_skips_redeliveries_and_restarts_on_a_hole():
         assert decode_state(table.writes[-1][2]).records == 20
         await folder.record(0, 5, None, KEY, segment(3, 20))  # offsets 2..4 never arrived
         assert len(restarts) == 1 and "offset 5 arrived before offset 2" in restarts[0]
+        assert "offset 2 holds a record Faust skipped" in restarts[0]
+
+    asyncio.run(scenario())
+
+
+def test_offsets_that_hold_no_record_are_stepped_over_and_a_record_in_a_hole_restarts():
+    async def scenario():
+        offsets = GatedOffsets(start=0, empty=frozenset({1, 2, 3, 6}))  # transaction markers
+        folder, table, restarts = make_folder(offsets)
+        await folder.record(0, 0, None, KEY, segment(1, 0))
+        await folder.record(0, 4, None, KEY, segment(2, 10))  # 1..3 hold no record: folded on
+        await folder.record(0, 5, None, KEY, segment(3, 20))
+        await folder.record(0, 9, None, KEY, segment(4, 30))  # 6 holds none, 7 does: Faust skipped it
+        assert offsets.probed == [(0, 1, 4), (0, 6, 9)]
+        assert len(restarts) == 1 and "offset 7 holds a record Faust skipped" in restarts[0], restarts
+        assert folder.guard.next[0] == 6  # the commit never passes the skipped record
+        folder.flush_all()
+        assert decode_state(table.writes[-1][2]).records == 30  # the three folded segments, not the fourth
+        assert restarts == [restarts[0]]
+
+    asyncio.run(scenario())
+
+
+def test_a_hole_the_broker_cannot_explain_restarts_the_worker():
+    async def scenario():
+        folder, _table, restarts = make_folder(GatedOffsets(start=0, probe_fails=True))
+        await folder.record(0, 0, None, KEY, segment(1, 0))
+        await folder.record(0, 3, None, KEY, segment(2, 10))
+        assert len(restarts) == 1 and "could not say what they hold (broker down)" in restarts[0]
+        assert folder.guard.next[0] == 1
 
     asyncio.run(scenario())
 

@@ -151,3 +151,46 @@ def test_a_group_that_never_committed_anything_is_behind_by_every_record():
     lag = TelemetryLag("127.0.0.1:1", "agg", "telemetry", clock=lambda: 100.0)
     lag._check(FakeAdmin({"telemetry": {0: 7}}, {}))  # type: ignore[arg-type]
     assert lag.lags(100.0) == {0: (7, 0.0)}
+
+
+def test_offsets_after_a_standing_commit_that_hold_no_record_are_not_waiting():
+    """A transaction's marker at the end: the commit stops one short of it until a record comes past it."""
+    probed: list[tuple[int, int, int]] = []
+    empty = {5, 6, 9}  # offsets that hold no record (markers); every other one holds one
+
+    def probe(p: int, start: int, before: int) -> int | None:
+        probed.append((p, start, before))
+        return next((o for o in range(start, before) if o not in empty), None)
+
+    lag = TelemetryLag("127.0.0.1:1", "agg", "telemetry", probe=probe)
+
+    def check(t: float, end: int, commit: int) -> dict[int, tuple[int, float]]:
+        lag.observe(t, {0: 0}, {0: end}, lag.past_empty({0: end}, {0: commit}))
+        return lag.lags(t)
+
+    assert check(100.0, 7, 5) == {0: (2, 0.0)}  # first sight of this commit: no question asked yet
+    assert check(102.0, 7, 5) == {0: (0, 0.0)}  # it stood still: 5 and 6 hold no record
+    assert check(104.0, 7, 5) == {0: (0, 0.0)}  # known: not asked again
+    assert probed == [(0, 5, 7)]
+    assert check(106.0, 9, 5) == {0: (2, 0.0)}  # 7 and 8 arrived, the commit did not move: 7 holds a record
+    assert check(108.0, 9, 5) == {0: (2, 2.0)}  # a record waits: nothing asked while it does
+    assert check(110.0, 10, 5) == {0: (3, 4.0)}
+    assert probed == [(0, 5, 7), (0, 7, 9)]
+    assert check(112.0, 10, 9) == {0: (1, 2.0)}  # folded up to the marker at 9, which arrived by 110
+    assert check(114.0, 10, 9) == {0: (0, 0.0)}
+    assert probed[-1] == (0, 9, 10)
+
+
+def test_a_commit_that_keeps_moving_is_never_asked_about_and_a_failing_probe_leaves_the_lag_as_it_was():
+    asked: list[int] = []
+
+    def probe(p: int, start: int, before: int) -> int | None:
+        asked.append(start)
+        raise telemetry_lag.KafkaException("TOPIC_AUTHORIZATION_FAILED")
+
+    lag = TelemetryLag("127.0.0.1:1", "agg", "telemetry", probe=probe)
+    for t, commit in ((100.0, 1), (102.0, 2), (104.0, 3)):
+        lag.observe(t, {0: 0}, {0: 10}, lag.past_empty({0: 10}, {0: commit}))
+    assert asked == []
+    lag.observe(106.0, {0: 0}, {0: 10}, lag.past_empty({0: 10}, {0: 3}))
+    assert asked == [3] and lag.lags(106.0) == {0: (7, 6.0)}  # as without the question
