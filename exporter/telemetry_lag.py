@@ -39,7 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from kafka_backup.exporter.background import Background
@@ -51,6 +51,7 @@ CHECK_S = 2.0
 TIMEOUT_S = 10.0
 SERVE_FOR_S = 10 * CHECK_S
 PROBE_GROUP = "kafka-backup-exporter-probe"  # assigned, never joined nor committed; within the exporter's ACL prefix
+PROBE_RETRY_S = 60.0  # a range the broker did not answer about is asked again after this (or a new commit)
 MAX_SAMPLES = 4096  # per partition: 2.3 hours of checks when the end moves at every one
 
 
@@ -102,6 +103,7 @@ class TelemetryLag(Background):
         self._probe = probe or (lambda p, start, before: first_record(bootstrap_servers, PROBE_GROUP, topic, p,
                                                                         start, before, TIMEOUT_S))
         self._probe_failing = False
+        self._failed: dict[tuple[int, int], float] = {}  # (partition, commit) -> when to ask again
         self._known: dict[int, tuple[int, int, bool]] = {}  # partition -> (commit, offset, a record there?)
         self._last_committed: dict[int, int | None] = {}
         self._conf = client_config(bootstrap_servers)
@@ -137,19 +139,25 @@ class TelemetryLag(Background):
                 out[p] = known[1]
                 continue
             start = known[1] if known is not None else c
-            if start < end and last.get(p) == c:  # the commit stood still since the last check
+            retry_at = self._failed.get((p, c))
+            if start < end and last.get(p) == c and (retry_at is None or self._clock() >= retry_at):
+                # the commit stood still since the last check
                 try:
                     first = self._probe(p, start, end)
                 except KafkaException as err:  # counted as waiting, as before: the lag may page for nothing
+                    self._failed[(p, c)] = self._clock() + PROBE_RETRY_S
                     if not self._probe_failing:
+                        code = err.args[0].code() if err.args and isinstance(err.args[0], KafkaError) else None
+                        fix = (": allow the exporter Read on the telemetry topic (docs/security.md)"
+                               if code == KafkaError.TOPIC_AUTHORIZATION_FAILED else "")
                         log.warning("telemetry lag: cannot read %s partition %d to tell transaction markers from "
-                                    "records (%s); offsets after the aggregator's commit all count as waiting: "
-                                    "allow the exporter Read on the telemetry topic (docs/security.md)",
-                                    self.topic, p, err)
+                                    "records (%s); offsets after the aggregator's commit count as waiting%s",
+                                    self.topic, p, err, fix)
                     self._probe_failing = True
                     out[p] = start
                     continue
                 self._probe_failing = False
+                self._failed.clear()
                 known = self._known[p] = (c, end, False) if first is None else (c, first, True)
                 start = known[1]
             out[p] = start
