@@ -189,9 +189,10 @@ class AggregatorConfig(_Section):
     max_state_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1_000_000)] = 900_000  # one job's encoded state
     flush_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 200  # changed job states: one table write per interval
     # Deliver each fetched record without Faust's four tasks per record, through Faust's own path from the
-    # start of a rebalance (1.2-1.4x the single-event rate, docs/performance.md). Off: after a kill and
-    # restart, Faust skipped records far more often with it in tests (each skip restarts the worker in place).
-    eager_delivery: bool = False
+    # start of a rebalance (1.2-1.4x the single-event rate, docs/performance.md). Faust skips records after a
+    # kill or a join as often with it as without (bench/rebalance_skips.py; each skip restarts the worker in
+    # place, and the offset guard keeps the totals exact): false only to rule it out.
+    eager_delivery: bool = True
 
 
 class RunConfig(_Section):
