@@ -43,7 +43,8 @@ from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaExcep
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from kafka_backup.exporter.background import Background
-from kafka_backup.schemas.kafka_admin import client_config, first_record, serve_logs
+from kafka_backup.schemas.kafka_admin import client_config, serve_logs
+from kafka_backup.schemas.partition_reader import FirstRecords, first_record
 
 log = logging.getLogger("kafka_backup.exporter")
 
@@ -96,7 +97,7 @@ class TelemetryLag(Background):
                  clock: Callable[[], float] = time.time,
                  probe: Callable[[int, int, int], int | None] | None = None) -> None:
         """``probe(partition, start, before)``: the first offset in [start, before) holding a record, or
-        None (:func:`schemas.kafka_admin.first_record` by default; tests hand in their own)."""
+        None (:func:`schemas.partition_reader.first_record` by default; tests hand in their own)."""
         super().__init__()
         self.group, self.topic = group, topic
         self._clock = clock
@@ -104,7 +105,7 @@ class TelemetryLag(Background):
                                                                         start, before, TIMEOUT_S))
         self._probe_failing = False
         self._failed: dict[tuple[int, int], float] = {}  # (partition, commit) -> when to ask again
-        self._known: dict[int, tuple[int, int, bool]] = {}  # partition -> (commit, offset, a record there?)
+        self._first = FirstRecords(self._asked)
         self._last_committed: dict[int, int | None] = {}
         self._conf = client_config(bootstrap_servers)
         self._partitions: dict[int, PartitionLag] = {}
@@ -130,38 +131,31 @@ class TelemetryLag(Background):
         for p, c in committed.items():
             end = ends.get(p)
             if c is None or end is None or c >= end:
-                self._known.pop(p, None)
                 continue
-            known = self._known.get(p)
-            if known is not None and known[0] != c:
-                known = None
-            if known is not None and known[2]:  # a record waits there: it stays until folded
-                out[p] = known[1]
-                continue
-            start = known[1] if known is not None else c
             retry_at = self._failed.get((p, c))
-            if start < end and last.get(p) == c and (retry_at is None or self._clock() >= retry_at):
-                # the commit stood still since the last check
-                try:
-                    first = self._probe(p, start, end)
-                except KafkaException as err:  # counted as waiting, as before: the lag may page for nothing
-                    self._failed[(p, c)] = self._clock() + PROBE_RETRY_S
-                    if not self._probe_failing:
-                        code = err.args[0].code() if err.args and isinstance(err.args[0], KafkaError) else None
-                        fix = (": allow the exporter Read on the telemetry topic (docs/security.md)"
-                               if code == KafkaError.TOPIC_AUTHORIZATION_FAILED else "")
-                        log.warning("telemetry lag: cannot read %s partition %d to tell transaction markers from "
-                                    "records (%s); offsets after the aggregator's commit count as waiting%s",
-                                    self.topic, p, err, fix)
-                    self._probe_failing = True
-                    out[p] = start
-                    continue
-                self._probe_failing = False
-                self._failed.clear()
-                known = self._known[p] = (c, end, False) if first is None else (c, first, True)
-                start = known[1]
-            out[p] = start
+            # asked only once the commit stood still since the last check: a moving one waits for no marker
+            ask = last.get(p) == c and (retry_at is None or self._clock() >= retry_at)
+            try:
+                out[p] = self._first.first(p, c, end, ask)
+            except KafkaException as err:  # counted as waiting, as before: the lag may page for nothing
+                self._failed[(p, c)] = self._clock() + PROBE_RETRY_S
+                if not self._probe_failing:
+                    code = err.args[0].code() if err.args and isinstance(err.args[0], KafkaError) else None
+                    fix = (": allow the exporter Read on the telemetry topic (docs/security.md)"
+                           if code == KafkaError.TOPIC_AUTHORIZATION_FAILED else "")
+                    log.warning("telemetry lag: cannot read %s partition %d to tell transaction markers from "
+                                "records (%s); offsets after the aggregator's commit count as waiting%s",
+                                self.topic, p, err, fix)
+                self._probe_failing = True
+                out[p] = self._first.first(p, c, end, ask=False)
         return out
+
+    def _asked(self, partition: int, start: int, before: int) -> int | None:
+        """The probe, through :class:`FirstRecords`: an answer ends a failing spell."""
+        first = self._probe(partition, start, before)
+        self._probe_failing = False
+        self._failed.clear()
+        return first
 
     def observe(self, now: float, earliest: dict[int, int], ends: dict[int, int],
                 committed: dict[int, int | None]) -> None:

@@ -39,7 +39,6 @@ from confluent_kafka.admin import AdminClient
 
 from kafka_backup.producers import layout
 from kafka_backup.producers.offset_reset import UNSUPPORTED, OffsetResetFailed, write_offsets
-from kafka_backup.producers.partition_reader import PartitionReader, ReadTimedOut
 from kafka_backup.producers.restore_scope import parse_topic_map, resolve_topic_map
 from kafka_backup.producers.run import Job, run_reporting
 from kafka_backup.producers.storage import Storage, StorageError
@@ -47,6 +46,7 @@ from kafka_backup.producers.telemetry import Emitter
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import ConfigError, OffsetResetConfig, TelemetryConfig, require_safe_id
 from kafka_backup.schemas.kafka_admin import client_config
+from kafka_backup.schemas.partition_reader import PartitionReader, ReadTimedOut
 
 log = logging.getLogger("kafka_backup.offset_follow")
 

@@ -20,12 +20,12 @@ from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from kafka_backup.producers import layout, segments, topic_configs
-from kafka_backup.producers.partition_reader import PartitionReader, ReadTimedOut
 from kafka_backup.producers.restore_scope import RestoreFailed
 from kafka_backup.producers.run import Reporter
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import ConfigError, RestoreConfig
 from kafka_backup.schemas.kafka_admin import client_config
+from kafka_backup.schemas.partition_reader import PartitionReader, ReadTimedOut
 from kafka_backup.schemas.signing import ProducedHeaders
 
 log = logging.getLogger("kafka_backup.restore")

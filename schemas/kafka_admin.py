@@ -12,7 +12,6 @@ librdkafka's own log lines through Python logging (one format for the whole proc
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import msgspec
@@ -170,49 +169,6 @@ def serve_logs(client: Any) -> None:
         client.poll(0)
     except Exception:  # a closed client: nothing to serve
         pass
-
-
-def first_record(bootstrap_servers: str, group: str, topic: str, partition: int, start: int, before: int,
-                 timeout: float = 10.0) -> int | None:
-    """The offset of the first record a consumer is handed at or after ``start`` and below ``before``;
-    None when there is none (nothing but transaction markers, or aborted records a broker does not hand
-    out, lies in between). Offsets are not contiguous: a reader that expects the next record at the
-    next offset must ask this before it calls a hole a loss. Reads uncommitted, as Faust (at least
-    once) does, with the caller's ``group`` (one its principal may use; assigned, it neither joins nor
-    commits). Raises ``KafkaException`` when the broker does not say within ``timeout``.
-    """
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    if start >= before:
-        return None
-    consumer = Consumer(client_config(bootstrap_servers, **{
-        "group.id": group, "enable.auto.commit": False, "enable.partition.eof": True,
-        "isolation.level": "read_uncommitted",
-        "fetch.max.bytes": 1 << 20, "max.partition.fetch.bytes": 1 << 16, "queued.max.messages.kbytes": 1024}))
-    last: KafkaError | None = None
-    try:
-        consumer.assign([TopicPartition(topic, partition, start)])
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            msg = consumer.poll(min(left, 1.0))
-            if msg is None:
-                continue
-            err = msg.error()
-            if err is None:
-                offset = msg.offset()
-                if offset is not None:
-                    return offset if offset < before else None
-                continue
-            if err.code() == KafkaError._PARTITION_EOF:  # handed everything there is: nothing in between
-                return None
-            last = err
-            if err.fatal() or (msg.topic() == topic and not err.retriable()):  # e.g. not authorized to read it
-                raise KafkaException(err)
-        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{topic}/{partition}: no answer from offset {start} "
-                                        f"within {timeout:.0f} s" + (f" ({last.str()})" if last else "")))
-    finally:
-        serve_logs(consumer)
-        consumer.close()
 
 
 def ensure_topic(admin: AdminClient, name: str, partitions: int, replication: int = 1,

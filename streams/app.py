@@ -40,10 +40,10 @@ from kafka_backup.schemas.kafka_admin import (
     Security,
     client_config,
     ensure_telemetry_topic,
-    first_record,
     security_for,
     serve_logs,
 )
+from kafka_backup.schemas.partition_reader import FirstRecords, first_record
 from kafka_backup.schemas.topics import STATE_TABLE, state_topic
 from kafka_backup.streams import fold
 from kafka_backup.streams.folder import DeadLetter, Folder, SkipCounts
@@ -385,22 +385,17 @@ class EmptyTails:
     offset guard waits at them until a record arrives past them, and they are not records waiting."""
 
     def __init__(self, offsets: GroupOffsets) -> None:
-        self.offsets = offsets
-        self.known: dict[int, tuple[int, int]] = {}  # partition -> [start, end) found to hold no record
+        self.first = FirstRecords(offsets.first_record)
         self.told: set[int] = set()
 
     def past(self, partition: int, at: int, end: int) -> int:
-        """``end`` when nothing in [at, end) holds a record, else ``at`` (asks the broker once per range)."""
-        if at >= end or self.known.get(partition) == (at, end):
-            return max(at, end)
-        if self.offsets.first_record(partition, at, end) is not None:
-            return at
-        self.known[partition] = (at, end)
-        (log.debug if partition in self.told else log.info)(
-            "telemetry partition %d: offsets %d..%d hold no record (transaction markers); not a stall",
-            partition, at, end - 1)
-        self.told.add(partition)
-        return end
+        """The first offset in [at, end) that holds a record, else ``end`` (asks the broker once per range)."""
+        first = self.first.first(partition, at, end)
+        if first == end > at and partition not in self.told:
+            log.info("telemetry partition %d: offsets %d..%d hold no record (transaction markers); not a stall",
+                     partition, at, end - 1)
+            self.told.add(partition)
+        return first
 
 
 def delivery_watchdog(app: faust.App, folder: Folder, offsets: GroupOffsets, stall_s: float,

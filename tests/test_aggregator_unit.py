@@ -75,7 +75,7 @@ def test_delivery_watchdog_asks_the_broker_for_this_worker_s_partitions_and_rest
 
 def test_offsets_at_the_end_that_hold_no_record_are_not_records_waiting(caplog):
     """A transaction's marker at the end of a partition: the guard waits at it until a record comes past
-    it. The watchdog asks the broker once per range, and a range with a record in it is waiting."""
+    it. The watchdog asks the broker once per range, and records wait from the first that holds one."""
     import logging
     from types import SimpleNamespace
 
@@ -93,8 +93,9 @@ def test_offsets_at_the_end_that_hold_no_record_are_not_records_waiting(caplog):
         assert tails.past(0, 7, 10) == 10
         assert tails.past(0, 7, 10) == 10
         assert tails.past(0, 10, 10) == 10  # nothing past the guard: not asked
-        assert tails.past(0, 7, 13) == 7  # 10 and 11 hold records
-    assert asked == [(0, 7, 10), (0, 7, 13)]
+        assert tails.past(0, 7, 13) == 10  # 10 and 11 hold records: waiting from 10, past the markers
+        assert tails.past(0, 7, 14) == 10  # a record waits at 10: not asked again while it does
+    assert asked == [(0, 7, 10), (0, 10, 13)]  # only the offsets past those found empty
     assert [r.getMessage() for r in caplog.records] == [
         "telemetry partition 0: offsets 7..9 hold no record (transaction markers); not a stall"]
     stall = DeliveryStall(0)

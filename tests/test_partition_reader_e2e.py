@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kafka_backup.producers.partition_reader import PartitionReader
+from kafka_backup.schemas.partition_reader import PartitionReader
 
 pytestmark = pytest.mark.e2e
 
