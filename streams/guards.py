@@ -116,18 +116,40 @@ class OffsetGuard:
         return out
 
     def guard_commits(self, consumer: Any) -> None:
-        """Wrap Faust's ``Consumer._commit_offsets`` so no commit passes the frontier."""
+        """Wrap Faust's ``Consumer._commit_offsets`` so no commit passes the frontier.
+
+        Faust hands over offsets it has already struck from its acked list (``Consumer._new_offset``),
+        and afterwards refuses to commit a partition whose oldest acked offset lies more than one past
+        its committed offset. So the offsets held back are put back on that list: else a commit held
+        back by two or more offsets (a fold not flushed yet when Faust commits, every few seconds)
+        stopped the partition's commits for good, while folding went on (the exporter's lag grew until
+        ``KafkaBackupAggregatorBehind`` paged, and a restart re-read everything since).
+        """
         commit_offsets = consumer._commit_offsets
 
         async def commit_folded_only(offsets: Mapping[Any, int], *args: Any, **kwargs: Any) -> bool:
             committed = consumer._committed_offset
             safe = {tp: o for tp, o in self.allowed(dict(offsets)).items()
                     if committed.get(tp) is None or o > committed[tp]}
+            for tp, wanted in offsets.items():
+                kept = safe.get(tp, committed.get(tp))
+                if tp.topic == self.topic and tp.partition in self.next and kept is not None and kept < wanted:
+                    _ack_again(consumer, tp, kept, wanted)  # a partition still ours (Faust drops a revoked one's)
             if not safe:
                 return False
             return await commit_offsets(safe, *args, **kwargs)
 
         consumer._commit_offsets = commit_folded_only
+
+
+def _ack_again(consumer: Any, tp: Any, start: int, end: int) -> None:
+    """Put offsets [start, end) back on Faust's acked list of ``tp`` (they are committed later)."""
+    acked, index = consumer._acked[tp], consumer._acked_index[tp]
+    back = [o for o in range(start, end) if o not in index]
+    if back:
+        acked.extend(back)
+        acked.sort()
+        index.update(back)
 
 
 class ChangelogWriteFailed(RuntimeError):

@@ -247,13 +247,83 @@ def test_offset_guard_holds_commits_back_to_what_was_folded():
         sent.append(dict(offsets))
         return True
 
-    consumer = SimpleNamespace(_commit_offsets=commit_offsets, _committed_offset=defaultdict(lambda: None))
+    consumer = SimpleNamespace(_commit_offsets=commit_offsets, _committed_offset=defaultdict(lambda: None),
+                               _acked=defaultdict(list), _acked_index=defaultdict(set))
     guard.guard_commits(consumer)
     guard.admit(0, 0)
     guard.folded(0, 99)  # offsets 0..99 folded on partition 0; nothing yet on partition 1
     other = TP("agg-__assignor-__leader", 0)
     asyncio.run(consumer._commit_offsets({TP("telemetry", 0): 130, TP("telemetry", 1): 12, other: 3}))
     assert sent == [{TP("telemetry", 0): 100, other: 3}]
+
+
+def test_a_commit_held_back_by_the_guard_goes_through_once_released_in_faust_s_own_bookkeeping():
+    """Faust strikes the offsets it hands to a commit from its acked list, and refuses to commit a
+    partition whose oldest acked offset is more than one past its committed offset: a commit held
+    back by the guard stopped that partition's commits for good (seen with ``kafka-backup up``: the
+    group's offset stuck while folding went on). Driven through Faust 0.15.3's own ``_new_offset``,
+    ``ack`` and ``_commit_offsets``."""
+    import asyncio
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from faust.transport.consumer import Consumer as FaustConsumer
+    from faust.types import TP
+
+    from kafka_backup.streams.guards import OffsetGuard
+
+    tp = TP("telemetry", 0)
+    sent: list[int] = []
+
+    async def commit(offsets) -> bool:  # the broker's side of Consumer._commit
+        sent.append(offsets[tp])
+        return True
+
+    async def flush() -> None:
+        pass
+
+    app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True), producer=SimpleNamespace(
+        flush=flush), tables=SimpleNamespace(on_commit=lambda offsets: None), monitor=SimpleNamespace(
+        on_tp_commit=lambda offsets: None))
+    consumer = SimpleNamespace(
+        app=app, _acked=defaultdict(list), _acked_index=defaultdict(set), _gap=defaultdict(lambda: None),
+        _committed_offset=defaultdict(lambda: None), _unacked_messages=set(), _n_acked=0, _waiting_for_ack=None,
+        in_transaction=False, log=SimpleNamespace(dev=lambda *a: None, info=lambda *a: None),
+        assignment=lambda: {tp}, _commit=commit)
+    consumer._commit_offsets = lambda offsets, start_new_transaction=True: FaustConsumer._commit_offsets(
+        consumer, offsets, start_new_transaction)
+    guard = OffsetGuard("telemetry")
+    guard.guard_commits(consumer)
+    guard.start(0, 0)
+
+    class Message:  # what Consumer.ack reads of one
+        def __init__(self, offset: int) -> None:
+            self.acked, self.tp, self.offset, self.topic = False, tp, offset, "telemetry"
+
+    def fold_and_ack(first: int, last: int) -> None:
+        for offset in range(first, last + 1):
+            guard.folded(0, offset)
+            FaustConsumer.ack(consumer, Message(offset))
+
+    async def faust_commits() -> None:  # what Consumer.commit does with what _new_offset gives
+        offset = FaustConsumer._new_offset(consumer, tp)
+        if offset is not None:
+            await consumer._commit_offsets({tp: offset})
+
+    async def scenario() -> None:
+        fold_and_ack(0, 26)
+        guard.hold(0, 14)  # offsets 14.. folded into the working set, not flushed yet
+        await faust_commits()
+        assert sent == [14]
+        guard.release(0)  # flushed
+        fold_and_ack(27, 40)
+        await faust_commits()
+        assert sent == [14, 41]  # before: _new_offset gave None from here on, for good
+        fold_and_ack(41, 45)
+        await faust_commits()
+        assert sent == [14, 41, 46]
+
+    asyncio.run(scenario())
 
 
 def test_skipped_records_hold_the_commit_until_their_count_is_written():
