@@ -104,7 +104,7 @@ class TelemetryLag(Background):
         self._probe = probe or (lambda p, start, before: first_record(bootstrap_servers, PROBE_GROUP, topic, p,
                                                                         start, before, TIMEOUT_S))
         self._probe_failing = False
-        self._failed: dict[tuple[int, int], float] = {}  # (partition, commit) -> when to ask again
+        self._failed: dict[int, tuple[int, float]] = {}  # partition -> (commit, when to ask again about it)
         self._first = FirstRecords(self._asked)
         self._last_committed: dict[int, int | None] = {}
         self._conf = client_config(bootstrap_servers)
@@ -132,13 +132,13 @@ class TelemetryLag(Background):
             end = ends.get(p)
             if c is None or end is None or c >= end:
                 continue
-            retry_at = self._failed.get((p, c))
+            failed = self._failed.get(p)
             # asked only once the commit stood still since the last check: a moving one waits for no marker
-            ask = last.get(p) == c and (retry_at is None or self._clock() >= retry_at)
+            ask = last.get(p) == c and (failed is None or failed[0] != c or self._clock() >= failed[1])
             try:
                 out[p] = self._first.first(p, c, end, ask)
             except KafkaException as err:  # counted as waiting, as before: the lag may page for nothing
-                self._failed[(p, c)] = self._clock() + PROBE_RETRY_S
+                self._failed[p] = (c, self._clock() + PROBE_RETRY_S)
                 if not self._probe_failing:
                     code = err.args[0].code() if err.args and isinstance(err.args[0], KafkaError) else None
                     fix = (": allow the exporter Read on the telemetry topic (docs/security.md)"

@@ -197,3 +197,7 @@ def test_a_commit_that_keeps_moving_is_never_asked_about_and_a_failing_probe_lea
     assert asked == [3] and lag.lags(106.0) == {0: (7, 6.0)}  # as without the question
     lag.observe(108.0, {0: 0}, {0: 10}, lag.past_empty({0: 10}, {0: 3}))
     assert asked == [3]  # not asked at every check: the probe reads, and may wait out its timeout
+    for t in (110.0, 112.0):  # a new commit that stands still is asked about at once
+        lag.observe(t, {0: 0}, {0: 10}, lag.past_empty({0: 10}, {0: 4}))
+    assert asked == [3, 4]
+    assert lag._failed == {0: (4, 60.0)}  # one entry per partition, however many commits failed
