@@ -247,7 +247,7 @@ def cmd_backup(cfg: Config) -> int:
         raise ConfigError("backup.topics: no topics given; use --topics t1,t2")
     storage = Storage(open_backend(cfg.backup.storage, cfg.backup.s3_endpoint_url))
     return run_backup(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers, cfg.backup,
-                      cfg.telemetry, storage)
+                      cfg.telemetry, storage, aggregator_group=cfg.aggregator.app_id)
 
 
 def cmd_aggregate(cfg: Config, logging_config: dict[str, Any]) -> int:
@@ -280,7 +280,7 @@ def cmd_restore(cfg: Config, dry_run: bool = False) -> int:
     logs.set_context(job=cfg.restore.restore_id)
     storage = Storage(open_backend(cfg.restore.storage, cfg.restore.s3_endpoint_url, field="restore.storage"))
     return run_restore(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers, cfg.restore,
-                       cfg.telemetry, storage, dry_run=dry_run)
+                       cfg.telemetry, storage, dry_run=dry_run, aggregator_group=cfg.aggregator.app_id)
 
 
 def cmd_verify(cfg: Config) -> int:

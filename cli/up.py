@@ -99,7 +99,7 @@ def child_commands(cfg: Config, overrides: dict[str, Any], config_path: str | No
                       "--metrics-path", cfg.metrics.path]),
         ("backup", [*me, "backup", *conf, "--bootstrap-servers", bootstrap, *receive, "--topics", DEMO_TOPIC,
                     "--backup-id", DEMO_BACKUP_ID, "--storage", storage, "--continuous",
-                    "--compression", cfg.backup.compression]),
+                    "--compression", cfg.backup.compression, "--aggregator-app-id", cfg.aggregator.app_id]),
     ]
 
 

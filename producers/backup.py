@@ -50,7 +50,7 @@ from kafka_backup.producers.telemetry import Emitter, classify_kafka_error
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import BackupConfig, ConfigError, TelemetryConfig
 from kafka_backup.schemas.kafka_admin import arrived, client_config
-from kafka_backup.schemas.topics import consumer_group
+from kafka_backup.schemas.topics import AGGREGATOR_APP_ID, consumer_group
 
 log = logging.getLogger("kafka_backup.backup")
 
@@ -684,6 +684,7 @@ class BackupWorker(Job):
 
 
 def run_backup(bootstrap: str, telemetry_bootstrap: str, bcfg: BackupConfig, tcfg: TelemetryConfig,
-               storage: Storage) -> int:
-    emitter = Emitter(telemetry_bootstrap or bootstrap, tcfg, "backup", bcfg.backup_id)
+               storage: Storage, aggregator_group: str = AGGREGATOR_APP_ID) -> int:
+    emitter = Emitter(telemetry_bootstrap or bootstrap, tcfg, "backup", bcfg.backup_id,
+                      aggregator_group=aggregator_group)
     return run_reporting(BackupWorker(bootstrap, bcfg, storage, emitter), emitter)

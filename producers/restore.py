@@ -83,6 +83,7 @@ from kafka_backup.producers.storage import OpReport, Storage
 from kafka_backup.producers.telemetry import Emitter
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import ConfigError, RestoreConfig, TelemetryConfig
+from kafka_backup.schemas.topics import AGGREGATOR_APP_ID
 
 log = logging.getLogger("kafka_backup.restore")
 
@@ -278,12 +279,13 @@ class RestoreWorker(Job):
 
 
 def run_restore(bootstrap: str, telemetry_bootstrap: str, rcfg: RestoreConfig, tcfg: TelemetryConfig,
-                storage: Storage, dry_run: bool = False) -> int:
+                storage: Storage, dry_run: bool = False, aggregator_group: str = AGGREGATOR_APP_ID) -> int:
     Window(rcfg.from_time, rcfg.to_time)  # user mistakes fail before anything is emitted
     parse_topic_map(rcfg.topic_map)
     if dry_run:
         from kafka_backup.producers.restore_plan import run_dry
 
         return run_dry(bootstrap, rcfg, storage)
-    emitter = Emitter(telemetry_bootstrap or bootstrap, tcfg, "restore", rcfg.restore_id)
+    emitter = Emitter(telemetry_bootstrap or bootstrap, tcfg, "restore", rcfg.restore_id,
+                      aggregator_group=aggregator_group)
     return run_reporting(RestoreWorker(bootstrap, rcfg, storage, emitter), emitter)

@@ -10,7 +10,8 @@ Idempotence is on (no duplicates from producer retries, order kept per
 partition), and every event of a job carries the same key, so one job's events
 stay in order in one partition.
 
-With ``telemetry.batch_events``, the events of one poll cycle go out as one batch record
+With ``telemetry.batch_events`` (``auto``, the default: while every aggregator reads them,
+``producers.batch_readers``), the events of one poll cycle go out as one batch record
 (``events.Batch``): the aggregator pays Faust's per-record cost once per batch instead of once per
 event. Events wait in the batch until the worker's next :meth:`Emitter.poll` (its loop calls it
 once per cycle, after the cycle's last event), a :meth:`Emitter.flush` or :meth:`Emitter.close`,
@@ -31,6 +32,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from kafka_backup.producers.batch_readers import BatchReaders
 from kafka_backup.producers.spool import Spool
 from kafka_backup.producers.storage import OpReport, StorageError
 from kafka_backup.schemas import events as ev
@@ -87,9 +89,12 @@ def new_worker_id() -> str:
 
 class Emitter:
     def __init__(self, bootstrap_servers: str, tcfg: TelemetryConfig, kind: ev.JobKind, job: str,
-                 worker: str | None = None, producer: Any = None) -> None:
+                 worker: str | None = None, producer: Any = None,
+                 aggregator_group: str | None = None) -> None:
         """``producer``: a confluent-kafka ``Producer`` to send through instead of one made here
-        (tests hand in a fake one; nothing then touches a cluster)."""
+        (tests hand in a fake one; nothing then touches a cluster). ``aggregator_group``: whose
+        members must all read batch records before ``telemetry.batch_events: auto`` sends them;
+        None (the short jobs: verify, offset reset) keeps ``auto`` on single-event records."""
         self.topic = tcfg.topic
         self.kind = kind
         self.job = job
@@ -100,7 +105,9 @@ class Emitter:
         self.dropped = 0
         self.delivered_at = self.lost_at = 0.0
         self.queue_limit = tcfg.buffer_max_events
-        self.batch_events = tcfg.batch_events
+        # auto: single-event records until BatchReaders says every aggregator reads batch records
+        self.batch_events = tcfg.batch_events is True
+        self._readers: BatchReaders | None = None
         self._batch: list[tuple[bytes, Callable[[bool], None] | None]] = []  # emitted, not yet sent
         self._batch_bytes = 0
         self._batch_since = 0.0
@@ -130,6 +137,9 @@ class Emitter:
                 "error_cb": self._on_error,
             },
         ))
+        if tcfg.batch_events == "auto" and aggregator_group:
+            self._readers = BatchReaders(bootstrap_servers, aggregator_group, self._set_batching)
+            self._readers.start()
 
     def emit(self, event_type: type[ev.Event], on_delivered: Callable[[bool], None] | None = None,
              **fields: Any) -> None:
@@ -144,6 +154,8 @@ class Emitter:
         if RUN_EVENTS is not None:
             RUN_EVENTS.append((self.key, payload))
         if not self.batch_events:
+            if self._batch:  # batching was just turned off: what it holds goes first
+                self.send_batch()
             self._send(payload, on_delivered)
             return
         if self._batch and (len(self._batch) >= ev.MAX_BATCH_EVENTS
@@ -155,6 +167,10 @@ class Emitter:
         self._batch_bytes += len(payload)
         if time.monotonic() - self._batch_since >= BATCH_LINGER_S:
             self.send_batch()
+
+    def _set_batching(self, on: bool) -> None:
+        """From ``BatchReaders``' thread: the next emit batches or not (a batch held is sent first)."""
+        self.batch_events = on
 
     def send_batch(self) -> None:
         """Send the events waiting in the batch now: one record (a lone event as a single-event record)."""
@@ -331,6 +347,8 @@ class Emitter:
         next run instead of being lost.
         """
         deadline = time.monotonic() + timeout
+        if self._readers is not None:
+            self._readers.stop()
         self.send_batch()
         while self._spool is not None and self._spool.pending and time.monotonic() < deadline:
             self._drain_spool()

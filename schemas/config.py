@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 import yaml
@@ -107,9 +107,10 @@ class TelemetryConfig(_Section):
     spool_dir: str = ""  # when set, events the queue cannot hold go to disk here instead of being dropped
     spool_max_bytes: Positive = 1024 * 1024 * 1024
     signing_key_file: str = ""  # shared by workers and aggregator: records are HMAC-signed, unsigned ones refused
-    # workers: send the events of one poll cycle as one batch record (upgrade every aggregator first:
-    # an older one refuses batch records as unknown_type; docs/architecture.md, "Batch records")
-    batch_events: bool = False
+    # workers: send the events of one poll cycle as one batch record. auto: only while every member of
+    # the aggregator group (aggregator.app_id) reads them, asked every minute (an older aggregator
+    # refuses batch records as unknown_type); docs/architecture.md, "Batch records"
+    batch_events: bool | Literal["auto"] = "auto"
 
 
 class BackupConfig(_Section):
@@ -227,8 +228,8 @@ class Config(_Section):
 # Which sections each command reads: its --help shows these keys only, and only these are flags
 # of it. Entries with a dot name one key of a section the command otherwise does not read.
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
-    "backup": ("kafka", "telemetry", "backup", "run", "log"),
-    "restore": ("kafka", "telemetry", "restore", "run", "log"),
+    "backup": ("kafka", "telemetry", "backup", "run", "log", "aggregator.app_id"),
+    "restore": ("kafka", "telemetry", "restore", "run", "log", "aggregator.app_id"),
     "verify": ("kafka", "telemetry", "verify", "run", "log"),
     "offset-reset": ("kafka", "telemetry", "offset_reset", "run", "log"),
     "aggregate": ("kafka", "telemetry", "aggregator", "log"),
@@ -293,6 +294,8 @@ def _validate(raw: dict[str, Any], origins: Mapping[str, str] | None = None) -> 
             section = where.split(".")[0]
             valid = _keys_of(section)
             raise ConfigError(f"{where}: unknown key; valid keys here: {', '.join(valid)}") from None
+        if message.startswith("Invalid enum value") and (choices := _choices_of(where)):
+            message += f"; one of {', '.join(choices)}"
         origin = _origin_of(where, origins or {})
         if origin.startswith("environment "):
             raise ConfigError(f"{origin}: {message} ({where})") from None
@@ -308,6 +311,23 @@ def _origin_of(where: str, origins: Mapping[str, str]) -> str:
             return origins[where]
         where = where.rpartition(".")[0]
     return ""
+
+
+def _choices_of(where: str) -> list[str]:
+    """The values a ``section.key`` of a fixed vocabulary takes (``Literal``, ``bool``), as written in YAML."""
+
+    def flat(kind: Any) -> list[str]:
+        if kind is bool:
+            return ["true", "false"]
+        if get_origin(kind) is Literal:
+            return [str(v) for v in get_args(kind) if v != ""]
+        return [c for k in get_args(kind) for c in flat(k)]  # a union: each of its members
+
+    section, _, key = where.partition(".")
+    for f in msgspec.structs.fields(Config):
+        if f.name == section:
+            return next((flat(g.type) for g in msgspec.structs.fields(f.type) if g.name == key), [])
+    return []
 
 
 def _keys_of(section: str) -> list[str]:

@@ -309,8 +309,10 @@ class Batch(msgspec.Struct, tag="batch", tag_field="type", kw_only=True):
     whose envelope is unusable is refused once, as a whole: ``malformed`` (not a batch of events),
     ``future_version`` (a newer batch layout), ``batch_too_large`` (more than
     ``MAX_BATCH_EVENTS`` events). Batches do not nest. An aggregator older than this
-    envelope refuses the whole record as ``unknown_type``: upgrade aggregators before turning
-    ``telemetry.batch_events`` on (docs/architecture.md).
+    envelope refuses the whole record as ``unknown_type``; so by default
+    (``telemetry.batch_events: auto``) a worker sends batch records only while every member of the
+    aggregator's consumer group carries ``BATCH_READER_MARK`` in its Kafka client id
+    (docs/architecture.md, "Batch records").
     """
 
     v: int = SCHEMA_VERSION
@@ -318,6 +320,13 @@ class Batch(msgspec.Struct, tag="batch", tag_field="type", kw_only=True):
 
 
 BATCH_TAG = "batch"
+BATCH_READER_MARK = "reads-batch-v1"  # in the client id of every aggregator that folds batch records
+AGGREGATOR_CLIENT_ID = f"kafka-backup-aggregator+{BATCH_READER_MARK}"  # what the aggregator tells the broker
+
+
+def reads_batches(client_id: str) -> bool:
+    """Whether a member of the aggregator group, known by its Kafka client id, folds batch records."""
+    return BATCH_READER_MARK in client_id.split("+")[1:]
 _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(Batch)
 

@@ -34,6 +34,7 @@ from faust.exceptions import PartitionsMismatch
 from faust.types import TP
 from faust.types.auth import CredentialsT
 
+from kafka_backup.schemas import events as ev
 from kafka_backup.schemas import logs, signing
 from kafka_backup.schemas.config import Config, ConfigError
 from kafka_backup.schemas.kafka_admin import (
@@ -80,6 +81,7 @@ def create_app(cfg: Config) -> faust.App:
         topic_replication_factor=cfg.telemetry.replication_factor,
         table_standby_replicas=0,
         producer_linger=0.05,
+        broker_client_id=ev.AGGREGATOR_CLIENT_ID,  # workers on telemetry.batch_events auto look for its mark
         stream_wait_empty=False,
         **datadir,
     )

@@ -304,3 +304,89 @@ def test_batched_and_unbatched_records_fold_to_identical_state_bytes_live_and_un
         assert live_fold(again) == single
         # a whole batch record delivered twice (a restart before the commit): every event a duplicate
         assert live_fold([r for rec in again for r in (rec, rec)])[0] == single[0]
+
+
+# telemetry.batch_events: auto (producers.batch_readers)
+
+AGG = ev.AGGREGATOR_CLIENT_ID
+
+
+def test_the_aggregator_s_client_id_carries_the_mark_and_only_a_whole_mark_counts():
+    assert ev.reads_batches(AGG)
+    assert not ev.reads_batches("faust-0.15.3")  # an aggregator older than batch records: Faust's default id
+    assert not ev.reads_batches("kafka-backup-aggregator")
+    assert not ev.reads_batches(f"x-{ev.BATCH_READER_MARK}")  # inside another word: not the mark
+    assert not ev.reads_batches("kafka-backup-aggregator+reads-batch-v10")
+
+
+def test_batch_records_only_when_every_member_of_the_aggregator_group_reads_them():
+    from kafka_backup.producers.batch_readers import verdict
+
+    assert verdict([(AGG, "agg-0"), (AGG, "agg-1")]) == (True, "every member reads batch records (2)")
+    on, why = verdict([(AGG, "agg-0"), ("faust-0.15.3", "agg-1")])  # a rolling upgrade half done
+    assert not on and "agg-1" in why and "faust-0.15.3" in why
+    assert verdict([]) == (False, "it has no member")  # aggregators stopped, or a group that does not exist
+
+
+def test_batch_readers_tells_each_change_once_and_a_failure_means_single_event_records(caplog):
+    from kafka_backup.producers.batch_readers import BatchReaders
+
+    answers: list[object] = [[(AGG, "a")], [(AGG, "a")], [("faust-0.15.3", "b")], RuntimeError("no Describe"),
+                             RuntimeError("no Describe"), [(AGG, "a")]]
+
+    def describe(group: str) -> list[tuple[str, str]]:
+        assert group == "agg"
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    told: list[bool] = []
+    readers = BatchReaders("unused:9092", "agg", told.append, describe=describe)
+    with caplog.at_level("INFO", logger="kafka_backup.telemetry"):
+        assert [readers.check() for _ in range(6)] == [True, True, False, False, False, True]
+    assert told == [True, False, True]
+    assert sum("cannot describe aggregator group agg" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_batch_readers_asks_at_start_off_the_caller_s_thread_and_stops():
+    import threading
+
+    from kafka_backup.producers.batch_readers import BatchReaders
+
+    asked = threading.Event()
+    told: list[bool] = []
+
+    def describe(_group: str) -> list[tuple[str, str]]:
+        asked.set()
+        return [(AGG, "a")]
+
+    readers = BatchReaders("unused:9092", "agg", told.append, interval_s=3600, describe=describe)
+    readers.start()
+    assert asked.wait(10) and readers._thread is not None
+    readers.stop()
+    readers._thread.join(10)
+    assert not readers._thread.is_alive() and told == [True]
+
+
+def test_auto_sends_single_event_records_until_told_and_a_held_batch_goes_before_the_next_single():
+    em = emitter(batch="auto")  # type: ignore[arg-type]
+    em.emit(ev.Retry, operation="commit")
+    em.poll()
+    em._set_batching(True)
+    em.emit(ev.Retry, operation="commit")
+    em.emit(ev.Retry, operation="commit")
+    em._set_batching(False)  # from the readers' thread, between two emits of one cycle
+    em.emit(ev.Retry, operation="commit")
+    em.poll()
+    assert sent_events(em._producer) == [[1], [2, 3], [4]]  # in order: nothing overtook the held batch
+
+
+def test_batch_events_is_auto_by_default_and_takes_true_false_and_auto_only():
+    from kafka_backup.schemas.config import ConfigError, TelemetryConfig, load
+
+    assert TelemetryConfig().batch_events == "auto"
+    for text, value in (("true", True), ("false", False), ("auto", "auto")):
+        assert load(None, environ={"KAFKA_BACKUP_TELEMETRY_BATCH_EVENTS": text}).telemetry.batch_events == value
+    with pytest.raises(ConfigError, match=r"BATCH_EVENTS: .*one of true, false, auto \(telemetry.batch_events\)"):
+        load(None, environ={"KAFKA_BACKUP_TELEMETRY_BATCH_EVENTS": "sometimes"})

@@ -43,7 +43,7 @@ def test_every_key_has_an_environment_variable_and_precedence_is_flags_env_file_
     ({"KAFKA_BACKUP_METRICS_PORT": "70000"},
      "environment KAFKA_BACKUP_METRICS_PORT: Expected `int` <= 65535 (metrics.port)"),
     ({"KAFKA_BACKUP_BACKUP_COMPRESSION": "brotli"},
-     "environment KAFKA_BACKUP_BACKUP_COMPRESSION: Invalid enum value 'brotli' (backup.compression)"),
+     "environment KAFKA_BACKUP_BACKUP_COMPRESSION: Invalid enum value 'brotli'; one of zstd, lz4, snappy, gzip, none (backup.compression)"),
     ({"KAFKA_BACKUP_KAFKA_PROPERTIES": "no equals sign"},
      "environment KAFKA_BACKUP_KAFKA_PROPERTIES: line 1 is not KEY=VALUE"),
     ({"KAFKA_BACKUP_KAFKA_SASL_PASSWORD_FILE": "/nonexistent/pw"},

@@ -55,7 +55,7 @@ def test_yaml_file_then_flags(tmp_path):
 @pytest.mark.parametrize("yaml_text,needle", [
     ("metrics:\n  prot: 1\n", "metrics.prot: unknown key"),
     ("metrics:\n  port: -3\n", "metrics.port: Expected `int` >= 0"),
-    ("backup:\n  compression: brotli\n", "backup.compression: Invalid enum value 'brotli'"),
+    ("backup:\n  compression: brotli\n", "backup.compression: Invalid enum value 'brotli'; one of zstd, lz4, snappy, gzip, none"),
     ("[1, 2]\n", "must hold a mapping"),
     ("metrics: [\n", "is not valid YAML"),
 ])
