@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -137,9 +138,28 @@ class Emitter:
                 "error_cb": self._on_error,
             },
         ))
+        threading.Thread(target=self._connect_early, name="telemetry-connect", daemon=True).start()
         if tcfg.batch_events == "auto" and aggregator_group:
             self._readers = BatchReaders(bootstrap_servers, aggregator_group, self._set_batching)
             self._readers.start()
+
+    def _connect_early(self) -> None:
+        """Connect the producer to a broker now, so its producer id is there by its first send.
+
+        The idempotent producer sends nothing before it holds a producer id, and asks for one only
+        of a broker it is connected to. It connects first to the bootstrap address and drops that
+        connection once metadata names the brokers; with sparse connections it then connects to a
+        named broker only on its id timer, 0.5-1.0 s after it was made: a short run (a small topic)
+        spent that long at its end waiting for its events to be delivered. A second metadata
+        request connects a named broker at once, and the id follows within milliseconds.
+        In a thread of its own: a telemetry cluster that does not answer delays nothing.
+        """
+        for _ in range(2):
+            try:
+                self._producer.list_topics(self.topic, timeout=10)
+            except KafkaException as err:
+                log.debug("telemetry: no early connection (%s)", err)
+                return
 
     def emit(self, event_type: type[ev.Event], on_delivered: Callable[[bool], None] | None = None,
              **fields: Any) -> None:
