@@ -4,7 +4,10 @@ Starts the real aggregator and exporter (default settings: ``aggregator.flush_in
 200, ``metrics.update_interval_ms`` 500) and simulates N backup workers emitting the real
 event mix at the real cadence: per worker a ``Progress`` over its 8 partitions every 500 ms
 (one poll cycle), and every 5 s (``backup.flush_interval_ms``) a ``SegmentStored`` per
-partition and an ``OffsetsCommitted``. N grows step by step (each step ``seconds`` long).
+partition and an ``OffsetsCommitted``. The workers are not in step, as independent processes
+are not: worker k of N polls at k/N of each cycle and flushes in a cycle of its own (until this
+stop all N polled at the same instant and flushed in the same cycle: bursts of N records, and of
+10 N events every 5 s, that no real fleet sends). N grows step by step (each step ``seconds`` long).
 
 Latency of an event: scraping /metrics every 100 ms (the fourth argument), the first scrape at which a worker's
 ``kafka_backup_worker_last_seen_timestamp_seconds`` shows a new event time T gives an upper
@@ -53,6 +56,7 @@ from kafka_backup.schemas.state import PIPELINE_PREFIX, decode_state  # noqa: E4
 from kafka_backup.schemas.topics import TELEMETRY_TOPIC, state_topic  # noqa: E402
 
 PARTS = 8
+POLL_S = 0.5  # a worker's poll cycle (backup.poll_interval_ms)
 
 
 class Worker:
@@ -203,24 +207,26 @@ def main() -> None:
                 fleet = {w.inst for w in workers}
                 latencies: list[float] = []
                 cpu0, t0 = cpu_seconds(agg.pid), time.monotonic()
-                next_poll = t0
-                cycle = 0
+                cycle_start, cycle, k = t0, 0, 0  # k: the next worker to emit in this cycle
                 sent_events = sent_records = 0
                 probe.start_step()
                 while time.monotonic() - t0 < seconds:
                     now = time.monotonic()
-                    if now >= next_poll:  # one poll cycle of every worker, spread over the 500 ms
-                        for w in workers:
-                            values = w.events(time.time(), flush=cycle % 10 == 9)
-                            sent_events += len(values)
-                            if batched and len(values) > 1:
-                                values = [ev.encode_batch(values)]
-                            for value in values:
-                                producer.produce(TELEMETRY_TOPIC, key=w.key, value=value)
-                            sent_records += len(values)
-                        producer.poll(0)
-                        cycle += 1
-                        next_poll += 0.5
+                    # workers are not in step: worker k polls at k/n of each 500 ms cycle, and flushes
+                    # (every 10th cycle) in a cycle of its own, as independent processes would
+                    due = n if now >= cycle_start + POLL_S else int((now - cycle_start) / POLL_S * n)
+                    while k < due:
+                        w = workers[k]
+                        values = w.events(time.time(), flush=(cycle + k) % 10 == 9)
+                        sent_events += len(values)
+                        if batched and len(values) > 1:
+                            values = [ev.encode_batch(values)]
+                        for value in values:
+                            producer.produce(TELEMETRY_TOPIC, key=w.key, value=value)
+                        sent_records += len(values)
+                        k += 1
+                    if k >= n and now >= cycle_start + POLL_S:
+                        cycle_start, cycle, k = cycle_start + POLL_S, cycle + 1, 0
                     probe.observe(seen, fleet, latencies)
                     producer.poll(0.01)
                 elapsed = time.monotonic() - t0
