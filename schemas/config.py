@@ -182,8 +182,9 @@ class AggregatorConfig(_Section):
     dead_letter_topic: str = ""  # skipped telemetry records are copied here when set
     recovery_stall_s: Positive = 30  # table recovery without progress this long: the worker restarts itself
     # records waiting in its telemetry partitions and none delivered to the agent this long: the worker
-    # restarts itself (a Faust fetch stall, seen after a restart in place)
-    delivery_stall_s: Positive = 60
+    # restarts itself (a Faust fetch stall, seen after a restart in place). Under a minute, so a stall
+    # never holds the job alerts (they are held while the telemetry lag is over 60 s: docs/alerting.md)
+    delivery_stall_s: Positive = 30
     max_future_s: Positive = 300  # event time ahead of the record's timestamp and the clock by more: refused
     max_keys_per_map: Positive = 256  # per job: error types, storage calls, topics, algorithms, ... (refused beyond)
     max_partitions_per_job: Positive = 2000  # per job (a backup id); split bigger backups into several ids
