@@ -327,6 +327,8 @@ AGGREGATOR_CLIENT_ID = f"kafka-backup-aggregator+{BATCH_READER_MARK}"  # what th
 def reads_batches(client_id: str) -> bool:
     """Whether a member of the aggregator group, known by its Kafka client id, folds batch records."""
     return BATCH_READER_MARK in client_id.split("+")[1:]
+
+
 _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(Batch)
 
