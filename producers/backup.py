@@ -129,7 +129,7 @@ class BackupWorker(Job):
         self.cfg = bcfg
         self.storage = storage
         self.emitter = emitter
-        self.reporter = SegmentReporter(emitter)
+        self.reporter = SegmentReporter(emitter, lambda: [w.reports for w in self.parts.values()])
         self.id = bcfg.backup_id
         self.parts: dict[str, PartitionWork] = {}
         self.stopping = False
@@ -264,7 +264,7 @@ class BackupWorker(Job):
         """``cp``: the partition's checkpoint as read from storage (None: it never had a record)."""
         cp = cp or layout.Checkpoint(topic, partition, 0)
         work = PartitionWork(topic, partition, cp.next_offset, cp,
-                             self.reporter.track(topic, partition, cp.reported_offset))
+                             PartitionReports(topic, partition, cp.reported_offset))
         work.newest_stored_ts = cp.max_ts
         self.parts[work.tp] = work
         self.reporter.report_unconfirmed(work.reports, cp, self._read_index, self.id)
@@ -302,8 +302,7 @@ class BackupWorker(Job):
         # resumes after them); unflushed records are simply dropped: it re-reads them from the checkpoint.
         self._complete_sealed(wait=True)
         for tp in partitions:
-            self.parts.pop(f"{tp.topic}/{tp.partition}", None)
-            self.reporter.forget(f"{tp.topic}/{tp.partition}")
+            self.parts.pop(f"{tp.topic}/{tp.partition}", None)  # its reports with it: the next owner resends
         if partitions:  # an empty revocation is no news; the assignment that follows counts the rebalance
             self.emitter.emit(ev.Rebalance, revoked=[f"{tp.topic}/{tp.partition}" for tp in partitions])
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from kafka_backup.producers import layout
@@ -49,20 +49,16 @@ class PartitionReports:
 
 
 class SegmentReporter:
-    """Sends each stored segment's ``SegmentStored`` and follows it until it is safe."""
+    """Sends each stored segment's ``SegmentStored`` and follows it until it is safe.
 
-    def __init__(self, emitter: Emitter) -> None:
+    ``owned``: the reports of the partitions the worker owns now, asked when lost reports are sent
+    again (the worker's own registry: a revoked partition's are gone with it, and its next owner
+    reports again what was not confirmed).
+    """
+
+    def __init__(self, emitter: Emitter, owned: Callable[[], Iterable[PartitionReports]]) -> None:
         self.emitter = emitter
-        self.parts: dict[str, PartitionReports] = {}
-
-    def track(self, topic: str, partition: int, reported_offset: int) -> PartitionReports:
-        reports = PartitionReports(topic, partition, reported_offset)
-        self.parts[reports.tp] = reports
-        return reports
-
-    def forget(self, tp: str) -> None:
-        """A revoked partition: its next owner reports again what was not confirmed."""
-        self.parts.pop(tp, None)
+        self.owned = owned
 
     def report(self, reports: PartitionReports, info: layout.SegmentInfo, covers_from: int) -> None:
         reports.unsettled[info.end_offset] = False
@@ -102,9 +98,9 @@ class SegmentReporter:
         """Send again the reports the emitter lost (queue full, telemetry cluster away past the delivery
         timeout) as soon as it answers, a queue's worth at a time, so ``records_total`` recovers
         within the run. At the end of a run, keep at it until ``deadline`` (monotonic)."""
-        while any(r.lost for r in self.parts.values()):
+        while any(r.lost for r in self.owned()):
             sent = 0
-            for reports in self.parts.values():
+            for reports in self.owned():
                 while reports.lost and self.emitter.room() > 0:
                     covers_from, info = reports.lost.pop(0)
                     self.report(reports, info, covers_from)
