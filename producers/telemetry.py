@@ -109,6 +109,11 @@ class Emitter:
         # auto: single-event records until BatchReaders says every aggregator reads batch records
         self.batch_events = tcfg.batch_events is True
         self._readers: BatchReaders | None = None
+        # Emits may come from several threads (the backup's checkpoint readers report their storage
+        # calls): a sequence number is taken and its record handed to the producer under one lock, so
+        # records reach the topic in sequence order (the aggregator drops a lower one after a higher
+        # as a duplicate). Re-entrant: delivery callbacks run inside the producer calls made under it.
+        self._lock = threading.RLock()
         self._batch: list[tuple[bytes, Callable[[bool], None] | None]] = []  # emitted, not yet sent
         self._batch_bytes = 0
         self._batch_since = 0.0
@@ -167,26 +172,27 @@ class Emitter:
         cluster, or appended to the spool (which outlives the process); ``on_delivered(False)``
         once it is lost (dropped, counted). A worker killed before either leaves it unsaid.
         """
-        self.seq += 1
-        event = event_type(worker=self.worker, seq=self.seq, ts=time.time(), kind=self.kind, job=self.job,
-                           **fields)
-        payload = ev.encode(event)
-        if RUN_EVENTS is not None:
-            RUN_EVENTS.append((self.key, payload))
-        if not self.batch_events:
-            if self._batch:  # batching was just turned off: what it holds goes first
+        with self._lock:
+            self.seq += 1
+            event = event_type(worker=self.worker, seq=self.seq, ts=time.time(), kind=self.kind, job=self.job,
+                               **fields)
+            payload = ev.encode(event)
+            if RUN_EVENTS is not None:
+                RUN_EVENTS.append((self.key, payload))
+            if not self.batch_events:
+                if self._batch:  # batching was just turned off: what it holds goes first
+                    self.send_batch()
+                self._send(payload, on_delivered)
+                return
+            if self._batch and (len(self._batch) >= ev.MAX_BATCH_EVENTS
+                                or self._batch_bytes + len(payload) > ev.MAX_BATCH_BYTES):
                 self.send_batch()
-            self._send(payload, on_delivered)
-            return
-        if self._batch and (len(self._batch) >= ev.MAX_BATCH_EVENTS
-                            or self._batch_bytes + len(payload) > ev.MAX_BATCH_BYTES):
-            self.send_batch()
-        if not self._batch:
-            self._batch_since = time.monotonic()
-        self._batch.append((payload, on_delivered))
-        self._batch_bytes += len(payload)
-        if time.monotonic() - self._batch_since >= BATCH_LINGER_S:
-            self.send_batch()
+            if not self._batch:
+                self._batch_since = time.monotonic()
+            self._batch.append((payload, on_delivered))
+            self._batch_bytes += len(payload)
+            if time.monotonic() - self._batch_since >= BATCH_LINGER_S:
+                self.send_batch()
 
     def _set_batching(self, on: bool) -> None:
         """From ``BatchReaders``' thread: the next emit batches or not (a batch held is sent first)."""
@@ -194,6 +200,10 @@ class Emitter:
 
     def send_batch(self) -> None:
         """Send the events waiting in the batch now: one record (a lone event as a single-event record)."""
+        with self._lock:
+            self._send_batch()
+
+    def _send_batch(self) -> None:
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         if len(batch) <= 1:
             if batch:
@@ -307,7 +317,8 @@ class Emitter:
         if err is None:
             self.delivered_at = time.monotonic()
         else:
-            self._drop(n, err.str())
+            with self._lock:  # from whichever thread serves the callback (a flush outside the lock)
+                self._drop(n, err.str())
 
     def _on_error(self, err: KafkaError) -> None:
         log.debug("telemetry producer: %s", err.str())
@@ -349,16 +360,18 @@ class Emitter:
     def poll(self) -> None:
         """Send the batch, serve delivery callbacks and feed the spool back; called from the worker's
         loop (once per cycle, after its events), never blocks."""
-        self.send_batch()
-        self._producer.poll(0)
-        self._drain_spool()
-        self._maybe_report_drops()
+        with self._lock:
+            self.send_batch()
+            self._producer.poll(0)
+            self._drain_spool()
+            self._maybe_report_drops()
 
     def flush(self, timeout: float) -> None:
         """Wait (bounded) until the telemetry cluster acknowledged what is queued; runs delivery callbacks."""
-        self.send_batch()
-        self._drain_spool()
-        self._producer.flush(timeout)
+        with self._lock:
+            self.send_batch()
+            self._drain_spool()
+        self._producer.flush(timeout)  # not under the lock: other threads' emits do not wait on it
 
     def close(self, timeout: float = 30.0) -> int:
         """Deliver what is buffered (bounded wait); return the number of events lost.
@@ -371,10 +384,12 @@ class Emitter:
             self._readers.stop()
         self.send_batch()
         while self._spool is not None and self._spool.pending and time.monotonic() < deadline:
-            self._drain_spool()
+            with self._lock:
+                self._drain_spool()
             self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic())))
         self._producer.flush(max(0.0, deadline - time.monotonic()))
-        self._maybe_report_drops(force=True)
+        with self._lock:
+            self._maybe_report_drops(force=True)
         remaining = self._producer.flush(min(timeout, 5.0))
         if remaining:
             log.warning("telemetry: %d events still undelivered at exit; they are lost", remaining)

@@ -390,3 +390,31 @@ def test_batch_events_is_auto_by_default_and_takes_true_false_and_auto_only():
         assert load(None, environ={"KAFKA_BACKUP_TELEMETRY_BATCH_EVENTS": text}).telemetry.batch_events == value
     with pytest.raises(ConfigError, match=r"BATCH_EVENTS: .*one of true, false, auto \(telemetry.batch_events\)"):
         load(None, environ={"KAFKA_BACKUP_TELEMETRY_BATCH_EVENTS": "sometimes"})
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_events_emitted_from_several_threads_keep_one_sequence_in_send_order(batch):
+    """The checkpoint readers report their storage calls from their own threads: sequence numbers must
+    stay unique and reach the producer in order, or the aggregator drops the late ones as duplicates."""
+    import sys
+    import threading
+
+    em = emitter(batch=batch)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    try:
+        def emit_many() -> None:
+            for _ in range(2000):
+                em.emit(ev.Retry, operation="read")
+                em.poll()
+
+        threads = [threading.Thread(target=emit_many) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    em.flush(1)
+    seqs = [s for record in sent_events(em._producer) for s in record]
+    assert seqs == list(range(1, 16001))
