@@ -5,6 +5,9 @@ Fills a topic and backs it up (zstd, file storage), then alternates, ``repeats``
 * ``bare``: one process producing the same records (key, value, one header, same
   partitions) from memory with an idempotent producer (``linger.ms`` 5, as the restore), one
   ``flush()`` at the end: the ceiling of any restore;
+* ``bare-dr``: the same producer with a delivery report per record that keeps its offset (what a
+  restore that resumes exactly once needs: which records landed, and where): librdkafka then
+  hands Python a message object per record, a cost no such restore can skip;
 * ``ours``: ``python -m kafka_backup.cli.main restore`` of the backup into a new topic (segments read,
   checked and decoded, checkpoints written, telemetry on).
 
@@ -37,14 +40,17 @@ admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(15)
 records = [(b"key-%d" % i, b"value-%d-" % i + b"x" * (150 + i % 100), i % partitions, [("h", b"%d" % (i % 7))])
            for i in range(n)]  # what bench.backup.fill wrote
 p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+offsets = []
+report = (lambda err, msg: offsets.append(msg.offset())) if sys.argv[5] == "dr" else None
 for key, value, part, headers in records:
     while True:
         try:
-            p.produce(topic, key=key, value=value, partition=part, headers=headers)
+            p.produce(topic, key=key, value=value, partition=part, headers=headers, on_delivery=report)
             break
         except BufferError:
             p.poll(0.1)
 assert p.flush(120) == 0
+assert report is None or len(offsets) == n
 '''
 
 
@@ -65,13 +71,15 @@ def main() -> None:
             bare_py = os.path.join(work, "bare.py")
             with open(bare_py, "w") as fh:
                 fh.write(BARE)
-            runs: dict[str, list[dict[str, float]]] = {"bare": [], "ours": [], "bare-empty": [], "ours-empty": []}
+            runs: dict[str, list[dict[str, float]]] = {k + s: [] for k in ("bare", "bare-dr", "ours")
+                                                       for s in ("", "-empty")}
             for r in range(repeats):  # interleaved: a noisy neighbour hits both
                 for name, suffix in (("full", ""), ("empty", "-empty")):
                     topic, bid, n = sources[name]
-                    target = f"{topic}-bare-{r}"
-                    runs["bare" + suffix].append(timed([sys.executable, bare_py, bootstrap, target, str(n),
-                                                        str(partitions)], os.path.join(work, f"bare{suffix}-{r}.log")))
+                    for base, mode in (("bare", "plain"), ("bare-dr", "dr")):
+                        runs[base + suffix].append(timed(
+                            [sys.executable, bare_py, bootstrap, f"{topic}-{base}-{r}", str(n), str(partitions), mode],
+                            os.path.join(work, f"{base}{suffix}-{r}.log")))
                     runs["ours" + suffix].append(timed(
                         [*pyspy(r == 0 and not suffix),
                          *ours("restore", "--bootstrap-servers", bootstrap, "--backup-id", bid,
@@ -80,7 +88,7 @@ def main() -> None:
                         os.path.join(work, f"ours{suffix}-{r}.log")))
             print(f"{records} records on {partitions} partitions, {repeats} runs each, whole process "
                   "(start-up included)")
-            compare(runs, records)
+            compare(runs, records, baselines=("bare", "bare-dr"))
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
