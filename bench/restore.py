@@ -14,11 +14,15 @@ Fills a topic and backs it up (zstd, file storage), then alternates, ``repeats``
 Whole processes are timed (wall, and CPU from ``wait4``); the same two commands on an empty
 topic and its empty backup give start-up and shut-down, subtracted in the second line.
 
-    python bench/restore.py [records] [partitions] [repeats]
+    python bench/restore.py [records] [partitions] [repeats] [file|s3]
+
+With ``s3`` the backup is stored in, and restored from, an S3 bucket served over HTTP by moto's
+server in its own process (each segment a GET: what reading ahead hides).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -27,7 +31,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.backup import fill  # noqa: E402
+from bench.backup import fill, s3_bucket  # noqa: E402
 from bench.common import bootstrap_servers, compare, int_args, ours, pyspy, timed  # noqa: E402
 
 BARE = r'''
@@ -56,8 +60,14 @@ assert report is None or len(offsets) == n
 
 def main() -> None:
     records, partitions, repeats = int_args(sys.argv[1:], 200_000, 4, 3)
+    kind = sys.argv[4] if len(sys.argv) > 4 else "file"
+    if kind not in ("file", "s3"):
+        sys.exit(f"storage: {kind!r} is not file or s3")
     work = tempfile.mkdtemp(prefix="bench-restore-")
-    with bootstrap_servers("restore") as bootstrap:
+    with contextlib.ExitStack() as stack:
+        bootstrap = stack.enter_context(bootstrap_servers("restore"))
+        store, endpoint = stack.enter_context(s3_bucket()) if kind == "s3" else (f"file://{work}/store/", "")
+        where = ["--storage", store + "bench", *(["--s3-endpoint-url", endpoint] if endpoint else [])]
         try:
             sources = {}
             for name, n in (("full", records), ("empty", 0)):
@@ -65,7 +75,7 @@ def main() -> None:
                 fill(bootstrap, topic, partitions, n)
                 bid = f"bench-{name}-" + uuid.uuid4().hex[:6]
                 timed(ours("backup", "--bootstrap-servers", bootstrap, "--topics", topic, "--backup-id", bid,
-                           "--storage", f"file://{work}/store", "--compression", "zstd"),
+                           *where, "--compression", "zstd"),
                       os.path.join(work, f"backup-{name}.log"))
                 sources[name] = (topic, bid, n)
             bare_py = os.path.join(work, "bare.py")
@@ -83,11 +93,11 @@ def main() -> None:
                     runs["ours" + suffix].append(timed(
                         [*pyspy(r == 0 and not suffix),
                          *ours("restore", "--bootstrap-servers", bootstrap, "--backup-id", bid,
-                               "--storage", f"file://{work}/store", "--restore-id", f"r{r}",
+                               *where, "--restore-id", f"r{r}",
                                "--topic-map", f"{topic}:{topic}-ours-{r}")],
                         os.path.join(work, f"ours{suffix}-{r}.log")))
             print(f"{records} records on {partitions} partitions, {repeats} runs each, whole process "
-                  "(start-up included)")
+                  f"(start-up included); ours restores from {kind}")
             compare(runs, records, baselines=("bare", "bare-dr"))
         finally:
             shutil.rmtree(work, ignore_errors=True)

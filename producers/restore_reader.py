@@ -8,7 +8,9 @@ decoded (up to ``PARTIAL_CACHE_BYTES``) so it is read from storage once per run.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 from kafka_backup.producers import layout
 from kafka_backup.producers.restore_scope import RestoreFailed, Window
@@ -34,6 +36,7 @@ class SegmentReader:
         self.cache_bytes = 0
         self.checked: set[str] = set()  # segments read and checked this run
         self.unverified: set[str] = set()  # of those, without a digest (layout 1)
+        self._ahead: tuple[str, Future[list[StoredRecord]]] | None = None  # the next segment, being read
 
     def backup_checkpoint(self, topic: str, partition: int) -> layout.Checkpoint:
         # a partition that never had a record has no checkpoint: it is empty, not missing
@@ -78,10 +81,12 @@ class SegmentReader:
         if cached is not None:
             self.cache_bytes -= seg.uncompressed_bytes
             return cached
-        data = self.storage.get(seg.key, "segment")
-        topic, partition = self.owner_of[seg.key]  # the partition whose index names it: its records must be its
+        ahead, self._ahead = self._ahead, None
         try:
-            records = layout.read_segment(data, seg, topic, partition)
+            if ahead is not None and ahead[0] == seg.key:
+                records = ahead[1].result()  # read while the previous segment's records were produced
+            else:
+                records = self._read(seg)
         except layout.SegmentDamaged as err:
             self.emitter.emit(ev.ErrorRaised, error_type=err.error_type, transient=False, operation="read",
                               backend=self.storage.name, message=str(err)[:500])
@@ -92,11 +97,38 @@ class SegmentReader:
             self.unverified.add(seg.key)
         return records
 
+    def _read(self, seg: layout.SegmentInfo) -> list[StoredRecord]:
+        """Fetch, check and decode one segment (``SegmentDamaged`` when it is not what its index says)."""
+        data = self.storage.get(seg.key, "segment")
+        topic, partition = self.owner_of[seg.key]  # the partition whose index names it: its records must be its
+        return layout.read_segment(data, seg, topic, partition)
+
+    def _read_ahead(self, seg: layout.SegmentInfo) -> None:
+        """Start reading ``seg`` in a thread of its own: fetching, the digest and decompression run while
+        the current segment's records are produced (round trips to S3 included). One segment ahead at
+        most; its outcome, records or error, is taken by :meth:`load` in order, as if read then."""
+        if seg.key in self.cache:
+            return
+        future: Future[list[StoredRecord]] = Future()
+
+        def read() -> None:
+            try:
+                future.set_result(self._read(seg))
+            except BaseException as err:  # handed to load(), which raises it where the read would have
+                future.set_exception(err)
+
+        self._ahead = (seg.key, future)
+        # a daemon thread: a restore that stops while a read hangs on storage does not wait for it
+        threading.Thread(target=read, name="segment-read-ahead", daemon=True).start()
+
     def records(self, cur: layout.RestoreCursor, start: int) -> Iterator[StoredRecord]:
         """The partition's in-scope records from source offset ``start``, in offset order."""
-        for seg in self.segments(cur):
-            if seg.end_offset <= start or seg.start_offset >= cur.end_offset or self.window.misses(seg):
-                continue
-            for r in self.load(seg):
+        wanted = [seg for seg in self.segments(cur)
+                  if not (seg.end_offset <= start or seg.start_offset >= cur.end_offset or self.window.misses(seg))]
+        for i, seg in enumerate(wanted):
+            records = self.load(seg)
+            if i + 1 < len(wanted):
+                self._read_ahead(wanted[i + 1])
+            for r in records:
                 if start <= r.offset < cur.end_offset and self.window.contains(r.timestamp):
                     yield r
