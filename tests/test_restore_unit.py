@@ -154,3 +154,39 @@ def test_offset_reset_takes_epoch_ms_or_iso_8601(given, ms):
     from kafka_backup.schemas.config import load
 
     assert timestamp_ms(load(None, {"offset_reset.to_timestamp": given}, environ={}).offset_reset) == ms
+
+
+def test_the_next_segment_is_read_ahead_in_order_and_a_damaged_one_fails_only_when_reached(tmp_path):
+    """Reading ahead: while one segment's records are restored, the next is read in another thread; its
+    records, or its error, are taken in order, so everything before a damaged segment is restored."""
+    import threading
+
+    from kafka_backup.producers import layout
+    from kafka_backup.producers.restore_reader import SegmentReader
+    from kafka_backup.producers.restore_scope import RestoreFailed, Window
+    from kafka_backup.producers.run import NullEmitter
+    from kafka_backup.producers.segments import StoredRecord
+
+    segs = [layout.SegmentInfo(key=f"s{i}", start_offset=2 * i, end_offset=2 * i + 2, records=2, bytes=2,
+                               uncompressed_bytes=2, stored_bytes=2, algorithm="none") for i in range(4)]
+    reads: list[tuple[str, bool]] = []  # (segment, read on the restoring thread)
+    restoring = threading.get_ident()
+
+    def read(seg: layout.SegmentInfo) -> list[StoredRecord]:
+        reads.append((seg.key, threading.get_ident() == restoring))
+        if seg.key == "s2":
+            raise layout.SegmentDamaged(seg.key, "is corrupt (a test)", "codec")
+        return [StoredRecord(o, 1, 1, None, b"v") for o in range(seg.start_offset, seg.end_offset)]
+
+    reader = SegmentReader(Storage(FileBackend(str(tmp_path))), "bk", Window(None, None), NullEmitter())
+    reader.segments = lambda cur: segs  # type: ignore[method-assign]
+    reader._read = read  # type: ignore[method-assign]
+    cur = layout.RestoreCursor("t", 0, "t2", end_offset=8, records=8)
+    got = reader.records(cur, 1)
+    offsets = [next(got).offset]  # s0 (from offset 1), read here; s1 being read ahead
+    assert reader._ahead is not None and reader._ahead[0] == "s1"
+    offsets += [next(got).offset, next(got).offset]  # s1's records, from the read ahead; s2 read ahead
+    assert offsets == [1, 2, 3]
+    with pytest.raises(RestoreFailed, match="segment s2: is corrupt"):
+        next(got)  # the damaged segment's error, where it comes in order
+    assert reads == [("s0", True), ("s1", False), ("s2", False)]  # s3 never read
