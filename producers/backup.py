@@ -47,6 +47,7 @@ from kafka_backup.producers.run import Job, JobFailed, JobInterrupted, Outcome, 
 from kafka_backup.producers.segment_reports import PartitionReports, SegmentReporter
 from kafka_backup.producers.storage import OpReport, Storage, StorageError
 from kafka_backup.producers.telemetry import Emitter, classify_kafka_error
+from kafka_backup.producers.threads import in_daemon_thread
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import BackupConfig, ConfigError, TelemetryConfig
 from kafka_backup.schemas.kafka_admin import arrived, client_config
@@ -618,16 +619,8 @@ class BackupWorker(Job):
         self.groups_due = time.monotonic() + self.cfg.consumer_groups_interval_s
         if not self.cfg.consumer_groups:
             return
-        reading = self._groups_reading = Future()
-
-        def read() -> None:
-            try:
-                reading.set_result(self._read_groups())
-            except BaseException as err:  # handed to the loop, which raises it as it would have itself
-                reading.set_exception(err)
-
-        # a daemon thread: a run that ends while a reading hangs on a dead coordinator does not wait for it
-        threading.Thread(target=read, name="consumer-groups", daemon=True).start()
+        # its error is raised by the loop, as it would have been reading there
+        self._groups_reading = in_daemon_thread(self._read_groups, "consumer-groups")
 
     def _read_groups(self) -> tuple[dict[str, layout.GroupSnapshot], list[str]]:
         """Admin calls only (thread-safe): the groups' offsets on the backed-up topics, and the problems met."""

@@ -8,7 +8,6 @@ decoded (up to ``PARTIAL_CACHE_BYTES``) so it is read from storage once per run.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 
@@ -17,6 +16,7 @@ from kafka_backup.producers.restore_scope import RestoreFailed, Window
 from kafka_backup.producers.run import Reporter
 from kafka_backup.producers.segments import StoredRecord  # by name: the method segments() hides the module
 from kafka_backup.producers.storage import Storage
+from kafka_backup.producers.threads import in_daemon_thread
 from kafka_backup.schemas import events as ev
 
 PARTIAL_CACHE_BYTES = 64 * 1024 * 1024  # decoded straddling segments kept between scoping and producing
@@ -109,17 +109,7 @@ class SegmentReader:
         most; its outcome, records or error, is taken by :meth:`load` in order, as if read then."""
         if seg.key in self.cache:
             return
-        future: Future[list[StoredRecord]] = Future()
-
-        def read() -> None:
-            try:
-                future.set_result(self._read(seg))
-            except BaseException as err:  # handed to load(), which raises it where the read would have
-                future.set_exception(err)
-
-        self._ahead = (seg.key, future)
-        # a daemon thread: a restore that stops while a read hangs on storage does not wait for it
-        threading.Thread(target=read, name="segment-read-ahead", daemon=True).start()
+        self._ahead = (seg.key, in_daemon_thread(lambda: self._read(seg), "segment-read-ahead"))
 
     def records(self, cur: layout.RestoreCursor, start: int) -> Iterator[StoredRecord]:
         """The partition's in-scope records from source offset ``start``, in offset order."""
