@@ -10,6 +10,7 @@ backup exits 1.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
@@ -354,7 +355,17 @@ def setup_logging(command: str, cfg: Config) -> dict[str, Any]:
     return logs.configure(level, cfg.log.format)
 
 
+def _enable_faulthandler() -> None:
+    """A crash in a C extension (librdkafka, a codec) prints every thread's Python stack on stderr
+    instead of ending the process with nothing said but its exit code."""
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # stderr is no file (called in-process, captured)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _enable_faulthandler()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level="WARNING", format=logs.TEXT_FORMAT)  # until the configuration is read
     try:

@@ -43,7 +43,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaExcep
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from kafka_backup.exporter.background import Background
-from kafka_backup.schemas.kafka_admin import client_config, serve_logs
+from kafka_backup.schemas.kafka_admin import client_config, close_admin, serve_logs
 from kafka_backup.schemas.partition_reader import FirstRecords, first_record
 
 log = logging.getLogger("kafka_backup.exporter")
@@ -180,17 +180,20 @@ class TelemetryLag(Background):
     def _run(self) -> None:
         admin = AdminClient(self._conf)
         failing = False
-        while not self._stop.is_set():
-            try:
-                self._check(admin)
-                failing = False
-            except KafkaException as err:
-                if not failing:  # once per outage; the series disappear after SERVE_FOR_S
-                    log.warning("telemetry lag: cannot ask the broker about %s (%s); retrying every %.0f s",
-                                self.topic, err, CHECK_S)
-                failing = True
-            serve_logs(admin)
-            self._stop.wait(CHECK_S)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._check(admin)
+                    failing = False
+                except KafkaException as err:
+                    if not failing:  # once per outage; the series disappear after SERVE_FOR_S
+                        log.warning("telemetry lag: cannot ask the broker about %s (%s); retrying every %.0f s",
+                                    self.topic, err, CHECK_S)
+                    failing = True
+                serve_logs(admin)
+                self._stop.wait(CHECK_S)
+        finally:
+            close_admin(admin)  # stopped: destroyed before the interpreter goes (stop() waits for it)
 
     def _check(self, admin: AdminClient) -> None:
         meta = admin.list_topics(self.topic, timeout=TIMEOUT_S).topics.get(self.topic)

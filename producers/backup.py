@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import msgspec
@@ -50,13 +50,14 @@ from kafka_backup.producers.telemetry import Emitter, classify_kafka_error
 from kafka_backup.producers.threads import in_daemon_thread
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import BackupConfig, ConfigError, TelemetryConfig
-from kafka_backup.schemas.kafka_admin import arrived, client_config
+from kafka_backup.schemas.kafka_admin import arrived, client_config, close_admin
 from kafka_backup.schemas.topics import AGGREGATOR_APP_ID, consumer_group
 
 log = logging.getLogger("kafka_backup.backup")
 
 CONFIRM_WAIT_S = 10.0  # at the end of a run, how long to resend lost reports and wait for acknowledgements
 SEALING_MAX = 2  # segments handed to the sealing thread and not completed yet: bounds the memory they hold
+GROUPS_READING_WAIT_S = 20.0  # at the end: how long a reading of consumer groups under way may finish
 CHECKPOINT_READERS = 8  # checkpoints read at once at start and on assignment (boto3 pools 10 connections)
 
 
@@ -217,6 +218,11 @@ class BackupWorker(Job):
             self.consumer.close()
         except Exception:  # closing must not mask the run's outcome
             pass
+        reading = self._groups_reading
+        if reading is not None:  # continuous: a reading under way uses the client; it has its own timeouts
+            wait((reading,), timeout=GROUPS_READING_WAIT_S)
+        close_admin(self._admin)
+        self._admin = None
 
     def stop(self, *_args: object) -> None:
         self.stopping = True

@@ -24,12 +24,13 @@ from typing import Any
 from confluent_kafka.admin import AdminClient
 
 from kafka_backup.schemas import events as ev
-from kafka_backup.schemas.kafka_admin import client_config
+from kafka_backup.schemas.kafka_admin import client_config, close_admin
 
 log = logging.getLogger("kafka_backup.telemetry")
 
 CHECK_INTERVAL_S = 60.0
 DESCRIBE_TIMEOUT_S = 10.0
+STOP_WAIT_S = 1.0  # how long stop() waits for a check under way before it closes the client anyway
 
 
 def verdict(members: list[tuple[str, str]]) -> tuple[bool, str]:
@@ -57,6 +58,7 @@ class BatchReaders:
         self.bootstrap, self.group, self.on_change, self.interval_s = bootstrap, group, on_change, interval_s
         self._describe = describe or self._describe_group
         self._admin: Any = None
+        self._admin_lock = threading.Lock()  # a request is made, or the client closed, one at a time
         self.batching: bool | None = None  # None: not asked yet
         self._failed: str | None = None  # the last failure logged (a failure is logged once until it changes)
         self._stop = threading.Event()
@@ -67,7 +69,13 @@ class BatchReaders:
         self._thread.start()
 
     def stop(self) -> None:
+        """No more checks; the client is closed before this returns (see ``close_admin``)."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(STOP_WAIT_S)  # a check under way: its request is seldom more than ms
+        with self._admin_lock:
+            admin, self._admin = self._admin, None
+        close_admin(admin)  # a request still pending is dropped; its check ends quietly
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -77,15 +85,21 @@ class BatchReaders:
     def check(self) -> bool:
         """Ask once; tell ``on_change`` if the answer differs from the last one."""
         try:
-            batching, why = verdict(self._describe(self.group))
-            self._failed = None
+            members = self._describe(self.group)
         except Exception as err:  # any failure: single-event records, which every aggregator reads
+            if self._stop.is_set():  # stopped while asking: the answer no longer matters
+                return bool(self.batching)
             batching, why = False, f"it cannot be described ({err})"
             if str(err) != self._failed:
                 self._failed = str(err)
                 log.warning("telemetry: cannot describe aggregator group %s (%s): sending single-event records; "
                             "grant this worker Describe on the group (docs/security.md) or set "
                             "telemetry.batch_events true or false", self.group, err)
+        else:
+            if self._stop.is_set():
+                return bool(self.batching)
+            batching, why = verdict(members)
+            self._failed = None
         if batching != self.batching:
             self.batching = batching
             log.info("telemetry: aggregator group %s: %s: sending %s records", self.group, why,
@@ -94,8 +108,11 @@ class BatchReaders:
         return batching
 
     def _describe_group(self, group: str) -> list[tuple[str, str]]:
-        if self._admin is None:
-            self._admin = AdminClient(client_config(self.bootstrap))
-        futures = self._admin.describe_consumer_groups([group], request_timeout=DESCRIBE_TIMEOUT_S)
+        with self._admin_lock:
+            if self._stop.is_set():
+                raise RuntimeError("stopped")
+            if self._admin is None:
+                self._admin = AdminClient(client_config(self.bootstrap))
+            futures = self._admin.describe_consumer_groups([group], request_timeout=DESCRIBE_TIMEOUT_S)
         description = futures[group].result(timeout=DESCRIBE_TIMEOUT_S + 5)
         return [(m.client_id, m.group_instance_id or m.member_id) for m in description.members]

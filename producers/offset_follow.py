@@ -45,7 +45,7 @@ from kafka_backup.producers.storage import Storage, StorageError
 from kafka_backup.producers.telemetry import Emitter
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import ConfigError, OffsetResetConfig, TelemetryConfig, require_safe_id
-from kafka_backup.schemas.kafka_admin import client_config
+from kafka_backup.schemas.kafka_admin import client_config, close_admin
 from kafka_backup.schemas.partition_reader import PartitionReader, ReadTimedOut
 
 log = logging.getLogger("kafka_backup.offset_follow")
@@ -283,6 +283,7 @@ class OffsetFollow:
 
     def close(self) -> None:
         self.reader.close()
+        close_admin(self.admin)
 
 
 def _original_offset(headers: Mapping[str, str | bytes | None] | Iterable[tuple[str, str | bytes | None]] | None

@@ -40,7 +40,7 @@ from kafka_backup.producers.run import Job, JobFailed, NullEmitter, Outcome, Rep
 from kafka_backup.producers.telemetry import Emitter
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import ConfigError, OffsetResetConfig, TelemetryConfig
-from kafka_backup.schemas.kafka_admin import client_config, serve_logs
+from kafka_backup.schemas.kafka_admin import client_config, close_admin, serve_logs
 from kafka_backup.schemas.times import parse_time
 
 log = logging.getLogger("kafka_backup.offset_reset")
@@ -107,7 +107,7 @@ class OffsetReset(Job):
         except KafkaException as err:
             raise OffsetResetFailed(f"kafka: {err.args[0].str()}") from None
         finally:
-            serve_logs(self.admin)
+            close_admin(self.admin)  # a preview is all this object does
         return 0
 
     def begin(self) -> None:
@@ -122,6 +122,9 @@ class OffsetReset(Job):
 
     def before_end(self, outcome: Outcome) -> None:
         serve_logs(self.admin)
+
+    def after_end(self, outcome: Outcome) -> None:
+        close_admin(self.admin)
 
     def _partitions(self) -> dict[str, int]:
         md = self.admin.list_topics(timeout=15)

@@ -171,6 +171,24 @@ def serve_logs(client: Any) -> None:
         pass
 
 
+def close_admin(admin: AdminClient | None) -> None:
+    """Destroy an AdminClient now, while the interpreter is whole.
+
+    An AdminClient's results arrive on librdkafka's background thread, which takes the GIL to hand
+    them over. One still alive when the interpreter finalizes (held by a daemon thread, or by an
+    object ``gc.freeze()`` put out of the collector's reach) can be handed an event after the GIL
+    is gone: a segfault at exit, after a run that succeeded. Destroyed here, its pending requests
+    are dropped and its threads joined first. Closing a closed client again does nothing.
+    """
+    if admin is None:
+        return
+    serve_logs(admin)
+    try:
+        admin.__exit__(None, None, None)
+    except RuntimeError:  # already closed
+        pass
+
+
 def ensure_topic(admin: AdminClient, name: str, partitions: int, replication: int = 1,
                  config: dict[str, str] | None = None, timeout: float = 15.0) -> bool:
     """Create ``name`` unless it exists; True when this call created it."""
