@@ -100,6 +100,12 @@ def s3_endpoint():
     server.stop()
 
 
+# How long a test waits for an aggregator it (re)started to fold again. Faust 0.15.3 can come back
+# from a start "ready" and then fetch nothing, or hang in recovery; the watchdogs restart it in place
+# after 30 s (aggregator.delivery_stall_s, recovery_stall_s), and the restarted process starts Faust
+# and recovers its table again: 60 s was not always enough on a loaded CI machine.
+AFTER_RESTART_S = 150.0
+
 BROKER_ENV = "KAFKA_BACKUP_TEST_BROKER"  # embedded (default) | testcontainers
 KAFKA_IMAGE_ENV = "KAFKA_BACKUP_TEST_KAFKA_IMAGE"
 KAFKA_IMAGE = "confluentinc/cp-kafka:7.6.0"  # Apache Kafka 3.6 in KRaft mode, testcontainers' tested default

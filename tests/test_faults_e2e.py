@@ -25,6 +25,7 @@ from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.topics import TELEMETRY_TOPIC
 from tests.conftest import (
+    AFTER_RESTART_S,
     ROOT,
     Pipeline,
     backup,
@@ -290,7 +291,8 @@ def test_aggregator_killed_mid_stream_restarts_exact(broker, pipeline_factory, t
                 seen = pipe.state_read_since(killed_at).get_value(cat.RECORDS_TOTAL.name, backup_id=bid)
                 pipe.aggregator.start()  # same static instance id
                 # counting again: the restarted worker recovered its table and consumes new events
-                wait_for(lambda seen=seen: pipe.scrape().get_value(cat.RECORDS_TOTAL.name, backup_id=bid) > seen, 90,
+                wait_for(lambda seen=seen: pipe.scrape().get_value(cat.RECORDS_TOTAL.name, backup_id=bid) > seen,
+                         AFTER_RESTART_S,
                          what="the restarted aggregator to count new segments")
         finally:
             stop(worker)
@@ -359,10 +361,10 @@ def test_telemetry_deleted_before_it_was_read_is_counted_as_expired(broker, pipe
     c.close()
 
     pipe.aggregator.start()
-    s = pipe.wait_value(cat.TELEMETRY_INVALID.name, 3, 60, reason="expired")
+    s = pipe.wait_value(cat.TELEMETRY_INVALID.name, 3, AFTER_RESTART_S, reason="expired")
     # the rest of the second run is folded too (job states are written once per flush interval, so it
     # can show a moment after the skip count)
-    s = pipe.wait_value(cat.BACKUP_DURATION.name + "_count", 2, 60, backup_id=bid, status="success")
+    s = pipe.wait_value(cat.BACKUP_DURATION.name + "_count", 2, AFTER_RESTART_S, backup_id=bid, status="success")
     assert s.get_value(cat.RECORDS_TOTAL.name, backup_id=bid) == stored_records(str(tmp_path), bid) - lost == 150 - lost
     assert s.get_value(cat.TELEMETRY_INVALID.name, reason="expired") == 3
 

@@ -9,7 +9,7 @@ from confluent_kafka import Producer
 
 from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas import events as ev
-from tests.conftest import committed, create_topic, unique, wait_for, watermarks
+from tests.conftest import AFTER_RESTART_S, committed, create_topic, unique, wait_for, watermarks
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +63,7 @@ def test_lag_is_what_a_stopped_aggregator_has_not_folded_and_clears_when_it_retu
 
     pipe.aggregator.start()
     # a worker Faust leaves stalled after a restart is restarted by its delivery watchdog within ~30 s
-    wait_for(lambda: no_lag(pipe), 120, what="the lag to clear")
+    wait_for(lambda: no_lag(pipe), AFTER_RESTART_S, what="the lag to clear")
 
 
 def test_the_aggregator_group_s_commits_keep_up_with_a_steady_stream(broker, pipeline_factory):
