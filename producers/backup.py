@@ -99,8 +99,8 @@ class PartitionWork:
     target: int | None = None  # one-shot: stop once fetched up to here
     high_watermark: int = -1
     position: int = -1  # fetch position: last fetched offset + 1
-    buffer: list[tuple] = field(default_factory=list)  # StoredRecord fields as a tuple: the same msgpack array
-    buffer_bytes: int = 0
+    buffer: segments.SegmentBuffer = field(default_factory=segments.SegmentBuffer)  # encoded as fetched
+    buffer_bytes: int = 0  # key + value bytes in it
     buffer_since: float = 0.0
     newest_stored_ts: int | None = None
     newest_available_ts: int | None = None
@@ -119,7 +119,7 @@ class PartitionWork:
     def done(self) -> bool:
         if self.target is None:
             return False
-        return not self.buffer and max(self.next_offset, self.position) >= self.target
+        return not self.buffer.records and max(self.next_offset, self.position) >= self.target
 
 
 class BackupWorker(Job):
@@ -386,23 +386,32 @@ class BackupWorker(Job):
         buffer, cutting a segment wherever it reaches ``segment_max_records`` or ``_max_bytes``."""
         sizes = [len(r[3] or b"") + len(r[4] or b"") for r in rows]
         size = sum(sizes)
-        if not work.buffer:
+        if not work.buffer.records:
             work.buffer_since = time.monotonic()
         max_records, max_bytes = self.cfg.segment_max_records, self.cfg.segment_max_bytes
-        if len(work.buffer) + len(rows) < max_records and work.buffer_bytes + size < max_bytes:
-            work.buffer.extend(rows)  # the usual case: no segment ends inside this run
+        if work.buffer.records + len(rows) < max_records and work.buffer_bytes + size < max_bytes:
+            newest = work.buffer.add(rows)  # the usual case: no segment ends inside this run
             work.buffer_bytes += size
-        else:
-            for row, rec_size in zip(rows, sizes, strict=True):
-                if not work.buffer:
-                    work.buffer_since = time.monotonic()
-                work.buffer.append(row)
-                work.buffer_bytes += rec_size
-                if len(work.buffer) >= max_records or work.buffer_bytes >= max_bytes:
-                    work.position = row[0] + 1
+        else:  # the run is cut where each segment reaches a limit
+            start, newest = 0, 0
+            count, nbytes = work.buffer.records, work.buffer_bytes
+            for i, rec_size in enumerate(sizes):
+                count += 1
+                nbytes += rec_size
+                if count >= max_records or nbytes >= max_bytes:
+                    if not work.buffer.records:
+                        work.buffer_since = time.monotonic()
+                    newest = max(newest, work.buffer.add(rows[start:i + 1]))
+                    work.buffer_bytes = nbytes
+                    work.position = rows[i][0] + 1
                     self._flush(work)
+                    start, count, nbytes = i + 1, 0, 0
+            if start < len(rows):
+                work.buffer_since = time.monotonic()
+                newest = max(newest, work.buffer.add(rows[start:]))
+                work.buffer_bytes = nbytes
         work.position = rows[-1][0] + 1
-        work.newest_available_ts = max(work.newest_available_ts or 0, max([r[1] for r in rows]))
+        work.newest_available_ts = max(work.newest_available_ts or 0, newest)
         counts = self.consumed.setdefault(work.topic, [0, 0])
         counts[0] += len(rows)
         counts[1] += size
@@ -419,7 +428,7 @@ class BackupWorker(Job):
         now = time.monotonic()
         flush_s = self.cfg.flush_interval_ms / 1000
         for work in list(self.parts.values()):
-            if not work.buffer:
+            if not work.buffer.records:
                 continue
             if (now - work.buffer_since >= flush_s
                     or (work.target is not None and work.position >= work.target)):
@@ -430,19 +439,19 @@ class BackupWorker(Job):
 
     def _flush_all(self) -> None:
         for work in list(self.parts.values()):
-            if work.buffer:
+            if work.buffer.records:
                 self._flush(work)
         self._complete_sealed(wait=True)
 
     def _flush(self, work: PartitionWork) -> None:
         """Cut the partition's buffer into a segment and hand it to the sealing thread."""
-        records, nbytes, work.buffer, work.buffer_bytes = work.buffer, work.buffer_bytes, [], 0
-        covers_from, work.sealed_next = work.sealed_next, records[-1][0] + 1
+        records, nbytes, work.buffer, work.buffer_bytes = work.buffer, work.buffer_bytes, segments.SegmentBuffer(), 0
+        covers_from, work.sealed_next = work.sealed_next, records.last_offset + 1
         while len(self._sealing) >= SEALING_MAX:
             self._complete_sealed(wait=True, most=1)
         self._sealing.append(self._sealer.submit(self._seal, work, records, nbytes, covers_from))
 
-    def _seal(self, work: PartitionWork, records: list[tuple], nbytes: int, covers_from: int) -> Sealed:
+    def _seal(self, work: PartitionWork, records: segments.SegmentBuffer, nbytes: int, covers_from: int) -> Sealed:
         """The sealing thread: encode, compress and store a segment, then the checkpoint naming it."""
         sealed = self._sealing_now = Sealed(work, covers_from)
         if self._seal_failed.is_set():
@@ -450,14 +459,13 @@ class BackupWorker(Job):
             return sealed
         try:
             alg = self.cfg.compression
-            data, raw_size = segments.encode(work.topic, work.partition, records, alg)
-            start, end = records[0][0], records[-1][0] + 1
-            timestamps = [r[1] for r in records]
+            data, raw_size = records.seal(work.topic, work.partition, alg)
+            start, end = records.first_offset, records.last_offset + 1
             info = layout.SegmentInfo(
                 key=layout.segment_key(self.id, work.topic, work.partition, start, alg),
-                start_offset=start, end_offset=end, records=len(records), bytes=nbytes,
+                start_offset=start, end_offset=end, records=records.records, bytes=nbytes,
                 uncompressed_bytes=raw_size, stored_bytes=len(data), algorithm=alg,
-                min_ts=min(timestamps), max_ts=max(timestamps), sha256=layout.digest(data),
+                min_ts=records.min_ts, max_ts=records.max_ts, sha256=layout.digest(data),
                 covers_from=covers_from,
             )
             self.storage.put(info.key, data, "segment")

@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+import random
+import sys
+
+import pytest
+
 from kafka_backup.producers import segments
+
+
+def buffered(buffer: segments.SegmentBuffer) -> list[tuple]:
+    """What a segment buffer holds, decoded back to ``StoredRecord`` tuples (headers as tuples)."""
+    data, size = buffer.seal("t", 0, "none")
+    return [(r.offset, r.timestamp, r.timestamp_type, r.key, r.value, tuple(tuple(h) for h in r.headers))
+            for r in segments.decode(data, "none", size).records]
+
+
+@pytest.mark.parametrize("count", [1, 15, 16, 17, 65535, 65536, 70001])
+@pytest.mark.parametrize("topic", ["t", "a" * 249, "b" * 300])
+def test_a_segment_encoded_as_its_runs_arrive_is_byte_for_byte_the_segment_of_its_records(count, topic):
+    """Around the sizes where msgpack's array header changes form (fixarray, array16, array32), and
+    with Kafka's longest topic name (the head fits the room kept for it) and a longer one (it does not)."""
+    rng = random.Random(count)
+    rows = [(1000 + i, 1_790_000_000_000 + rng.randrange(10_000), 1 + i % 2, None if i % 5 == 0 else b"k%d" % i,
+             None if i % 7 == 0 else b"v" * (i % 50), (("h", b"%d" % i), ("n", None)) if i % 3 == 0 else ())
+            for i in range(count)]
+    buffer, i = segments.SegmentBuffer(), 0
+    while i < count:
+        j = min(count, i + rng.randint(1, 2000))
+        buffer.add(rows[i:j])
+        i = j
+    for alg in ("none", "zstd"):
+        assert buffer.seal(topic, 5, alg) == segments.encode(topic, 5, rows, alg)
+    assert (buffer.records, buffer.first_offset, buffer.last_offset) == (count, 1000, 1000 + count - 1)
+    assert (buffer.min_ts, buffer.max_ts) == (min(r[1] for r in rows), max(r[1] for r in rows))
 
 
 def test_tuples_and_stored_records_make_the_same_segment():
@@ -76,21 +108,21 @@ def test_take_buffers_each_run_of_a_batch_and_skips_partitions_not_owned():
              FakeMessage("t", 0, 2, value=None),
              FakeMessage("t", 2, 9, error=Eof())]
     worker._take(batch)
-    assert [r[0] for r in mine.buffer] == [0, 1, 2]
-    assert mine.buffer[0] == (0, 1_790_000_000_000, 1, b"k", b"vv", (("h", b"1"),))
-    assert mine.buffer[1][3] is None and mine.buffer[2][4] is None and mine.buffer[1][5] == ()
+    rows = buffered(mine.buffer)
+    assert [r[0] for r in rows] == [0, 1, 2]
+    assert rows[0] == (0, 1_790_000_000_000, 1, b"k", b"vv", (("h", b"1"),))
+    assert rows[1][3] is None and rows[2][4] is None and rows[1][5] == ()
     assert mine.buffer_bytes == 3 + 2 + 1 and mine.position == 3
-    assert [r[0] for r in capped.buffer] == [5] and capped.position == 6
+    assert [r[0] for r in buffered(capped.buffer)] == [5] and capped.position == 6
     assert worker.consumed == {"t": [4, 3 + 2 + 1 + 3]}
     assert mine.newest_available_ts == 1_790_000_000_002 and capped.newest_available_ts == 1_790_000_000_005
 
 
-def test_buffered_records_cost_the_garbage_collector_nothing():
-    """A buffered row holds only atomic values and tuples of them (headers as a tuple of tuples, none
-    as the empty tuple): the collector stops tracking it within its first passes, so a buffer of millions of
-    records is not walked again by every full collection (with headers as lists, every row stayed
-    tracked: 0.1-0.25 s of collections per 300,000 records)."""
-    import gc
+def test_buffered_records_are_held_encoded_not_as_objects():
+    """A fetched run is encoded into its segment's buffer at once and its objects let go: a segment's
+    50,000 records held as Python objects until it was cut cost the fetch loop a third of its rate
+    (memory no longer reused, caches cold; bench/backup.py). Before that, rows whose headers were
+    lists stayed tracked by the garbage collector and every full collection walked them."""
     from types import SimpleNamespace
 
     from kafka_backup.producers.backup import BackupWorker, PartitionWork
@@ -100,11 +132,12 @@ def test_buffered_records_cost_the_garbage_collector_nothing():
     worker.consumed = {}
     work = PartitionWork("t", 0, 0, None, None)  # type: ignore[arg-type]
     worker.parts = {"t/0": work}
-    worker._take([FakeMessage("t", 0, 0, headers=[("h", b"1"), ("n", None)]), FakeMessage("t", 0, 1),
+    value = b"a value no other object holds " + bytes(range(64))
+    before = sys.getrefcount(value)
+    worker._take([FakeMessage("t", 0, 0, headers=[("h", b"1"), ("n", None)], value=value), FakeMessage("t", 0, 1),
                   FakeMessage("t", 0, 2, key=None, value=None, headers=[])])
-    gc.collect()
-    gc.collect()  # a tuple is untracked once what it holds is: a header's tuple may be seen after its row's
-    assert [gc.is_tracked(row) for row in work.buffer] == [False, False, False]
+    assert sys.getrefcount(value) == before  # the buffer holds its bytes, not it
+    assert buffered(work.buffer)[0][4] == value and work.buffer.records == 3
 
 
 def test_take_cuts_segments_inside_a_run_where_the_record_or_byte_limit_is_reached():
@@ -117,18 +150,18 @@ def test_take_cuts_segments_inside_a_run_where_the_record_or_byte_limit_is_reach
     worker.consumed = {}
     work = PartitionWork("t", 0, 0, None, None)  # type: ignore[arg-type]
     worker.parts = {"t/0": work}
-    segments: list[tuple[list[int], int, int]] = []  # (offsets, buffered bytes, position) at each cut
+    cuts: list[tuple[list[int], int, int]] = []  # (offsets, buffered bytes, position) at each cut
 
     def flush(w: PartitionWork) -> None:
-        segments.append(([r[0] for r in w.buffer], w.buffer_bytes, w.position))
-        w.buffer, w.buffer_bytes = [], 0
+        cuts.append(([r[0] for r in buffered(w.buffer)], w.buffer_bytes, w.position))
+        w.buffer, w.buffer_bytes = segments.SegmentBuffer(), 0
 
     worker._flush = flush  # type: ignore[method-assign]
     sizes = [2, 2, 2, 2, 9, 1, 1, 1, 1]  # key + value bytes of offsets 0..8
     worker._take([FakeMessage("t", 0, o, key=b"", value=b"x" * n) for o, n in enumerate(sizes)])
     # 3 records (the record limit); 2 + 9 >= 10 bytes (the byte limit); 3 records again; 1 left over
-    assert segments == [([0, 1, 2], 6, 3), ([3, 4], 11, 5), ([5, 6, 7], 3, 8)]
-    assert [r[0] for r in work.buffer] == [8] and work.buffer_bytes == 1 and work.position == 9
+    assert cuts == [([0, 1, 2], 6, 3), ([3, 4], 11, 5), ([5, 6, 7], 3, 8)]
+    assert [r[0] for r in buffered(work.buffer)] == [8] and work.buffer_bytes == 1 and work.position == 9
     assert worker.consumed == {"t": [9, sum(sizes)]}
 
 
