@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
-import yaml
 
 from kafka_backup.schemas import topics
 
@@ -379,6 +378,8 @@ def parse_properties(text: str, source: str) -> dict[str, Any]:
     Java client.properties file."""
     stripped = text.strip()
     if stripped.startswith("{"):
+        import yaml  # here: 10 ms at every start otherwise, for what few runs use
+
         try:
             loaded = yaml.safe_load(stripped)
         except yaml.YAMLError:
@@ -463,6 +464,8 @@ def _check(cfg: Config) -> None:
 
 def read_yaml(path: str, field: str) -> Any:
     """A YAML file's content; an unreadable or invalid file is one line naming ``field``."""
+    import yaml  # here: 10 ms at every start otherwise, for what few runs use
+
     try:
         with open(path, encoding="utf-8") as fh:
             return yaml.safe_load(fh)
