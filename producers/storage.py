@@ -78,9 +78,12 @@ class FileBackend:
         return path
 
     def put(self, key: str, data: bytes) -> None:
+        """Durable once it returns: the file's bytes and its name (a rename is recorded in its
+        directory, which is synced too, and so are the directories this call created: without it, a
+        power loss could keep a checkpoint that names a segment whose rename was lost)."""
         path = self._path(key)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _makedirs_durably(os.path.dirname(path))
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
             try:
                 with os.fdopen(fd, "wb") as fh:
@@ -92,6 +95,7 @@ class FileBackend:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
+            _fsync_dir(os.path.dirname(path))
         except OSError as err:
             raise _classify_os(err, key) from None
 
@@ -113,6 +117,33 @@ class FileBackend:
             return []
         except OSError as err:
             raise _classify_os(err, prefix) from None
+
+
+def _fsync_dir(path: str) -> None:
+    """Make the names in a directory durable (POSIX; elsewhere a directory cannot be opened to sync)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durably(path: str) -> None:
+    """``os.makedirs``, then each created directory's name synced in its parent."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not missing:
+        return
+    os.makedirs(missing[0], exist_ok=True)
+    for created in reversed(missing):
+        _fsync_dir(os.path.dirname(created))
 
 
 def _classify_os(err: OSError, key: str) -> StorageError:

@@ -114,3 +114,27 @@ def test_spool_keeps_order_and_survives_a_crash(tmp_path):
     assert out == [b"event-1", b"event-2", b"event-3", b"event-4"]
     again.close()
     assert not os.path.exists(path)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names synced files through /proc")
+def test_a_file_put_syncs_the_file_then_its_name_and_the_directories_it_created(tmp_path, monkeypatch):
+    """A rename is durable only once its directory is synced: otherwise a power loss can keep a
+    checkpoint naming a segment whose own rename was lost."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    backend = FileBackend(str(tmp_path))
+    backend.put("bk/topics/t/0/checkpoint.json", b"{}")
+    root = str(tmp_path)
+    assert synced[:4] == [root, f"{root}/bk", f"{root}/bk/topics", f"{root}/bk/topics/t"]  # each new name
+    assert synced[4].startswith(f"{root}/bk/topics/t/0/.tmp-")  # the bytes, under the temporary name
+    assert synced[5:] == [f"{root}/bk/topics/t/0"]  # then the rename
+    synced.clear()
+    backend.put("bk/topics/t/0/checkpoint.json", b"{\"v\": 2}")  # nothing created: the file and its name
+    assert len(synced) == 2 and synced[1] == f"{root}/bk/topics/t/0"
+    assert (tmp_path / "bk/topics/t/0/checkpoint.json").read_bytes() == b"{\"v\": 2}"
