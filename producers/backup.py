@@ -12,13 +12,17 @@ One poll cycle (``poll_interval_ms``) = one ``consume()`` batch and one
 ``Progress`` event carrying every assigned partition: few, dense events keep
 the aggregator far below its per-event cost ceiling.
 
-Sealing a segment (encode, compress, digest, then storing the segment, its index chunks and the
-checkpoint, in that order) runs in one worker thread while the loop goes on fetching: compression
-and storage round trips (an S3 upload) no longer stop the fetch loop. Sealed segments are completed
-on the loop's thread in the order they were cut: only then do the partition's durable offset move,
-its ``SegmentStored`` go out and its group offset get committed. At most ``SEALING_MAX`` segments
-are in the thread's hands; after a failed seal the thread seals nothing more (a later segment's
-checkpoint would step over the lost one), and the run fails as it did when sealing was inline.
+Sealing a segment (compress, digest, then storing the segment, its index chunks and the
+checkpoint, in that order) runs in worker threads while the loop goes on fetching: compression
+and storage round trips (an S3 upload) no longer stop the fetch loop. ``SEALERS`` threads seal
+segments of different partitions at once (a run over many partitions ends with one segment each
+to store: one after the other, 128 partitions took 384 storage writes in a row); one partition's
+segments are sealed one after the other, in order, each waiting for the one before. Sealed segments
+are completed on the loop's thread in the order they were cut: only then do the partition's durable
+offset move, its ``SegmentStored`` go out and its group offset get committed. At most ``SEALERS``
+segments, and ``SEALING_MAX_BYTES`` of records unless it is one, are in the threads' hands; after a
+failed seal nothing more is sealed (a later segment's checkpoint would step over the lost one), and
+the run fails as it did when sealing was inline.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ from kafka_backup.schemas.topics import AGGREGATOR_APP_ID, consumer_group
 log = logging.getLogger("kafka_backup.backup")
 
 CONFIRM_WAIT_S = 10.0  # at the end of a run, how long to resend lost reports and wait for acknowledgements
-SEALING_MAX = 2  # segments handed to the sealing thread and not completed yet: bounds the memory they hold
+SEALERS = 8  # threads sealing segments of different partitions at once (boto3 pools 10 connections)
+SEALING_MAX_BYTES = 32 * 1024 * 1024  # records handed to them and not completed yet, unless one segment: memory
 GROUPS_READING_WAIT_S = 20.0  # at the end: how long a reading of consumer groups under way may finish
 CHECKPOINT_READERS = 8  # checkpoints read at once at start and on assignment (boto3 pools 10 connections)
 
@@ -83,6 +88,7 @@ class Sealed:
 
     work: PartitionWork
     covers_from: int
+    nbytes: int = 0  # key + value bytes of its records
     ops: list[OpReport] = field(default_factory=list)
     info: layout.SegmentInfo | None = None
     head: layout.Checkpoint | None = None
@@ -108,6 +114,7 @@ class PartitionWork:
     # segment's coverage starts (the loop's ``checkpoint``/``next_offset`` follow once each completes)
     sealed_checkpoint: layout.Checkpoint = field(init=False)
     sealed_next: int = field(init=False)
+    sealing: Future[Sealed] | None = None  # the loop's: its last segment handed to the sealing threads
 
     def __post_init__(self) -> None:
         self.sealed_checkpoint, self.sealed_next = self.checkpoint, self.next_offset
@@ -143,11 +150,11 @@ class BackupWorker(Job):
         self.groups_due = 0.0  # continuous: when the consumer groups' offsets are read next (monotonic)
         # continuous: a reading of them under way in a thread, off the fetch loop
         self._groups_reading: Future[tuple[dict[str, layout.GroupSnapshot], list[str]]] | None = None
-        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")  # one: segments stay in order
+        self._sealer = ThreadPoolExecutor(max_workers=SEALERS, thread_name_prefix="seal")
+        self._sealing_bytes = 0  # key + value bytes of the segments in self._sealing
         self._sealing: deque[Future[Sealed]] = deque()
         self._seal_failed = threading.Event()
-        self._loop_thread = threading.get_ident()
-        self._sealing_now: Sealed | None = None  # the sealing thread's current segment (its storage calls)
+        self._sealing_now = threading.local()  # .sealed: a sealing thread's current segment (its storage calls)
         storage.listener = self._on_storage_op
         self.consumer = Consumer(client_config(
             bootstrap_servers,
@@ -166,8 +173,9 @@ class BackupWorker(Job):
     # -- telemetry hooks -------------------------------------------------
 
     def _on_storage_op(self, r: OpReport) -> None:
-        if threading.get_ident() != self._loop_thread and self._sealing_now is not None:
-            self._sealing_now.ops.append(r)  # the emitter is the loop thread's alone: reported on completion
+        sealed = getattr(self._sealing_now, "sealed", None)
+        if sealed is not None:
+            sealed.ops.append(r)  # reported on completion, on the loop's thread, in the order cut
             return
         self.emitter.storage_op(self.storage.name, r)
 
@@ -447,15 +455,22 @@ class BackupWorker(Job):
         """Cut the partition's buffer into a segment and hand it to the sealing thread."""
         records, nbytes, work.buffer, work.buffer_bytes = work.buffer, work.buffer_bytes, segments.SegmentBuffer(), 0
         covers_from, work.sealed_next = work.sealed_next, records.last_offset + 1
-        while len(self._sealing) >= SEALING_MAX:
+        while self._sealing and (len(self._sealing) >= SEALERS or self._sealing_bytes + nbytes > SEALING_MAX_BYTES):
             self._complete_sealed(wait=True, most=1)
-        self._sealing.append(self._sealer.submit(self._seal, work, records, nbytes, covers_from))
+        work.sealing = self._sealer.submit(self._seal, work, records, nbytes, covers_from, work.sealing)
+        self._sealing.append(work.sealing)
+        self._sealing_bytes += nbytes
 
-    def _seal(self, work: PartitionWork, records: segments.SegmentBuffer, nbytes: int, covers_from: int) -> Sealed:
-        """The sealing thread: encode, compress and store a segment, then the checkpoint naming it."""
-        sealed = self._sealing_now = Sealed(work, covers_from)
-        if self._seal_failed.is_set():
+    def _seal(self, work: PartitionWork, records: segments.SegmentBuffer, nbytes: int, covers_from: int,
+              previous: Future[Sealed] | None) -> Sealed:
+        """A sealing thread: compress and store a segment, then the checkpoint naming it, once the
+        partition's previous segment (``previous``) is sealed: it names that one's checkpoint."""
+        if previous is not None:
+            wait((previous,))  # submitted before this one, so started before it: never a thread short
+        sealed = self._sealing_now.sealed = Sealed(work, covers_from, nbytes)
+        if self._seal_failed.is_set() or (previous is not None and previous.cancelled()):
             sealed.error = SealingStopped(f"{work.tp}: not sealed, an earlier segment failed")
+            self._sealing_now.sealed = None
             return sealed
         try:
             alg = self.cfg.compression
@@ -478,7 +493,7 @@ class BackupWorker(Job):
             self._seal_failed.set()
             sealed.error = err
         finally:
-            self._sealing_now = None
+            self._sealing_now.sealed = None
         return sealed
 
     def _complete_sealed(self, wait: bool = False, most: int | None = None) -> None:
@@ -489,6 +504,7 @@ class BackupWorker(Job):
         done = 0
         while self._sealing and (wait or self._sealing[0].done()) and (most is None or done < most):
             sealed = self._sealing.popleft().result()
+            self._sealing_bytes -= sealed.nbytes
             for op in sealed.ops:
                 self.emitter.storage_op(self.storage.name, op)
             if sealed.error is not None:
@@ -509,16 +525,22 @@ class BackupWorker(Job):
         leaves its checkpoints as they are.
         """
         self.reporter.confirm(CONFIRM_WAIT_S)
-        for work in self.parts.values():
-            cp, reported = work.checkpoint, work.reports.reported_offset
-            if reported <= cp.reported_offset or not cp.segment_count:
+        moved = [(work, msgspec.structs.replace(work.checkpoint, reported_offset=work.reports.reported_offset))
+                 for work in self.parts.values()
+                 if work.reports.reported_offset > work.checkpoint.reported_offset and work.checkpoint.segment_count]
+        if not moved:
+            return
+        # SEALERS writes at a time: one after the other, 128 partitions took 128 storage round trips
+        with ThreadPoolExecutor(max_workers=min(SEALERS, len(moved)), thread_name_prefix="confirm") as pool:
+            writes = [(work, pool.submit(self._write_checkpoint, work, cp)) for work, cp in moved]
+        for work, write in writes:
+            if (err := write.exception()) is None:
                 continue
-            try:
-                self._write_checkpoint(work, msgspec.structs.replace(cp, reported_offset=reported))
-            except StorageError as err:
-                log.warning("%s: could not record confirmed telemetry in the checkpoint (%s); "
-                            "the next run reports its last segments again", work.tp, err)
-                return
+            if not isinstance(err, StorageError):
+                raise err
+            log.warning("%s: could not record confirmed telemetry in the checkpoint (%s); "
+                        "the next run reports its last segments again", work.tp, err)
+            return  # once: the others most likely failed alike
 
     def _read_index(self, key: str) -> bytes:
         return self.storage.get(key, "index")

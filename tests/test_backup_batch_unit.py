@@ -245,8 +245,9 @@ def test_segments_are_sealed_off_the_loop_and_completed_on_it_in_order(tmp_path)
     worker, emitter, loop = sealing_worker(tmp_path, backend)
     worker._take([FakeMessage("t", 0, o) for o in range(6)])
     worker._flush_all()
-    assert backend.puts == [(k, "seal_0") for k in (".seg", "checkpoint.json", "2.seg", "checkpoint.json",
-                                                    "4.seg", "checkpoint.json")]
+    assert [k for k, _ in backend.puts] == [".seg", "checkpoint.json", "2.seg", "checkpoint.json", "4.seg",
+                                            "checkpoint.json"]  # one partition's: one after the other, in order
+    assert all(thread.startswith("seal_") for _, thread in backend.puts)
     assert [(name, f.get("operation")) for name, f, _ in emitter.events] == [
         ("StorageOp", "segment"), ("StorageOp", "checkpoint"), ("SegmentStored", None), ("OffsetsCommitted", None),
     ] * 3
@@ -284,6 +285,44 @@ def test_after_a_failed_seal_nothing_later_is_stored_and_the_run_fails_with_that
     assert [(name, f.get("operation"), f.get("error") is not None) for name, f, _ in emitter.events] == [
         ("StorageOp", "segment", False), ("StorageOp", "checkpoint", False), ("SegmentStored", None, False),
         ("OffsetsCommitted", None, False), ("StorageOp", "segment", True)]
+
+
+def test_segments_of_different_partitions_are_sealed_at_once_and_each_partition_s_in_order(tmp_path):
+    """Four partitions, two segments each (eight: as many as SEALERS, so none waits to be handed
+    over): the first segment of every partition is stored at a barrier of four (sealed one after the other, the first would wait there alone and fail); each
+    partition's segments and checkpoints are still stored in order, and completed in the order cut."""
+    import threading
+
+    from kafka_backup.producers import layout
+    from kafka_backup.producers.backup import SEALERS
+    from kafka_backup.producers.storage import FileBackend, Storage
+
+    assert SEALERS >= 8
+    meet = threading.Barrier(4, timeout=10)
+    puts: list[tuple[int, str]] = []
+    lock = threading.Lock()
+
+    class Together(FileBackend):
+        def put(self, key, data):
+            partition, name = int(key.split("/")[3]), key.split("/")[4]
+            if name == "00000000000000000000.seg":
+                meet.wait()
+            with lock:
+                puts.append((partition, name.lstrip("0")))
+            super().put(key, data)
+
+    worker, emitter, _loop = sealing_worker(tmp_path, Together(str(tmp_path)))
+    for p in range(1, 4):
+        worker._load_partition("t", p, None)
+    worker._take([FakeMessage("t", p, o) for p in range(4) for o in range(4)])  # cut at 2 records each
+    worker._flush_all()
+    for p in range(4):
+        assert [name for q, name in puts if q == p] == [".seg", "checkpoint.json", "2.seg", "checkpoint.json"], p
+        cp = layout.read_checkpoint(Storage(FileBackend(str(tmp_path))), "b1", "t", p)
+        assert cp is not None and cp.next_offset == 4 and cp.segment_count == 2
+    stored = [(f["partition"], f["start_offset"]) for name, f, _ in emitter.events if name == "SegmentStored"]
+    assert stored == [(p, o) for p in range(4) for o in (0, 2)]  # completed in the order cut
+    assert worker.consumer.offsets == [("t", p, o) for p in range(4) for o in (2, 4)]
 
 
 def test_checkpoints_are_read_several_at_a_time_each_for_its_own_partition(tmp_path):
