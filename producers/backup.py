@@ -236,7 +236,10 @@ class BackupWorker(Job):
         self.stopping = True
 
     def _start(self) -> None:
-        admin = AdminClient(client_config(self.bootstrap))
+        # kept for the consumer groups' offsets read later: one connection fewer to set up (a TLS and
+        # SASL handshake on a secured cluster; up to 50 ms each on the dev broker, which accepts
+        # connections slowly while others are open), closed in after_end
+        admin = self._admin = AdminClient(client_config(self.bootstrap))
         metadata = admin.list_topics(timeout=15)
         counts = {}
         for topic in self.cfg.topics:

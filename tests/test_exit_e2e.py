@@ -61,6 +61,11 @@ def test_backup_restore_and_offset_reset_leave_no_admin_client_behind(broker, tm
         r = run_in_process(*args)
         assert r.returncode == 0, (args[0], r.stderr[-2000:])
         assert "background threads left: 0" in r.stdout, (args[0], r.stdout[-2000:])
+    # a run that fails (a user mistake found once connected: exit 2) cleans up as well
+    r = run_in_process("backup", "--bootstrap-servers", broker, "--topics", unique("missing"), "--backup-id",
+                       unique("bk-exit"), "--storage", url)
+    assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr[-2000:]
+    assert "background threads left: 0" in r.stdout, r.stdout[-2000:]
 
 
 @pytest.mark.e2e
