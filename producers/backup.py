@@ -397,11 +397,9 @@ class BackupWorker(Job):
         buffer, cutting a segment wherever it reaches ``segment_max_records`` or ``_max_bytes``."""
         sizes = [len(r[3] or b"") + len(r[4] or b"") for r in rows]
         size = sum(sizes)
-        if not work.buffer.records:
-            work.buffer_since = time.monotonic()
         max_records, max_bytes = self.cfg.segment_max_records, self.cfg.segment_max_bytes
         if work.buffer.records + len(rows) < max_records and work.buffer_bytes + size < max_bytes:
-            newest = work.buffer.add(rows)  # the usual case: no segment ends inside this run
+            newest = self._append(work, rows)  # the usual case: no segment ends inside this run
             work.buffer_bytes += size
         else:  # the run is cut where each segment reaches a limit
             start, newest = 0, 0
@@ -410,22 +408,26 @@ class BackupWorker(Job):
                 count += 1
                 nbytes += rec_size
                 if count >= max_records or nbytes >= max_bytes:
-                    if not work.buffer.records:
-                        work.buffer_since = time.monotonic()
-                    newest = max(newest, work.buffer.add(rows[start:i + 1]))
+                    newest = max(newest, self._append(work, rows[start:i + 1]))
                     work.buffer_bytes = nbytes
                     work.position = rows[i][0] + 1
                     self._flush(work)
                     start, count, nbytes = i + 1, 0, 0
             if start < len(rows):
-                work.buffer_since = time.monotonic()
-                newest = max(newest, work.buffer.add(rows[start:]))
+                newest = max(newest, self._append(work, rows[start:]))
                 work.buffer_bytes = nbytes
         work.position = rows[-1][0] + 1
         work.newest_available_ts = max(work.newest_available_ts or 0, newest)
         counts = self.consumed.setdefault(work.topic, [0, 0])
         counts[0] += len(rows)
         counts[1] += size
+
+    @staticmethod
+    def _append(work: PartitionWork, rows: list[tuple]) -> int:
+        """Add records to the partition's buffer, whose age counts from its first; their newest timestamp."""
+        if not work.buffer.records:
+            work.buffer_since = time.monotonic()
+        return work.buffer.add(rows)
 
     def _reached_end(self, msg: Message) -> None:
         """All records up to the end were delivered: the position steps over transaction markers too.
@@ -470,11 +472,11 @@ class BackupWorker(Job):
         partition's previous segment (``previous``) is sealed: it names that one's checkpoint."""
         if previous is not None:
             wait((previous,))  # submitted before this one, so started before it: never a thread short
-        sealed = self._sealing_now.sealed = Sealed(work, covers_from, nbytes)
+        sealed = Sealed(work, covers_from, nbytes)
         if self._seal_failed.is_set() or (previous is not None and previous.cancelled()):
             sealed.error = SealingStopped(f"{work.tp}: not sealed, an earlier segment failed")
-            self._sealing_now.sealed = None
             return sealed
+        self._sealing_now.sealed = sealed
         try:
             alg = self.cfg.compression
             data, raw_size = records.seal(work.topic, work.partition, alg)

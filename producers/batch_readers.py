@@ -84,22 +84,23 @@ class BatchReaders:
 
     def check(self) -> bool:
         """Ask once; tell ``on_change`` if the answer differs from the last one."""
+        failure: Exception | None = None
         try:
             members = self._describe(self.group)
         except Exception as err:  # any failure: single-event records, which every aggregator reads
-            if self._stop.is_set():  # stopped while asking: the answer no longer matters
-                return bool(self.batching)
-            batching, why = False, f"it cannot be described ({err})"
-            if str(err) != self._failed:
-                self._failed = str(err)
-                log.warning("telemetry: cannot describe aggregator group %s (%s): sending single-event records; "
-                            "grant this worker Describe on the group (docs/security.md) or set "
-                            "telemetry.batch_events true or false", self.group, err)
-        else:
-            if self._stop.is_set():
-                return bool(self.batching)
+            failure = err
+        if self._stop.is_set():  # stopped while asking: the answer no longer matters
+            return bool(self.batching)
+        if failure is None:
             batching, why = verdict(members)
             self._failed = None
+        else:
+            batching, why = False, f"it cannot be described ({failure})"
+            if str(failure) != self._failed:
+                self._failed = str(failure)
+                log.warning("telemetry: cannot describe aggregator group %s (%s): sending single-event records; "
+                            "grant this worker Describe on the group (docs/security.md) or set "
+                            "telemetry.batch_events true or false", self.group, failure)
         if batching != self.batching:
             self.batching = batching
             log.info("telemetry: aggregator group %s: %s: sending %s records", self.group, why,

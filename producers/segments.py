@@ -129,9 +129,6 @@ class SegmentBuffer:
         self.first_offset = self.last_offset = -1
         self.min_ts = self.max_ts = 0
 
-    def __len__(self) -> int:
-        return self.records
-
     def add(self, rows: list[tuple]) -> int:
         """Append a run of records, in offset order (tuples of ``StoredRecord``'s fields); return the
         run's newest timestamp."""
