@@ -120,12 +120,20 @@ class FileBackend:
 
 
 def _fsync_dir(path: str) -> None:
-    """Make the names in a directory durable (POSIX; elsewhere a directory cannot be opened to sync)."""
+    """Make the names in a directory durable (POSIX; elsewhere a directory cannot be opened to sync).
+
+    A filesystem that cannot sync a directory (some network and FUSE mounts answer EINVAL or
+    EBADF, as PostgreSQL's ``fsync_fname`` also allows for) has no way to make a rename durable:
+    that is no failed write, and every backup to it must not start failing; any other error is one.
+    """
     if os.name != "posix":
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import boto3
@@ -138,3 +139,25 @@ def test_a_file_put_syncs_the_file_then_its_name_and_the_directories_it_created(
     backend.put("bk/topics/t/0/checkpoint.json", b"{\"v\": 2}")  # nothing created: the file and its name
     assert len(synced) == 2 and synced[1] == f"{root}/bk/topics/t/0"
     assert (tmp_path / "bk/topics/t/0/checkpoint.json").read_bytes() == b"{\"v\": 2}"
+
+
+@pytest.mark.parametrize("code, fails", [(errno.EINVAL, False), (errno.ENOTSUP, False), (errno.EIO, True)])
+def test_a_filesystem_that_cannot_sync_a_directory_still_takes_writes_but_a_failing_one_does_not(
+        tmp_path, monkeypatch, code, fails):
+    """Some network and FUSE mounts refuse to fsync a directory (EINVAL): every backup to them must not
+    start failing for it. A directory sync that fails for another reason (EIO) is a failed write."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    backend = FileBackend(str(tmp_path))
+    if fails:
+        with pytest.raises(StorageError):
+            backend.put("bk/k", b"data")
+    else:
+        backend.put("bk/k", b"data")
+        assert (tmp_path / "bk/k").read_bytes() == b"data"
