@@ -153,6 +153,7 @@ class BackupWorker(Job):
         self._sealer = ThreadPoolExecutor(max_workers=SEALERS, thread_name_prefix="seal")
         self._sealing_bytes = 0  # key + value bytes of the segments in self._sealing
         self._sealing: deque[Future[Sealed]] = deque()
+        self._uncommitted: dict[str, PartitionWork] = {}  # segments completed, offset not committed yet
         self._seal_failed = threading.Event()
         self._sealing_now = threading.local()  # .sealed: a sealing thread's current segment (its storage calls)
         storage.listener = self._on_storage_op
@@ -503,24 +504,31 @@ class BackupWorker(Job):
 
     def _complete_sealed(self, wait: bool = False, most: int | None = None) -> None:
         """On the loop's thread, in the order they were cut: each sealed segment's storage calls are
-        reported, then the partition's durable offset moves, its ``SegmentStored`` goes out and its
-        offset is committed; a failed one raises its error. ``wait``: for the oldest ``most`` (all)
-        still being sealed too."""
+        reported, then the partition's durable offset moves and its ``SegmentStored`` goes out; a
+        failed one raises its error. ``wait``: for the oldest ``most`` (all) still being sealed too.
+        Then (unless only ``most`` were waited for, to make room, and none failed) the completed
+        partitions' offsets are committed, in one request."""
         done = 0
-        while self._sealing and (wait or self._sealing[0].done()) and (most is None or done < most):
-            sealed = self._sealing.popleft().result()
-            self._sealing_bytes -= sealed.nbytes
-            for op in sealed.ops:
-                self.emitter.storage_op(self.storage.name, op)
-            if sealed.error is not None:
-                raise sealed.error
-            work, info = sealed.work, sealed.info
-            assert info is not None and sealed.head is not None
-            work.checkpoint, work.next_offset = sealed.head, info.end_offset
-            work.newest_stored_ts = max(work.newest_stored_ts or 0, info.max_ts or 0)
-            self.reporter.report(work.reports, info, sealed.covers_from)
-            self._commit(work)
-            done += 1
+        try:
+            while self._sealing and (wait or self._sealing[0].done()) and (most is None or done < most):
+                sealed = self._sealing.popleft().result()
+                self._sealing_bytes -= sealed.nbytes
+                for op in sealed.ops:
+                    self.emitter.storage_op(self.storage.name, op)
+                if sealed.error is not None:
+                    raise sealed.error
+                work, info = sealed.work, sealed.info
+                assert info is not None and sealed.head is not None
+                work.checkpoint, work.next_offset = sealed.head, info.end_offset
+                work.newest_stored_ts = max(work.newest_stored_ts or 0, info.max_ts or 0)
+                self.reporter.report(work.reports, info, sealed.covers_from)
+                self._uncommitted[work.tp] = work
+                done += 1
+        except BaseException:
+            self._commit()  # what completed before a failure is stored: its offsets still go out
+            raise
+        if most is None:
+            self._commit()
 
     def _save_confirmations(self) -> None:
         """At the end of a run, record in each checkpoint how far its reports were acknowledged.
@@ -558,24 +566,40 @@ class BackupWorker(Job):
     def _store_checkpoint(self, work: PartitionWork, cp: layout.Checkpoint) -> None:
         self.storage.put(layout.checkpoint_key(self.id, work.topic, work.partition), layout.encode(cp), "checkpoint")
 
-    def _commit(self, work: PartitionWork) -> None:
-        offsets = [TopicPartition(work.topic, work.partition, work.next_offset)]
+    def _commit(self) -> None:
+        """Commit the durable offsets of the partitions whose segments completed since the last
+        commit, in one request (one a segment, 128 partitions were 128 round trips on the fetch loop).
+
+        The checkpoint in storage is the truth for resuming; the group's offsets only show lag to
+        Kafka's own tools. So a failure is reported and retried twice, then left to the next commit.
+        """
+        works, self._uncommitted = self._uncommitted, {}
+        offsets = [TopicPartition(w.topic, w.partition, w.next_offset) for w in works.values()]
         for attempt in range(3):
+            if not offsets:
+                return
             try:
-                self.consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as err:
-                error_type, transient = classify_kafka_error(err.args[0])
-                self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient,
-                                  operation="commit", message=err.args[0].str()[:500])
-                if attempt < 2:
-                    self.emitter.emit(ev.Retry, operation="commit")
-                    time.sleep(0.2 * (attempt + 1))
-                continue
-            self.emitter.emit(ev.OffsetsCommitted, offsets=[
-                ev.TopicPartitionOffset(work.topic, work.partition, work.next_offset)])
-            return
-        # The checkpoint in storage stays the truth for resuming; only lag visibility suffers.
-        log.warning("offset commit for %s failed 3 times; continuing from the storage checkpoint", work.tp)
+                result = self.consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as err:  # the request failed as a whole
+                error: KafkaError | None = err.args[0]
+                failed, result = offsets, []
+            else:  # the reply says, per partition
+                failed = [tp for tp in result if tp.error is not None]
+                error = failed[0].error if failed else None
+            if committed := [ev.TopicPartitionOffset(tp.topic, tp.partition, tp.offset)
+                             for tp in result if tp.error is None]:
+                self.emitter.emit(ev.OffsetsCommitted, offsets=committed)
+            if error is None:
+                return
+            error_type, transient = classify_kafka_error(error)
+            self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=transient,
+                              operation="commit", message=error.str()[:500])
+            offsets = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp in failed]
+            if attempt < 2:
+                self.emitter.emit(ev.Retry, operation="commit")
+                time.sleep(0.2 * (attempt + 1))
+        log.warning("offset commit for %s failed 3 times; continuing from the storage checkpoint",
+                    ", ".join(f"{tp.topic}/{tp.partition}" for tp in offsets))
 
     def _watermark(self, work: PartitionWork) -> int:
         tp = TopicPartition(work.topic, work.partition)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from kafka_backup.producers import segments
+from kafka_backup.schemas import events as ev
 
 
 def buffered(buffer: segments.SegmentBuffer) -> list[tuple]:
@@ -191,9 +192,13 @@ class Commits:
 
     def __init__(self) -> None:
         self.offsets: list[tuple[str, int, int]] = []
+        self.requests = 0
 
-    def commit(self, offsets, asynchronous=True) -> None:
+    def commit(self, offsets, asynchronous=True):
+        assert not asynchronous
+        self.requests += 1
         self.offsets += [(tp.topic, tp.partition, tp.offset) for tp in offsets]
+        return offsets  # what the consumer returns: each with its error (none here)
 
 
 def sealing_worker(tmp_path, backend):
@@ -237,7 +242,7 @@ class Recording:
 def test_segments_are_sealed_off_the_loop_and_completed_on_it_in_order(tmp_path):
     """Six records, segments of two: each segment stored before the checkpoint naming it, by the
     sealing thread; each completed in order on the loop's thread: its storage calls reported, then
-    its SegmentStored, then its offset committed."""
+    its SegmentStored; then the offset after the last, committed once."""
     from kafka_backup.producers import layout
     from kafka_backup.producers.storage import FileBackend, Storage
 
@@ -249,15 +254,73 @@ def test_segments_are_sealed_off_the_loop_and_completed_on_it_in_order(tmp_path)
                                             "checkpoint.json"]  # one partition's: one after the other, in order
     assert all(thread.startswith("seal_") for _, thread in backend.puts)
     assert [(name, f.get("operation")) for name, f, _ in emitter.events] == [
-        ("StorageOp", "segment"), ("StorageOp", "checkpoint"), ("SegmentStored", None), ("OffsetsCommitted", None),
-    ] * 3
+        ("StorageOp", "segment"), ("StorageOp", "checkpoint"), ("SegmentStored", None),
+    ] * 3 + [("OffsetsCommitted", None)]
     stored = [(f["start_offset"], f["end_offset"], f["covers_from"]) for name, f, _ in emitter.events
               if name == "SegmentStored"]
     assert stored == [(0, 2, 0), (2, 4, 2), (4, 6, 4)]
-    assert worker.consumer.offsets == [("t", 0, 2), ("t", 0, 4), ("t", 0, 6)]
+    assert worker.consumer.offsets == [("t", 0, 6)]
     assert {ident for _, _, ident in emitter.events} == {loop}  # the emitter is the loop thread's alone
     cp = layout.read_checkpoint(Storage(FileBackend(str(tmp_path))), "b1", "t", 0)
     assert cp is not None and cp.next_offset == 6 and worker.parts["t/0"].next_offset == 6
+
+
+def test_a_commit_a_partition_refuses_is_reported_and_retried_for_that_partition_alone(tmp_path, monkeypatch):
+    """Two partitions' segments complete in one cycle: one commit request for both. The broker
+    refuses partition 1 (a partition-level error in the reply): partition 0's offset is reported
+    committed, the error is reported, and the retry asks for partition 1 alone. A commit that keeps
+    failing (the request itself) is reported each time, retried twice, then left to the next commit."""
+    from types import SimpleNamespace
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    from kafka_backup.producers import backup
+    from kafka_backup.producers.storage import FileBackend
+
+    monkeypatch.setattr(backup.time, "sleep", lambda s: None)
+    refused = KafkaError(KafkaError.OFFSET_METADATA_TOO_LARGE)
+
+    class Refusing(Commits):
+        def __init__(self, answers) -> None:
+            super().__init__()
+            self.answers = answers
+            self.asked: list[list[tuple[str, int, int]]] = []
+
+        def commit(self, offsets, asynchronous=True):
+            assert not asynchronous
+            self.asked.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
+            answer = self.answers.pop(0)
+            if isinstance(answer, KafkaError):
+                raise KafkaException(answer)
+            return [SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=tp.offset,
+                                    error=refused if tp.partition in answer else None) for tp in offsets]
+
+    worker, emitter, _loop = sealing_worker(tmp_path, FileBackend(str(tmp_path)))
+    worker._load_partition("t", 1, None)
+    worker.consumer = Refusing([{1}, set()])  # type: ignore[assignment]
+    worker._take([FakeMessage("t", p, o) for p in range(2) for o in range(2)])
+    worker._flush_all()
+    assert worker.consumer.asked == [[("t", 0, 2), ("t", 1, 2)], [("t", 1, 2)]]
+    reported = [(name, f.get("offsets"), f.get("operation")) for name, f, _ in emitter.events
+                if name in ("OffsetsCommitted", "ErrorRaised", "Retry")]
+    assert reported == [
+        ("OffsetsCommitted", [ev.TopicPartitionOffset("t", 0, 2)], None), ("ErrorRaised", None, "commit"),
+        ("Retry", None, "commit"), ("OffsetsCommitted", [ev.TopicPartitionOffset("t", 1, 2)], None)]
+    errors = [f for name, f, _ in emitter.events if name == "ErrorRaised"]
+    assert (errors[0]["error_type"], errors[0]["transient"]) == ("consumer_error", False)
+    assert errors[0]["message"] == "Broker: Offset metadata string too large"
+
+    emitter.events.clear()
+    down = KafkaError(KafkaError._TRANSPORT)
+    worker.consumer = Refusing([down, down, down])  # type: ignore[assignment]
+    worker._take([FakeMessage("t", 0, o) for o in range(2, 4)])
+    worker._flush_all()
+    assert worker.consumer.asked == [[("t", 0, 4)]] * 3
+    assert [(name, f.get("operation")) for name, f, _ in emitter.events
+            if name in ("OffsetsCommitted", "ErrorRaised", "Retry")] == [
+        ("ErrorRaised", "commit"), ("Retry", "commit"), ("ErrorRaised", "commit"), ("Retry", "commit"),
+        ("ErrorRaised", "commit")]
+    assert worker.parts["t/0"].next_offset == 4 and not worker._uncommitted  # stored; the next commit tries again
 
 
 def test_after_a_failed_seal_nothing_later_is_stored_and_the_run_fails_with_that_error(tmp_path):
@@ -284,7 +347,7 @@ def test_after_a_failed_seal_nothing_later_is_stored_and_the_run_fails_with_that
     assert worker.consumer.offsets == [("t", 0, 2)]
     assert [(name, f.get("operation"), f.get("error") is not None) for name, f, _ in emitter.events] == [
         ("StorageOp", "segment", False), ("StorageOp", "checkpoint", False), ("SegmentStored", None, False),
-        ("OffsetsCommitted", None, False), ("StorageOp", "segment", True)]
+        ("StorageOp", "segment", True), ("OffsetsCommitted", None, False)]  # the stored segment's offset still goes out
 
 
 def test_segments_of_different_partitions_are_sealed_at_once_and_each_partition_s_in_order(tmp_path):
@@ -322,7 +385,8 @@ def test_segments_of_different_partitions_are_sealed_at_once_and_each_partition_
         assert cp is not None and cp.next_offset == 4 and cp.segment_count == 2
     stored = [(f["partition"], f["start_offset"]) for name, f, _ in emitter.events if name == "SegmentStored"]
     assert stored == [(p, o) for p in range(4) for o in (0, 2)]  # completed in the order cut
-    assert worker.consumer.offsets == [("t", p, o) for p in range(4) for o in (2, 4)]
+    assert worker.consumer.offsets == [("t", p, 4) for p in range(4)]  # after the last segments, together
+    assert worker.consumer.requests == 1
 
 
 def test_checkpoints_are_read_several_at_a_time_each_for_its_own_partition(tmp_path):
