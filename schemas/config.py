@@ -194,6 +194,10 @@ class AggregatorConfig(_Section):
     # kill or a join as often with it as without (bench/rebalance_skips.py; each skip restarts the worker in
     # place, and the offset guard keeps the totals exact): false only to rule it out.
     eager_delivery: bool = True
+    # A fetch the broker answers with nothing new sooner than this: the next one waits the rest (a Kafka
+    # broker holds such a fetch for its wait, so this never pauses there; the dev broker answers at once,
+    # and the aggregator then fetched back to back: most of a core). 0: fetch again at once
+    empty_fetch_pause_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 50
 
 
 class RunConfig(_Section):

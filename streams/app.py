@@ -53,6 +53,7 @@ from kafka_backup.streams.guards import (
     OffsetGuard,
     check_faust_version,
     deliver_eagerly,
+    pace_empty_fetches,
     verify_copartitioned,
 )
 
@@ -99,6 +100,7 @@ def create_app(cfg: Config) -> faust.App:
     guard.guard_commits(app.consumer)
     if cfg.aggregator.eager_delivery:
         deliver_eagerly(app.consumer)
+    pace_empty_fetches(cfg.aggregator.empty_fetch_pause_ms / 1000)
 
     dead_letter: DeadLetter | None = None
     if cfg.aggregator.dead_letter_topic:

@@ -392,3 +392,50 @@ def test_an_unexpected_error_logs_its_traceback_once_per_kind(caplog):
     assert logged == [True, False, True, False, False]
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["offset 0", "offset 2"]
     assert all(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+
+
+def test_an_empty_fetch_answered_at_once_pauses_the_next_and_nothing_else_does(monkeypatch):
+    """aiokafka's fetch task, wrapped by ``pace_empty_fetches``: an empty answer quicker than the pause
+    waits out the rest; an answer with records, an empty one the broker held long enough (Kafka's fetch
+    wait), and a fetcher closing never wait. Wrapping again (or with 0) replaces, never stacks."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from aiokafka.consumer.fetcher import Fetcher
+
+    from kafka_backup.streams import guards
+
+    clock = [100.0]
+    slept: list[float] = []
+
+    async def fake_sleep(s: float) -> None:
+        slept.append(round(s, 6))
+        clock[0] += s
+
+    async def fetch(self, assignment, node_id, request):  # stands for aiokafka's: the broker took `request` s
+        clock[0] += request
+        return assignment
+
+    monkeypatch.setattr(guards.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(guards.asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(Fetcher, "_proc_fetch_request", fetch)
+    open_, closed = SimpleNamespace(_closed=False), SimpleNamespace(_closed=True)
+
+    def run(fetcher, has_data: bool, took_s: float) -> bool:
+        return asyncio.run(Fetcher._proc_fetch_request(fetcher, has_data, 1, took_s))
+
+    guards.pace_empty_fetches(0.05)
+    guards.pace_empty_fetches(0.05)  # once more: still one pause, not two
+    assert run(open_, False, 0.01) is False and slept == [0.04]  # the dev broker's at-once empty answer
+    assert run(open_, True, 0.01) is True and slept == [0.04]  # records: fetch again at once
+    assert run(open_, False, 1.5) is False and slept == [0.04]  # a Kafka broker held it: no pause
+    assert run(closed, False, 0.0) is False and slept == [0.04]  # closing: end now
+
+    async def cancelled_sleep(s: float) -> None:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(guards.asyncio, "sleep", cancelled_sleep)
+    assert run(open_, False, 0.0) is False  # cancelled in its pause (unassigned): ends as aiokafka's own task does
+
+    guards.pace_empty_fetches(0)
+    assert Fetcher._proc_fetch_request is fetch  # 0: aiokafka's own, unwrapped
