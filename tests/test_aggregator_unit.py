@@ -439,3 +439,20 @@ def test_an_empty_fetch_answered_at_once_pauses_the_next_and_nothing_else_does(m
 
     guards.pace_empty_fetches(0)
     assert Fetcher._proc_fetch_request is fetch  # 0: aiokafka's own, unwrapped
+
+
+def test_the_aggregator_refuses_a_faust_or_aiokafka_its_guards_were_not_written_for(monkeypatch):
+    """One line naming the package, the version found and the pip command; the pinned pair passes."""
+    import aiokafka
+    import faust
+
+    from kafka_backup.schemas.config import ConfigError
+    from kafka_backup.streams import guards
+
+    guards.check_faust_version()  # what pyproject.toml pins
+    monkeypatch.setattr(aiokafka, "__version__", "0.15.0")
+    with pytest.raises(ConfigError, match=r"^aiokafka 0\.15\.0 is installed; .* pip install aiokafka==0\.14\.0$"):
+        guards.check_faust_version()
+    monkeypatch.setattr(faust, "__version__", "0.16.0")
+    with pytest.raises(ConfigError, match=r"^faust-streaming 0\.16\.0 is installed; .*==0\.15\.3$"):
+        guards.check_faust_version()
