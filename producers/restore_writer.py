@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Never, TextIO
+from typing import Protocol, TextIO
 
 from confluent_kafka import KafkaError, Message, Producer
 
@@ -28,9 +28,6 @@ from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import RestoreConfig
 from kafka_backup.schemas.kafka_admin import client_config
 from kafka_backup.schemas.signing import ProducedHeaders
-
-if TYPE_CHECKING:
-    from tqdm import tqdm
 
 CHECKPOINT_EVERY_S = 1.0  # acknowledged batches are checkpointed at least this often ...
 CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024  # ... or after this many key+value bytes
@@ -246,10 +243,29 @@ class Writer:
             self._producer.flush(10)
 
 
-def _open_bar(cp: layout.RestoreCheckpoint, restore_id: str, progress_file: TextIO) -> tqdm[Never]:
+class Bar(Protocol):
+    """What the writer asks of a progress bar (tqdm's, or none)."""
+
+    def update(self, n: int) -> object: ...
+
+    def close(self) -> None: ...
+
+
+class NoBar:
+    """No bar (stderr is a file or a pipe): tqdm is not even imported, 15-20 ms of every start."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _open_bar(cp: layout.RestoreCheckpoint, restore_id: str, progress_file: TextIO) -> Bar:
     """tqdm's bar (records, rate, ETA) on a terminal; nothing when stderr is a file or a pipe."""
+    if not (hasattr(progress_file, "isatty") and progress_file.isatty()):
+        return NoBar()
     from tqdm import tqdm
 
-    interactive = hasattr(progress_file, "isatty") and progress_file.isatty()
     return tqdm(total=cp.total_records, initial=cp.restored_total, unit="rec", unit_scale=True,
-                desc=f"restore {restore_id}", file=progress_file, disable=not interactive, dynamic_ncols=True)
+                desc=f"restore {restore_id}", file=progress_file, dynamic_ncols=True)

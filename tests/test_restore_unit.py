@@ -190,3 +190,33 @@ def test_the_next_segment_is_read_ahead_in_order_and_a_damaged_one_fails_only_wh
     with pytest.raises(RestoreFailed, match="segment s2: is corrupt"):
         next(got)  # the damaged segment's error, where it comes in order
     assert reads == [("s0", True), ("s1", False), ("s2", False)]  # s3 never read
+
+
+@pytest.mark.e2e  # a fresh interpreter: whether tqdm gets imported
+def test_the_progress_bar_is_tqdm_s_on_a_terminal_and_tqdm_is_not_imported_otherwise():
+    """stderr a file or a pipe (a CronJob, a container log): no bar, and no 15-20 ms tqdm import."""
+    import subprocess
+    import sys
+
+    probe = r'''
+import io, sys
+from kafka_backup.producers import layout
+from kafka_backup.producers.restore_writer import _open_bar
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+cp = layout.RestoreCheckpoint("r", "b", {"t": "t"}, 10, None, None, created_ts=0.0, updated_ts=0.0)
+piped = _open_bar(cp, "r", io.StringIO())
+piped.update(3)
+piped.close()
+print(type(piped).__name__, "tqdm" in sys.modules)
+term = Tty()
+bar = _open_bar(cp, "r", term)
+bar.update(3)
+bar.close()
+print(type(bar).__name__, "restore r:  30%" in term.getvalue())
+'''
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["NoBar False", "tqdm True"]
