@@ -84,6 +84,22 @@ def test_scope_counts_exactly_and_reads_only_straddling_segments_once(tmp_path):
     assert offsets == list(range(20, 150)) and reports == [], "kept decoded: not read again"
 
 
+def test_an_unbounded_restore_yields_every_record_from_its_start_to_the_partition_s_end(tmp_path):
+    """No time window: whole segments go out as read (their offsets were proved by read_segment);
+    a resume inside a segment, and a scope ending inside one, still cut at the exact offsets."""
+    storage = Storage(FileBackend(str(tmp_path)))
+    write_partition(storage, "bk", "t", [range(0, 100), range(100, 200), range(200, 300)])
+    worker = RestoreWorker("127.0.0.1:1", RestoreConfig(restore_id="r", backup_id="bk"), storage, Events())
+    storage.listener = lambda report: None
+    cp = worker.scope({"t": "t"}, {"t": 1})
+    cur = cp.partitions[0]
+    assert cp.total_records == 300 and cur.end_offset == 300
+    assert [r.offset for r in worker.reader.records(cur, 0)] == list(range(300))
+    assert [r.offset for r in worker.reader.records(cur, 150)] == list(range(150, 300))  # a resume mid-segment
+    cur.end_offset = 250  # the scope ends inside the last segment
+    assert [r.offset for r in worker.reader.records(cur, 100)] == list(range(100, 250))
+
+
 def test_offset_reset_needs_exactly_one_target():
     assert target_of(OffsetResetConfig(group="g", topics=["t"], to_timestamp=0)) == "to_timestamp"
     # an empty --to-timestamp is no time: it used to count as the target and reach the broker as offset None
