@@ -50,6 +50,7 @@ from kafka_backup.streams import fold
 from kafka_backup.streams.folder import DeadLetter, Folder, SkipCounts
 from kafka_backup.streams.guards import (
     ChangelogBarrier,
+    ChangelogWriter,
     OffsetGuard,
     check_faust_version,
     deliver_eagerly,
@@ -113,7 +114,8 @@ def create_app(cfg: Config) -> faust.App:
         dead_letter = send_dead_letter
     folder = Folder(table, guard, OffLoop(offsets), fold.Settings.of(cfg.aggregator),
                     cfg.aggregator.flush_interval_ms / 1000, signing.load_key(cfg.telemetry.signing_key_file),
-                    dead_letter, restart=restart_in_place, stop=exit_now, may_write=lambda: not app.rebalancing)
+                    dead_letter, restart=restart_in_place, stop=exit_now, may_write=lambda: not app.rebalancing,
+                    write_states=ChangelogWriter(app, table, barrier).write)
 
     # Faust's signal type wants receivers of (sender, *args, signal=...); it calls this one with
     # (app, revoked, signal=...), which **kwargs takes

@@ -60,8 +60,11 @@ class Folder:
                  dead_letter: DeadLetter | None = None,
                  restart: Callable[[str], None] | None = None,
                  stop: Callable[[str], None] | None = None,
-                 may_write: Callable[[], bool] = lambda: True) -> None:
+                 may_write: Callable[[], bool] = lambda: True,
+                 write_states: Callable[[int, list[tuple[bytes, bytes]]], None] | None = None) -> None:
         self.table, self.guard, self.offsets, self.settings = table, guard, offsets, settings
+        # production: guards.ChangelogWriter.write; else one write_outside_event a state
+        self.write_states = write_states or self._write_each
         self.flush_interval_s = flush_interval_s
         self.signing_key = signing_key
         self.dead_letter = dead_letter
@@ -207,8 +210,7 @@ class Folder:
         """
         if not self.may_write():
             return
-        for key, value in self.work.flush(partition):
-            write_outside_event(self.table, partition, key, value)
+        self.write_states(partition, self.work.flush(partition))
         pending, failed_now = self.skips.take(partition), self.failures.take(partition)
         if pending or failed_now:
             key = pipeline_key(partition).encode()
@@ -220,6 +222,10 @@ class Folder:
                 state.failures[exception] = state.failures.get(exception, 0) + n
             write_outside_event(self.table, partition, key, encode_state(state))
         self.guard.release(partition)
+
+    def _write_each(self, partition: int, states: list[tuple[bytes, bytes]]) -> None:
+        for key, value in states:
+            write_outside_event(self.table, partition, key, value)
 
     def flush_all(self) -> None:
         self.next_flush = time.monotonic() + self.flush_interval_s

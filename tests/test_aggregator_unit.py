@@ -456,3 +456,68 @@ def test_the_aggregator_refuses_a_faust_or_aiokafka_its_guards_were_not_written_
     monkeypatch.setattr(faust, "__version__", "0.16.0")
     with pytest.raises(ConfigError, match=r"^faust-streaming 0\.16\.0 is installed; .*==0\.15\.3$"):
         guards.check_faust_version()
+
+
+def test_changelog_writer_sends_a_partition_s_flushes_in_order_and_holds_the_commit_for_their_acks():
+    """A partition's second flush starts handing its states over only when the first has handed over
+    all of its own (the first blocked on a full batch here), so a job's states reach the changelog in
+    the order written; another partition does not wait for it. The commit barrier holds until every
+    state is acknowledged, and a refused one makes the commit fail."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from kafka_backup.streams.guards import ChangelogBarrier, ChangelogWriteFailed, ChangelogWriter
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        sent: list[tuple[int, bytes, bytes]] = []
+        acks: list[asyncio.Future] = []
+        full = asyncio.Event()  # partition 0's batch is full until set
+
+        async def send(topic, value, key, partition):
+            assert topic == "app-jobs-changelog"
+            if partition == 0 and value == b"a1":
+                await full.wait()
+            sent.append((partition, key, value))
+            acks.append(loop.create_future())
+            return acks[-1]
+
+        producer = SimpleNamespace(send=send)
+        app = SimpleNamespace(producer=SimpleNamespace(_ensure_producer=lambda: producer))
+        table = SimpleNamespace(data={}, changelog_topic=SimpleNamespace(get_topic_name=lambda: "app-jobs-changelog"))
+        barrier = ChangelogBarrier(timeout_s=10)
+        writer = ChangelogWriter(app, table, barrier)
+
+        writer.write(0, [(b"j", b"a0"), (b"k", b"a1")])  # blocks at its second state
+        writer.write(0, [(b"k", b"b1")])  # the next flush of k: must not overtake a1
+        writer.write(1, [(b"m", b"c0")])
+        writer.write(1, [])  # nothing changed: no task
+        for _ in range(5):
+            await asyncio.sleep(0)
+        before_unblocked = list(sent)
+        full.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert table.data == {b"j": b"a0", b"k": b"b1", b"m": b"c0"}  # the local store at once
+        pending_before_acks = len(barrier.pending)
+        for fut in acks:
+            fut.set_result("acked")
+        await barrier.wait()
+        after_acks = len(barrier.pending)
+
+        writer.write(1, [(b"m", b"c1")])
+        for _ in range(5):
+            await asyncio.sleep(0)
+        acks[-1].set_exception(RuntimeError("NOT_LEADER_FOR_PARTITION"))
+        try:
+            await barrier.wait()
+            refused = None
+        except ChangelogWriteFailed as err:
+            refused = str(err)
+        return before_unblocked, sent, pending_before_acks, after_acks, refused
+
+    before, sent, pending, after, refused = asyncio.run(scenario())
+    assert before == [(0, b"j", b"a0"), (1, b"m", b"c0")]  # partition 1 did not wait for partition 0
+    assert [s for s in sent if s[0] == 0] == [(0, b"j", b"a0"), (0, b"k", b"a1"), (0, b"k", b"b1")]
+    assert pending == 3 and after == 0
+    assert refused is not None and "NOT_LEADER_FOR_PARTITION" in refused
