@@ -148,7 +148,8 @@ class ChangelogWriter:
 
 def verify_copartitioned(table: Any, source_topic: str) -> None:
     """The check ``table[key] = value`` makes before its first write (``PartitionsMismatch`` when the
-    source topic and the changelog differ), for a table written only through :func:`write_outside_event`."""
+    source topic and the changelog differ), for a table written only through :class:`ChangelogWriter` and
+    :func:`write_outside_event`."""
     table._verify_source_topic_partitions(source_topic)
 
 
