@@ -139,6 +139,9 @@ class Scraper:
             sighted(seen, fleet, latencies, worker, ts, t_scrape)
         self.next += self.period
 
+    def close(self) -> None:
+        """Nothing held between scrapes."""
+
     def describe(self) -> str:
         return f"a scrape every {self.period:g} s"
 
@@ -283,8 +286,7 @@ def main() -> None:
                     break
             print(f"  largest N kept fresh (p99 <= 2 s) by one aggregator worker: {best}")
         finally:
-            if isinstance(probe, ChangelogProbe):
-                probe.close()
+            probe.close()
             for p in procs:
                 p.terminate()
                 p.wait(30)

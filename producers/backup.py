@@ -575,9 +575,9 @@ class BackupWorker(Job):
         """
         works, self._uncommitted = self._uncommitted, {}
         offsets = [TopicPartition(w.topic, w.partition, w.next_offset) for w in works.values()]
+        if not offsets:
+            return
         for attempt in range(3):
-            if not offsets:
-                return
             try:
                 result = self.consumer.commit(offsets=offsets, asynchronous=False)
             except KafkaException as err:  # the request failed as a whole
