@@ -17,10 +17,18 @@ whole process, start-up included for both. Prints records/s, MB/s and CPU second
 ours/bare (rate) and ours/bare (CPU); min/median over the repeats.
 
     python bench/backup.py [records] [partitions] [repeats] [file|s3]
+    python bench/backup.py 1200000 1,4,128 3      # the cost per record at each partition count
     BENCH_PYSPY=/tmp/backup.txt python bench/backup.py ...   # also py-spy's collapsed stacks of ours
 
+With several partition counts (comma-separated), each gets its own topic of ``records`` records
+and the comparison above, then a table of the cost per record (wall and CPU, start-up
+subtracted) at each count: whether it stays flat from 1 to 128 partitions (issue 12). The
+per-segment work (a file, a checkpoint, their fsyncs) is fixed per partition, so keep the
+records per partition realistic: at 300,000 records on 128 partitions a segment holds 2,300.
+
 Starts its own dev broker unless KAFKA_BOOTSTRAP_SERVERS is set. The dev broker ignores fetch
-size limits: keep records x ~250 B / partitions under ~100 MB.
+size limits and answers with all it holds: above ~90 MB of records, both processes raise
+librdkafka's ``receive.message.max.bytes`` to 1 GB (ours by ``--kafka-receive-message-max-bytes``).
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ import sys, time
 from confluent_kafka import Consumer, TopicPartition
 bootstrap, topic, n, partitions = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[5])
 full = sys.argv[6] == "full"
-c = Consumer({"bootstrap.servers": bootstrap, "group.id": sys.argv[4], "enable.auto.commit": False})
+c = Consumer({"bootstrap.servers": bootstrap, "group.id": sys.argv[4], "enable.auto.commit": False,
+              **({"receive.message.max.bytes": int(sys.argv[7])} if int(sys.argv[7]) else {})})
 c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])  # as a one-shot backup does
 seen = size = 0
 while seen < n:
@@ -109,54 +118,88 @@ def s3_bucket() -> Iterator[tuple[str, str]]:
         server.wait()
 
 
+RECEIVE_MAX = 1_000_000_000  # librdkafka's ceiling; the dev broker's replies exceed its 100 MB default above ~90 MB
+
+
 def main() -> None:
-    records, partitions, repeats = int_args(sys.argv[1:], 200_000, 4, 3)
-    storage = sys.argv[4] if len(sys.argv) > 4 else "file"
+    args = sys.argv[1:]
+    records, = int_args(args[:1], 200_000)
+    counts = [int(p) for p in args[1].split(",")] if len(args) > 1 else [4]
+    repeats, = int_args(args[2:3], 3)
+    storage = args[3] if len(args) > 3 else "file"
     if storage not in ("file", "s3"):
         sys.exit(f"storage: {storage!r} is not file or s3")
+    receive_max = RECEIVE_MAX if records * 260 > 90_000_000 else 0
     work = tempfile.mkdtemp(prefix="bench-backup-")
     with contextlib.ExitStack() as stack:
         bootstrap = stack.enter_context(bootstrap_servers("backup"))
         bucket, endpoint = stack.enter_context(s3_bucket()) if storage == "s3" else ("", "")
         try:
-            topic = "bench-src-" + uuid.uuid4().hex[:6]
-            payload = fill(bootstrap, topic, partitions, records)
-            empty = "bench-empty-" + uuid.uuid4().hex[:6]
-            fill(bootstrap, empty, partitions, 0)
             bare_py = os.path.join(work, "bare.py")
             with open(bare_py, "w") as fh:
                 fh.write(BARE)
-            names = ("bare", "bare-full", "ours")
-            runs: dict[str, list[dict[str, float]]] = {k: [] for n in names for k in (n, f"{n}-empty")}
-
-            def bare(source: str, n: int, log: str, full: bool = False) -> dict[str, float]:
-                return timed([sys.executable, bare_py, bootstrap, source, str(n), "bench-bare-" + uuid.uuid4().hex[:6],
-                              str(partitions), "full" if full else "kv"], os.path.join(work, log))
-
-            def backup(source: str, log: str, spy: list[str]) -> dict[str, float]:
-                store = os.path.join(work, "store")
-                where = (["--storage", bucket + uuid.uuid4().hex[:6], "--s3-endpoint-url", endpoint] if bucket
-                         else ["--storage", f"file://{store}"])
-                try:
-                    return timed([*spy, *ours("backup", "--bootstrap-servers", bootstrap, "--topics", source,
-                                              "--backup-id", "bench-" + uuid.uuid4().hex[:6], *where,
-                                              "--compression", "zstd")],
-                                 os.path.join(work, log))
-                finally:
-                    shutil.rmtree(store, ignore_errors=True)
-
-            for r in range(repeats):  # interleaved: a noisy neighbour hits both
-                runs["bare"].append(bare(topic, records, f"bare-{r}.log"))
-                runs["bare-full"].append(bare(topic, records, f"bare-full-{r}.log", full=True))
-                runs["ours"].append(backup(topic, f"ours-{r}.log", pyspy(r == 0)))  # py-spy: the first run
-                runs["bare-empty"].append(bare(empty, 0, f"bare-empty-{r}.log"))  # start-up and shut-down alone
-                runs["bare-full-empty"].append(bare(empty, 0, f"bare-full-empty-{r}.log", full=True))
-                runs["ours-empty"].append(backup(empty, f"ours-empty-{r}.log", []))
-            print(f"{records} records ({payload / records:.0f} B key+value, 1 header) on {partitions} partitions, "
-                  f"{repeats} runs each, whole process (start-up included); ours stores to {storage}")
-            compare(runs, records, payload, baselines=("bare", "bare-full"))
+            per_record = {}
+            for partitions in counts:
+                steady = run_count(bootstrap, bucket, endpoint, work, bare_py, records, partitions, repeats,
+                                   storage, receive_max)
+                per_record[partitions] = {name: (1e6 / rate, 1e6 * cpu / records) for name, (rate, cpu) in steady.items()}
+            if len(counts) > 1:
+                print_per_record(per_record, counts)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def run_count(bootstrap: str, bucket: str, endpoint: str, work: str, bare_py: str, records: int, partitions: int,
+              repeats: int, storage: str, receive_max: int) -> dict[str, tuple[float, float]]:
+    """Fill a topic of ``partitions`` partitions, run the interleaved comparison, print it; the
+    start-up-subtracted (records/s, CPU s) of each process."""
+    topic = "bench-src-" + uuid.uuid4().hex[:6]
+    payload = fill(bootstrap, topic, partitions, records)
+    empty = "bench-empty-" + uuid.uuid4().hex[:6]
+    fill(bootstrap, empty, partitions, 0)
+    names = ("bare", "bare-full", "ours")
+    runs: dict[str, list[dict[str, float]]] = {k: [] for n in names for k in (n, f"{n}-empty")}
+    tag = f"p{partitions}"
+
+    def bare(source: str, n: int, log: str, full: bool = False) -> dict[str, float]:
+        return timed([sys.executable, bare_py, bootstrap, source, str(n), "bench-bare-" + uuid.uuid4().hex[:6],
+                      str(partitions), "full" if full else "kv", str(receive_max)], os.path.join(work, log))
+
+    def backup(source: str, log: str, spy: list[str]) -> dict[str, float]:
+        store = os.path.join(work, "store")
+        where = (["--storage", bucket + uuid.uuid4().hex[:6], "--s3-endpoint-url", endpoint] if bucket
+                 else ["--storage", f"file://{store}"])
+        limit = ["--kafka-receive-message-max-bytes", str(receive_max)] if receive_max else []
+        try:
+            return timed([*spy, *ours("backup", "--bootstrap-servers", bootstrap, "--topics", source,
+                                      "--backup-id", "bench-" + uuid.uuid4().hex[:6], *where,
+                                      "--compression", "zstd", *limit)],
+                         os.path.join(work, log))
+        finally:
+            shutil.rmtree(store, ignore_errors=True)
+
+    for r in range(repeats):  # interleaved: a noisy neighbour hits both
+        runs["bare"].append(bare(topic, records, f"bare-{tag}-{r}.log"))
+        runs["bare-full"].append(bare(topic, records, f"bare-full-{tag}-{r}.log", full=True))
+        runs["ours"].append(backup(topic, f"ours-{tag}-{r}.log", pyspy(r == 0)))  # py-spy: the first run
+        runs["bare-empty"].append(bare(empty, 0, f"bare-empty-{tag}-{r}.log"))  # start-up and shut-down alone
+        runs["bare-full-empty"].append(bare(empty, 0, f"bare-full-empty-{tag}-{r}.log", full=True))
+        runs["ours-empty"].append(backup(empty, f"ours-empty-{tag}-{r}.log", []))
+    print(f"{records} records ({payload / records:.0f} B key+value, 1 header) on {partitions} partitions, "
+          f"{repeats} runs each, whole process (start-up included); ours stores to {storage}")
+    return compare(runs, records, payload, baselines=("bare", "bare-full"))
+
+
+def print_per_record(per_record: dict[int, dict[str, tuple[float, float]]], counts: list[int]) -> None:
+    """Wall and CPU microseconds per record (start-up subtracted) at each partition count, and ours
+    against its own cost at the first count: flat means about 1.00x down the column."""
+    print("cost per record, start-up subtracted: wall us / CPU us")
+    print(f"  {'partitions':>10s}  {'bare':>13s}  {'bare-full':>13s}  {'ours':>13s}  ours vs {counts[0]} partition(s)")
+    first = per_record[counts[0]]["ours"]
+    for n in counts:
+        row = per_record[n]
+        cells = "  ".join(f"{row[k][0]:5.2f} / {row[k][1]:5.2f}" for k in ("bare", "bare-full", "ours"))
+        print(f"  {n:>10d}  {cells}  wall {row['ours'][0] / first[0]:.2f}x, CPU {row['ours'][1] / first[1]:.2f}x")
 
 
 if __name__ == "__main__":

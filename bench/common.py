@@ -74,8 +74,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def compare(runs: dict[str, list[dict[str, float]]], records: int, payload: int | None = None,
-            baselines: tuple[str, ...] = ("bare",)) -> None:
-    """Print ours against each baseline: whole process, then with start-up subtracted.
+            baselines: tuple[str, ...] = ("bare",)) -> dict[str, tuple[float, float]]:
+    """Print ours against each baseline: whole process, then with start-up subtracted; return the
+    latter, (records/s, CPU s) by name.
 
     ``runs`` holds ``ours`` and each baseline, and the same processes on an empty topic under
     ``<name>-empty`` (start-up and shut-down alone), each a list of :func:`timed` results.
@@ -108,4 +109,5 @@ def compare(runs: dict[str, list[dict[str, float]]], records: int, payload: int 
     if any(math.isnan(r) for r, _ in steady.values()):
         print("  (rate nan: the run on the empty topic took as long as the run on the data, so start-up and "
               "shut-down waits, not the data, set the wall time; use a larger topic, or read the CPU ratio)")
+    return steady
 

@@ -357,11 +357,11 @@ class BackupWorker(Job):
     def _take(self, batch: list) -> None:
         """Buffer a fetched batch, a run of one partition's records at a time.
 
-        Per record only what differs: its fields go into the buffer as a tuple (encoded exactly as a
-        ``StoredRecord``; headers as a tuple of tuples, none as ``()``: a row of atomic values and
-        tuples is soon untracked by the garbage collector, which then never walks the buffer), its
-        payload size is computed once; the partition lookup, the consumed
-        counts and the newest timestamp are per run of records, not per record.
+        Per record only what differs: its fields as a tuple, encoded into the segment buffer at once
+        exactly as a ``StoredRecord`` (headers as the client's list of tuples, none as ``()``: msgpack
+        writes a list and a tuple alike, so no copy is made), its payload size computed once; the
+        partition lookup, the consumed counts and the newest timestamp are per run of records, not
+        per record.
         """
         n, i = len(batch), 0
         while i < n:
@@ -388,7 +388,7 @@ class BackupWorker(Job):
                 run = [m for m in run if m.offset() < target]
             if run:
                 self._buffer(work, [(m.offset(), (t := m.timestamp())[1], t[0], m.key(), m.value(),
-                                     tuple(h) if (h := m.headers()) else ())
+                                     m.headers() or ())
                                     for m in run])
             if beyond and target is not None:
                 work.position = max(work.position, target)

@@ -9,6 +9,7 @@ one line that names the field (``backup.compression``) and where its value came 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -248,6 +249,13 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+@functools.cache
+def _fields(struct: type) -> tuple[msgspec.structs.FieldInfo, ...]:
+    """``msgspec.structs.fields``, once per type: it resolves the type hints anew on every call, and
+    a restore's start-up made 88 calls for 11 types (14 ms of its 0.2 s under cProfile; now 2 ms)."""
+    return msgspec.structs.fields(struct)
+
+
 def keys_for(command: str) -> list[tuple[str, Any]]:
     """The ``section.key`` s (with defaults) a command reads, in key-list order."""
     wanted = COMMAND_SECTIONS.get(command, ())
@@ -328,25 +336,25 @@ def _choices_of(where: str) -> list[str]:
         return [c for k in get_args(kind) for c in flat(k)]  # a union: each of its members
 
     section, _, key = where.partition(".")
-    for f in msgspec.structs.fields(Config):
+    for f in _fields(Config):
         if f.name == section:
-            return next((flat(g.type) for g in msgspec.structs.fields(f.type) if g.name == key), [])
+            return next((flat(g.type) for g in _fields(f.type) if g.name == key), [])
     return []
 
 
 def _keys_of(section: str) -> list[str]:
-    fields = msgspec.structs.fields(Config)
+    fields = _fields(Config)
     for f in fields:
         if f.name == section:
-            return [g.name for g in msgspec.structs.fields(f.type)]
+            return [g.name for g in _fields(f.type)]
     return [f.name for f in fields]
 
 
 def all_keys() -> list[tuple[str, Any]]:
     """Every ``section.key`` with its default, for generating flags."""
     out = []
-    for section in msgspec.structs.fields(Config):
-        for f in msgspec.structs.fields(section.type):
+    for section in _fields(Config):
+        for f in _fields(section.type):
             default = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
             out.append((f"{section.name}.{f.name}", default))
     return out
@@ -355,8 +363,8 @@ def all_keys() -> list[tuple[str, Any]]:
 def secret_keys() -> list[str]:
     """Every password-like ``section.key`` (typed :data:`Secret`)."""
     out = []
-    for section in msgspec.structs.fields(Config):
-        for f in msgspec.structs.fields(section.type):
+    for section in _fields(Config):
+        for f in _fields(section.type):
             if any(isinstance(a, msgspec.Meta) and (a.extra or {}).get("secret") for a in get_args(f.type)[1:]):
                 out.append(f"{section.name}.{f.name}")
     return out
