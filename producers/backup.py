@@ -154,6 +154,7 @@ class BackupWorker(Job):
         self._sealing_bytes = 0  # key + value bytes of the segments in self._sealing
         self._sealing: deque[Future[Sealed]] = deque()
         self._uncommitted: dict[str, PartitionWork] = {}  # segments completed, offset not committed yet
+        self._commit_due = 0.0  # monotonic: the next commit request while the loop runs (one a poll interval)
         self._seal_failed = threading.Event()
         self._sealing_now = threading.local()  # .sealed: a sealing thread's current segment (its storage calls)
         storage.listener = self._on_storage_op
@@ -507,7 +508,9 @@ class BackupWorker(Job):
         reported, then the partition's durable offset moves and its ``SegmentStored`` goes out; a
         failed one raises its error. ``wait``: for the oldest ``most`` (all) still being sealed too.
         Then (unless only ``most`` were waited for, to make room, and none failed) the completed
-        partitions' offsets are committed, in one request."""
+        partitions' offsets are committed, in one request: at once when waiting for all (the end of
+        a run, a revocation) or after a failure, else at most once a poll interval (each request is
+        a round trip on the fetch loop; partitions completing one after the other made one a pass)."""
         done = 0
         try:
             while self._sealing and (wait or self._sealing[0].done()) and (most is None or done < most):
@@ -527,7 +530,7 @@ class BackupWorker(Job):
         except BaseException:
             self._commit()  # what completed before a failure is stored: its offsets still go out
             raise
-        if most is None:
+        if most is None and (wait or time.monotonic() >= self._commit_due):
             self._commit()
 
     def _save_confirmations(self) -> None:
@@ -568,7 +571,8 @@ class BackupWorker(Job):
 
     def _commit(self) -> None:
         """Commit the durable offsets of the partitions whose segments completed since the last
-        commit, in one request (one a segment, 128 partitions were 128 round trips on the fetch loop).
+        commit, in one request (one a segment, 128 partitions were 128 round trips on the fetch loop);
+        the next request from the loop waits a poll interval (``_complete_sealed``).
 
         The checkpoint in storage is the truth for resuming; the group's offsets only show lag to
         Kafka's own tools. So a failure is reported and retried twice, then left to the next commit.
@@ -577,6 +581,7 @@ class BackupWorker(Job):
         offsets = [TopicPartition(w.topic, w.partition, w.next_offset) for w in works.values()]
         if not offsets:
             return
+        self._commit_due = time.monotonic() + self.cfg.poll_interval_ms / 1000
         for attempt in range(3):
             try:
                 result = self.consumer.commit(offsets=offsets, asynchronous=False)

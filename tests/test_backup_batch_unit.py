@@ -323,6 +323,55 @@ def test_a_commit_a_partition_refuses_is_reported_and_retried_for_that_partition
     assert worker.parts["t/0"].next_offset == 4 and not worker._uncommitted  # stored; the next commit tries again
 
 
+def test_while_the_loop_runs_completed_partitions_are_committed_at_most_once_a_poll_interval(tmp_path,
+                                                                                         monkeypatch):
+    """Partitions completing in passes one after the other (a continuous backup's staggered flushes):
+    the first pass commits at once, the passes within the poll interval after it (500 ms) wait, the
+    first pass after it commits what they completed in one request, and the end of the run commits
+    what is left without waiting."""
+    from concurrent.futures import wait
+    from types import SimpleNamespace
+
+    from kafka_backup.producers import backup
+    from kafka_backup.producers.storage import FileBackend
+
+    clock = [1000.0]
+    monkeypatch.setattr(backup, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=lambda s: None))
+    worker, emitter, _loop = sealing_worker(tmp_path, FileBackend(str(tmp_path)))
+    for p in (1, 2, 3):
+        worker._load_partition("t", p, None)
+
+    def loop_pass(at: float, partition: int | None = None) -> list[list[tuple[str, int, int]]]:
+        """A pass of the fetch loop at ``at``, in which ``partition``'s segment (two records) is cut
+        and sealed; the commit requests made so far."""
+        clock[0] = at
+        if partition is not None:
+            worker._take([FakeMessage("t", partition, o) for o in range(2)])  # two records: a segment
+            wait(list(worker._sealing))
+        worker._complete_sealed()
+        return requests
+
+    requests: list[list[tuple[str, int, int]]] = []
+    commit = worker.consumer.commit
+
+    def recorded(offsets, asynchronous=True):
+        requests.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
+        return commit(offsets, asynchronous)
+
+    worker.consumer.commit = recorded  # type: ignore[method-assign]
+    assert loop_pass(1000.0, 0) == [[("t", 0, 2)]]
+    assert loop_pass(1000.2, 1) == [[("t", 0, 2)]]  # within the interval: waits
+    assert loop_pass(1000.4, 2) == [[("t", 0, 2)]]
+    assert [p for name, f, _ in emitter.events if name == "SegmentStored" for p in [f["partition"]]] == [0, 1, 2]
+    assert loop_pass(1000.5) == [[("t", 0, 2)], [("t", 1, 2), ("t", 2, 2)]]  # due: both, one request
+    assert loop_pass(1000.6, 3) == [[("t", 0, 2)], [("t", 1, 2), ("t", 2, 2)]]
+    worker._flush_all()  # the end of the run: at once
+    assert requests == [[("t", 0, 2)], [("t", 1, 2), ("t", 2, 2)], [("t", 3, 2)]]
+    committed = [[(o.partition, o.offset) for o in f["offsets"]] for name, f, _ in emitter.events
+                 if name == "OffsetsCommitted"]
+    assert committed == [[(0, 2)], [(1, 2), (2, 2)], [(3, 2)]]
+
+
 def test_after_a_failed_seal_nothing_later_is_stored_and_the_run_fails_with_that_error(tmp_path):
     """The second segment's put fails: the third, already handed to the sealing thread, must not be
     stored either (its checkpoint would say offsets 2-3 are backed up), the durable offset stays at
