@@ -10,7 +10,9 @@ Fills a topic, then alternates, ``repeats`` times:
   record on ``headers()``, a cost no Python backup can skip without losing the headers);
 * ``ours``: ``python -m kafka_backup.cli.main backup`` (one-shot, zstd, telemetry on to the same broker, file
   storage in a temp dir, or with ``s3`` an S3 bucket served over HTTP by moto's server in its own
-  process: storage round trips, which the sealing thread takes off the fetch loop).
+  process: storage round trips, which the sealing threads take off the fetch loop; ``s3:30`` puts
+  a proxy in front of it that holds every request 30 ms, the round trip moto on the loopback lacks
+  and S3 has).
 
 Each runs in its own process; wall time and CPU time (user + system, from ``wait4``) cover the
 whole process, start-up included for both. Prints records/s, MB/s and CPU seconds, and the ratios
@@ -18,6 +20,7 @@ ours/bare (rate) and ours/bare (CPU); min/median over the repeats.
 
     python bench/backup.py [records] [partitions] [repeats] [file|s3]
     python bench/backup.py 1200000 1,4,128 3      # the cost per record at each partition count
+    python bench/backup.py 300000 4,128 2 s3:30   # S3 with 30 ms added to every request
     BENCH_PYSPY=/tmp/backup.txt python bench/backup.py ...   # also py-spy's collapsed stacks of ours
 
 With several partition counts (comma-separated), each gets its own topic of ``records`` records
@@ -34,12 +37,15 @@ librdkafka's ``receive.message.max.bytes`` to 1 GB (ours by ``--kafka-receive-me
 from __future__ import annotations
 
 import contextlib
+import http.client
+import http.server
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -88,9 +94,61 @@ def fill(bootstrap: str, topic: str, partitions: int, records: int) -> int:
     return payload
 
 
+class _Delayed(http.server.BaseHTTPRequestHandler):
+    """Forwards each request to moto after ``delay`` seconds: S3's round trip, which moto on the
+    loopback does not have (tens of milliseconds from a VM in the bucket's region)."""
+
+    protocol_version = "HTTP/1.1"
+    upstream = ("127.0.0.1", 0)
+    delay = 0.0
+    local = threading.local()
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        time.sleep(self.delay)
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = http.client.HTTPConnection(*self.upstream, timeout=60)
+        conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response_only(resp.status, resp.reason)
+        for key, value in resp.getheaders():
+            if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def s3_bucket() -> Iterator[tuple[str, str]]:
-    """A bucket on moto's S3 server, run in its own process: (storage URL prefix, endpoint URL)."""
+def delayed(endpoint: str, delay_ms: int) -> Iterator[str]:
+    """An endpoint in front of ``endpoint`` adding ``delay_ms`` to every request (threads: requests
+    in parallel wait in parallel, as S3's do)."""
+    host, port = endpoint.removeprefix("http://").split(":")
+    handler = type("Handler", (_Delayed,), {"upstream": (host, int(port)), "delay": delay_ms / 1000,
+                                            "local": threading.local()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def s3_bucket(delay_ms: int = 0) -> Iterator[tuple[str, str]]:
+    """A bucket on moto's S3 server, run in its own process: (storage URL prefix, endpoint URL);
+    with ``delay_ms``, the endpoint adds that much to every request (:func:`delayed`)."""
     import boto3
 
     for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
@@ -112,7 +170,11 @@ def s3_bucket() -> Iterator[tuple[str, str]]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        yield "s3://bench-backup/", endpoint
+        if delay_ms:
+            with delayed(endpoint, delay_ms) as slow:
+                yield "s3://bench-backup/", slow
+        else:
+            yield "s3://bench-backup/", endpoint
     finally:
         server.kill()
         server.wait()
@@ -127,13 +189,14 @@ def main() -> None:
     counts = [int(p) for p in args[1].split(",")] if len(args) > 1 else [4]
     repeats, = int_args(args[2:3], 3)
     storage = args[3] if len(args) > 3 else "file"
-    if storage not in ("file", "s3"):
-        sys.exit(f"storage: {storage!r} is not file or s3")
+    kind, _, delay = storage.partition(":")
+    if kind not in ("file", "s3") or (delay and (kind != "s3" or not delay.isdigit())):
+        sys.exit(f"storage: {storage!r} is not file, s3 or s3:<milliseconds added to each request>")
     receive_max = RECEIVE_MAX if records * 260 > 90_000_000 else 0
     work = tempfile.mkdtemp(prefix="bench-backup-")
     with contextlib.ExitStack() as stack:
         bootstrap = stack.enter_context(bootstrap_servers("backup"))
-        bucket, endpoint = stack.enter_context(s3_bucket()) if storage == "s3" else ("", "")
+        bucket, endpoint = stack.enter_context(s3_bucket(int(delay or 0))) if kind == "s3" else ("", "")
         try:
             bare_py = os.path.join(work, "bare.py")
             with open(bare_py, "w") as fh:

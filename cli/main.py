@@ -259,7 +259,8 @@ def cmd_backup(cfg: Config) -> int:
     logs.set_context(job=cfg.backup.backup_id)
     if not cfg.backup.topics:
         raise ConfigError("backup.topics: no topics given; use --topics t1,t2")
-    storage = Storage(open_backend(cfg.backup.storage, cfg.backup.s3_endpoint_url))
+    storage = Storage(open_backend(cfg.backup.storage, cfg.backup.s3_endpoint_url,
+                                   concurrency=cfg.backup.storage_concurrency))
     return run_backup(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers, cfg.backup,
                       cfg.telemetry, storage, aggregator_group=cfg.aggregator.app_id)
 

@@ -14,12 +14,13 @@ the aggregator far below its per-event cost ceiling.
 
 Sealing a segment (compress, digest, then storing the segment, its index chunks and the
 checkpoint, in that order) runs in worker threads while the loop goes on fetching: compression
-and storage round trips (an S3 upload) no longer stop the fetch loop. ``SEALERS`` threads seal
-segments of different partitions at once (a run over many partitions ends with one segment each
+and storage round trips (an S3 upload) no longer stop the fetch loop. As many threads as the
+storage's ``concurrency`` (``backup.storage_concurrency``: by default 8 on a filesystem, 32 on S3)
+seal segments of different partitions at once (a run over many partitions ends with one segment each
 to store: one after the other, 128 partitions took 384 storage writes in a row); one partition's
 segments are sealed one after the other, in order, each waiting for the one before. Sealed segments
 are completed on the loop's thread in the order they were cut: only then do the partition's durable
-offset move, its ``SegmentStored`` go out and its group offset get committed. At most ``SEALERS``
+offset move, its ``SegmentStored`` go out and its group offset get committed. At most that many
 segments, and ``SEALING_MAX_BYTES`` of records unless it is one, are in the threads' hands; after a
 failed seal nothing more is sealed (a later segment's checkpoint would step over the lost one), and
 the run fails as it did when sealing was inline.
@@ -60,10 +61,8 @@ from kafka_backup.schemas.topics import AGGREGATOR_APP_ID, consumer_group
 log = logging.getLogger("kafka_backup.backup")
 
 CONFIRM_WAIT_S = 10.0  # at the end of a run, how long to resend lost reports and wait for acknowledgements
-SEALERS = 8  # threads sealing segments of different partitions at once (boto3 pools 10 connections)
 SEALING_MAX_BYTES = 32 * 1024 * 1024  # records handed to them and not completed yet, unless one segment: memory
 GROUPS_READING_WAIT_S = 20.0  # at the end: how long a reading of consumer groups under way may finish
-CHECKPOINT_READERS = 8  # checkpoints read at once at start and on assignment (boto3 pools 10 connections)
 
 
 class BackupFailed(JobFailed):
@@ -150,7 +149,7 @@ class BackupWorker(Job):
         self.groups_due = 0.0  # continuous: when the consumer groups' offsets are read next (monotonic)
         # continuous: a reading of them under way in a thread, off the fetch loop
         self._groups_reading: Future[tuple[dict[str, layout.GroupSnapshot], list[str]]] | None = None
-        self._sealer = ThreadPoolExecutor(max_workers=SEALERS, thread_name_prefix="seal")
+        self._sealer = ThreadPoolExecutor(max_workers=storage.concurrency, thread_name_prefix="seal")
         self._sealing_bytes = 0  # key + value bytes of the segments in self._sealing
         self._sealing: deque[Future[Sealed]] = deque()
         self._uncommitted: dict[str, PartitionWork] = {}  # segments completed, offset not committed yet
@@ -270,12 +269,12 @@ class BackupWorker(Job):
         self.consumer.assign(assignment)
 
     def _read_checkpoints(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], layout.Checkpoint | None]:
-        """The partitions' checkpoints, ``CHECKPOINT_READERS`` storage reads at a time: one after the
+        """The partitions' checkpoints, the storage's ``concurrency`` reads at a time: one after the
         other, 128 partitions on S3 took seconds of every run's start. A read that fails raises here,
         as it did alone."""
         if len(partitions) <= 1:
             return {tp: layout.read_checkpoint(self.storage, self.id, *tp) for tp in partitions}
-        with ThreadPoolExecutor(max_workers=min(CHECKPOINT_READERS, len(partitions)),
+        with ThreadPoolExecutor(max_workers=min(self.storage.concurrency, len(partitions)),
                                 thread_name_prefix="checkpoints") as pool:
             futures = {tp: pool.submit(layout.read_checkpoint, self.storage, self.id, *tp) for tp in partitions}
             return {tp: future.result() for tp, future in futures.items()}
@@ -462,7 +461,8 @@ class BackupWorker(Job):
         """Cut the partition's buffer into a segment and hand it to the sealing thread."""
         records, nbytes, work.buffer, work.buffer_bytes = work.buffer, work.buffer_bytes, segments.SegmentBuffer(), 0
         covers_from, work.sealed_next = work.sealed_next, records.last_offset + 1
-        while self._sealing and (len(self._sealing) >= SEALERS or self._sealing_bytes + nbytes > SEALING_MAX_BYTES):
+        most = self.storage.concurrency
+        while self._sealing and (len(self._sealing) >= most or self._sealing_bytes + nbytes > SEALING_MAX_BYTES):
             self._complete_sealed(wait=True, most=1)
         work.sealing = self._sealer.submit(self._seal, work, records, nbytes, covers_from, work.sealing)
         self._sealing.append(work.sealing)
@@ -546,8 +546,9 @@ class BackupWorker(Job):
                  if work.reports.reported_offset > work.checkpoint.reported_offset and work.checkpoint.segment_count]
         if not moved:
             return
-        # SEALERS writes at a time: one after the other, 128 partitions took 128 storage round trips
-        with ThreadPoolExecutor(max_workers=min(SEALERS, len(moved)), thread_name_prefix="confirm") as pool:
+        # concurrency writes at a time: one after the other, 128 partitions took 128 storage round trips
+        with ThreadPoolExecutor(max_workers=min(self.storage.concurrency, len(moved)),
+                                thread_name_prefix="confirm") as pool:
             writes = [(work, pool.submit(self._write_checkpoint, work, cp)) for work, cp in moved]
         for work, write in writes:
             if (err := write.exception()) is None:

@@ -118,6 +118,10 @@ class BackupConfig(_Section):
     topics: list[str] = []
     storage: str = ""  # file:///dir or s3://bucket/prefix
     s3_endpoint_url: str = ""
+    # storage calls made at once (segments of different partitions sealed, checkpoints read and
+    # confirmed); 0: the backend's own, 8 on a filesystem (its journal is the limit), 32 on S3 (each
+    # request's round trip is)
+    storage_concurrency: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
     compression: Compression = "zstd"
     continuous: bool = False
     instance_id: str = ""  # static group member id; defaults to backup_id@hostname

@@ -400,16 +400,15 @@ def test_after_a_failed_seal_nothing_later_is_stored_and_the_run_fails_with_that
 
 
 def test_segments_of_different_partitions_are_sealed_at_once_and_each_partition_s_in_order(tmp_path):
-    """Four partitions, two segments each (eight: as many as SEALERS, so none waits to be handed
-    over): the first segment of every partition is stored at a barrier of four (sealed one after the other, the first would wait there alone and fail); each
+    """Four partitions, two segments each (eight: as many as the filesystem's concurrency, so none
+    waits to be handed over): the first segment of every partition is stored at a barrier of four (sealed one after the other, the first would wait there alone and fail); each
     partition's segments and checkpoints are still stored in order, and completed in the order cut."""
     import threading
 
     from kafka_backup.producers import layout
-    from kafka_backup.producers.backup import SEALERS
     from kafka_backup.producers.storage import FileBackend, Storage
 
-    assert SEALERS >= 8
+    assert FileBackend(str(tmp_path)).concurrency >= 8
     meet = threading.Barrier(4, timeout=10)
     puts: list[tuple[int, str]] = []
     lock = threading.Lock()
@@ -436,6 +435,55 @@ def test_segments_of_different_partitions_are_sealed_at_once_and_each_partition_
     assert stored == [(p, o) for p in range(4) for o in (0, 2)]  # completed in the order cut
     assert worker.consumer.offsets == [("t", p, 4) for p in range(4)]  # after the last segments, together
     assert worker.consumer.requests == 1
+
+
+def test_the_storage_s_concurrency_is_how_many_segments_are_sealed_and_checkpoints_read_at_once(tmp_path):
+    """A backend of concurrency 3, six partitions: the checkpoints are read three at a time and the
+    first segments stored three at a time (each three meet at a barrier: fewer at once would wait
+    there alone and fail), never more (the peak of calls under way)."""
+    import threading
+
+    from kafka_backup.producers import layout
+    from kafka_backup.producers.storage import FileBackend, Storage
+
+    lock = threading.Lock()
+    meet = threading.Barrier(3, timeout=10)
+    under_way = {"get": [0, 0], "put": [0, 0]}  # now, peak
+
+    class Three(FileBackend):
+        def _held(self, kind: str, call):
+            with lock:
+                count = under_way[kind]
+                count[0] += 1
+                count[1] = max(count)
+            try:
+                meet.wait()
+                return call()
+            finally:
+                with lock:
+                    under_way[kind][0] -= 1
+
+        def get(self, key):
+            if key.endswith("checkpoint.json"):
+                return self._held("get", lambda: super(Three, self).get(key))
+            return super().get(key)
+
+        def put(self, key, data):
+            if key.endswith(".seg"):
+                return self._held("put", lambda: super(Three, self).put(key, data))
+            return super().put(key, data)
+
+    worker, _emitter, _loop = sealing_worker(tmp_path, Three(str(tmp_path), concurrency=3))
+    assert worker._read_checkpoints([("t", p) for p in range(6)]) == {("t", p): None for p in range(6)}
+    for p in range(1, 6):
+        worker._load_partition("t", p, None)
+    worker._take([FakeMessage("t", p, o) for p in range(6) for o in range(2)])  # a segment each
+    worker._flush_all()
+    assert under_way == {"get": [0, 3], "put": [0, 3]}
+    stored = Storage(FileBackend(str(tmp_path)))
+    for p in range(6):
+        cp = layout.read_checkpoint(stored, "b1", "t", p)
+        assert cp is not None and cp.next_offset == 2
 
 
 def test_checkpoints_are_read_several_at_a_time_each_for_its_own_partition(tmp_path):

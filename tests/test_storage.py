@@ -87,6 +87,30 @@ def test_s3_backend_over_http(s3_endpoint):
     assert err.value.error_type == "not_found" and err.value.root == "bucket 'no-such-bucket'"
 
 
+def test_each_backend_says_how_many_calls_are_worth_making_at_once(tmp_path, monkeypatch):
+    """A filesystem 8 (its journal is the limit), S3 32 with a connection for each in boto3's pool and
+    a few for the main thread's calls (beyond the pool every call would open a new connection);
+    ``backup.storage_concurrency`` sets either, within 0..256 (0: the backend's own)."""
+    from kafka_backup.producers.storage import Storage
+    from kafka_backup.schemas.config import load
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert open_backend(f"file://{tmp_path}").concurrency == 8
+    assert open_backend(f"file://{tmp_path}", concurrency=2).concurrency == 2
+    s3 = open_backend("s3://b/p", "http://127.0.0.1:9")
+    assert isinstance(s3, S3Backend)
+    assert (s3.concurrency, s3.client.meta.config.max_pool_connections) == (32, 36)
+    s3 = open_backend("s3://b/p", "http://127.0.0.1:9", concurrency=64)
+    assert isinstance(s3, S3Backend)
+    assert (s3.concurrency, s3.client.meta.config.max_pool_connections) == (64, 68)
+    assert Storage(s3).concurrency == 64
+    assert load(environ={}).backup.storage_concurrency == 0
+    assert load(environ={"KAFKA_BACKUP_BACKUP_STORAGE_CONCURRENCY": "16"}).backup.storage_concurrency == 16
+    with pytest.raises(ConfigError) as err:
+        load(environ={"KAFKA_BACKUP_BACKUP_STORAGE_CONCURRENCY": "257"})
+    assert "backup.storage_concurrency" in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("url,field", [("", "backup.storage"), ("ftp://x/y", "unsupported scheme"),
                                        ("s3:///nobucket", "names no bucket"), ("file://host/x", "has a host")])
 def test_bad_storage_urls_are_one_line_errors(url, field):
