@@ -45,7 +45,7 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from kafka_backup.producers import group_offsets, layout, segments, topic_configs
 from kafka_backup.producers.run import Job, JobFailed, JobInterrupted, Outcome, run_reporting
@@ -63,6 +63,23 @@ log = logging.getLogger("kafka_backup.backup")
 CONFIRM_WAIT_S = 10.0  # at the end of a run, how long to resend lost reports and wait for acknowledgements
 SEALING_MAX_BYTES = 32 * 1024 * 1024  # records handed to them and not completed yet, unless one segment: memory
 GROUPS_READING_WAIT_S = 20.0  # at the end: how long a reading of consumer groups under way may finish
+
+
+def watermarks(admin: AdminClient, partitions: list[tuple[str, int]],
+               timeout: float = 10) -> dict[tuple[str, int], tuple[int, int]]:
+    """Each partition's oldest offset and high watermark, asked in two requests a broker (earliest and
+    latest, at once) where ``Consumer.get_watermark_offsets`` made a round trip a partition, one after
+    the other: 128 partitions, 128 round trips at every start and assignment. A failure raises the
+    partition's ``KafkaException``, as that call did."""
+    if not partitions:
+        return {}
+
+    def ask(spec: OffsetSpec) -> dict[TopicPartition, Future]:
+        return admin.list_offsets({TopicPartition(t, p): spec for t, p in partitions}, request_timeout=timeout)
+
+    earliest, latest = ask(OffsetSpec.earliest()), ask(OffsetSpec.latest())
+    low = {(tp.topic, tp.partition): f.result().offset for tp, f in earliest.items()}
+    return {(tp.topic, tp.partition): (low[tp.topic, tp.partition], f.result().offset) for tp, f in latest.items()}
 
 
 class BackupFailed(JobFailed):
@@ -255,11 +272,13 @@ class BackupWorker(Job):
             self.consumer.subscribe(list(self.cfg.topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
             return
         assignment = []
-        checkpoints = self._read_checkpoints([(topic, p) for topic, n in counts.items() for p in range(n)])
+        partitions = [(topic, p) for topic, n in counts.items() for p in range(n)]
+        checkpoints = self._read_checkpoints(partitions)
+        marks = watermarks(admin, partitions)
         for topic, n in counts.items():
             for p in range(n):
                 work = self._load_partition(topic, p, checkpoints[topic, p])
-                low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                low, high = marks[topic, p]
                 work.target = work.high_watermark = high
                 # An explicit offset, not OFFSET_BEGINNING: resolving "beginning" raced with
                 # fresh data on the dev broker and could land at the end, skipping records.
@@ -291,10 +310,11 @@ class BackupWorker(Job):
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         checkpoints = self._read_checkpoints([(tp.topic, tp.partition) for tp in partitions])
+        assert self._admin is not None  # made in _start, before the subscription
+        marks = watermarks(self._admin, [(tp.topic, tp.partition) for tp in partitions])
         for tp in partitions:
             work = self._load_partition(tp.topic, tp.partition, checkpoints[tp.topic, tp.partition])
-            low, _high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
-            tp.offset = self._resume_offset(work, low)
+            tp.offset = self._resume_offset(work, marks[tp.topic, tp.partition][0])
         consumer.assign(partitions)
         self.emitter.emit(ev.Rebalance, assigned=[f"{tp.topic}/{tp.partition}" for tp in partitions])
 

@@ -486,6 +486,50 @@ def test_the_storage_s_concurrency_is_how_many_segments_are_sealed_and_checkpoin
         assert cp is not None and cp.next_offset == 2
 
 
+def test_watermarks_are_asked_in_two_requests_not_one_a_partition():
+    """Every partition's oldest offset and high watermark: one request for the earliest offsets and one
+    for the latest, made before either is waited for; a partition's error raises its KafkaException,
+    as ``get_watermark_offsets`` did."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import OffsetSpec
+
+    from kafka_backup.producers.backup import watermarks
+
+    earliest = type(OffsetSpec.earliest())
+
+    class Admin:
+        def __init__(self, failing: int | None = None) -> None:
+            self.asked: list[tuple[str, list[tuple[str, int]], float]] = []
+            self.failing = failing
+
+        def list_offsets(self, request, request_timeout):
+            kinds = {"earliest" if isinstance(spec, earliest) else "latest" for spec in request.values()}
+            assert len(kinds) == 1
+            kind = kinds.pop()
+            self.asked.append((kind, [(tp.topic, tp.partition) for tp in request], request_timeout))
+            answers = {}
+            for tp in request:
+                answers[tp] = future = Future()
+                if tp.partition == self.failing:
+                    future.set_exception(KafkaException(KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION)))
+                else:
+                    future.set_result(SimpleNamespace(offset=(10 if kind == "earliest" else 1000) + tp.partition))
+            return answers
+
+    admin = Admin()
+    partitions = [("a", p) for p in range(3)] + [("b", 0)]
+    assert watermarks(admin, partitions) == {("a", 0): (10, 1000), ("a", 1): (11, 1001), ("a", 2): (12, 1002),
+                                             ("b", 0): (10, 1000)}
+    assert admin.asked == [("earliest", partitions, 10), ("latest", partitions, 10)]
+    assert watermarks(admin, []) == {} and len(admin.asked) == 2  # nothing to ask: no request
+    with pytest.raises(KafkaException) as err:
+        watermarks(Admin(failing=1), partitions)
+    assert err.value.args[0].code() == KafkaError.NOT_LEADER_FOR_PARTITION
+
+
 def test_checkpoints_are_read_several_at_a_time_each_for_its_own_partition(tmp_path):
     """Four partitions' checkpoints: the reads meet at a barrier of four (one after the other, the first
     would wait there alone and fail), and each partition gets its own."""
