@@ -14,10 +14,11 @@ Fills a topic and backs it up (zstd, file storage), then alternates, ``repeats``
 Whole processes are timed (wall, and CPU from ``wait4``); the same two commands on an empty
 topic and its empty backup give start-up and shut-down, subtracted in the second line.
 
-    python bench/restore.py [records] [partitions] [repeats] [file|s3]
+    python bench/restore.py [records] [partitions] [repeats] [file|s3|s3:<ms>]
 
 With ``s3`` the backup is stored in, and restored from, an S3 bucket served over HTTP by moto's
-server in its own process (each segment a GET: what reading ahead hides).
+server in its own process (each segment a GET: what reading ahead hides); ``s3:30`` holds every
+request 30 ms on its way (bench/backup.py's proxy), the round trip moto on the loopback lacks.
 """
 
 from __future__ import annotations
@@ -60,13 +61,15 @@ assert report is None or len(offsets) == n
 
 def main() -> None:
     records, partitions, repeats = int_args(sys.argv[1:], 200_000, 4, 3)
-    kind = sys.argv[4] if len(sys.argv) > 4 else "file"
-    if kind not in ("file", "s3"):
-        sys.exit(f"storage: {kind!r} is not file or s3")
+    storage = sys.argv[4] if len(sys.argv) > 4 else "file"
+    kind, _, delay = storage.partition(":")
+    if kind not in ("file", "s3") or (delay and (kind != "s3" or not delay.isdigit())):
+        sys.exit(f"storage: {storage!r} is not file, s3 or s3:<milliseconds added to each request>")
     work = tempfile.mkdtemp(prefix="bench-restore-")
     with contextlib.ExitStack() as stack:
         bootstrap = stack.enter_context(bootstrap_servers("restore"))
-        store, endpoint = stack.enter_context(s3_bucket()) if kind == "s3" else (f"file://{work}/store/", "")
+        store, endpoint = (stack.enter_context(s3_bucket(int(delay or 0))) if kind == "s3"
+                           else (f"file://{work}/store/", ""))
         where = ["--storage", store + "bench", *(["--s3-endpoint-url", endpoint] if endpoint else [])]
         try:
             sources = {}
@@ -97,7 +100,7 @@ def main() -> None:
                                "--topic-map", f"{topic}:{topic}-ours-{r}")],
                         os.path.join(work, f"ours{suffix}-{r}.log")))
             print(f"{records} records on {partitions} partitions, {repeats} runs each, whole process "
-                  f"(start-up included); ours restores from {kind}")
+                  f"(start-up included); ours restores from {storage}")
             compare(runs, records, baselines=("bare", "bare-dr"))
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -174,6 +174,8 @@ class RestoreWorker(Job):
             self.targets.create(missing, mapping, manifest)
             self.checkpoint = cp
             # a finished partition gets no more of our records: whatever follows them is not ours to check
+            self.reader.read_checkpoints([(cur.topic, cur.partition) for cur in cp.partitions
+                                          if cur.restored < cur.records])
             for cur in cp.partitions:
                 if cur.restored < cur.records:
                     found = self.targets.reconcile(cur, self.reader.records(cur, cur.next_offset),
@@ -231,6 +233,7 @@ class RestoreWorker(Job):
         cp = layout.RestoreCheckpoint(self.id, self.backup_id, mapping, 0, self.window.from_time,
                                       self.window.to_time, created_ts=now, updated_ts=now,
                                       offset_header=self.cfg.offset_header)
+        self.reader.read_checkpoints([(topic, p) for topic in mapping for p in range(counts[topic])])
         for topic in mapping:
             lim = (limits or {}).get(topic)
             cutoffs = [lim.deletes[0] if lim and lim.deletes else None, lim.refuses[0] if lim and lim.refuses else None]
@@ -256,9 +259,11 @@ class RestoreWorker(Job):
         cp, writer = self.checkpoint, self.writer
         assert cp is not None and writer is not None
         try:
-            for cur in cp.partitions:
-                if cur.restored < cur.records:
-                    writer.restore_partition(cur, self.reader.records(cur, cur.next_offset))
+            pending = [cur for cur in cp.partitions if cur.restored < cur.records]
+            self.reader.plan((cur, cur.next_offset) for cur in pending)  # their segments, read ahead in order
+            for cur in pending:
+                writer.restore_partition(cur, self.reader.records(cur, cur.next_offset))
+            writer.checkpoint_progress()  # the partitions done since the last checkpoint (at their end, on its cadence)
         except RestoreInterrupted:
             raise RestoreInterrupted(f"stopped at {cp.restored_total} of {cp.total_records} records; run "
                                      f"again with --restore-id {self.id} to resume") from None

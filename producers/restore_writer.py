@@ -4,8 +4,11 @@ Batches are produced with the idempotent producer without waiting for each
 other (up to ``MAX_IN_FLIGHT`` records unacknowledged); the acknowledged prefix
 of a partition's batches is then written to the restore checkpoint every
 ``CHECKPOINT_EVERY_S`` or ``CHECKPOINT_EVERY_BYTES`` (every batch with a rate
-limit), at the end of a partition and before stopping, followed by one
-``RestoreProgress``. A rate limit (:class:`Pacer`) holds ``rate_limit`` records/s
+limit), before stopping or failing, and at the end of the run, followed by one
+``RestoreProgress``. The end of a partition waits for its acknowledgements but
+checkpoints only on that cadence: one storage round trip a partition made a
+restore of 128 partitions from S3 wait 128 of them; a crash before the next
+checkpoint is resumed by reconciling the targets, as anywhere between two. A rate limit (:class:`Pacer`) holds ``rate_limit`` records/s
 over the run.
 """
 
@@ -135,6 +138,7 @@ class Writer:
     def restore_partition(self, cur: layout.RestoreCursor, records: Iterator[segments.StoredRecord]) -> None:
         flights: deque[Flight] = deque()
         batch: list[segments.StoredRecord] = []
+        done = False
         try:
             while True:
                 try:
@@ -151,9 +155,13 @@ class Writer:
                     batch = []
             if batch:
                 self._send(cur, batch, flights)
-        finally:  # stopping, failing or done: what was sent is acknowledged, then checkpointed
-            self._settle(cur, flights, wait=True)
-            self.checkpoint_progress()
+            done = True
+        finally:  # stopping, failing or done: what was sent is acknowledged; then checkpointed, when done on
+            self._settle(cur, flights, wait=True)  # the cadence (the run's end writes the last checkpoint)
+            if done:
+                self._checkpoint_if_due()
+            else:
+                self.checkpoint_progress()
 
     def _send(self, cur: layout.RestoreCursor, batch: list[segments.StoredRecord], flights: deque[Flight]) -> None:
         """Produce a batch without waiting for it; settle the batches before it that are acknowledged."""
@@ -217,9 +225,12 @@ class Writer:
             self.unreported[0] += len(batch)
             self.unreported[1] += batch_bytes
             self.bar.update(len(batch))
-            if (self.unreported[1] >= CHECKPOINT_EVERY_BYTES or self.cfg.rate_limit
-                    or time.monotonic() - self.checkpointed_at >= CHECKPOINT_EVERY_S):
-                self.checkpoint_progress()
+            self._checkpoint_if_due()
+
+    def _checkpoint_if_due(self) -> None:
+        if (self.unreported[1] >= CHECKPOINT_EVERY_BYTES or self.cfg.rate_limit
+                or time.monotonic() - self.checkpointed_at >= CHECKPOINT_EVERY_S):
+            self.checkpoint_progress()
 
     def checkpoint_progress(self) -> None:
         """Write the checkpoint with every claimed batch, then report them in one ``RestoreProgress``."""

@@ -84,6 +84,38 @@ def test_scope_counts_exactly_and_reads_only_straddling_segments_once(tmp_path):
     assert offsets == list(range(20, 150)) and reports == [], "kept decoded: not read again"
 
 
+def test_a_restore_reads_its_partitions_checkpoints_several_at_a_time_and_each_once(tmp_path):
+    """Six partitions, a backend of concurrency 3: the checkpoint reads meet three at a time at a
+    barrier (one after the other, the first would wait there alone and fail); each partition gets its
+    own checkpoint, read once a run, and the scope counts each exactly."""
+    import threading
+
+    meet = threading.Barrier(3, timeout=10)
+    reads: list[str] = []
+
+    class Three(FileBackend):
+        def get(self, key):
+            if key.endswith("checkpoint.json"):
+                reads.append(key)
+                meet.wait()
+            return super().get(key)
+
+    setup = Storage(FileBackend(str(tmp_path)))
+    infos = {}
+    for p in range(6):
+        infos[p] = layout.SegmentInfo(layout.segment_key("bk", "t", p, 0, "zstd"), 0, 10 + p, 10 + p, 1, 1, 1,
+                                      "zstd", 1000, 2000)
+        setup.put(layout.checkpoint_key("bk", "t", p), layout.encode(layout.Checkpoint("t", p, 10 + p, [infos[p]])),
+                  "checkpoint")
+    storage = Storage(Three(str(tmp_path), concurrency=3))
+    worker = RestoreWorker("127.0.0.1:1", RestoreConfig(restore_id="r", backup_id="bk"), storage, Events())
+    storage.listener = lambda report: None
+    cp = worker.scope({"t": "t"}, {"t": 6})
+    assert [(c.partition, c.records, c.end_offset) for c in cp.partitions] == [(p, 10 + p, 10 + p) for p in range(6)]
+    assert sorted(reads) == sorted(layout.checkpoint_key("bk", "t", p) for p in range(6))
+    assert worker.reader.segments(cp.partitions[2]) == [infos[2]] and len(reads) == 6  # not read again
+
+
 def test_an_unbounded_restore_yields_every_record_from_its_start_to_the_partition_s_end(tmp_path):
     """No time window: whole segments go out as read (their offsets were proved by read_segment);
     a resume inside a segment, and a scope ending inside one, still cut at the exact offsets."""
@@ -172,9 +204,11 @@ def test_offset_reset_takes_epoch_ms_or_iso_8601(given, ms):
     assert timestamp_ms(load(None, {"offset_reset.to_timestamp": given}, environ={}).offset_reset) == ms
 
 
-def test_the_next_segment_is_read_ahead_in_order_and_a_damaged_one_fails_only_when_reached(tmp_path):
-    """Reading ahead: while one segment's records are restored, the next is read in another thread; its
-    records, or its error, are taken in order, so everything before a damaged segment is restored."""
+def test_segments_are_fetched_ahead_in_order_several_at_once_and_a_damaged_one_fails_only_when_reached(tmp_path):
+    """Fetching ahead, a backend of concurrency 2: while one segment's records are restored, the next two
+    are fetched in threads of their own (the first two meet at a barrier: one at a time, the first would
+    wait there alone and fail), never more; each is checked and decoded on the restoring thread when
+    its turn comes, so everything before a damaged segment is restored and its error comes in order."""
     import threading
 
     from kafka_backup.producers import layout
@@ -185,27 +219,147 @@ def test_the_next_segment_is_read_ahead_in_order_and_a_damaged_one_fails_only_wh
 
     segs = [layout.SegmentInfo(key=f"s{i}", start_offset=2 * i, end_offset=2 * i + 2, records=2, bytes=2,
                                uncompressed_bytes=2, stored_bytes=2, algorithm="none") for i in range(4)]
-    reads: list[tuple[str, bool]] = []  # (segment, read on the restoring thread)
     restoring = threading.get_ident()
+    fetched: list[tuple[str, bool]] = []  # (segment, on the restoring thread)
+    checked: list[tuple[str, bool]] = []
+    meet = threading.Barrier(2, timeout=10)
+    lock = threading.Lock()
+    under_way = [0, 0]  # now, peak
 
-    def read(seg: layout.SegmentInfo) -> list[StoredRecord]:
-        reads.append((seg.key, threading.get_ident() == restoring))
+    def fetch(seg: layout.SegmentInfo) -> bytes:
+        with lock:
+            fetched.append((seg.key, threading.get_ident() == restoring))
+            under_way[0] += 1
+            under_way[1] = max(under_way)
+        try:
+            if seg.key in ("s0", "s1"):
+                meet.wait()
+            return seg.key.encode()
+        finally:
+            with lock:
+                under_way[0] -= 1
+
+    def check(seg: layout.SegmentInfo, data: bytes) -> list[StoredRecord]:
+        checked.append((data.decode(), threading.get_ident() == restoring))
         if seg.key == "s2":
             raise layout.SegmentDamaged(seg.key, "is corrupt (a test)", "codec")
         return [StoredRecord(o, 1, 1, None, b"v") for o in range(seg.start_offset, seg.end_offset)]
 
-    reader = SegmentReader(Storage(FileBackend(str(tmp_path))), "bk", Window(None, None), NullEmitter())
+    reader = SegmentReader(Storage(FileBackend(str(tmp_path), concurrency=2)), "bk", Window(None, None), NullEmitter())
     reader.segments = lambda cur: segs  # type: ignore[method-assign]
-    reader._read = read  # type: ignore[method-assign]
+    reader._fetch = fetch  # type: ignore[method-assign]
+    reader._check = check  # type: ignore[method-assign]
     cur = layout.RestoreCursor("t", 0, "t2", end_offset=8, records=8)
     got = reader.records(cur, 1)
-    offsets = [next(got).offset]  # s0 (from offset 1), read here; s1 being read ahead
-    assert reader._ahead is not None and reader._ahead[0] == "s1"
-    offsets += [next(got).offset, next(got).offset]  # s1's records, from the read ahead; s2 read ahead
+    offsets = [next(got).offset]  # s0 (from offset 1); s1 and s2 being fetched
+    assert [seg.key for seg, _ in reader._ahead] == ["s1", "s2"]
+    offsets += [next(got).offset, next(got).offset]  # s1's records; s2 and s3 being fetched
     assert offsets == [1, 2, 3]
     with pytest.raises(RestoreFailed, match="segment s2: is corrupt"):
         next(got)  # the damaged segment's error, where it comes in order
-    assert reads == [("s0", True), ("s1", False), ("s2", False)]  # s3 never read
+    assert sorted(fetched) == [("s0", False), ("s1", False), ("s2", False), ("s3", False)]
+    assert checked == [("s0", True), ("s1", True), ("s2", True)]  # s3 fetched, never decoded
+    assert under_way[1] == 2
+
+
+def test_the_restore_s_partitions_are_read_ahead_as_one_sequence(tmp_path):
+    """A segment a partition (a many-partition backup): the restore plans every pending partition from
+    its start, so the next partition's segment is fetched while this one's is restored (the two fetches
+    meet at a barrier), and a partition's segments before its resume point are never fetched."""
+    import threading
+
+    from kafka_backup.producers import layout
+    from kafka_backup.producers.restore_reader import SegmentReader
+    from kafka_backup.producers.restore_scope import Window
+    from kafka_backup.producers.run import NullEmitter
+    from kafka_backup.producers.segments import StoredRecord
+
+    def seg(p: int, start: int) -> layout.SegmentInfo:
+        return layout.SegmentInfo(key=f"p{p}-{start}", start_offset=start, end_offset=start + 2, records=2, bytes=2,
+                                  uncompressed_bytes=2, stored_bytes=2, algorithm="none")
+
+    segs = {0: [seg(0, 0)], 1: [seg(1, 0), seg(1, 2)]}
+    reads: list[str] = []
+    meet = threading.Barrier(2, timeout=10)
+
+    def fetch(s: layout.SegmentInfo) -> bytes:
+        reads.append(s.key)
+        meet.wait()
+        return b""
+
+    def check(s: layout.SegmentInfo, data: bytes) -> list[StoredRecord]:
+        return [StoredRecord(o, 1, 1, None, b"v") for o in range(s.start_offset, s.end_offset)]
+
+    reader = SegmentReader(Storage(FileBackend(str(tmp_path))), "bk", Window(None, None), NullEmitter())
+    reader.segments = lambda cur: segs[cur.partition]  # type: ignore[method-assign]
+    reader._fetch = fetch  # type: ignore[method-assign]
+    reader._check = check  # type: ignore[method-assign]
+    first = layout.RestoreCursor("t", 0, "t2", end_offset=2, records=2)
+    second = layout.RestoreCursor("t", 1, "t2", end_offset=4, records=4)
+    reader.plan([(first, 0), (second, 2)])  # the second resumes at offset 2: its segment p1-2
+    assert [r.offset for r in reader.records(first, 0)] == [0, 1]
+    assert [r.offset for r in reader.records(second, 2)] == [2, 3]
+    assert sorted(reads) == ["p0-0", "p1-2"]  # p1-0 is before the resume point: never read
+
+
+def test_a_finished_partition_is_checkpointed_on_the_cadence_and_a_stopped_one_at_once(tmp_path, monkeypatch):
+    """Each partition's batches are acknowledged before the next partition starts; the checkpoint (a
+    storage round trip) is written on its cadence, not at every partition's end, and always for what
+    a stop leaves (then the run ends, and the restore's end writes the rest)."""
+    import io
+    import threading
+
+    from kafka_backup.producers import restore_writer
+    from kafka_backup.producers.restore_scope import RestoreInterrupted
+    from kafka_backup.producers.restore_writer import Pacer, Writer
+    from kafka_backup.producers.segments import StoredRecord
+
+    clock = [100.0]
+    monkeypatch.setattr(restore_writer.time, "monotonic", lambda: clock[0])
+
+    class Acked:
+        """A producer acknowledging every record at its next poll or flush, at the partition's next offset."""
+
+        def __init__(self) -> None:
+            self.queued: list = []
+            self.next: dict[int, int] = {}
+
+        def produce(self, topic, value, key, partition, timestamp, headers, on_delivery):
+            self.queued.append((partition, on_delivery))
+
+        def poll(self, timeout=0):
+            queued, self.queued = self.queued, []
+            for partition, on_delivery in queued:
+                offset = self.next.get(partition, 0)
+                self.next[partition] = offset + 1
+                on_delivery(None, type("Msg", (), {"offset": lambda self, o=offset: o})())
+            return len(queued)
+
+        def flush(self, timeout=0):
+            self.poll()
+            return 0
+
+    saves: list[int] = []
+    cp = layout.RestoreCheckpoint("r", "bk", {"t": "t2"}, 6)
+    cp.partitions = [layout.RestoreCursor("t", p, "t2", end_offset=2, records=2) for p in range(3)]
+    stopping = threading.Event()
+    writer = Writer("127.0.0.1:1", RestoreConfig(restore_id="r", backup_id="bk", batch_records=1), cp, Events(),
+                    Pacer(0, stopping), lambda: saves.append(cp.restored_total), lambda err: None, io.StringIO())
+    writer._producer = Acked()  # type: ignore[assignment]
+
+    def records(p: int):
+        return iter([StoredRecord(o, 1, 1, None, b"v") for o in range(2)])
+
+    writer.restore_partition(cp.partitions[0], records(0))
+    assert cp.partitions[0].restored == 2 and saves == []  # acknowledged, not checkpointed: within the cadence
+    clock[0] += 1.0  # the cadence (CHECKPOINT_EVERY_S) is due at the next claim
+    writer.restore_partition(cp.partitions[1], records(1))
+    assert cp.partitions[1].restored == 2 and saves == [3]  # partition 0 and the first batch of 1, in one
+    stopping.set()
+    with pytest.raises(RestoreInterrupted):
+        writer.restore_partition(cp.partitions[2], records(2))
+    assert saves == [3, 4]  # a stop writes what is acknowledged at once: partition 1's last batch
+    assert [f["restored_total"] for e, f in writer.emitter.events if e == "RestoreProgress"] == [3, 4]
 
 
 @pytest.mark.e2e  # a fresh interpreter: whether tqdm gets imported
