@@ -49,11 +49,16 @@ def stored_records(root: str, backup_id: str) -> int:
 
 
 class Monotonic:
-    """Scrapes in the background and remembers every value of one counter: it must never go down."""
+    """Scrapes in the background and remembers every value of one counter: it must never go down.
+
+    Every scrape also checks that no counter on the page fell since the last (``Pipeline.scrape``);
+    a failure there is kept and raised when the block ends (before, it ended the thread as an
+    unhandled thread exception, a pytest warning, and the test passed)."""
 
     def __init__(self, pipe: Pipeline, name: str, **labels) -> None:
         self.pipe, self.name, self.labels = pipe, name, labels
         self.values: list[float] = []
+        self.failure: AssertionError | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -63,6 +68,9 @@ class Monotonic:
                 v = self.pipe.scrape().get_value(self.name, **self.labels)
             except OSError:
                 continue  # exporter restarting
+            except AssertionError as err:  # a counter fell: the test fails with it
+                self.failure = err
+                return
             if v is not None:
                 self.values.append(v)
 
@@ -73,6 +81,8 @@ class Monotonic:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        if self.failure is not None:
+            raise self.failure
         assert self.values == sorted(self.values), f"{self.name} decreased: {self.values}"
 
 

@@ -40,6 +40,9 @@ class ScrapeHistory:
             except OSError as err:  # refused while restarting, or an HTTP error status
                 self.statuses.append(getattr(err, "code", 0))
                 continue
+            except AssertionError as err:  # Pipeline.scrape's own check: a counter fell since any scrape
+                self.fell.append(str(err))
+                return
             self.statuses.append(200)
             if self.last is not None:
                 for key, value in current.items():
