@@ -288,15 +288,11 @@ class BackupWorker(Job):
         self.consumer.assign(assignment)
 
     def _read_checkpoints(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], layout.Checkpoint | None]:
-        """The partitions' checkpoints, the storage's ``concurrency`` reads at a time: one after the
-        other, 128 partitions on S3 took seconds of every run's start. A read that fails raises here,
-        as it did alone."""
-        if len(partitions) <= 1:
-            return {tp: layout.read_checkpoint(self.storage, self.id, *tp) for tp in partitions}
-        with ThreadPoolExecutor(max_workers=min(self.storage.concurrency, len(partitions)),
-                                thread_name_prefix="checkpoints") as pool:
-            futures = {tp: pool.submit(layout.read_checkpoint, self.storage, self.id, *tp) for tp in partitions}
-            return {tp: future.result() for tp, future in futures.items()}
+        """The partitions' checkpoints, the storage's ``concurrency`` reads at a time (``Storage.at_once``).
+        A read that fails raises here, the first in partition order."""
+        reads = self.storage.at_once(layout.read_checkpoint, [(self.storage, self.id, *tp) for tp in partitions],
+                                     "checkpoints")
+        return {tp: read.result() for tp, read in zip(partitions, reads, strict=True)}
 
     def _load_partition(self, topic: str, partition: int, cp: layout.Checkpoint | None) -> PartitionWork:
         """``cp``: the partition's checkpoint as read from storage (None: it never had a record)."""
@@ -566,10 +562,8 @@ class BackupWorker(Job):
                  if work.reports.reported_offset > work.checkpoint.reported_offset and work.checkpoint.segment_count]
         if not moved:
             return
-        # concurrency writes at a time: one after the other, 128 partitions took 128 storage round trips
-        with ThreadPoolExecutor(max_workers=min(self.storage.concurrency, len(moved)),
-                                thread_name_prefix="confirm") as pool:
-            writes = [(work, pool.submit(self._write_checkpoint, work, cp)) for work, cp in moved]
+        writes = zip([work for work, _ in moved], self.storage.at_once(self._write_checkpoint, moved, "confirm"),
+                     strict=True)
         for work, write in writes:
             if (err := write.exception()) is None:
                 continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from kafka_backup.producers import layout
 from kafka_backup.producers.restore_scope import RestoreFailed, Window
@@ -59,14 +59,7 @@ class SegmentReader:
         one after the other, a restore of 128 partitions from S3 waited 128 round trips (and more for
         index chunks) before its first record. A failed read raises here, the first in partition order."""
         todo = [tp for tp in dict.fromkeys(partitions) if tp not in self.checkpoint_of]
-        if len(todo) <= 1:
-            for topic, partition in todo:
-                self.backup_checkpoint(topic, partition)
-            return
-        with ThreadPoolExecutor(max_workers=min(self.storage.concurrency, len(todo)),
-                                thread_name_prefix="checkpoints") as pool:
-            reads = [(tp, pool.submit(self._read_checkpoint, *tp)) for tp in todo]
-        for tp, read in reads:
+        for tp, read in zip(todo, self.storage.at_once(self._read_checkpoint, todo, "checkpoints"), strict=True):
             self._keep(tp, *read.result())
 
     def _read_checkpoint(self, topic: str, partition: int) -> tuple[layout.Checkpoint, list[layout.SegmentInfo]]:

@@ -8,8 +8,8 @@ limit), before stopping or failing, and at the end of the run, followed by one
 ``RestoreProgress``. The end of a partition waits for its acknowledgements but
 checkpoints only on that cadence: one storage round trip a partition made a
 restore of 128 partitions from S3 wait 128 of them; a crash before the next
-checkpoint is resumed by reconciling the targets, as anywhere between two. A rate limit (:class:`Pacer`) holds ``rate_limit`` records/s
-over the run.
+checkpoint is resumed by reconciling the targets, as anywhere between two. A
+rate limit (:class:`Pacer`) holds ``rate_limit`` records/s over the run.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
@@ -309,6 +310,23 @@ class Storage:
     @property
     def concurrency(self) -> int:
         return self.backend.concurrency
+
+    def at_once(self, call: Callable[..., T], items: list[tuple[Any, ...]], name: str) -> list[Future[T]]:
+        """``call(*item)`` for each of ``items``, :attr:`concurrency` at a time (threads named ``name``),
+        all done when it returns: their outcomes, in order (one item runs on the caller's thread).
+        One after the other, 128 partitions' checkpoints on S3 were 128 round trips in a row."""
+        if len(items) <= 1:
+            done: list[Future[T]] = []
+            for item in items:
+                future: Future[T] = Future()
+                try:
+                    future.set_result(call(*item))
+                except Exception as err:
+                    future.set_exception(err)
+                done.append(future)
+            return done
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items)), thread_name_prefix=name) as pool:
+            return [pool.submit(call, *item) for item in items]
 
     def put(self, key: str, data: bytes, operation: str) -> None:
         self._attempt("write", operation, lambda: self.backend.put(key, data), lambda _: len(data))

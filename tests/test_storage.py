@@ -111,6 +111,32 @@ def test_each_backend_says_how_many_calls_are_worth_making_at_once(tmp_path, mon
     assert "backup.storage_concurrency" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_calls_at_once_run_the_storage_s_concurrency_at_a_time_and_keep_their_order(tmp_path):
+    """Four calls on a backend of concurrency 2: two meet at a barrier (one at a time, the first would
+    wait alone and fail), the outcomes come in the order asked, an error stays with its call; one
+    call runs on the caller's thread."""
+    import threading
+
+    from kafka_backup.producers.storage import Storage
+
+    meet = threading.Barrier(2, timeout=10)
+    caller = threading.get_ident()
+
+    def call(n: int) -> tuple[int, bool]:
+        if n == 2:
+            raise ValueError("two")
+        meet.wait()
+        return n, threading.get_ident() == caller
+
+    storage = Storage(FileBackend(str(tmp_path), concurrency=2))
+    done = storage.at_once(call, [(0,), (1,), (2,), (3,), (4,)], "test")
+    assert [f.result() for f in done[:2]] == [(0, False), (1, False)] and [f.result()[0] for f in done[3:]] == [3, 4]
+    with pytest.raises(ValueError, match="two"):
+        done[2].result()
+    [alone] = storage.at_once(lambda: threading.get_ident() == caller, [()], "test")
+    assert alone.result() is True
+
+
 @pytest.mark.parametrize("url,field", [("", "backup.storage"), ("ftp://x/y", "unsupported scheme"),
                                        ("s3:///nobucket", "names no bucket"), ("file://host/x", "has a host")])
 def test_bad_storage_urls_are_one_line_errors(url, field):
