@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from moto.server import ThreadedMotoServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -318,6 +319,9 @@ class Pipeline:
         self.extra_aggregator_args = extra_aggregator_args or []
         self.workers: list[Proc] = []
         self.highest: dict[tuple[str, frozenset], float] = {}  # each state counter's highest value served
+        # one scrape at a time, checked in the order served: a test's background scraper and its main thread
+        # both scrape, and a page served first but checked second looked like a counter that fell
+        self._scrape_lock = threading.Lock()
         self.aggregator = self._aggregator_proc(1)
         self.exporter = Proc(["exporter", "--bootstrap-servers", bootstrap, "--app-id", self.app_id,
                               "--port", str(self.port), "--metrics-update-interval-ms", "100",
@@ -368,8 +372,9 @@ class Pipeline:
     def scrape(self) -> Samples:
         """The exporter's samples; every test that scrapes also checks that no counter served from
         the state ever fell, across aggregator and exporter kills, restarts and rebalances."""
-        text = self.scrape_text()[0]
-        self.check_no_counter_fell(text)
+        with self._scrape_lock:
+            text = self.scrape_text()[0]
+            self.check_no_counter_fell(text)
         return parse_prometheus(text)
 
     def check_no_counter_fell(self, text: str) -> None:
@@ -381,6 +386,68 @@ class Pipeline:
             else:
                 self.highest[key] = value
         assert not fell, "counters fell (Prometheus would read a reset):\n" + "\n".join(fell[:20])
+
+    def assert_state_never_fell(self, *keys_with: str, timeout: float = 60) -> int:
+        """Read the state topic from its start and check, from the broker's own log, that no job state the
+        aggregator wrote would serve a counter lower than an earlier state of the same key did.
+
+        Scrapes only sample what the exporter served; this checks every value ever written, in offset
+        order (a key's values share one partition), which is what any exporter started at any time reads.
+        Each value is rendered alone by the exporter's collector. ``keys_with``: check only the keys that
+        contain one of these (default: all). Returns how many values were checked.
+        """
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from kafka_backup.exporter.collector import StateCollector
+        from kafka_backup.exporter.state_reader import StateReader
+        from kafka_backup.schemas.topics import state_topic
+
+        topic = state_topic(self.app_id)
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": unique("audit"),
+                             "enable.auto.commit": False, "enable.partition.eof": True})
+        try:
+            partitions = sorted(consumer.list_topics(topic, timeout=15).topics[topic].partitions)
+            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+            ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15, cached=False)[1]
+                    for p in partitions}
+            reader = StateReader(self.bootstrap, self.app_id)  # its decoding only: never started
+            one: dict = {}
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(StateCollector(lambda: one))
+            highest: dict[tuple[str, str, frozenset], tuple[float, int, int]] = {}
+            fell: list[str] = []
+            checked, done, deadline = 0, set(), time.monotonic() + timeout
+            while len(done) < len(partitions):
+                assert time.monotonic() < deadline, f"the state topic {topic} was not read to its end in {timeout}s"
+                msg = consumer.poll(0.5)
+                if msg is None:
+                    continue
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF and msg.offset() >= ends[msg.partition()]:
+                        done.add(msg.partition())
+                    continue
+                key = (msg.key() or b"").decode()
+                if (keys_with and not any(k in key for k in keys_with)) or msg.value() is None:
+                    continue
+                reader.apply(msg.key(), msg.value())
+                one.clear()
+                one[key] = reader.snapshot().get(key)
+                if one[key] is None:  # refused by the exporter too (counted there): nothing served from it
+                    continue
+                checked += 1
+                for name_labels, value in state_counters(generate_latest(registry).decode()).items():
+                    series = (key, *name_labels)  # shared series (by backend, ...) are each key's own share here
+                    before = highest.get(series)
+                    if before is not None and value < before[0]:
+                        fell.append(f"{key}: {series[1]}{dict(series[2])}: {before[0]} at {msg.partition()}/{before[2]} "
+                                    f"-> {value} at {msg.partition()}/{msg.offset()}")
+                    elif before is None or value > before[0]:
+                        highest[series] = (value, msg.partition(), msg.offset())
+        finally:
+            consumer.close()
+        assert checked, f"no state value of a key with any of {keys_with} on {topic}"
+        assert not fell, "the aggregator wrote a state whose counters fell:\n" + "\n".join(fell[:20])
+        return checked
 
     def caught_up(self, timeout: float = 120, topic: str | None = None) -> Samples:
         """Wait until the aggregator has folded everything produced to the telemetry topic so far.

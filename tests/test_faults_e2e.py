@@ -23,6 +23,7 @@ from kafka_backup.cli.devbroker import free_port
 from kafka_backup.exporter.state_reader import StateReader
 from kafka_backup.schemas import catalogue as cat
 from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.state import PIPELINE_PREFIX
 from kafka_backup.schemas.topics import TELEMETRY_TOPIC
 from tests.conftest import (
     AFTER_RESTART_S,
@@ -313,6 +314,8 @@ def test_aggregator_killed_mid_stream_restarts_exact(broker, pipeline_factory, t
             raise AssertionError(f"{where_records_went(broker, pipe, bid)}\n{err}") from None
     # the run's end is folded after its last segment: wait for it rather than race it
     s = pipe.wait_value(cat.BACKUP_DURATION.name + "_count", 1, 60, backup_id=bid, status="success")
+    # every state the killed and restarted workers wrote, not only those the scrapes happened to see
+    pipe.assert_state_never_fell(bid, PIPELINE_PREFIX)
     seg_files = glob.glob(os.path.join(store, bid, "topics", "*", "*", "*.seg*"))
     assert s.get_value(cat.COMPRESSED_BYTES.name, algorithm="zstd", backup_id=bid) == sum(
         os.path.getsize(f) for f in seg_files)
@@ -400,6 +403,7 @@ def test_two_aggregator_workers_equal_one(broker, pipeline_factory, tmp_path):
         assert a.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == truth.total_bytes
         assert b.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == truth.total_bytes
         pair.wait_value(cat.BACKUP_DURATION.name + "_count", 1, backup_id=bid, status="success")
+    pair.assert_state_never_fell("bk-two", PIPELINE_PREFIX)  # across the join's rebalance and any restart
 
 
 @pytest.fixture
