@@ -495,19 +495,25 @@ class Pipeline:
         return wait_for(current, timeout, 0.2, what=f"the exporter to read the state topic to its end after {since}")
 
     def wait_value(self, name: str, expected: float, timeout: float = 60, **labels) -> Samples:
+        return self.wait_values((name, expected, labels), timeout=timeout)
+
+    def wait_values(self, *expected: tuple[str, float, dict], timeout: float = 60) -> Samples:
+        """The first scrape where each ``(name, value, labels)`` holds: values that come from different
+        events (a run's error, then its end) may be folded in different flushes, so one is waited for
+        with the others, never read on the strength of another having arrived."""
         def check():
             s = self.scrape()
-            return s if s.get_value(name, **labels) == expected else None
+            return s if all(s.get_value(name, **labels) == value for name, value, labels in expected) else None
 
         try:
-            return wait_for(check, timeout, what=f"{name}{labels} == {expected}")
+            return wait_for(check, timeout, what=" and ".join(f"{n}{lb} == {v}" for n, v, lb in expected))
         except AssertionError:
             scraped = self.scrape()
-            got = scraped.get_value(name, **labels)
+            got = "; ".join(f"{n}{lb}: expected {v}, got {scraped.get_value(n, **lb)}" for n, v, lb in expected)
             lag = {(k[0].removeprefix("kafka_backup_telemetry_lag_"), dict(k[1]).get("partition")): v
                    for k, v in scraped.items() if k[0].startswith("kafka_backup_telemetry_lag")}
             raise AssertionError(
-                f"{name}{labels}: expected {expected}, got {got}; telemetry lag (what, partition): {lag}"
+                f"{got}; telemetry lag (what, partition): {lag}"
                 f"\n--- aggregator log ---\n{self.aggregator.log()}"
                 + "".join(f"\n--- aggregator worker {n} log ---\n{w.log()}" for n, w in enumerate(self.workers, 2))
                 + f"\n--- exporter log ---\n{self.exporter.log()}") from None

@@ -141,10 +141,12 @@ def test_a_flipped_byte_fails_verify_naming_the_segment_and_restore_refuses_it(b
     assert key in line and "SHA-256" in line and "refused" in line
     # nothing of the damaged segment reached the target; what precedes it did
     assert watermarks(broker, target, 2) == {0: 200, 1: 100}
-    # the restore's refusal is the restore's error; the backup's count is verify's finding alone
-    s = shared_pipeline.wait_value(cat.RESTORE_ERRORS_TOTAL.name, 1, restore_id=rid, error_type="integrity")
-    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=bid, error_type="integrity") == 1
-    assert s.get_value(cat.RESTORE_DURATION.name + "_count", backup_id=bid, status="failure") == 1
+    # the restore's refusal is the restore's error; the backup's count is verify's finding alone. The run's
+    # end comes after its error, maybe in a later telemetry record: wait for it rather than race it
+    shared_pipeline.wait_values(
+        (cat.RESTORE_DURATION.name + "_count", 1, {"backup_id": bid, "status": "failure"}),
+        (cat.RESTORE_ERRORS_TOTAL.name, 1, {"restore_id": rid, "error_type": "integrity"}),
+        (cat.ERRORS_TOTAL.name, 1, {"backup_id": bid, "error_type": "integrity"}))
     assert truth.records == {0: 200, 1: 200}
 
 
@@ -186,15 +188,15 @@ def test_a_key_escaping_the_backup_and_a_truncated_checkpoint_stop_every_command
         line = one_line(r.stderr)
         assert f"kafka-backup {name}: failed: {bid}/topics/{topic}/0/checkpoint.json: is corrupt or truncated" in line
     # backup and verify count under the backup; each restore under its own id
-    s = shared_pipeline.wait_value(cat.ERRORS_TOTAL.name, 2, backup_id=bid, error_type="corrupt_metadata")
-    s = shared_pipeline.wait_value(cat.RESTORE_ERRORS_TOTAL.name, 1, restore_id=rid_trunc,
-                                   error_type="corrupt_metadata")
-    assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=bid, error_type="integrity") == 1  # verify: the escaping key
-    assert s.get_value(cat.RESTORE_ERRORS_TOTAL.name, restore_id=rid_esc, error_type="integrity") == 1
-    assert s.get_value(cat.BACKUP_DURATION.name + "_count", backup_id=bid, status="failure") == 1
-    assert s.get_value(cat.RESTORE_DURATION.name + "_count", backup_id=bid, status="failure") == 2
-    assert s.get_value(cat.VERIFY_DURATION.name + "_count", backup_id=bid, status="failure") == 2
-    assert s.get_value(cat.BACKUP_STATUS.name, backup_id=bid, kafka_backup_status="ERROR") == 1
+    shared_pipeline.wait_values(
+        (cat.ERRORS_TOTAL.name, 2, {"backup_id": bid, "error_type": "corrupt_metadata"}),
+        (cat.RESTORE_ERRORS_TOTAL.name, 1, {"restore_id": rid_trunc, "error_type": "corrupt_metadata"}),
+        (cat.ERRORS_TOTAL.name, 1, {"backup_id": bid, "error_type": "integrity"}),  # verify: the escaping key
+        (cat.RESTORE_ERRORS_TOTAL.name, 1, {"restore_id": rid_esc, "error_type": "integrity"}),
+        (cat.BACKUP_DURATION.name + "_count", 1, {"backup_id": bid, "status": "failure"}),
+        (cat.RESTORE_DURATION.name + "_count", 2, {"backup_id": bid, "status": "failure"}),
+        (cat.VERIFY_DURATION.name + "_count", 2, {"backup_id": bid, "status": "failure"}),
+        (cat.BACKUP_STATUS.name, 1, {"backup_id": bid, "kafka_backup_status": "ERROR"}))
 
     # a manifest from a newer writer: one line saying so
     head.write_bytes(original)
@@ -347,8 +349,8 @@ def test_restore_creates_targets_with_the_recorded_configuration_and_refuses_ret
     assert "--allow-retention-loss" in line
     assert watermarks(broker, existing, 1) == {0: 0}
     assert not (store / bid / "restores" / rid2).exists()
-    s = shared_pipeline.wait_value(cat.RESTORE_ERRORS_TOTAL.name, 1, restore_id=rid2, error_type="retention")
-    assert s.get_value(cat.RESTORE_DURATION.name + "_count", backup_id=bid, status="failure") == 1
+    shared_pipeline.wait_values((cat.RESTORE_ERRORS_TOTAL.name, 1, {"restore_id": rid2, "error_type": "retention"}),
+                                (cat.RESTORE_DURATION.name + "_count", 1, {"backup_id": bid, "status": "failure"}))
 
     # 3. the override restores, the loss is counted, and the broker does delete what the check counted
     r = restore(broker, bid, url, rid2, "--topic-map", f"{source}:{existing}", "--allow-retention-loss")
