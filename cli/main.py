@@ -293,7 +293,8 @@ def cmd_restore(cfg: Config, dry_run: bool = False) -> int:
     require_safe_id("restore.restore_id", cfg.restore.restore_id)
     require_safe_id("restore.backup_id", cfg.restore.backup_id)
     logs.set_context(job=cfg.restore.restore_id)
-    storage = Storage(open_backend(cfg.restore.storage, cfg.restore.s3_endpoint_url, field="restore.storage"))
+    storage = Storage(open_backend(cfg.restore.storage, cfg.restore.s3_endpoint_url, field="restore.storage",
+                                   concurrency=cfg.restore.storage_concurrency))
     return run_restore(cfg.kafka.bootstrap_servers, cfg.kafka.telemetry_bootstrap_servers, cfg.restore,
                        cfg.telemetry, storage, dry_run=dry_run, aggregator_group=cfg.aggregator.app_id)
 
@@ -304,7 +305,8 @@ def cmd_verify(cfg: Config) -> int:
 
     require_safe_id("verify.backup_id", cfg.verify.backup_id)
     logs.set_context(job=cfg.verify.backup_id)
-    storage = Storage(open_backend(cfg.verify.storage, cfg.verify.s3_endpoint_url, field="verify.storage"))
+    storage = Storage(open_backend(cfg.verify.storage, cfg.verify.s3_endpoint_url, field="verify.storage",
+                                   concurrency=cfg.verify.storage_concurrency))
     return run_verify(cfg.kafka.telemetry_bootstrap_servers or cfg.kafka.bootstrap_servers, cfg.verify,
                       cfg.telemetry, storage, out=sys.stdout)
 

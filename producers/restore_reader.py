@@ -8,17 +8,14 @@ decoded (up to ``PARTIAL_CACHE_BYTES``) so it is read from storage once per run.
 
 from __future__ import annotations
 
-import functools
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
 
 from kafka_backup.producers import layout
 from kafka_backup.producers.restore_scope import RestoreFailed, Window
 from kafka_backup.producers.run import Reporter
 from kafka_backup.producers.segments import StoredRecord  # by name: the method segments() hides the module
 from kafka_backup.producers.storage import Storage
-from kafka_backup.producers.threads import in_daemon_thread
+from kafka_backup.producers.threads import ReadAhead
 from kafka_backup.schemas import events as ev
 
 PARTIAL_CACHE_BYTES = 64 * 1024 * 1024  # decoded straddling segments kept between scoping and producing
@@ -43,9 +40,10 @@ class SegmentReader:
         self.cache_bytes = 0
         self.checked: set[str] = set()  # segments read and checked this run
         self.unverified: set[str] = set()  # of those, without a digest (layout 1)
-        self._plan: deque[layout.SegmentInfo] = deque()  # segments to load next, in order, not being read yet
-        self._ahead: deque[tuple[layout.SegmentInfo, Future[bytes]]] = deque()  # being fetched, in order
-        self._ahead_bytes = 0
+        # the segments to load next, fetched ahead (plan); one already decoded when scoping is not fetched
+        self.ahead: ReadAhead[layout.SegmentInfo, bytes] = ReadAhead(
+            lambda seg: self._fetch(seg), lambda seg: seg.stored_bytes, storage.concurrency, READ_AHEAD_BYTES,
+            "segment-read-ahead", skip=lambda seg: seg.key in self.cache)
 
     def backup_checkpoint(self, topic: str, partition: int) -> layout.Checkpoint:
         """The partition's checkpoint in the backup, read (with its sealed index chunks) once a run."""
@@ -106,13 +104,11 @@ class SegmentReader:
             self.cache_bytes -= seg.uncompressed_bytes
             return cached
         try:
-            if self._ahead and self._ahead[0][0].key == seg.key:
-                _, fetching = self._ahead.popleft()
-                self._ahead_bytes -= seg.stored_bytes
-                self._fill()
+            fetching = self.ahead.take(seg)
+            if fetching is not None:
                 records = self._check(seg, fetching.result())  # fetched while the ones before were produced
             else:
-                self._drop_plan()  # read out of the planned order: the plan no longer holds
+                self.ahead.drop()  # read out of the planned order: the plan no longer holds
                 records = self._check(seg, self._fetch(seg))
         except layout.SegmentDamaged as err:
             self.emitter.emit(ev.ErrorRaised, error_type=err.error_type, transient=False, operation="read",
@@ -140,29 +136,7 @@ class SegmentReader:
         each other and the producing (one segment ahead at a time, a restore of 128 one-segment
         partitions from S3 waited a round trip for each). Each is checked and decoded by :meth:`load`
         when its turn comes, and a fetch's error raised there, in order, as if read then."""
-        self._drop_plan()
-        self._plan = deque(seg for cur, start in reads for seg in self.wanted(cur, start))
-        self._fill()
-
-    def _fill(self) -> None:
-        while self._plan and (not self._ahead or (
-                len(self._ahead) < self.storage.concurrency
-                and self._ahead_bytes + self._plan[0].stored_bytes <= READ_AHEAD_BYTES)):
-            seg = self._plan.popleft()
-            if seg.key in self.cache:  # decoded when scoping: load takes it from there
-                continue
-            self._ahead.append((seg, in_daemon_thread(functools.partial(self._fetch, seg), "segment-read-ahead")))
-            self._ahead_bytes += seg.stored_bytes
-
-    def _drop_plan(self) -> None:
-        """Forget the plan; reads under way finish in their threads, unused."""
-        self._plan.clear()
-        self._ahead.clear()
-        self._ahead_bytes = 0
-
-    def _planned(self, seg: layout.SegmentInfo) -> bool:
-        head = self._ahead[0][0] if self._ahead else self._plan[0] if self._plan else None
-        return head is not None and head.key == seg.key
+        self.ahead.plan(seg for cur, start in reads for seg in self.wanted(cur, start))
 
     def wanted(self, cur: layout.RestoreCursor, start: int) -> list[layout.SegmentInfo]:
         """The partition's segments holding in-scope records from source offset ``start``."""
@@ -174,7 +148,7 @@ class SegmentReader:
         are read ahead (:meth:`plan`), as part of the restore's plan or, outside it, on their own."""
         wanted = self.wanted(cur, start)
         first = next((seg for seg in wanted if seg.key not in self.cache), None)
-        if first is not None and not self._planned(first):
+        if first is not None and self.ahead.head() != first:
             self.plan([(cur, start)])
         for seg in wanted:
             records = self.load(seg)

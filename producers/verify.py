@@ -40,10 +40,13 @@ from kafka_backup.producers.run import (
     run_reporting,
 )
 from kafka_backup.producers.storage import Missing, OpReport, Storage, StorageError
+from kafka_backup.producers.threads import ReadAhead
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import TelemetryConfig, VerifyConfig
 
 log = logging.getLogger("kafka_backup.verify")
+
+READ_AHEAD_BYTES = 64 * 1024 * 1024  # stored bytes of the segments fetched ahead and not checked yet, unless one
 
 
 class VerifyFailed(JobFailed):
@@ -69,6 +72,11 @@ class VerifyWorker(Job):
         self.bad: list[str] = []  # storage keys
         self.gaps: list[str] = []
         self.complete = False  # every segment checked: the verdict stands
+        # segments fetched ahead, in the order checked, the storage's concurrency at a time: one after the other,
+        # a backup's every segment on S3 was a round trip in a row
+        self.ahead: ReadAhead[layout.SegmentInfo, bytes] = ReadAhead(
+            lambda seg: self.storage.get(seg.key, "segment"), lambda seg: seg.stored_bytes, storage.concurrency,
+            READ_AHEAD_BYTES, "verify-read-ahead")
         storage.listener = self._on_storage_op
 
     def _on_storage_op(self, r: OpReport) -> None:
@@ -82,9 +90,18 @@ class VerifyWorker(Job):
 
     def work(self) -> None:
         manifest = layout.read_manifest(self.storage, self.backup_id, "verify", self.cfg.storage)
-        for topic, count in sorted(manifest.topics.items()):
-            for partition in range(count):
-                self._partition(topic, partition)
+        partitions = [(topic, p) for topic, count in sorted(manifest.topics.items()) for p in range(count)]
+        # every partition's checkpoint and index at once, then every segment in the order checked, fetched
+        # ahead across partitions; an error (a garbled checkpoint, storage trouble) is met in partition order
+        indexes = self.storage.at_once(self._index, partitions, "verify-checkpoints")
+        planned: list[layout.SegmentInfo] = []
+        for read in indexes:
+            if read.exception() is not None:
+                break
+            planned += read.result()[1]
+        self.ahead.plan(planned)
+        for (topic, partition), read in zip(partitions, indexes, strict=True):
+            self._partition(topic, partition, *read.result())
         self.complete = True
         if self.bad or self.gaps:
             raise VerifyFailed(f"backup {self.backup_id!r}: {len(self.bad)} bad segment(s), {len(self.gaps)} "
@@ -113,12 +130,19 @@ class VerifyWorker(Job):
         except StorageError as err:
             log.warning("could not record the verdict in %s: %s", layout.verification_key(self.backup_id), err)
 
-    def _partition(self, topic: str, partition: int) -> None:
+    def _index(self, topic: str, partition: int) -> tuple[layout.Checkpoint | None, list[layout.SegmentInfo]]:
+        """The partition's checkpoint and the segments its index names, in order (a partition that never had a
+        record has no checkpoint: none)."""
         cp = layout.read_checkpoint(self.storage, self.backup_id, topic, partition, report=True)
         if cp is None:
-            return  # a partition that never had a record has no checkpoint
+            return None, []
+        return cp, layout.all_segments(cp, lambda k: self.storage.get(k, "index"), self.backup_id)
+
+    def _partition(self, topic: str, partition: int, cp: layout.Checkpoint | None,
+                   listed: list[layout.SegmentInfo]) -> None:
+        if cp is None:
+            return
         self.partitions += 1
-        listed = layout.all_segments(cp, lambda k: self.storage.get(k, "index"), self.backup_id)
         where = f"{topic}/{partition}"
         previous: layout.SegmentInfo | None = None
         for seg in listed:
@@ -157,7 +181,8 @@ class VerifyWorker(Job):
     def _segment(self, seg: layout.SegmentInfo, topic: str, partition: int) -> None:
         self.segments += 1
         try:
-            data = self.storage.get(seg.key, "segment")
+            fetching = self.ahead.take(seg)
+            data = fetching.result() if fetching is not None else self.storage.get(seg.key, "segment")
             records = layout.read_segment(data, seg, topic, partition)
         except Missing:  # other storage trouble is no verdict on the backup: the run fails, unfinished
             self._bad(seg.key, "missing from storage", None)  # the storage listener reported it (storage_io)

@@ -142,6 +142,8 @@ class RestoreConfig(_Section):
     backup_id: str = ""
     storage: str = ""  # file:///dir or s3://bucket/prefix, as given to the backup
     s3_endpoint_url: str = ""
+    # storage calls made at once (checkpoints read, segments fetched ahead, up to 64 MB); 0: the backend's own
+    storage_concurrency: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
     topic_map: list[str] = []  # "source:target" pairs; unmapped topics keep their name
     from_time: int | None = None  # epoch ms, inclusive
     to_time: int | None = None  # epoch ms, exclusive
@@ -157,6 +159,8 @@ class VerifyConfig(_Section):
     backup_id: str = ""
     storage: str = ""  # file:///dir or s3://bucket/prefix, as given to the backup
     s3_endpoint_url: str = ""
+    # storage calls made at once (checkpoints read, segments fetched ahead, up to 64 MB); 0: the backend's own
+    storage_concurrency: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
 
 
 class OffsetResetConfig(_Section):

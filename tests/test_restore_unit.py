@@ -252,7 +252,7 @@ def test_segments_are_fetched_ahead_in_order_several_at_once_and_a_damaged_one_f
     cur = layout.RestoreCursor("t", 0, "t2", end_offset=8, records=8)
     got = reader.records(cur, 1)
     offsets = [next(got).offset]  # s0 (from offset 1); s1 and s2 being fetched
-    assert [seg.key for seg, _ in reader._ahead] == ["s1", "s2"]
+    assert [seg.key for seg in reader.ahead.under_way()] == ["s1", "s2"]
     offsets += [next(got).offset, next(got).offset]  # s1's records; s2 and s3 being fetched
     assert offsets == [1, 2, 3]
     with pytest.raises(RestoreFailed, match="segment s2: is corrupt"):

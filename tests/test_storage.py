@@ -90,7 +90,8 @@ def test_s3_backend_over_http(s3_endpoint):
 def test_each_backend_says_how_many_calls_are_worth_making_at_once(tmp_path, monkeypatch):
     """A filesystem 8 (its journal is the limit), S3 32 with a connection for each in boto3's pool and
     a few for the main thread's calls (beyond the pool every call would open a new connection);
-    ``backup.storage_concurrency`` sets either, within 0..256 (0: the backend's own)."""
+    ``backup.storage_concurrency`` sets either, within 0..256 (0: the backend's own), and so do
+    ``restore.`` and ``verify.storage_concurrency``."""
     from kafka_backup.producers.storage import Storage
     from kafka_backup.schemas.config import load
 
@@ -109,6 +110,9 @@ def test_each_backend_says_how_many_calls_are_worth_making_at_once(tmp_path, mon
     with pytest.raises(ConfigError) as err:
         load(environ={"KAFKA_BACKUP_BACKUP_STORAGE_CONCURRENCY": "257"})
     assert "backup.storage_concurrency" in str(err.value) and "\n" not in str(err.value)
+    # a restore and a verify read with it too (checkpoints at once, segments fetched ahead)
+    assert load(environ={"KAFKA_BACKUP_RESTORE_STORAGE_CONCURRENCY": "4"}).restore.storage_concurrency == 4
+    assert load(None, {"verify.storage_concurrency": 2}, environ={}).verify.storage_concurrency == 2
 
 
 def test_calls_at_once_run_the_storage_s_concurrency_at_a_time_and_keep_their_order(tmp_path):
@@ -135,6 +139,38 @@ def test_calls_at_once_run_the_storage_s_concurrency_at_a_time_and_keep_their_or
         done[2].result()
     [alone] = storage.at_once(lambda: threading.get_ident() == caller, [()], "test")
     assert alone.result() is True
+
+
+def test_reads_ahead_keep_their_order_and_stay_within_concurrency_and_bytes():
+    """Sizes 5, 52, 5, 5, 200 with 3 at a time and 60 bytes: the first two start (a third would pass 60),
+    each take starts what then fits, the 200-byte one starts alone once nothing is ahead of it; an item
+    at hand is passed over, an item out of turn gets nothing, and a read's error comes out of its future."""
+    import threading
+
+    from kafka_backup.producers.threads import ReadAhead
+
+    release = threading.Event()
+
+    def read(item: tuple[str, int]) -> str:
+        release.wait(10)
+        if item[0] == "e":
+            raise ValueError("e unreadable")
+        return item[0].upper()
+
+    items = [("a", 5), ("b", 52), ("skip", 100), ("c", 5), ("d", 5), ("e", 200)]
+    ahead = ReadAhead(read, lambda item: item[1], 3, 60, "test", skip=lambda item: item[0] == "skip")
+    ahead.plan(items)
+    assert [i for i, _ in ahead.under_way()] == ["a", "b"] and ahead.head() == ("a", 5)
+    assert ahead.take(("b", 52)) is None  # not its turn
+    release.set()
+    taken = []
+    for item, then in [(("a", 5), "bc"), (("b", 52), "cd"), (("c", 5), "d"), (("d", 5), "e")]:
+        taken.append(ahead.take(item).result())
+        assert "".join(i for i, _ in ahead.under_way()) == then  # e (200) starts once nothing is ahead of it
+    assert taken == ["A", "B", "C", "D"]
+    with pytest.raises(ValueError, match="e unreadable"):
+        ahead.take(("e", 200)).result()
+    assert ahead.head() is None
 
 
 @pytest.mark.parametrize("url,field", [("", "backup.storage"), ("ftp://x/y", "unsupported scheme"),
