@@ -137,10 +137,10 @@ def test_continuous_lag_equals_broker_truth(broker, shared_pipeline, tmp_path):
         assert proc.wait(30) == 0
     # A graceful stop flushes what was buffered: everything is backed up, lag is 0.
     s = shared_pipeline.wait_value(cat.RECORDS_TOTAL.name, 250, backup_id=bid)
-    s = shared_pipeline.wait_value(cat.LAG_RECORDS.name, 0, topic=topic, partition=0, backup_id=bid)
+    s = shared_pipeline.wait_values((cat.LAG_RECORDS.name, 0, {"topic": topic, "partition": 0, "backup_id": bid}),
+                                    (cat.BACKUP_DURATION.name + "_count", 1, {"backup_id": bid, "status": "success"}))
     assert s.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == truth.total_bytes
     assert committed(broker, consumer_group(bid), topic, 1)[0] == 250
-    assert s.get_value(cat.BACKUP_DURATION.name + "_count", backup_id=bid, status="success") == 1
 
 
 def test_restarted_aggregator_and_exporter_serve_same_totals(broker, pipeline_factory, tmp_path):

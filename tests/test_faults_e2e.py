@@ -248,8 +248,8 @@ def test_invalid_records_are_skipped_counted_and_dead_lettered(broker, pipeline_
     s = pipe.wait_value(cat.TELEMETRY_INVALID.name, 2, reason=bad[-1][1])
     for _value, reason in bad:
         assert s.get_value(cat.TELEMETRY_INVALID.name, reason=reason) == 2, reason
-    s = pipe.wait_value(cat.RECORDS_TOTAL.name, 100, backup_id=bid)
-    assert s.get_value(cat.BACKUP_DURATION.name + "_count", backup_id=bid, status="success") == 1
+    pipe.wait_values((cat.RECORDS_TOTAL.name, 100, {"backup_id": bid}),
+                     (cat.BACKUP_DURATION.name + "_count", 1, {"backup_id": bid, "status": "success"}))
     # and the dead-letter topic holds the 10 skipped records with their reason
     c = Consumer({"bootstrap.servers": broker, "group.id": unique("dlq"), "auto.offset.reset": "earliest"})
     c.subscribe([dlq])

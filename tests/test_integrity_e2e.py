@@ -83,9 +83,9 @@ def test_sigterm_ends_a_one_shot_backup_as_interrupted_and_the_next_run_resumes(
     backup(broker, topic, bid, url, "--backup-segment-max-records", "20")  # resumes: exit 0
     assert read_json(head)["next_offset"] == 20_000 == watermarks(broker, topic, 1)[0]
     assert [r["status"] for r in read_json(store / bid / "manifest.json")["runs"]] == ["interrupted", "success"]
-    s = shared_pipeline.wait_value(cat.RECORDS_TOTAL.name, 20_000, backup_id=bid)
+    s = shared_pipeline.wait_values((cat.RECORDS_TOTAL.name, 20_000, {"backup_id": bid}),
+                                    (cat.BACKUP_STATUS.name, 1, {"backup_id": bid, "kafka_backup_status": "OK"}))
     assert s.get_value(cat.BYTES_TOTAL.name, backup_id=bid) == truth.total_bytes
-    assert s.get_value(cat.BACKUP_STATUS.name, backup_id=bid, kafka_backup_status="OK") == 1
     # 1000 segments: the head holds the newest few, sealed chunks the rest, and verify walks them all
     assert len(read_json(head)["segments"]) == 1000 % 64 and read_json(head)["index"]["segments"] == 960
     r = verify(bid, url)
@@ -129,9 +129,9 @@ def test_a_flipped_byte_fails_verify_naming_the_segment_and_restore_refuses_it(b
     assert r.returncode == 1
     assert r.stdout.splitlines() == [f"BAD {key}: does not match its SHA-256 digest: the object was altered or damaged"]
     assert "1 bad segment(s), 0 gap(s) in 8 segments" in one_line(r.stderr)
-    s = shared_pipeline.wait_value(cat.VERIFY_FAILED_SEGMENTS.name, 1, backup_id=bid)
+    s = shared_pipeline.wait_values((cat.VERIFY_FAILED_SEGMENTS.name, 1, {"backup_id": bid}),
+                                    (cat.VERIFY_DURATION.name + "_count", 1, {"backup_id": bid, "status": "failure"}))
     assert s.get_value(cat.LAST_VERIFIED.name, backup_id=bid) > first_verified
-    assert s.get_value(cat.VERIFY_DURATION.name + "_count", backup_id=bid, status="failure") == 1
     assert s.get_value(cat.ERRORS_TOTAL.name, backup_id=bid, error_type="integrity") == 1
 
     rid, target = unique("rs-flip"), f"{topic}-r"
