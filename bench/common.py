@@ -7,6 +7,7 @@ machine is shared and noisy; absolute numbers drift, ratios much less).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import statistics
@@ -50,8 +51,23 @@ def pyspy(enabled: bool) -> list[str]:
     return ["py-spy", "record", "-r", "200", "-f", "raw", *idle, "-o", out, "--"] if out and enabled else []
 
 
+PACKAGES = ("schemas", "producers", "streams", "exporter", "cli")
+
+
+@functools.cache
+def precompiled() -> None:
+    """Our modules compiled to bytecode once, beside their sources (``__pycache__``, ignored by git), as
+    ``pip install`` and the Docker image have them: this machine sets ``PYTHONDONTWRITEBYTECODE=1``, so
+    from a checkout every run of ours compiled its modules from source again, 30 ms of an empty
+    restore's 0.21 s start-up that no installed copy spends (the bare scripts import only installed
+    packages, already compiled)."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *(os.path.join(ROOT, d) for d in PACKAGES)],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
 def timed(cmd: list[str], log_path: str) -> dict[str, float]:
     """Run ``cmd`` to completion: wall seconds and the process's CPU seconds (user + system)."""
+    precompiled()
     with open(log_path, "ab") as log:
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
