@@ -55,7 +55,11 @@ class ReadAhead(Generic[K, T]):
     def plan(self, items: Iterable[K]) -> None:
         """Read ``items`` next, in this order (what was planned before and not taken is forgotten)."""
         self.drop()
-        self._plan = deque(items)
+        self.extend(items)
+
+    def extend(self, items: Iterable[K]) -> None:
+        """Read ``items`` after what is planned already."""
+        self._plan.extend(items)
         self._fill()
 
     def head(self) -> K | None:

@@ -24,9 +24,12 @@ into ``kafka_backup_last_verified_timestamp_seconds`` and
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import sys
 import time
+from concurrent.futures import Future
 from typing import TextIO
 
 from kafka_backup.producers import layout
@@ -40,13 +43,16 @@ from kafka_backup.producers.run import (
     run_reporting,
 )
 from kafka_backup.producers.storage import Missing, OpReport, Storage, StorageError
-from kafka_backup.producers.threads import ReadAhead
+from kafka_backup.producers.threads import ReadAhead, in_daemon_thread
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import TelemetryConfig, VerifyConfig
 
 log = logging.getLogger("kafka_backup.verify")
 
 READ_AHEAD_BYTES = 64 * 1024 * 1024  # stored bytes of the segments fetched ahead and not checked yet, unless one
+PARTITIONS_AHEAD_PER_CALL = 4  # partitions whose indexes are read per group: this many per storage call at once
+
+Index = tuple[layout.Checkpoint | None, list[layout.SegmentInfo]]  # a partition's checkpoint and its segments
 
 
 class VerifyFailed(JobFailed):
@@ -91,17 +97,21 @@ class VerifyWorker(Job):
     def work(self) -> None:
         manifest = layout.read_manifest(self.storage, self.backup_id, "verify", self.cfg.storage)
         partitions = [(topic, p) for topic, count in sorted(manifest.topics.items()) for p in range(count)]
-        # every partition's checkpoint and index at once, then every segment in the order checked, fetched
-        # ahead across partitions; an error (a garbled checkpoint, storage trouble) is met in partition order
-        indexes = self.storage.at_once(self._index, partitions, "verify-checkpoints")
-        planned: list[layout.SegmentInfo] = []
-        for read in indexes:
-            if read.exception() is not None:
-                break
-            planned += read.result()[1]
-        self.ahead.plan(planned)
-        for (topic, partition), read in zip(partitions, indexes, strict=True):
-            self._partition(topic, partition, *read.result())
+        # The partitions' checkpoints and indexes are read a group at a time, the storage's concurrency at once,
+        # the next group while this one's segments are checked; the segments are fetched ahead in the order
+        # checked, across partitions. Only two groups' indexes are held (a backup's every index at once could
+        # be millions of segments). An error (a garbled checkpoint, storage trouble) is met in partition order.
+        size = PARTITIONS_AHEAD_PER_CALL * self.storage.concurrency
+        groups = [partitions[i:i + size] for i in range(0, len(partitions), size)]
+        reading = self._read_indexes(groups[0]) if groups else None
+        for n, group in enumerate(groups):
+            assert reading is not None
+            indexes = reading.result()
+            reading = self._read_indexes(groups[n + 1]) if n + 1 < len(groups) else None
+            self.ahead.extend(seg for read in itertools.takewhile(lambda r: r.exception() is None, indexes)
+                              for seg in read.result()[1])
+            for (topic, partition), read in zip(group, indexes, strict=True):
+                self._partition(topic, partition, *read.result())
         self.complete = True
         if self.bad or self.gaps:
             raise VerifyFailed(f"backup {self.backup_id!r}: {len(self.bad)} bad segment(s), {len(self.gaps)} "
@@ -130,7 +140,12 @@ class VerifyWorker(Job):
         except StorageError as err:
             log.warning("could not record the verdict in %s: %s", layout.verification_key(self.backup_id), err)
 
-    def _index(self, topic: str, partition: int) -> tuple[layout.Checkpoint | None, list[layout.SegmentInfo]]:
+    def _read_indexes(self, group: list[tuple[str, int]]) -> Future[list[Future[Index]]]:
+        """Start reading ``group``'s checkpoints and indexes, the storage's concurrency at a time."""
+        return in_daemon_thread(functools.partial(self.storage.at_once, self._index, group, "verify-checkpoints"),
+                                "verify-indexes")
+
+    def _index(self, topic: str, partition: int) -> Index:
         """The partition's checkpoint and the segments its index names, in order (a partition that never had a
         record has no checkpoint: none)."""
         cp = layout.read_checkpoint(self.storage, self.backup_id, topic, partition, report=True)

@@ -188,3 +188,34 @@ def test_verify_fetches_segments_ahead_across_partitions_and_reports_each_in_ord
         f"BAD {missing.key}: missing from storage"]
     assert (worker.segments, worker.partitions, worker.records) == (5, 3, 50 + 40 + 5)
     assert sorted(fetched) == sorted(i.key for i in infos)  # each segment fetched once
+
+
+def test_verify_holds_two_groups_of_partition_indexes_at_most(tmp_path):
+    """Nine partitions on a backend of concurrency 1: indexes are read four partitions at a time, the next
+    group while this one is checked, so the third group's checkpoints are read only once the first group's
+    segments are (a backup's every index at once could be millions of segments); the verdict covers all."""
+    import io
+
+    from kafka_backup.producers import layout
+    from kafka_backup.producers.run import NullEmitter
+    from kafka_backup.producers.storage import FileBackend, Storage
+    from kafka_backup.producers.verify import VerifyWorker
+    from kafka_backup.schemas.config import VerifyConfig
+
+    infos = write_backup(Storage(FileBackend(str(tmp_path))), "bk", "t", [[range(0, 10 + p)] for p in range(9)])
+    gets: list[str] = []
+
+    class Logged(FileBackend):
+        def get(self, key):
+            gets.append(key)
+            return super().get(key)
+
+    out = io.StringIO()
+    worker = VerifyWorker(VerifyConfig(backup_id="bk", storage=f"file://{tmp_path}"),
+                          Storage(Logged(str(tmp_path), concurrency=1)), NullEmitter(), out)
+    worker.work()
+    assert out.getvalue().startswith("verified backup bk: 9 segments in 9 partitions, "
+                                     f"{sum(10 + p for p in range(9))} records")
+    assert sorted(gets) == sorted([layout.manifest_key("bk"), *(layout.checkpoint_key("bk", "t", p) for p in range(9)),
+                                   *(i.key for i in infos)])  # each object read once
+    assert gets.index(layout.checkpoint_key("bk", "t", 8)) > gets.index(infos[3].key)
