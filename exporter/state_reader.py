@@ -95,6 +95,7 @@ class StateReader(Background):
         self._values: dict[str, Any] = {}
         self._changes = 0  # records applied: the copy may differ from a snapshot taken at another count
         self._positions: dict[int, int] = {}  # partition -> next offset to read, kept across reconnects
+        self._rewinds: dict[int, int] = {}  # partition -> position when it was last found read again (logged once)
         self._lock = threading.Lock()
         self._conf = client_config(bootstrap_servers, **{
             "group.id": f"kafka-backup-exporter-{uuid.uuid4().hex}",  # required by librdkafka; never committed
@@ -202,20 +203,55 @@ class StateReader(Background):
                 self.ready.set()
             if catch_up.done and time.monotonic() - checked >= END_CHECK_S:
                 checked = time.monotonic()
-                self._check_current(consumer, partitions)
+                if not self._check_current(consumer, partitions):
+                    return  # started over: the next session assigns every partition from its start
             for msg in arrived(consumer, BATCH, POLL_S):
                 self._handle(msg, catch_up)
 
-    def _check_current(self, consumer: Consumer, partitions: list[int]) -> None:
-        """Ask the broker for every partition's end; when the copy has read them all, it is current now."""
+    def _read_again(self, partition: int, offset: int) -> None:
+        """A record the copy holds already (the consumer went back: librdkafka resets a position the broker
+        calls out of range to the partition's start). Applying it again would serve a job's older state
+        until the newer one is read again: every counter of it would fall, which Prometheus reads as a
+        reset. It is skipped; the first of each such run is logged with where it went back to."""
+        read = self._positions[partition]
+        if self._rewinds.get(partition) != read:
+            self._rewinds[partition] = read
+            log.warning("state topic %s: partition %d read again from offset %d, behind the %d records the copy "
+                        "holds; skipping what it holds (a consumer position reset)", self.topic, partition, offset,
+                        read)
+
+    def _check_current(self, consumer: Consumer, partitions: list[int]) -> bool:
+        """Ask the broker for every partition's end; when the copy has read them all, it is current now.
+
+        False when a partition now ends before what the copy has read (the state topic was deleted and
+        made again, or truncated): the copy is dropped and read again from the start (:meth:`_start_over`).
+        """
         asked = time.time()
         try:
             ends = self._ends(consumer, partitions)
         except KafkaException as err:
             log.debug("state topic %s: cannot read the ends (%s); the state's age keeps growing", self.topic, err)
-            return
+            return True
+        shorter = {p: (self._positions[p], end) for p, end in ends.items() if self._positions.get(p, 0) > end}
+        if shorter:
+            p, (read, end) = next(iter(sorted(shorter.items())))
+            self._start_over(f"partition {p} ends at offset {end}, before the {read} records read from it (the topic "
+                             "was deleted and made again, or truncated)")
+            return False
         if all(self._positions.get(p, 0) >= end for p, end in ends.items()):
             self.current_at = asked
+        return True
+
+    def _start_over(self, why: str) -> None:
+        """Drop the copy and read the topic again from its start; /metrics answers 503 until caught up."""
+        log.warning("state topic %s: %s; reading it again from the start", self.topic, why)
+        with self._lock:
+            self._values.clear()
+            self._changes += 1
+        self._positions.clear()
+        self._rewinds.clear()
+        self.ready.clear()
+        self.current_at = None
 
     def _wait_for_topic(self, consumer: Consumer) -> list[int] | None:
         """The aggregator creates the topic on its first write; until then there is nothing to read."""
@@ -238,9 +274,13 @@ class StateReader(Background):
     def _handle(self, msg: Any, catch_up: CatchUp) -> None:
         err = msg.error()
         if err is None:
+            partition, offset = msg.partition(), msg.offset()
+            if offset < self._positions.get(partition, 0):
+                self._read_again(partition, offset)
+                return
             self.apply(msg.key(), msg.value())
-            self._positions[msg.partition()] = msg.offset() + 1
-            catch_up.advance(msg.partition(), msg.offset() + 1)
+            self._positions[partition] = offset + 1
+            catch_up.advance(partition, offset + 1)
         elif err.code() == KafkaError._PARTITION_EOF:
             catch_up.eof(msg.partition())
             # the end may be a transaction marker or compacted away: remember it as read
