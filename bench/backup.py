@@ -183,20 +183,51 @@ def s3_bucket(delay_ms: int = 0) -> Iterator[tuple[str, str]]:
 RECEIVE_MAX = 1_000_000_000  # librdkafka's ceiling; the dev broker's replies exceed its 100 MB default above ~90 MB
 
 
+def storage_choice(arg: str) -> tuple[str, int]:
+    """A bench's storage argument, ``file``, ``s3`` or ``s3:<ms>``: (kind, milliseconds added to each request);
+    anything else ends the bench with one line."""
+    kind, _, delay = arg.partition(":")
+    if kind not in ("file", "s3") or (delay and (kind != "s3" or not delay.isdigit())):
+        sys.exit(f"storage: {arg!r} is not file, s3 or s3:<milliseconds added to each request>")
+    return kind, int(delay or 0)
+
+
+@contextlib.contextmanager
+def backups(name: str, records: int, partitions: int, storage: str, work: str,
+            *backup_args: str) -> Iterator[tuple[str, list[str], dict[str, tuple[str, str, int]]]]:
+    """A broker, the storage named by ``storage`` and two backups in it, made by ``ours`` (zstd, and
+    ``backup_args``): of a topic of ``records`` and of an empty one (start-up alone). Yields the bootstrap
+    servers, the storage options every command of ours takes, and ``{"full"|"empty": (topic, backup id,
+    records)}``."""
+    kind, delay_ms = storage_choice(storage)
+    with contextlib.ExitStack() as stack:
+        bootstrap = stack.enter_context(bootstrap_servers(name))
+        store, endpoint = (stack.enter_context(s3_bucket(delay_ms)) if kind == "s3"
+                           else (f"file://{work}/store/", ""))
+        where = ["--storage", store + "bench", *(["--s3-endpoint-url", endpoint] if endpoint else [])]
+        sources = {}
+        for which, n in (("full", records), ("empty", 0)):
+            topic = f"bench-src-{which}-" + uuid.uuid4().hex[:6]
+            fill(bootstrap, topic, partitions, n)
+            bid = f"bench-{which}-" + uuid.uuid4().hex[:6]
+            timed(ours("backup", "--bootstrap-servers", bootstrap, "--topics", topic, "--backup-id", bid, *where,
+                       "--compression", "zstd", *backup_args), os.path.join(work, f"backup-{which}.log"))
+            sources[which] = (topic, bid, n)
+        yield bootstrap, where, sources
+
+
 def main() -> None:
     args = sys.argv[1:]
     records, = int_args(args[:1], 200_000)
     counts = [int(p) for p in args[1].split(",")] if len(args) > 1 else [4]
     repeats, = int_args(args[2:3], 3)
     storage = args[3] if len(args) > 3 else "file"
-    kind, _, delay = storage.partition(":")
-    if kind not in ("file", "s3") or (delay and (kind != "s3" or not delay.isdigit())):
-        sys.exit(f"storage: {storage!r} is not file, s3 or s3:<milliseconds added to each request>")
+    kind, delay_ms = storage_choice(storage)
     receive_max = RECEIVE_MAX if records * 260 > 90_000_000 else 0
     work = tempfile.mkdtemp(prefix="bench-backup-")
     with contextlib.ExitStack() as stack:
         bootstrap = stack.enter_context(bootstrap_servers("backup"))
-        bucket, endpoint = stack.enter_context(s3_bucket(int(delay or 0))) if kind == "s3" else ("", "")
+        bucket, endpoint = stack.enter_context(s3_bucket(delay_ms)) if kind == "s3" else ("", "")
         try:
             bare_py = os.path.join(work, "bare.py")
             with open(bare_py, "w") as fh:

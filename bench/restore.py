@@ -23,17 +23,15 @@ request 30 ms on its way (bench/backup.py's proxy), the round trip moto on the l
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
 import tempfile
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.backup import fill, s3_bucket  # noqa: E402
-from bench.common import bootstrap_servers, compare, int_args, ours, pyspy, timed  # noqa: E402
+from bench.backup import backups, storage_choice  # noqa: E402
+from bench.common import compare, int_args, ours, pyspy, timed  # noqa: E402
 
 BARE = r'''
 import sys
@@ -62,25 +60,10 @@ assert report is None or len(offsets) == n
 def main() -> None:
     records, partitions, repeats = int_args(sys.argv[1:], 200_000, 4, 3)
     storage = sys.argv[4] if len(sys.argv) > 4 else "file"
-    kind, _, delay = storage.partition(":")
-    if kind not in ("file", "s3") or (delay and (kind != "s3" or not delay.isdigit())):
-        sys.exit(f"storage: {storage!r} is not file, s3 or s3:<milliseconds added to each request>")
+    storage_choice(storage)
     work = tempfile.mkdtemp(prefix="bench-restore-")
-    with contextlib.ExitStack() as stack:
-        bootstrap = stack.enter_context(bootstrap_servers("restore"))
-        store, endpoint = (stack.enter_context(s3_bucket(int(delay or 0))) if kind == "s3"
-                           else (f"file://{work}/store/", ""))
-        where = ["--storage", store + "bench", *(["--s3-endpoint-url", endpoint] if endpoint else [])]
-        try:
-            sources = {}
-            for name, n in (("full", records), ("empty", 0)):
-                topic = f"bench-src-{name}-" + uuid.uuid4().hex[:6]
-                fill(bootstrap, topic, partitions, n)
-                bid = f"bench-{name}-" + uuid.uuid4().hex[:6]
-                timed(ours("backup", "--bootstrap-servers", bootstrap, "--topics", topic, "--backup-id", bid,
-                           *where, "--compression", "zstd"),
-                      os.path.join(work, f"backup-{name}.log"))
-                sources[name] = (topic, bid, n)
+    try:
+        with backups("restore", records, partitions, storage, work) as (bootstrap, where, sources):
             bare_py = os.path.join(work, "bare.py")
             with open(bare_py, "w") as fh:
                 fh.write(BARE)
@@ -102,8 +85,8 @@ def main() -> None:
             print(f"{records} records on {partitions} partitions, {repeats} runs each, whole process "
                   f"(start-up included); ours restores from {storage}")
             compare(runs, records, baselines=("bare", "bare-dr"))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

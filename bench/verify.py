@@ -22,17 +22,15 @@ reading one segment after the other waits for each time.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
 import tempfile
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.backup import fill, s3_bucket  # noqa: E402
-from bench.common import bootstrap_servers, compare, int_args, ours, timed  # noqa: E402
+from bench.backup import backups, storage_choice  # noqa: E402
+from bench.common import compare, int_args, ours, timed  # noqa: E402
 
 BARE = r'''
 import hashlib, os, sys
@@ -63,25 +61,13 @@ assert len(digests) == len(keys)
 def main() -> None:
     records, partitions, repeats = int_args(sys.argv[1:], 200_000, 16, 3)
     storage = sys.argv[4] if len(sys.argv) > 4 else "file"
-    kind, _, delay = storage.partition(":")
-    if kind not in ("file", "s3") or (delay and (kind != "s3" or not delay.isdigit())):
-        sys.exit(f"storage: {storage!r} is not file, s3 or s3:<milliseconds added to each request>")
+    storage_choice(storage)
     work = tempfile.mkdtemp(prefix="bench-verify-")
-    with contextlib.ExitStack() as stack:
-        bootstrap = stack.enter_context(bootstrap_servers("verify"))
-        store, endpoint = (stack.enter_context(s3_bucket(int(delay or 0))) if kind == "s3"
-                           else (f"file://{work}/store/", ""))
-        where = ["--storage", store + "bench", *(["--s3-endpoint-url", endpoint] if endpoint else [])]
-        try:
-            bids = {}
-            for name, n in (("full", records), ("empty", 0)):
-                topic = f"bench-src-{name}-" + uuid.uuid4().hex[:6]
-                fill(bootstrap, topic, partitions, n)
-                bid = f"bench-{name}-" + uuid.uuid4().hex[:6]
-                timed(ours("backup", "--bootstrap-servers", bootstrap, "--topics", topic, "--backup-id", bid,
-                           *where, "--compression", "zstd", "--backup-segment-max-records", "5000"),
-                      os.path.join(work, f"backup-{name}.log"))
-                bids[name] = bid
+    try:
+        with backups("verify", records, partitions, storage, work, "--backup-segment-max-records", "5000") as (
+                bootstrap, where, sources):
+            url, endpoint = where[1], where[3] if len(where) > 2 else ""  # --storage URL [--s3-endpoint-url URL]
+            bids = {name: bid for name, (_topic, bid, _n) in sources.items()}
             bare_py = os.path.join(work, "bare.py")
             with open(bare_py, "w") as fh:
                 fh.write(BARE)
@@ -90,7 +76,7 @@ def main() -> None:
             for r in range(repeats):  # interleaved: a noisy neighbour hits each
                 for name, suffix in (("full", ""), ("empty", "-empty")):
                     bid = bids[name]
-                    runs["bare" + suffix].append(timed([sys.executable, bare_py, store + "bench", endpoint, bid],
+                    runs["bare" + suffix].append(timed([sys.executable, bare_py, url, endpoint, bid],
                                                        os.path.join(work, f"bare{suffix}-{r}.log")))
                     for mine, extra in (("ours", []), ("ours-1", ["--verify-storage-concurrency", "1"])):
                         runs[mine + suffix].append(timed(
@@ -102,8 +88,8 @@ def main() -> None:
                 print(f"{mine}:")
                 compare({"bare": runs["bare"], "bare-empty": runs["bare-empty"], "ours": runs[mine],
                          "ours-empty": runs[mine + "-empty"]}, records)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
