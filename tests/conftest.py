@@ -385,7 +385,9 @@ class Pipeline:
                 fell.append(f"{key[0]}{dict(key[1])}: {before} -> {value}")
             else:
                 self.highest[key] = value
-        assert not fell, "counters fell (Prometheus would read a reset):\n" + "\n".join(fell[:20])
+        assert not fell, ("counters fell (Prometheus would read a reset):\n" + "\n".join(fell[:20])
+                          + f"\n--- exporter log ---\n{self.exporter.log()}"  # a position reset is logged there
+                          + f"\n--- aggregator log ---\n{self.aggregator.log()}")
 
     def assert_state_never_fell(self, *keys_with: str, timeout: float = 60) -> int:
         """Read the state topic from its start and check, from the broker's own log, that no job state the
