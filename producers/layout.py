@@ -476,6 +476,15 @@ def all_segments(cp: Checkpoint, read: Callable[[str], bytes], backup_id: str) -
     return out
 
 
+
+def read_index(storage: Storage, backup_id: str, topic: str, partition: int) -> tuple[Checkpoint | None, list[SegmentInfo]]:
+    """A partition's checkpoint and every segment its index names, in offset order, both reads reported (as
+    a restore and ``verify`` read them); ``(None, [])``: the partition never had a record."""
+    cp = read_checkpoint(storage, backup_id, topic, partition, report=True)
+    if cp is None:
+        return None, []
+    return cp, all_segments(cp, lambda key: storage.get(key, "index"), backup_id)
+
 def read_segment(data: bytes, seg: SegmentInfo, topic: str, partition: int) -> list[segments.StoredRecord]:
     """The segment's records, after proving the object is the one the index names.
 

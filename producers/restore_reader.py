@@ -61,10 +61,8 @@ class SegmentReader:
             self._keep(tp, *read.result())
 
     def _read_checkpoint(self, topic: str, partition: int) -> tuple[layout.Checkpoint, list[layout.SegmentInfo]]:
-        # a partition that never had a record has no checkpoint: it is empty, not missing
-        cp = (layout.read_checkpoint(self.storage, self.backup_id, topic, partition, report=True)
-              or layout.Checkpoint(topic, partition, 0))
-        return cp, layout.all_segments(cp, lambda k: self.storage.get(k, "index"), self.backup_id)
+        cp, listed = layout.read_index(self.storage, self.backup_id, topic, partition)
+        return cp or layout.Checkpoint(topic, partition, 0), listed  # never had a record: empty, not missing
 
     def _keep(self, key: tuple[str, int], cp: layout.Checkpoint, listed: list[layout.SegmentInfo]) -> None:
         self.checkpoint_of[key] = cp

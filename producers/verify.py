@@ -141,17 +141,11 @@ class VerifyWorker(Job):
             log.warning("could not record the verdict in %s: %s", layout.verification_key(self.backup_id), err)
 
     def _read_indexes(self, group: list[tuple[str, int]]) -> Future[list[Future[Index]]]:
-        """Start reading ``group``'s checkpoints and indexes, the storage's concurrency at a time."""
-        return in_daemon_thread(functools.partial(self.storage.at_once, self._index, group, "verify-checkpoints"),
-                                "verify-indexes")
-
-    def _index(self, topic: str, partition: int) -> Index:
-        """The partition's checkpoint and the segments its index names, in order (a partition that never had a
-        record has no checkpoint: none)."""
-        cp = layout.read_checkpoint(self.storage, self.backup_id, topic, partition, report=True)
-        if cp is None:
-            return None, []
-        return cp, layout.all_segments(cp, lambda k: self.storage.get(k, "index"), self.backup_id)
+        """Start reading ``group``'s checkpoints and indexes (``layout.read_index``), the storage's
+        concurrency at a time."""
+        reads = [(self.storage, self.backup_id, topic, partition) for topic, partition in group]
+        return in_daemon_thread(functools.partial(self.storage.at_once, layout.read_index, reads,
+                                                  "verify-checkpoints"), "verify-indexes")
 
     def _partition(self, topic: str, partition: int, cp: layout.Checkpoint | None,
                    listed: list[layout.SegmentInfo]) -> None:
