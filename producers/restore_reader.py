@@ -14,15 +14,11 @@ from kafka_backup.producers import layout
 from kafka_backup.producers.restore_scope import RestoreFailed, Window
 from kafka_backup.producers.run import Reporter
 from kafka_backup.producers.segments import StoredRecord  # by name: the method segments() hides the module
-from kafka_backup.producers.storage import Storage
+from kafka_backup.producers.storage import READ_AHEAD_BYTES, Storage
 from kafka_backup.producers.threads import ReadAhead
 from kafka_backup.schemas import events as ev
 
 PARTIAL_CACHE_BYTES = 64 * 1024 * 1024  # decoded straddling segments kept between scoping and producing
-# stored bytes of the segments fetched ahead, unless one: they wait as bytes, decoded only when their turn
-# comes (decoding ahead in a thread took the GIL from the producing and kept another segment's records alive:
-# 0.2-0.6 s more CPU in a 200,000-record run from files)
-READ_AHEAD_BYTES = 64 * 1024 * 1024
 
 
 class SegmentReader:
@@ -40,7 +36,9 @@ class SegmentReader:
         self.cache_bytes = 0
         self.checked: set[str] = set()  # segments read and checked this run
         self.unverified: set[str] = set()  # of those, without a digest (layout 1)
-        # the segments to load next, fetched ahead (plan); one already decoded when scoping is not fetched
+        # the segments to load next, fetched ahead (plan); one already decoded when scoping is not fetched. They
+        # wait as bytes, decoded only when their turn comes (decoding ahead in a thread took the GIL from the
+        # producing and kept another segment's records alive: 0.2-0.6 s more CPU in a 200,000-record run)
         self.ahead: ReadAhead[layout.SegmentInfo, bytes] = ReadAhead(
             lambda seg: self._fetch(seg), lambda seg: seg.stored_bytes, storage.concurrency, READ_AHEAD_BYTES,
             "segment-read-ahead", skip=lambda seg: seg.key in self.cache)

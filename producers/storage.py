@@ -74,6 +74,8 @@ class Backend(Protocol):
 # off a 128-partition run (bench/backup.py ... s3:30, docs/performance.md).
 FILE_CONCURRENCY = 8
 S3_CONCURRENCY = 32
+# stored bytes of the objects a restore or verify fetches ahead and has not used yet (one object always)
+READ_AHEAD_BYTES = 64 * 1024 * 1024
 
 
 class FileBackend:
