@@ -232,11 +232,11 @@ class StateReader(Background):
         except KafkaException as err:
             log.debug("state topic %s: cannot read the ends (%s); the state's age keeps growing", self.topic, err)
             return True
-        shorter = {p: (self._positions[p], end) for p, end in ends.items() if self._positions.get(p, 0) > end}
+        shorter = sorted(p for p, end in ends.items() if self._positions.get(p, 0) > end)
         if shorter:
-            p, (read, end) = next(iter(sorted(shorter.items())))
-            self._start_over(f"partition {p} ends at offset {end}, before the {read} records read from it (the topic "
-                             "was deleted and made again, or truncated)")
+            p = shorter[0]
+            self._start_over(f"partition {p} ends at offset {ends[p]}, before the {self._positions[p]} records read "
+                             "from it (the topic was deleted and made again, or truncated)")
             return False
         if all(self._positions.get(p, 0) >= end for p, end in ends.items()):
             self.current_at = asked
