@@ -193,14 +193,16 @@ def storage_choice(arg: str) -> tuple[str, int]:
 
 
 @contextlib.contextmanager
-def backups(name: str, records: int, partitions: int, storage: str, work: str,
-            *backup_args: str) -> Iterator[tuple[str, list[str], dict[str, tuple[str, str, int]]]]:
-    """A broker, the storage named by ``storage`` and two backups in it, made by ``ours`` (zstd, and
-    ``backup_args``): of a topic of ``records`` and of an empty one (start-up alone). Yields the bootstrap
-    servers, the storage options every command of ours takes, and ``{"full"|"empty": (topic, backup id,
-    records)}``."""
+def backups(name: str, records: int, partitions: int, storage: str,
+            *backup_args: str) -> Iterator[tuple[str, str, list[str], dict[str, tuple[str, str, int]]]]:
+    """A work directory, a broker, the storage named by ``storage`` and two backups in it, made by ``ours``
+    (zstd, and ``backup_args``): of a topic of ``records`` and of an empty one (start-up alone). Yields the
+    work directory (removed afterwards), the bootstrap servers, the storage options every command of ours
+    takes, and ``{"full"|"empty": (topic, backup id, records)}``."""
     kind, delay_ms = storage_choice(storage)
+    work = tempfile.mkdtemp(prefix=f"bench-{name}-")
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
         bootstrap = stack.enter_context(bootstrap_servers(name))
         store, endpoint = (stack.enter_context(s3_bucket(delay_ms)) if kind == "s3"
                            else (f"file://{work}/store/", ""))
@@ -213,7 +215,7 @@ def backups(name: str, records: int, partitions: int, storage: str, work: str,
             timed(ours("backup", "--bootstrap-servers", bootstrap, "--topics", topic, "--backup-id", bid, *where,
                        "--compression", "zstd", *backup_args), os.path.join(work, f"backup-{which}.log"))
             sources[which] = (topic, bid, n)
-        yield bootstrap, where, sources
+        yield work, bootstrap, where, sources
 
 
 def main() -> None:

@@ -24,13 +24,11 @@ request 30 ms on its way (bench/backup.py's proxy), the round trip moto on the l
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.backup import backups, storage_choice  # noqa: E402
+from bench.backup import backups  # noqa: E402
 from bench.common import compare, int_args, ours, pyspy, timed  # noqa: E402
 
 BARE = r'''
@@ -60,33 +58,28 @@ assert report is None or len(offsets) == n
 def main() -> None:
     records, partitions, repeats = int_args(sys.argv[1:], 200_000, 4, 3)
     storage = sys.argv[4] if len(sys.argv) > 4 else "file"
-    storage_choice(storage)
-    work = tempfile.mkdtemp(prefix="bench-restore-")
-    try:
-        with backups("restore", records, partitions, storage, work) as (bootstrap, where, sources):
-            bare_py = os.path.join(work, "bare.py")
-            with open(bare_py, "w") as fh:
-                fh.write(BARE)
-            runs: dict[str, list[dict[str, float]]] = {k + s: [] for k in ("bare", "bare-dr", "ours")
-                                                       for s in ("", "-empty")}
-            for r in range(repeats):  # interleaved: a noisy neighbour hits both
-                for name, suffix in (("full", ""), ("empty", "-empty")):
-                    topic, bid, n = sources[name]
-                    for base, mode in (("bare", "plain"), ("bare-dr", "dr")):
-                        runs[base + suffix].append(timed(
-                            [sys.executable, bare_py, bootstrap, f"{topic}-{base}-{r}", str(n), str(partitions), mode],
-                            os.path.join(work, f"{base}{suffix}-{r}.log")))
-                    runs["ours" + suffix].append(timed(
-                        [*pyspy(r == 0 and not suffix),
-                         *ours("restore", "--bootstrap-servers", bootstrap, "--backup-id", bid,
-                               *where, "--restore-id", f"r{r}",
-                               "--topic-map", f"{topic}:{topic}-ours-{r}")],
-                        os.path.join(work, f"ours{suffix}-{r}.log")))
-            print(f"{records} records on {partitions} partitions, {repeats} runs each, whole process "
-                  f"(start-up included); ours restores from {storage}")
-            compare(runs, records, baselines=("bare", "bare-dr"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with backups("restore", records, partitions, storage) as (work, bootstrap, where, sources):
+        bare_py = os.path.join(work, "bare.py")
+        with open(bare_py, "w") as fh:
+            fh.write(BARE)
+        runs: dict[str, list[dict[str, float]]] = {k + s: [] for k in ("bare", "bare-dr", "ours")
+                                                   for s in ("", "-empty")}
+        for r in range(repeats):  # interleaved: a noisy neighbour hits both
+            for name, suffix in (("full", ""), ("empty", "-empty")):
+                topic, bid, n = sources[name]
+                for base, mode in (("bare", "plain"), ("bare-dr", "dr")):
+                    runs[base + suffix].append(timed(
+                        [sys.executable, bare_py, bootstrap, f"{topic}-{base}-{r}", str(n), str(partitions), mode],
+                        os.path.join(work, f"{base}{suffix}-{r}.log")))
+                runs["ours" + suffix].append(timed(
+                    [*pyspy(r == 0 and not suffix),
+                     *ours("restore", "--bootstrap-servers", bootstrap, "--backup-id", bid,
+                           *where, "--restore-id", f"r{r}",
+                           "--topic-map", f"{topic}:{topic}-ours-{r}")],
+                    os.path.join(work, f"ours{suffix}-{r}.log")))
+        print(f"{records} records on {partitions} partitions, {repeats} runs each, whole process "
+              f"(start-up included); ours restores from {storage}")
+        compare(runs, records, baselines=("bare", "bare-dr"))
 
 
 if __name__ == "__main__":

@@ -23,13 +23,11 @@ reading one segment after the other waits for each time.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.backup import backups, storage_choice  # noqa: E402
+from bench.backup import backups  # noqa: E402
 from bench.common import compare, int_args, ours, timed  # noqa: E402
 
 BARE = r'''
@@ -61,35 +59,30 @@ assert len(digests) == len(keys)
 def main() -> None:
     records, partitions, repeats = int_args(sys.argv[1:], 200_000, 16, 3)
     storage = sys.argv[4] if len(sys.argv) > 4 else "file"
-    storage_choice(storage)
-    work = tempfile.mkdtemp(prefix="bench-verify-")
-    try:
-        with backups("verify", records, partitions, storage, work, "--backup-segment-max-records", "5000") as (
-                bootstrap, where, sources):
-            url, endpoint = where[1], where[3] if len(where) > 2 else ""  # --storage URL [--s3-endpoint-url URL]
-            bids = {name: bid for name, (_topic, bid, _n) in sources.items()}
-            bare_py = os.path.join(work, "bare.py")
-            with open(bare_py, "w") as fh:
-                fh.write(BARE)
-            names = ("bare", "ours", "ours-1")
-            runs: dict[str, list[dict[str, float]]] = {k + s: [] for k in names for s in ("", "-empty")}
-            for r in range(repeats):  # interleaved: a noisy neighbour hits each
-                for name, suffix in (("full", ""), ("empty", "-empty")):
-                    bid = bids[name]
-                    runs["bare" + suffix].append(timed([sys.executable, bare_py, url, endpoint, bid],
-                                                       os.path.join(work, f"bare{suffix}-{r}.log")))
-                    for mine, extra in (("ours", []), ("ours-1", ["--verify-storage-concurrency", "1"])):
-                        runs[mine + suffix].append(timed(
-                            ours("verify", "--bootstrap-servers", bootstrap, "--backup-id", bid, *where, *extra),
-                            os.path.join(work, f"{mine}{suffix}-{r}.log")))
-            print(f"verify of {records} records on {partitions} partitions (segments of 5,000 records), "
-                  f"{repeats} runs each, whole process (start-up included); stored in {storage}")
-            for mine in ("ours", "ours-1"):
-                print(f"{mine}:")
-                compare({"bare": runs["bare"], "bare-empty": runs["bare-empty"], "ours": runs[mine],
-                         "ours-empty": runs[mine + "-empty"]}, records)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with backups("verify", records, partitions, storage, "--backup-segment-max-records", "5000") as (
+            work, bootstrap, where, sources):
+        url, endpoint = where[1], where[3] if len(where) > 2 else ""  # --storage URL [--s3-endpoint-url URL]
+        bids = {name: bid for name, (_topic, bid, _n) in sources.items()}
+        bare_py = os.path.join(work, "bare.py")
+        with open(bare_py, "w") as fh:
+            fh.write(BARE)
+        names = ("bare", "ours", "ours-1")
+        runs: dict[str, list[dict[str, float]]] = {k + s: [] for k in names for s in ("", "-empty")}
+        for r in range(repeats):  # interleaved: a noisy neighbour hits each
+            for name, suffix in (("full", ""), ("empty", "-empty")):
+                bid = bids[name]
+                runs["bare" + suffix].append(timed([sys.executable, bare_py, url, endpoint, bid],
+                                                   os.path.join(work, f"bare{suffix}-{r}.log")))
+                for mine, extra in (("ours", []), ("ours-1", ["--verify-storage-concurrency", "1"])):
+                    runs[mine + suffix].append(timed(
+                        ours("verify", "--bootstrap-servers", bootstrap, "--backup-id", bid, *where, *extra),
+                        os.path.join(work, f"{mine}{suffix}-{r}.log")))
+        print(f"verify of {records} records on {partitions} partitions (segments of 5,000 records), "
+              f"{repeats} runs each, whole process (start-up included); stored in {storage}")
+        for mine in ("ours", "ours-1"):
+            print(f"{mine}:")
+            compare({"bare": runs["bare"], "bare-empty": runs["bare-empty"], "ours": runs[mine],
+                     "ours-empty": runs[mine + "-empty"]}, records)
 
 
 if __name__ == "__main__":
