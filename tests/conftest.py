@@ -158,6 +158,38 @@ def broker():
             yield b.bootstrap
 
 
+class FakeMessage:
+    """A confluent-kafka Message, as the backup's ``_take`` and the exporter's state reader read one."""
+
+    def __init__(self, topic: str, partition: int, offset: int, key: bytes | None = b"k", value: bytes | None = b"vv",
+                 headers: list | None = None, error: object = None) -> None:
+        self._t, self._p, self._o, self._k, self._v, self._h, self._e = topic, partition, offset, key, value, headers, error
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def key(self) -> bytes | None:
+        return self._k
+
+    def value(self) -> bytes | None:
+        return self._v
+
+    def headers(self) -> list | None:
+        return self._h
+
+    def timestamp(self) -> tuple[int, int]:
+        return 1, 1_790_000_000_000 + self._o
+
+    def error(self) -> object:
+        return self._e
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

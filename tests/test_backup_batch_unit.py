@@ -9,6 +9,7 @@ import pytest
 
 from kafka_backup.producers import segments
 from kafka_backup.schemas import events as ev
+from tests.conftest import FakeMessage
 
 
 def buffered(buffer: segments.SegmentBuffer) -> list[tuple]:
@@ -49,38 +50,6 @@ def test_tuples_and_stored_records_make_the_same_segment():
         back = segments.decode(as_tuples[0], alg, as_tuples[1])
         assert [tuple(getattr(r, f) for f in r.__struct_fields__) for r in back.records] == [
             (o, ts, tt, k, v, [tuple(h) for h in hs]) for o, ts, tt, k, v, hs in rows]
-
-
-class FakeMessage:
-    """What ``BackupWorker._take`` reads of a confluent-kafka Message."""
-
-    def __init__(self, topic: str, partition: int, offset: int, key: bytes | None = b"k", value: bytes | None = b"vv",
-                 headers: list | None = None, error: object = None) -> None:
-        self._t, self._p, self._o, self._k, self._v, self._h, self._e = topic, partition, offset, key, value, headers, error
-
-    def topic(self) -> str:
-        return self._t
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def key(self) -> bytes | None:
-        return self._k
-
-    def value(self) -> bytes | None:
-        return self._v
-
-    def headers(self) -> list | None:
-        return self._h
-
-    def timestamp(self) -> tuple[int, int]:
-        return 1, 1_790_000_000_000 + self._o
-
-    def error(self) -> object:
-        return self._e
 
 
 class Eof:

@@ -41,6 +41,7 @@ from kafka_backup.schemas.state import (
     pipeline_key,
 )
 from kafka_backup.streams import fold
+from tests.conftest import FakeMessage
 
 NOW = 1_700_000_040.0  # a whole minute: now_minute = NOW // 60
 NOW_MIN = int(NOW // 60)
@@ -401,26 +402,6 @@ def test_reader_counts_undecodable_values_by_reason_and_keeps_going(caplog):
     assert get(v, cat.EXPORTER_UNDECODABLE_STATE, reason="no_key") == 1
 
 
-class _Msg:
-    def __init__(self, partition: int, offset: int, key: bytes, value: bytes) -> None:
-        self._p, self._o, self._k, self._v = partition, offset, key, value
-
-    def error(self):
-        return None
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def key(self) -> bytes:
-        return self._k
-
-    def value(self) -> bytes:
-        return self._v
-
-
 def test_a_consumer_that_goes_back_never_serves_an_older_state(caplog):
     """librdkafka resets a position the broker calls out of range to the partition's start: the records read
     again are older states of jobs the copy holds newer ones of. Applied, every counter of those jobs would
@@ -428,17 +409,18 @@ def test_a_consumer_that_goes_back_never_serves_an_older_state(caplog):
     reader = StateReader("127.0.0.1:1", "unit")
     catch_up = CatchUp({0: 3}, positions={})
     states = [encode_state(JobState(kind="backup", job="a", records=n)) for n in (1, 2, 3, 4)]
+    topic = reader.topic
     for offset in range(3):
-        reader._handle(_Msg(0, offset, b"backup:a", states[offset]), catch_up)
+        reader._handle(FakeMessage(topic, 0, offset, b"backup:a", states[offset]), catch_up)
     assert catch_up.done and reader.snapshot()["backup:a"].records == 3
     with caplog.at_level(logging.WARNING, logger="kafka_backup.exporter"):
         for offset in range(3):  # read again from the start
-            reader._handle(_Msg(0, offset, b"backup:a", states[offset]), catch_up)
+            reader._handle(FakeMessage(topic, 0, offset, b"backup:a", states[offset]), catch_up)
             assert reader.snapshot()["backup:a"].records == 3
     assert [r.getMessage() for r in caplog.records] == [
         "state topic unit-jobs-changelog: partition 0 read again from offset 0, behind the 3 records the copy "
         "holds; skipping what it holds (a consumer position reset)"]
-    reader._handle(_Msg(0, 3, b"backup:a", states[3]), catch_up)  # then on, as before
+    reader._handle(FakeMessage(topic, 0, 3, b"backup:a", states[3]), catch_up)  # then on, as before
     assert reader.snapshot()["backup:a"].records == 4 and reader.changes() == 4
 
 
@@ -452,8 +434,9 @@ def test_a_state_topic_made_again_is_read_again_from_its_start(caplog):
 
     reader = StateReader("127.0.0.1:1", "unit")
     catch_up = CatchUp({0: 5, 1: 9}, positions={})
+    state = encode_state(JobState(kind="backup", job="a"))
     for offset in range(5):
-        reader._handle(_Msg(0, offset, b"backup:a", encode_state(JobState(kind="backup", job="a"))), catch_up)
+        reader._handle(FakeMessage(reader.topic, 0, offset, b"backup:a", state), catch_up)
     reader._positions[1] = 9
     reader.ready.set()
     reader.current_at = 1.0
