@@ -352,7 +352,7 @@ class Pipeline:
         self.workers: list[Proc] = []
         self.highest: dict[tuple[str, frozenset], float] = {}  # each state counter's highest value served
         # one scrape at a time, checked in the order served: a test's background scraper and its main thread
-        # both scrape, and a page served first but checked second looked like a counter that fell
+        # both scrape, and a page served first but checked second would look like a counter that fell
         self._scrape_lock = threading.Lock()
         self.aggregator = self._aggregator_proc(1)
         self.exporter = Proc(["exporter", "--bootstrap-servers", bootstrap, "--app-id", self.app_id,
@@ -448,7 +448,7 @@ class Pipeline:
             one: dict = {}
             registry = CollectorRegistry(auto_describe=False)
             registry.register(StateCollector(lambda: one))
-            highest: dict[tuple[str, str, frozenset], tuple[float, int, int]] = {}
+            highest: dict[tuple[str, str, frozenset], tuple[float, int]] = {}  # -> (value, offset); a key: one partition
             fell: list[str] = []
             checked, done, deadline = 0, set(), time.monotonic() + timeout
             while len(done) < len(partitions):
@@ -473,10 +473,10 @@ class Pipeline:
                     series = (key, *name_labels)  # shared series (by backend, ...) are each key's own share here
                     before = highest.get(series)
                     if before is not None and value < before[0]:
-                        fell.append(f"{key}: {series[1]}{dict(series[2])}: {before[0]} at {msg.partition()}/{before[2]} "
+                        fell.append(f"{key}: {series[1]}{dict(series[2])}: {before[0]} at {msg.partition()}/{before[1]} "
                                     f"-> {value} at {msg.partition()}/{msg.offset()}")
                     elif before is None or value > before[0]:
-                        highest[series] = (value, msg.partition(), msg.offset())
+                        highest[series] = (value, msg.offset())
         finally:
             consumer.close()
         assert checked, f"no state value of a key with any of {keys_with} on {topic}"
