@@ -130,8 +130,8 @@ class RestoreWorker(Job):
         if not self.started_emitted:
             self._emit_started()
         if self.reader.checked:
-            self.emitter.emit(ev.SegmentsChecked, backup_id=self.backup_id, segments=len(self.reader.checked),
-                              unverified=len(self.reader.unverified))
+            self.emitter.emit(ev.SegmentsChecked, backup_id=self.backup_id, segments=self.reader.checked,
+                              unverified=self.reader.unverified)
         if self.writer is not None:
             self.writer.close_bar()
 
@@ -174,10 +174,10 @@ class RestoreWorker(Job):
             self.targets.create(missing, mapping, manifest)
             self.checkpoint = cp
             # a finished partition gets no more of our records: whatever follows them is not ours to check
-            self.reader.read_checkpoints([(cur.topic, cur.partition) for cur in cp.partitions
-                                          if cur.restored < cur.records])
-            for cur in cp.partitions:
-                if cur.restored < cur.records:
+            unfinished = {(cur.topic, cur.partition): cur for cur in cp.partitions if cur.restored < cur.records}
+            for group in self.reader.in_groups(list(unfinished)):
+                for tp in group:
+                    cur = unfinished[tp]
                     found = self.targets.reconcile(cur, self.reader.records(cur, cur.next_offset),
                                                    lambda r: record_headers(r, cp.offset_header))
                     found_bytes = sum(r.size for r in found)
@@ -233,11 +233,11 @@ class RestoreWorker(Job):
         cp = layout.RestoreCheckpoint(self.id, self.backup_id, mapping, 0, self.window.from_time,
                                       self.window.to_time, created_ts=now, updated_ts=now,
                                       offset_header=self.cfg.offset_header)
-        self.reader.read_checkpoints([(topic, p) for topic in mapping for p in range(counts[topic])])
-        for topic in mapping:
-            lim = (limits or {}).get(topic)
-            cutoffs = [lim.deletes[0] if lim and lim.deletes else None, lim.refuses[0] if lim and lim.refuses else None]
-            for p in range(counts[topic]):
+        for group in self.reader.in_groups([(topic, p) for topic in mapping for p in range(counts[topic])]):
+            for topic, p in group:
+                lim = (limits or {}).get(topic)
+                cutoffs = [lim.deletes[0] if lim and lim.deletes else None,
+                           lim.refuses[0] if lim and lim.refuses else None]
                 bcp = self.reader.backup_checkpoint(topic, p)
                 records = 0
                 for seg in self.reader.segments_of[(topic, p)]:
@@ -259,10 +259,13 @@ class RestoreWorker(Job):
         cp, writer = self.checkpoint, self.writer
         assert cp is not None and writer is not None
         try:
-            pending = [cur for cur in cp.partitions if cur.restored < cur.records]
-            self.reader.plan((cur, cur.next_offset) for cur in pending)  # their segments, read ahead in order
-            for cur in pending:
-                writer.restore_partition(cur, self.reader.records(cur, cur.next_offset))
+            pending = {(cur.topic, cur.partition): cur for cur in cp.partitions if cur.restored < cur.records}
+            self.reader.producing = True
+            for group in self.reader.in_groups(list(pending)):
+                curs = [pending[tp] for tp in group]
+                self.reader.plan((cur, cur.next_offset) for cur in curs)  # their segments, read ahead in order
+                for cur in curs:
+                    writer.restore_partition(cur, self.reader.records(cur, cur.next_offset))
             writer.checkpoint_progress()  # the partitions done since the last checkpoint (at their end, on its cadence)
         except RestoreInterrupted:
             raise RestoreInterrupted(f"stopped at {cp.restored_total} of {cp.total_records} records; run "

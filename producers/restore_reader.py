@@ -4,21 +4,34 @@ Segments whose ``[min_ts, max_ts]`` lie inside the window are counted from the
 checkpoint without reading them; segments outside are never read; a segment
 straddling a window edge is read and its records counted one by one, and kept
 decoded (up to ``PARTIAL_CACHE_BYTES``) so it is read from storage once per run.
+
+The partitions' indexes are read a group at a time (:meth:`SegmentReader.in_groups`), the next group
+while this one is used, and held only up to ``INDEX_HELD_SEGMENTS`` segments: a backup's every index
+at once can be millions of segments (a continuous backup of 100 busy partitions cuts 1.7 million
+segments a day at its 5 s flush interval, about half a kilobyte each held here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 
 from kafka_backup.producers import layout
 from kafka_backup.producers.restore_scope import RestoreFailed, Window
 from kafka_backup.producers.run import Reporter
 from kafka_backup.producers.segments import StoredRecord  # by name: the method segments() hides the module
-from kafka_backup.producers.storage import READ_AHEAD_BYTES, Storage
-from kafka_backup.producers.threads import ReadAhead
+from kafka_backup.producers.storage import PARTITIONS_AHEAD_PER_CALL, READ_AHEAD_BYTES, Storage
+from kafka_backup.producers.threads import ReadAhead, in_daemon_thread
 from kafka_backup.schemas import events as ev
 
 PARTIAL_CACHE_BYTES = 64 * 1024 * 1024  # decoded straddling segments kept between scoping and producing
+# segments of the partitions' indexes kept once their group is used (about 50 MB): below it a restore
+# reads each index once a run; above it, a group's indexes are dropped after use and read again by the
+# next pass (the scope's, then the producing's), so memory stays bounded by two groups' indexes
+INDEX_HELD_SEGMENTS = 100_000
+
+Partition = tuple[str, int]
+Index = tuple[layout.Checkpoint, list[layout.SegmentInfo]]
 
 
 class SegmentReader:
@@ -29,13 +42,19 @@ class SegmentReader:
         self.backup_id = backup_id
         self.window = window
         self.emitter = emitter
-        self.checkpoint_of: dict[tuple[str, int], layout.Checkpoint] = {}  # each partition's, read once a run
-        self.segments_of: dict[tuple[str, int], list[layout.SegmentInfo]] = {}
-        self.owner_of: dict[str, tuple[str, int]] = {}  # segment key -> the partition whose index names it
+        # the partitions' checkpoints and indexes held now (in_groups: at most two groups beyond INDEX_HELD_SEGMENTS)
+        self.checkpoint_of: dict[Partition, layout.Checkpoint] = {}
+        self.segments_of: dict[Partition, list[layout.SegmentInfo]] = {}
+        self.owner_of: dict[str, Partition] = {}  # segment key -> the partition whose index names it
+        self.held_segments = 0  # in segments_of
         self.cache: dict[str, list[StoredRecord]] = {}
         self.cache_bytes = 0
-        self.checked: set[str] = set()  # segments read and checked this run
-        self.unverified: set[str] = set()  # of those, without a digest (layout 1)
+        self.checked = 0  # segments read and checked this run, each counted once
+        self.unverified = 0  # of those, without a digest (layout 1)
+        # segments read before the producing (scoping, a resume's reconciling) and not kept decoded: the
+        # producing may read them again, and must not count them twice (a few a partition: window edges)
+        self.read_before: set[str] = set()
+        self.producing = False  # set by the restore once it produces: what it reads is read once
         # the segments to load next, fetched ahead (plan); one already decoded when scoping is not fetched. They
         # wait as bytes, decoded only when their turn comes (decoding ahead in a thread took the GIL from the
         # producing and kept another segment's records alive: 0.2-0.6 s more CPU in a 200,000-record run)
@@ -44,27 +63,73 @@ class SegmentReader:
             "segment-read-ahead", skip=lambda seg: seg.key in self.cache)
 
     def backup_checkpoint(self, topic: str, partition: int) -> layout.Checkpoint:
-        """The partition's checkpoint in the backup, read (with its sealed index chunks) once a run."""
+        """The partition's checkpoint in the backup, read (with its sealed index chunks) unless held."""
         key = (topic, partition)
         if key not in self.checkpoint_of:
             self._keep(key, *self._read_checkpoint(topic, partition))
         return self.checkpoint_of[key]
 
-    def read_checkpoints(self, partitions: list[tuple[str, int]]) -> None:
-        """Read the checkpoints of ``partitions`` not read yet, the storage's ``concurrency`` at a time:
-        one after the other, a restore of 128 partitions from S3 waited 128 round trips (and more for
-        index chunks) before its first record. A failed read raises here, the first in partition order."""
-        todo = [tp for tp in dict.fromkeys(partitions) if tp not in self.checkpoint_of]
-        for tp, read in zip(todo, self.storage.at_once(self._read_checkpoint, todo, "checkpoints"), strict=True):
-            self._keep(tp, *read.result())
+    def in_groups(self, partitions: list[Partition]) -> Iterator[list[Partition]]:
+        """``partitions`` a group at a time, each group's checkpoints and indexes held while it is used.
 
-    def _read_checkpoint(self, topic: str, partition: int) -> tuple[layout.Checkpoint, list[layout.SegmentInfo]]:
+        The indexes not held already are read the storage's concurrency at once (one after the other, a
+        restore of 128 partitions from S3 waited 128 round trips, and more for index chunks, before its
+        first record), the next group's while this one is used. A failed read raises when its group
+        comes, the first in partition order. Beyond ``INDEX_HELD_SEGMENTS`` segments held, a group is
+        dropped once used, and the groups are sized from the segments a partition had so far so that two
+        fit within it: the first group is the storage's concurrency, then up to
+        ``PARTITIONS_AHEAD_PER_CALL`` times it (one partition a group at the least: a single partition's
+        index is held whole).
+        """
+        most = PARTITIONS_AHEAD_PER_CALL * self.storage.concurrency
+        group = partitions[:self.storage.concurrency]
+        reading = self._read_group(group)
+        done = listed = 0
+        while group:
+            for tp, read in reading.result():
+                if tp not in self.checkpoint_of:
+                    self._keep(tp, *read.result())
+            done += len(group)
+            listed += sum(len(self.segments_of[tp]) for tp in group)
+            size = max(1, min(most, INDEX_HELD_SEGMENTS * done // (2 * listed))) if listed else most
+            following = partitions[done:done + size]
+            reading = self._read_group(following)
+            yield group
+            if self.held_segments > INDEX_HELD_SEGMENTS:
+                self.forget(group)
+            group = following
+
+    def _read_group(self, group: list[Partition]) -> Future[list[tuple[Partition, Future[Index]]]]:
+        """Start reading the indexes of ``group``'s partitions not held, the storage's concurrency at a time."""
+        todo = [tp for tp in dict.fromkeys(group) if tp not in self.checkpoint_of]
+
+        def read() -> list[tuple[Partition, Future[Index]]]:
+            return list(zip(todo, self.storage.at_once(self._read_checkpoint, todo, "checkpoints"), strict=True))
+
+        if not todo:  # nothing to read: no thread
+            done: Future[list[tuple[Partition, Future[Index]]]] = Future()
+            done.set_result([])
+            return done
+        return in_daemon_thread(read, "restore-indexes")
+
+    def forget(self, partitions: Iterable[Partition]) -> None:
+        """Drop the partitions' checkpoints and indexes (read again when next needed)."""
+        for tp in partitions:
+            self.checkpoint_of.pop(tp, None)
+            listed = self.segments_of.pop(tp, [])
+            self.held_segments -= len(listed)
+            for seg in listed:
+                self.owner_of.pop(seg.key, None)
+
+    def _read_checkpoint(self, topic: str, partition: int) -> Index:
         cp, listed = layout.read_index(self.storage, self.backup_id, topic, partition)
         return cp or layout.Checkpoint(topic, partition, 0), listed  # never had a record: empty, not missing
 
-    def _keep(self, key: tuple[str, int], cp: layout.Checkpoint, listed: list[layout.SegmentInfo]) -> None:
+    def _keep(self, key: Partition, cp: layout.Checkpoint, listed: list[layout.SegmentInfo]) -> None:
+        self.forget([key])
         self.checkpoint_of[key] = cp
         self.segments_of[key] = sorted(listed, key=lambda s: s.start_offset)
+        self.held_segments += len(listed)
         self.owner_of.update((seg.key, key) for seg in listed)
 
     def segments(self, cur: layout.RestoreCursor) -> list[layout.SegmentInfo]:
@@ -91,6 +156,7 @@ class SegmentReader:
         if inside and self.cache_bytes + seg.uncompressed_bytes <= PARTIAL_CACHE_BYTES:
             self.cache[seg.key] = records
             self.cache_bytes += seg.uncompressed_bytes
+            self.read_before.discard(seg.key)  # taken from the cache, not read again
         older = [0 if c is None else sum(1 for t in inside if t < c) for c in cutoffs]
         return len(inside), older, min(inside, default=None)
 
@@ -111,9 +177,12 @@ class SegmentReader:
                               backend=self.storage.name, message=str(err)[:500])
             raise RestoreFailed(f"segment {err}; it is refused (records before it are restored and "
                                 "checkpointed, its own records are not)") from None
-        self.checked.add(seg.key)
-        if not seg.sha256:
-            self.unverified.add(seg.key)
+        if seg.key not in self.read_before:
+            self.checked += 1
+            if not seg.sha256:
+                self.unverified += 1
+            if not self.producing:
+                self.read_before.add(seg.key)
         return records
 
     def _fetch(self, seg: layout.SegmentInfo) -> bytes:

@@ -42,14 +42,19 @@ from kafka_backup.producers.run import (
     Reporter,
     run_reporting,
 )
-from kafka_backup.producers.storage import READ_AHEAD_BYTES, Missing, OpReport, Storage, StorageError
+from kafka_backup.producers.storage import (
+    PARTITIONS_AHEAD_PER_CALL,
+    READ_AHEAD_BYTES,
+    Missing,
+    OpReport,
+    Storage,
+    StorageError,
+)
 from kafka_backup.producers.threads import ReadAhead, in_daemon_thread
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import TelemetryConfig, VerifyConfig
 
 log = logging.getLogger("kafka_backup.verify")
-
-PARTITIONS_AHEAD_PER_CALL = 4  # partitions whose indexes are read per group: this many per storage call at once
 
 Index = tuple[layout.Checkpoint | None, list[layout.SegmentInfo]]  # a partition's checkpoint and its segments
 

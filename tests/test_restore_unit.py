@@ -132,6 +132,102 @@ def test_an_unbounded_restore_yields_every_record_from_its_start_to_the_partitio
     assert [r.offset for r in worker.reader.records(cur, 100)] == list(range(100, 250))
 
 
+def write_partitions(storage: Storage, backup_id: str, topic: str, partitions: int,
+                     spans: list[range]) -> dict[int, list[segments.StoredRecord]]:
+    """``spans`` segments in each of ``partitions`` partitions (digests recorded); record with offset o
+    of partition p has timestamp 1000 + o and value ``v<p>-<o>``. Returns each partition's records."""
+    written = {}
+    for p in range(partitions):
+        infos, written[p] = [], []
+        for span in spans:
+            records = [segments.StoredRecord(o, 1000 + o, 1, b"k", b"v%d-%d" % (p, o)) for o in span]
+            data, raw = segments.encode(topic, p, records, "zstd")
+            key = layout.segment_key(backup_id, topic, p, span.start, "zstd")
+            storage.put(key, data, "segment")
+            infos.append(layout.SegmentInfo(key, span.start, span.stop, len(records), 0, raw, len(data), "zstd",
+                                            1000 + span.start, 1000 + span.stop - 1, sha256=layout.digest(data)))
+            written[p] += records
+        storage.put(layout.checkpoint_key(backup_id, topic, p),
+                    layout.encode(layout.Checkpoint(topic, p, spans[-1].stop, infos)), "checkpoint")
+    return written
+
+
+class Produced:
+    """A restore's writer without a cluster: what each partition was given, in order."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, list[segments.StoredRecord]] = {}
+
+    def restore_partition(self, cur: layout.RestoreCursor, records) -> None:
+        self.records[cur.partition] = list(records)
+        cur.restored = cur.records
+
+    def checkpoint_progress(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("window", [(None, None), (1000 + 25, 1000 + 45)])
+def test_beyond_its_index_budget_a_restore_holds_two_groups_of_indexes_and_restores_the_same(
+        tmp_path, monkeypatch, window):
+    """A backup of more segments than ``INDEX_HELD_SEGMENTS`` (5; 3 a partition): the scope and the
+    producing each read the partitions' indexes a group at a time, the first group the storage's
+    concurrency (2 partitions), the next ones sized from what the first held (1 partition: two fit in 5
+    segments), each dropped once used while the next is held; every record in scope still reaches its
+    partition, in order, and each segment read is counted checked once (with a window, the edges are
+    read by the scope and again by the producing: nothing is kept decoded here)."""
+    from kafka_backup.producers import restore_reader
+
+    monkeypatch.setattr(restore_reader, "INDEX_HELD_SEGMENTS", 5)
+    monkeypatch.setattr(restore_reader, "PARTIAL_CACHE_BYTES", 0)
+    storage = Storage(FileBackend(str(tmp_path), concurrency=2))
+    written = write_partitions(storage, "bk", "t", 10, [range(0, 20), range(20, 40), range(40, 60)])
+    worker = RestoreWorker("127.0.0.1:1", RestoreConfig(restore_id="r", backup_id="bk", from_time=window[0],
+                                                          to_time=window[1]), storage, Events())
+    reads: list[str] = []
+    held: list[int] = []  # partitions held, each time one more is
+    keep = worker.reader._keep
+
+    def kept(*args) -> None:
+        keep(*args)
+        held.append(len(worker.reader.checkpoint_of))
+
+    worker.reader._keep = kept  # type: ignore[method-assign]
+    storage.listener = lambda report: reads.append(report.operation)
+    cp = worker.scope({"t": "t"}, {"t": 10})
+    worker.checkpoint, worker.writer = cp, Produced()  # type: ignore[assignment]
+    worker._restore_all()
+    inside = [r for r in written[0] if window[0] is None or window[0] <= r.timestamp < window[1]]
+    assert cp.total_records == 10 * len(inside)
+    assert worker.writer.records == {  # type: ignore[attr-defined]
+        p: [r for r in rs if window[0] is None or window[0] <= r.timestamp < window[1]] for p, rs in written.items()}
+    # each partition's index read by the scope and again by the producing, but the last one's: within the
+    # budget, it is still held when the producing starts
+    assert reads.count("checkpoint") == 19
+    assert max(held) == 3 and len(worker.reader.checkpoint_of) == 1, "the first group of 2, and the next of 1"
+    # unbounded: 3 segments a partition, read once; the window misses the first and cuts the other two,
+    # which the scope reads to count and the producing reads again
+    assert reads.count("segment") == (30 if window[0] is None else 40)
+    assert worker.reader.checked == (30 if window[0] is None else 20) and worker.reader.unverified == 0
+
+
+def test_within_its_index_budget_a_restore_reads_each_index_once_and_counts_each_segment_once(tmp_path):
+    """A window cuts the first two segments: the scope reads them (and keeps them decoded), the
+    producing takes them from memory; three partitions' indexes, each read once; two segments checked
+    a partition, the third is outside the window and never read."""
+    storage = Storage(FileBackend(str(tmp_path)))
+    write_partitions(storage, "bk", "t", 3, [range(0, 20), range(20, 40), range(40, 60)])
+    worker = RestoreWorker("127.0.0.1:1", RestoreConfig(restore_id="r", backup_id="bk", from_time=1000 + 15,
+                                                          to_time=1000 + 25), storage, Events())
+    reports: list[OpReport] = []
+    storage.listener = reports.append
+    cp = worker.scope({"t": "t"}, {"t": 3})
+    worker.checkpoint, worker.writer = cp, Produced()  # type: ignore[assignment]
+    worker._restore_all()
+    assert [len(rs) for rs in worker.writer.records.values()] == [10, 10, 10]  # type: ignore[attr-defined]
+    assert sorted(r.operation for r in reports) == ["checkpoint"] * 3 + ["segment"] * 6
+    assert worker.reader.checked == 6
+
+
 def test_offset_reset_needs_exactly_one_target():
     assert target_of(OffsetResetConfig(group="g", topics=["t"], to_timestamp=0)) == "to_timestamp"
     # an empty --to-timestamp is no time: it used to count as the target and reach the broker as offset None
