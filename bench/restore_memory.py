@@ -33,14 +33,14 @@ BACKUP, TOPIC = "bench-memory", "orders"
 
 SCOPE = r'''
 import resource, sys, time
-from kafka_backup.producers import restore_reader
+from kafka_backup.producers import index_groups
 from kafka_backup.producers.restore import RestoreWorker
 from kafka_backup.producers.run import NullEmitter
 from kafka_backup.producers.storage import FileBackend, Storage
 from kafka_backup.schemas.config import RestoreConfig
 root, backup, topic, partitions, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 if mode == "all":
-    restore_reader.INDEX_HELD_SEGMENTS = 10 ** 12
+    index_groups.INDEX_HELD_SEGMENTS = 10 ** 12
 storage = Storage(FileBackend(root))
 worker = RestoreWorker("127.0.0.1:1", RestoreConfig(restore_id="r", backup_id=backup), storage, NullEmitter())
 reads = []

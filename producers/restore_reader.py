@@ -5,33 +5,25 @@ checkpoint without reading them; segments outside are never read; a segment
 straddling a window edge is read and its records counted one by one, and kept
 decoded (up to ``PARTIAL_CACHE_BYTES``) so it is read from storage once per run.
 
-The partitions' indexes are read a group at a time (:meth:`SegmentReader.in_groups`), the next group
-while this one is used, and held only up to ``INDEX_HELD_SEGMENTS`` segments: a backup's every index
-at once can be millions of segments (a continuous backup of 100 busy partitions cuts 1.7 million
-segments a day at its 5 s flush interval, about half a kilobyte each held here).
+The partitions' indexes are read a group at a time (:meth:`SegmentReader.in_groups`, ``index_groups``),
+the next group while this one is used, and kept after use only up to ``INDEX_HELD_SEGMENTS`` segments:
+a backup's every index at once can be millions of segments.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
 
-from kafka_backup.producers import layout
+from kafka_backup.producers import index_groups, layout
+from kafka_backup.producers.index_groups import Partition, in_groups
 from kafka_backup.producers.restore_scope import RestoreFailed, Window
 from kafka_backup.producers.run import Reporter
 from kafka_backup.producers.segments import StoredRecord  # by name: the method segments() hides the module
-from kafka_backup.producers.storage import PARTITIONS_AHEAD_PER_CALL, READ_AHEAD_BYTES, Storage
-from kafka_backup.producers.threads import ReadAhead, in_daemon_thread
+from kafka_backup.producers.storage import READ_AHEAD_BYTES, Storage
+from kafka_backup.producers.threads import ReadAhead
 from kafka_backup.schemas import events as ev
 
 PARTIAL_CACHE_BYTES = 64 * 1024 * 1024  # decoded straddling segments kept between scoping and producing
-# segments of the partitions' indexes kept once their group is used (about 50 MB): below it a restore
-# reads each index once a run; above it, a group's indexes are dropped after use and read again by the
-# next pass (the scope's, then the producing's), so memory stays bounded by two groups' indexes
-INDEX_HELD_SEGMENTS = 100_000
-
-Partition = tuple[str, int]
-Index = tuple[layout.Checkpoint, list[layout.SegmentInfo]]
 
 
 class SegmentReader:
@@ -42,7 +34,7 @@ class SegmentReader:
         self.backup_id = backup_id
         self.window = window
         self.emitter = emitter
-        # the partitions' checkpoints and indexes held now (in_groups: at most two groups beyond INDEX_HELD_SEGMENTS)
+        # the partitions' checkpoints and indexes held now (in_groups: up to INDEX_HELD_SEGMENTS, and the group in use)
         self.checkpoint_of: dict[Partition, layout.Checkpoint] = {}
         self.segments_of: dict[Partition, list[layout.SegmentInfo]] = {}
         self.owner_of: dict[str, Partition] = {}  # segment key -> the partition whose index names it
@@ -70,47 +62,20 @@ class SegmentReader:
         return self.checkpoint_of[key]
 
     def in_groups(self, partitions: list[Partition]) -> Iterator[list[Partition]]:
-        """``partitions`` a group at a time, each group's checkpoints and indexes held while it is used.
-
-        The indexes not held already are read the storage's concurrency at once (one after the other, a
-        restore of 128 partitions from S3 waited 128 round trips, and more for index chunks, before its
-        first record), the next group's while this one is used. A failed read raises when its group
-        comes, the first in partition order. Beyond ``INDEX_HELD_SEGMENTS`` segments held, a group is
-        dropped once used, and the groups are sized from the segments a partition had so far so that two
-        fit within it: the first group is the storage's concurrency, then up to
-        ``PARTITIONS_AHEAD_PER_CALL`` times it (one partition a group at the least: a single partition's
-        index is held whole).
-        """
-        most = PARTITIONS_AHEAD_PER_CALL * self.storage.concurrency
-        group = partitions[:self.storage.concurrency]
-        reading = self._read_group(group)
-        done = listed = 0
-        while group:
-            for tp, read in reading.result():
-                if tp not in self.checkpoint_of:
-                    self._keep(tp, *read.result())
-            done += len(group)
-            listed += sum(len(self.segments_of[tp]) for tp in group)
-            size = max(1, min(most, INDEX_HELD_SEGMENTS * done // (2 * listed))) if listed else most
-            following = partitions[done:done + size]
-            reading = self._read_group(following)
+        """``partitions`` a group at a time (``index_groups.in_groups``: the next group's indexes read while
+        this one is used), each group's checkpoints and indexes held while it is used. A failed read raises
+        when its group comes, the first in partition order. Once used, a group is dropped if more than
+        ``INDEX_HELD_SEGMENTS`` segments are held: within that, each index is read once a run."""
+        for reads in in_groups(self.storage, self.backup_id, partitions, "restore-indexes",
+                               held=lambda tp: tp in self.checkpoint_of):
+            for (topic, partition), read in reads:
+                if read is not None and (topic, partition) not in self.checkpoint_of:
+                    cp, listed = read.result()
+                    self._keep((topic, partition), cp or layout.Checkpoint(topic, partition, 0), listed)
+            group = [tp for tp, _ in reads]
             yield group
-            if self.held_segments > INDEX_HELD_SEGMENTS:
+            if self.held_segments > index_groups.INDEX_HELD_SEGMENTS:
                 self.forget(group)
-            group = following
-
-    def _read_group(self, group: list[Partition]) -> Future[list[tuple[Partition, Future[Index]]]]:
-        """Start reading the indexes of ``group``'s partitions not held, the storage's concurrency at a time."""
-        todo = [tp for tp in dict.fromkeys(group) if tp not in self.checkpoint_of]
-
-        def read() -> list[tuple[Partition, Future[Index]]]:
-            return list(zip(todo, self.storage.at_once(self._read_checkpoint, todo, "checkpoints"), strict=True))
-
-        if not todo:  # nothing to read: no thread
-            done: Future[list[tuple[Partition, Future[Index]]]] = Future()
-            done.set_result([])
-            return done
-        return in_daemon_thread(read, "restore-indexes")
 
     def forget(self, partitions: Iterable[Partition]) -> None:
         """Drop the partitions' checkpoints and indexes (read again when next needed)."""
@@ -121,7 +86,7 @@ class SegmentReader:
             for seg in listed:
                 self.owner_of.pop(seg.key, None)
 
-    def _read_checkpoint(self, topic: str, partition: int) -> Index:
+    def _read_checkpoint(self, topic: str, partition: int) -> tuple[layout.Checkpoint, list[layout.SegmentInfo]]:
         cp, listed = layout.read_index(self.storage, self.backup_id, topic, partition)
         return cp or layout.Checkpoint(topic, partition, 0), listed  # never had a record: empty, not missing
 

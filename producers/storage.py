@@ -76,8 +76,6 @@ FILE_CONCURRENCY = 8
 S3_CONCURRENCY = 32
 # stored bytes of the objects a restore or verify fetches ahead and has not used yet (one object always)
 READ_AHEAD_BYTES = 64 * 1024 * 1024
-# partitions whose checkpoints and indexes a restore or verify reads per group: this many per storage call at once
-PARTITIONS_AHEAD_PER_CALL = 4
 
 
 class FileBackend:

@@ -24,15 +24,14 @@ into ``kafka_backup_last_verified_timestamp_seconds`` and
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import sys
 import time
-from concurrent.futures import Future
 from typing import TextIO
 
 from kafka_backup.producers import layout
+from kafka_backup.producers.index_groups import in_groups
 from kafka_backup.producers.run import (
     Job,
     JobFailed,
@@ -42,21 +41,12 @@ from kafka_backup.producers.run import (
     Reporter,
     run_reporting,
 )
-from kafka_backup.producers.storage import (
-    PARTITIONS_AHEAD_PER_CALL,
-    READ_AHEAD_BYTES,
-    Missing,
-    OpReport,
-    Storage,
-    StorageError,
-)
-from kafka_backup.producers.threads import ReadAhead, in_daemon_thread
+from kafka_backup.producers.storage import READ_AHEAD_BYTES, Missing, OpReport, Storage, StorageError
+from kafka_backup.producers.threads import ReadAhead
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import TelemetryConfig, VerifyConfig
 
 log = logging.getLogger("kafka_backup.verify")
-
-Index = tuple[layout.Checkpoint | None, list[layout.SegmentInfo]]  # a partition's checkpoint and its segments
 
 
 class VerifyFailed(JobFailed):
@@ -101,20 +91,15 @@ class VerifyWorker(Job):
     def work(self) -> None:
         manifest = layout.read_manifest(self.storage, self.backup_id, "verify", self.cfg.storage)
         partitions = [(topic, p) for topic, count in sorted(manifest.topics.items()) for p in range(count)]
-        # The partitions' checkpoints and indexes are read a group at a time, the storage's concurrency at once,
-        # the next group while this one's segments are checked; the segments are fetched ahead in the order
-        # checked, across partitions. Only two groups' indexes are held (a backup's every index at once could
-        # be millions of segments). An error (a garbled checkpoint, storage trouble) is met in partition order.
-        size = PARTITIONS_AHEAD_PER_CALL * self.storage.concurrency
-        groups = [partitions[i:i + size] for i in range(0, len(partitions), size)]
-        reading = self._read_indexes(groups[0]) if groups else None
-        for n, group in enumerate(groups):
-            assert reading is not None
-            indexes = reading.result()
-            reading = self._read_indexes(groups[n + 1]) if n + 1 < len(groups) else None
+        # The partitions' checkpoints and indexes are read a group at a time (index_groups: the next group
+        # while this one's segments are checked, two groups within a bound however long the backup); the
+        # segments are fetched ahead in the order checked, across partitions. An error (a garbled
+        # checkpoint, storage trouble) is met in partition order.
+        for group in in_groups(self.storage, self.backup_id, partitions, "verify-indexes"):
+            indexes = [read for _, read in group if read is not None]  # none is held: each was read
             self.ahead.extend(seg for read in itertools.takewhile(lambda r: r.exception() is None, indexes)
                               for seg in read.result()[1])
-            for (topic, partition), read in zip(group, indexes, strict=True):
+            for ((topic, partition), _), read in zip(group, indexes, strict=True):
                 self._partition(topic, partition, *read.result())
         self.complete = True
         if self.bad or self.gaps:
@@ -143,13 +128,6 @@ class VerifyWorker(Job):
             self.storage.put(layout.verification_key(self.backup_id), layout.encode(doc), "manifest")
         except StorageError as err:
             log.warning("could not record the verdict in %s: %s", layout.verification_key(self.backup_id), err)
-
-    def _read_indexes(self, group: list[tuple[str, int]]) -> Future[list[Future[Index]]]:
-        """Start reading ``group``'s checkpoints and indexes (``layout.read_index``), the storage's
-        concurrency at a time."""
-        reads = [(self.storage, self.backup_id, topic, partition) for topic, partition in group]
-        return in_daemon_thread(functools.partial(self.storage.at_once, layout.read_index, reads,
-                                                  "verify-checkpoints"), "verify-indexes")
 
     def _partition(self, topic: str, partition: int, cp: layout.Checkpoint | None,
                    listed: list[layout.SegmentInfo]) -> None:

@@ -170,14 +170,13 @@ class Produced:
 def test_beyond_its_index_budget_a_restore_holds_two_groups_of_indexes_and_restores_the_same(
         tmp_path, monkeypatch, window):
     """A backup of more segments than ``INDEX_HELD_SEGMENTS`` (5; 3 a partition): the scope and the
-    producing each read the partitions' indexes a group at a time, the first group the storage's
-    concurrency (2 partitions), the next ones sized from what the first held (1 partition: two fit in 5
-    segments), each dropped once used while the next is held; every record in scope still reaches its
-    partition, in order, and each segment read is counted checked once (with a window, the edges are
-    read by the scope and again by the producing: nothing is kept decoded here)."""
-    from kafka_backup.producers import restore_reader
+    producing each read the partitions' indexes a group at a time, one partition a group (two would
+    hold more than half of 5), each dropped once used while the next is held; every record in scope
+    still reaches its partition, in order, and each segment read is counted checked once (with a
+    window, the edges are read by the scope and again by the producing: nothing is kept decoded here)."""
+    from kafka_backup.producers import index_groups, restore_reader
 
-    monkeypatch.setattr(restore_reader, "INDEX_HELD_SEGMENTS", 5)
+    monkeypatch.setattr(index_groups, "INDEX_HELD_SEGMENTS", 5)
     monkeypatch.setattr(restore_reader, "PARTIAL_CACHE_BYTES", 0)
     storage = Storage(FileBackend(str(tmp_path), concurrency=2))
     written = write_partitions(storage, "bk", "t", 10, [range(0, 20), range(20, 40), range(40, 60)])
@@ -203,7 +202,7 @@ def test_beyond_its_index_budget_a_restore_holds_two_groups_of_indexes_and_resto
     # each partition's index read by the scope and again by the producing, but the last one's: within the
     # budget, it is still held when the producing starts
     assert reads.count("checkpoint") == 19
-    assert max(held) == 3 and len(worker.reader.checkpoint_of) == 1, "the first group of 2, and the next of 1"
+    assert max(held) == 2 and len(worker.reader.checkpoint_of) == 1, "the group in use and the next one"
     # unbounded: 3 segments a partition, read once; the window misses the first and cuts the other two,
     # which the scope reads to count and the producing reads again
     assert reads.count("segment") == (30 if window[0] is None else 40)
