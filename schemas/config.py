@@ -129,6 +129,10 @@ class BackupConfig(_Section):
     flush_interval_ms: Positive = 5000
     segment_max_records: Positive = 50_000
     segment_max_bytes: Positive = 16 * 1024 * 1024
+    # key + value bytes buffered across all partitions and not yet cut into segments: beyond it the largest
+    # buffers are cut early. Without it a catch-up of many partitions (each fetch a slice of every one)
+    # buffered up to flush_interval_ms of the whole fetch rate, or segment_max_records x the partitions
+    buffer_max_bytes: Positive = 256 * 1024 * 1024
     expected_interval_s: Positive = 26 * 3600  # one-shot: alert when no run succeeded for this long (daily + 2 h)
     recovery_point_objective_s: Positive = 48 * 3600  # alert when the newest stored record is older, while lagging
     # consumer groups whose committed offsets on the backed-up topics are recorded ({backup_id}/groups.json):

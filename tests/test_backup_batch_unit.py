@@ -68,7 +68,7 @@ def test_take_buffers_each_run_of_a_batch_and_skips_partitions_not_owned():
 
     worker = BackupWorker.__new__(BackupWorker)
     worker.cfg = SimpleNamespace(segment_max_records=1000, segment_max_bytes=1 << 30)
-    worker.consumed = {}
+    worker.consumed, worker._buffered_bytes = {}, 0
     mine = PartitionWork("t", 0, 0, None, None, target=None)  # type: ignore[arg-type]
     capped = PartitionWork("t", 2, 0, None, None, target=6)  # type: ignore[arg-type]
     worker.parts = {"t/0": mine, "t/2": capped}
@@ -99,7 +99,7 @@ def test_buffered_records_are_held_encoded_not_as_objects():
 
     worker = BackupWorker.__new__(BackupWorker)
     worker.cfg = SimpleNamespace(segment_max_records=1000, segment_max_bytes=1 << 30)
-    worker.consumed = {}
+    worker.consumed, worker._buffered_bytes = {}, 0
     work = PartitionWork("t", 0, 0, None, None)  # type: ignore[arg-type]
     worker.parts = {"t/0": work}
     value = b"a value no other object holds " + bytes(range(64))
@@ -117,7 +117,7 @@ def test_take_cuts_segments_inside_a_run_where_the_record_or_byte_limit_is_reach
 
     worker = BackupWorker.__new__(BackupWorker)
     worker.cfg = SimpleNamespace(segment_max_records=3, segment_max_bytes=10)
-    worker.consumed = {}
+    worker.consumed, worker._buffered_bytes = {}, 0
     work = PartitionWork("t", 0, 0, None, None)  # type: ignore[arg-type]
     worker.parts = {"t/0": work}
     cuts: list[tuple[list[int], int, int]] = []  # (offsets, buffered bytes, position) at each cut
@@ -170,14 +170,15 @@ class Commits:
         return offsets  # what the consumer returns: each with its error (none here)
 
 
-def sealing_worker(tmp_path, backend):
+def sealing_worker(tmp_path, backend, **config):
     import threading
 
     from kafka_backup.producers.backup import BackupWorker
     from kafka_backup.producers.storage import Storage
     from kafka_backup.schemas.config import BackupConfig
 
-    cfg = BackupConfig(backup_id="b1", topics=["t"], segment_max_records=2, compression="none")
+    cfg = BackupConfig(**{"backup_id": "b1", "topics": ["t"], "segment_max_records": 2, "compression": "none",
+                          **config})
     emitter = SealingEmitter()
     worker = BackupWorker("127.0.0.1:9", cfg, Storage(backend, backoff_s=0), emitter)  # type: ignore[arg-type]
     worker.consumer.close()
@@ -232,6 +233,46 @@ def test_segments_are_sealed_off_the_loop_and_completed_on_it_in_order(tmp_path)
     assert {ident for _, _, ident in emitter.events} == {loop}  # the emitter is the loop thread's alone
     cp = layout.read_checkpoint(Storage(FileBackend(str(tmp_path))), "b1", "t", 0)
     assert cp is not None and cp.next_offset == 6 and worker.parts["t/0"].next_offset == 6
+
+
+def test_beyond_buffer_max_bytes_the_largest_buffers_are_cut_early_and_every_record_is_stored_once(tmp_path):
+    """A catch-up reads a slice of every partition per fetch: four partitions, 10-byte records, 3 of each
+    partition a batch, no record or time limit reached, ``buffer_max_bytes`` 100. After each batch the
+    buffers hold at most 100 bytes together, each cut taking the largest buffer; at the end every
+    partition's segments hold its records, each exactly once, in offset order, and its offset is committed."""
+    from kafka_backup.producers import layout
+    from kafka_backup.producers.storage import FileBackend, Storage
+
+    worker, _emitter, _loop = sealing_worker(tmp_path, FileBackend(str(tmp_path)), segment_max_records=1000,
+                                             buffer_max_bytes=100)
+    for p in range(1, 4):
+        worker._load_partition("t", p, None)
+    cuts: list[tuple[int, int, int]] = []  # partition, its buffered bytes, the largest other buffer's
+    flush = worker._flush
+
+    def recorded(work) -> None:
+        others = max(w.buffer_bytes for w in worker.parts.values() if w is not work)
+        cuts.append((work.partition, work.buffer_bytes, others))
+        flush(work)
+
+    worker._flush = recorded  # type: ignore[method-assign]
+    for batch in range(10):
+        worker._take([FakeMessage("t", p, 3 * batch + i, key=b"k", value=b"v" * 9) for p in range(4) for i in range(3)])
+        worker._flush_largest()
+        held = sum(w.buffer_bytes for w in worker.parts.values())
+        assert worker._buffered_bytes == held and held <= 100, batch
+    assert cuts and all(size >= others for _, size, others in cuts)
+    assert {p for p, _, _ in cuts} == {0, 1, 2, 3}
+    worker._flush_all()
+    storage = Storage(FileBackend(str(tmp_path)))
+    storage.listener = lambda report: None
+    for p in range(4):
+        cp, listed = layout.read_index(storage, "b1", "t", p)
+        offsets = [r.offset for seg in listed
+                   for r in layout.read_segment(storage.get(seg.key, "segment"), seg, "t", p)]
+        assert offsets == list(range(30)) and cp is not None and cp.next_offset == 30, p
+    assert {(t, p): o for t, p, o in worker.consumer.offsets} == {("t", p): 30 for p in range(4)}  # the last of each
+    assert worker._buffered_bytes == 0
 
 
 def test_a_commit_a_partition_refuses_is_reported_and_retried_for_that_partition_alone(tmp_path, monkeypatch):
