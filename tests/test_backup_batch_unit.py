@@ -275,6 +275,21 @@ def test_beyond_buffer_max_bytes_the_largest_buffers_are_cut_early_and_every_rec
     assert worker._buffered_bytes == 0
 
 
+def test_a_revoked_partition_s_buffer_leaves_the_buffered_total(tmp_path):
+    """A revocation drops the partition's unflushed records (its next owner reads them again from the
+    checkpoint): they no longer count against ``buffer_max_bytes``."""
+    from confluent_kafka import TopicPartition
+
+    from kafka_backup.producers.storage import FileBackend
+
+    worker, _emitter, _loop = sealing_worker(tmp_path, FileBackend(str(tmp_path)), segment_max_records=1000)
+    worker._load_partition("t", 1, None)
+    worker._take([FakeMessage("t", p, o, key=b"k", value=b"v" * 9) for p in range(2) for o in range(5)])
+    assert worker._buffered_bytes == 100
+    worker._on_revoke(worker.consumer, [TopicPartition("t", 1)])
+    assert worker._buffered_bytes == 50 and list(worker.parts) == ["t/0"]
+
+
 def test_a_commit_a_partition_refuses_is_reported_and_retried_for_that_partition_alone(tmp_path, monkeypatch):
     """Two partitions' segments complete in one cycle: one commit request for both. The broker
     refuses partition 1 (a partition-level error in the reply): partition 0's offset is reported
