@@ -49,7 +49,7 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka.admin import AdminClient
 
 from kafka_backup.producers import group_offsets, layout, segments, topic_configs
 from kafka_backup.producers.run import Job, JobFailed, JobInterrupted, Outcome, run_reporting
@@ -57,6 +57,7 @@ from kafka_backup.producers.segment_reports import PartitionReports, SegmentRepo
 from kafka_backup.producers.storage import OpReport, Storage, StorageError
 from kafka_backup.producers.telemetry import Emitter, classify_kafka_error
 from kafka_backup.producers.threads import in_daemon_thread
+from kafka_backup.producers.watermarks import watermarks
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import BackupConfig, ConfigError, TelemetryConfig
 from kafka_backup.schemas.kafka_admin import arrived, client_config, close_admin
@@ -67,23 +68,6 @@ log = logging.getLogger("kafka_backup.backup")
 CONFIRM_WAIT_S = 10.0  # at the end of a run, how long to resend lost reports and wait for acknowledgements
 SEALING_MAX_BYTES = 32 * 1024 * 1024  # records handed to them and not completed yet, unless one segment: memory
 GROUPS_READING_WAIT_S = 20.0  # at the end: how long a reading of consumer groups under way may finish
-
-
-def watermarks(admin: AdminClient, partitions: list[tuple[str, int]],
-               timeout: float = 10) -> dict[tuple[str, int], tuple[int, int]]:
-    """Each partition's oldest offset and high watermark, asked in two requests a broker (earliest and
-    latest, at once) where ``Consumer.get_watermark_offsets`` made a round trip a partition, one after
-    the other: 128 partitions, 128 round trips at every start and assignment. A failure raises the
-    partition's ``KafkaException``, as that call did."""
-    if not partitions:
-        return {}
-
-    def ask(spec: OffsetSpec) -> dict[TopicPartition, Future]:
-        return admin.list_offsets({TopicPartition(t, p): spec for t, p in partitions}, request_timeout=timeout)
-
-    earliest, latest = ask(OffsetSpec.earliest()), ask(OffsetSpec.latest())
-    low = {(tp.topic, tp.partition): f.result().offset for tp, f in earliest.items()}
-    return {(tp.topic, tp.partition): (low[tp.topic, tp.partition], f.result().offset) for tp, f in latest.items()}
 
 
 class BackupFailed(JobFailed):

@@ -175,11 +175,13 @@ class RestoreWorker(Job):
             self.checkpoint = cp
             # a finished partition gets no more of our records: whatever follows them is not ours to check
             unfinished = {(cur.topic, cur.partition): cur for cur in cp.partitions if cur.restored < cur.records}
+            ends = self.targets.high_watermarks([(cur.target_topic, cur.partition) for cur in unfinished.values()])
             for group in self.reader.in_groups(list(unfinished)):
                 for tp in group:
                     cur = unfinished[tp]
                     found = self.targets.reconcile(cur, self.reader.records(cur, cur.next_offset),
-                                                   lambda r: record_headers(r, cp.offset_header))
+                                                   lambda r: record_headers(r, cp.offset_header),
+                                                   ends[cur.target_topic, cur.partition])
                     found_bytes = sum(r.size for r in found)
                     cp.restored_total += len(found)
                     cp.restored_bytes += found_bytes
@@ -196,8 +198,9 @@ class RestoreWorker(Job):
             cp = self.scope(mapping, counts, limits)
             self.targets.check_limits(cp, limits)
             self.targets.create(missing, mapping, manifest)
+            ends = self.targets.high_watermarks([(cur.target_topic, cur.partition) for cur in cp.partitions])
             for cur in cp.partitions:
-                cur.target_base = cur.target_next = self.targets.high_watermark(cur.target_topic, cur.partition)
+                cur.target_base = cur.target_next = ends[cur.target_topic, cur.partition]
             self.checkpoint = cp
             self._write_checkpoint()  # before the first record: a crash from here on is resumable exactly
         self._emit_started()

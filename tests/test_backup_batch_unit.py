@@ -521,7 +521,7 @@ def test_watermarks_are_asked_in_two_requests_not_one_a_partition():
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import OffsetSpec
 
-    from kafka_backup.producers.backup import watermarks
+    from kafka_backup.producers.watermarks import high_watermarks, watermarks
 
     earliest = type(OffsetSpec.earliest())
 
@@ -550,6 +550,8 @@ def test_watermarks_are_asked_in_two_requests_not_one_a_partition():
                                              ("b", 0): (10, 1000)}
     assert admin.asked == [("earliest", partitions, 10), ("latest", partitions, 10)]
     assert watermarks(admin, []) == {} and len(admin.asked) == 2  # nothing to ask: no request
+    assert high_watermarks(admin, partitions) == {("a", 0): 1000, ("a", 1): 1001, ("a", 2): 1002, ("b", 0): 1000}
+    assert admin.asked[2:] == [("latest", partitions, 10)]  # one request, the ends only
     with pytest.raises(KafkaException) as err:
         watermarks(Admin(failing=1), partitions)
     assert err.value.args[0].code() == KafkaError.NOT_LEADER_FOR_PARTITION

@@ -227,6 +227,45 @@ def test_within_its_index_budget_a_restore_reads_each_index_once_and_counts_each
     assert worker.reader.checked == 6
 
 
+def test_a_restore_asks_its_targets_ends_in_one_request_and_again_while_a_new_topic_is_not_served(monkeypatch):
+    """Every target partition's end in one request (a round trip a partition before); a just-created
+    topic may not be served yet: the request is made again (up to five times), then its error raised."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    from kafka_backup.producers import restore_targets
+    from kafka_backup.producers.restore_targets import Targets
+
+    class Admin:
+        def __init__(self, unknown_for: int) -> None:
+            self.requests: list[list[tuple[str, int]]] = []
+            self.unknown_for = unknown_for
+
+        def list_offsets(self, request, request_timeout):
+            self.requests.append([(tp.topic, tp.partition) for tp in request])
+            answers = {}
+            for tp in request:
+                answers[tp] = future = Future()
+                if len(self.requests) <= self.unknown_for:
+                    future.set_exception(KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)))
+                else:
+                    future.set_result(SimpleNamespace(offset=100 + tp.partition))
+            return answers
+
+    monkeypatch.setattr(restore_targets.time, "sleep", lambda s: None)
+    targets = Targets.__new__(Targets)
+    targets.admin = Admin(unknown_for=2)  # type: ignore[assignment]
+    partitions = [("t2", p) for p in range(4)]
+    assert targets.high_watermarks(partitions) == {("t2", p): 100 + p for p in range(4)}
+    assert targets.admin.requests == [partitions] * 3  # type: ignore[union-attr]
+    targets.admin = Admin(unknown_for=5)  # type: ignore[assignment]
+    with pytest.raises(KafkaException) as err:
+        targets.high_watermarks(partitions)
+    assert err.value.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART and len(targets.admin.requests) == 5
+
+
 def test_offset_reset_needs_exactly_one_target():
     assert target_of(OffsetResetConfig(group="g", topics=["t"], to_timestamp=0)) == "to_timestamp"
     # an empty --to-timestamp is no time: it used to count as the target and reach the broker as offset None
