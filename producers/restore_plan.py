@@ -129,7 +129,10 @@ def run_dry(bootstrap: str, rcfg: RestoreConfig, storage: Storage, out: TextIO |
     """``restore --dry-run``: print the plan; exit 1 when the real restore would refuse to start."""
     out = out or sys.stdout
     worker = RestoreWorker(bootstrap, rcfg, storage, NullEmitter())
-    plan = plan_restore(worker)
+    try:
+        plan = plan_restore(worker)
+    finally:
+        worker.targets.close()  # its clients, while the interpreter is whole
     w = out.write
     w(f"dry run of restore {worker.id!r} of backup {worker.backup_id!r}: nothing is written\n")
     if plan.resume:

@@ -59,7 +59,7 @@ class Targets:
         self.cfg = cfg
         self.emitter = emitter
         self.reader = PartitionReader(bootstrap, f"kafka-backup-restore.{cfg.restore_id}")
-        self.admin: AdminClient | None = None  # for the targets' ends, made when first needed
+        self.admin: AdminClient | None = None  # made when first needed (_admin)
 
     def _error(self, error_type: str, message: str) -> None:
         self.emitter.emit(ev.ErrorRaised, error_type=error_type, transient=False, operation="produce",
@@ -70,7 +70,7 @@ class Targets:
 
         Returns the missing targets with the partition count to create them with.
         """
-        md = AdminClient(client_config(self.bootstrap)).list_topics(timeout=15)
+        md = self._admin().list_topics(timeout=15)
         missing: dict[str, int] = {}
         for source, target in mapping.items():
             topic = md.topics.get(target)
@@ -108,7 +108,7 @@ class Targets:
             missing.update(unknown)
         existing = [t for t in mapping.values() if t not in missing]
         try:
-            described = topic_configs.describe(AdminClient(client_config(self.bootstrap)), existing)
+            described = topic_configs.describe(self._admin(), existing)
         except KafkaException as err:
             message = f"cannot read the configuration of target topics {', '.join(existing)}: {err.args[0].str()}"
             self._error("retention", message)
@@ -164,7 +164,7 @@ class Targets:
             snap = recorded.get(source_of.get(target, ""))
             return NewTopic(target, partitions, config=dict(snap.configs) if snap else {})
 
-        admin = AdminClient(client_config(self.bootstrap))
+        admin = self._admin()
         futures = admin.create_topics([new_topic(t, n) for t, n in missing.items()], operation_timeout=15)
         for name, fut in futures.items():
             try:
@@ -195,6 +195,8 @@ class Targets:
         raise last
 
     def _admin(self) -> AdminClient:
+        """One admin client for the run's every question to the target cluster (each new client is new
+        connections, and a TLS and SASL handshake on a secured cluster); closed by :meth:`close`."""
         if self.admin is None:
             self.admin = AdminClient(client_config(self.bootstrap))
         return self.admin
