@@ -269,7 +269,7 @@ class RestoreWorker(Job):
                 self.reader.plan((cur, cur.next_offset) for cur in curs)  # their segments, read ahead in order
                 for cur in curs:
                     writer.restore_partition(cur, self.reader.records(cur, cur.next_offset))
-            writer.checkpoint_progress()  # the partitions done since the last checkpoint (at their end, on its cadence)
+            writer.finish()  # every partition acknowledged, then checkpointed
         except RestoreInterrupted:
             raise RestoreInterrupted(f"stopped at {cp.restored_total} of {cp.total_records} records; run "
                                      f"again with --restore-id {self.id} to resume") from None

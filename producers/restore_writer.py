@@ -5,11 +5,15 @@ other (up to ``MAX_IN_FLIGHT`` records unacknowledged); the acknowledged prefix
 of a partition's batches is then written to the restore checkpoint every
 ``CHECKPOINT_EVERY_S`` or ``CHECKPOINT_EVERY_BYTES`` (every batch with a rate
 limit), before stopping or failing, and at the end of the run, followed by one
-``RestoreProgress``. The end of a partition waits for its acknowledgements but
-checkpoints only on that cadence: one storage round trip a partition made a
-restore of 128 partitions from S3 wait 128 of them; a crash before the next
-checkpoint is resumed by reconciling the targets, as anywhere between two. A
-rate limit (:class:`Pacer`) holds ``rate_limit`` records/s over the run.
+``RestoreProgress``. The end of a partition waits neither for its
+acknowledgements nor for a checkpoint: they are claimed while the next
+partitions are produced (waiting drained the producer at every partition's end
+while the main thread, which reads and decodes the segments, stood idle; a
+checkpoint a partition made a restore of 128 partitions from S3 wait 128
+storage round trips). A stop or a failure waits for what was sent, of every
+partition, and checkpoints it at once; a crash before the next checkpoint is
+resumed by reconciling the targets, as anywhere between two. A rate limit
+(:class:`Pacer`) holds ``rate_limit`` records/s over the run.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from kafka_backup.schemas.signing import ProducedHeaders
 
 CHECKPOINT_EVERY_S = 1.0  # acknowledged batches are checkpointed at least this often ...
 CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024  # ... or after this many key+value bytes
-MAX_IN_FLIGHT = 50_000  # records produced but not yet acknowledged, per partition
+MAX_IN_FLIGHT = 50_000  # records produced but not yet acknowledged
 RATE_SLICE_S = 0.25  # with a rate limit, a batch holds at most this many seconds' worth of records
 
 
@@ -115,6 +119,9 @@ class Writer:
         if cfg.rate_limit:
             self.batch_size = max(1, min(cfg.batch_records, int(cfg.rate_limit * RATE_SLICE_S)))
         self.in_flight = 0  # records produced, not yet acknowledged
+        # the partitions with batches not claimed yet, oldest first, each with its batches in order
+        self.open: list[tuple[layout.RestoreCursor, deque[Flight]]] = []
+        self.sending: deque[Flight] | None = None  # the batches of the partition being produced
         self.unreported = [0, 0]  # records and bytes claimed since the last checkpoint
         self.checkpointed_at = time.monotonic()
         self._producer: Producer | None = None
@@ -136,7 +143,12 @@ class Writer:
         return record_headers(r, self.checkpoint.offset_header)
 
     def restore_partition(self, cur: layout.RestoreCursor, records: Iterator[segments.StoredRecord]) -> None:
+        """Produce the partition's records in batches; return once they are sent, not acknowledged (see
+        :meth:`finish`). A stop or a failure returns once what was sent, of every partition, is
+        acknowledged and checkpointed."""
         flights: deque[Flight] = deque()
+        self.open.append((cur, flights))
+        self.sending = flights
         batch: list[segments.StoredRecord] = []
         done = False
         try:
@@ -156,12 +168,26 @@ class Writer:
             if batch:
                 self._send(cur, batch, flights)
             done = True
-        finally:  # stopping, failing or done: what was sent is acknowledged; then checkpointed, when done on
-            self._settle(cur, flights, wait=True)  # the cadence (the run's end writes the last checkpoint)
+        finally:  # done: what is acknowledged is claimed, checkpointed on the cadence; stopping or failing:
+            self.sending = None  # what was sent is acknowledged, claimed and checkpointed at once
             if done:
+                self._settle_open(wait=False)
                 self._checkpoint_if_due()
             else:
+                self._settle_open(wait=True)
                 self.checkpoint_progress()
+
+    def finish(self) -> None:
+        """The run's end: every partition's batches acknowledged and claimed, then checkpointed."""
+        self._settle_open(wait=True)
+        self.checkpoint_progress()
+
+    def _settle_open(self, wait: bool) -> None:
+        """Claim each open partition's acknowledged batches, in order (with ``wait``, all of them)."""
+        for cur, flights in list(self.open):
+            self._settle(cur, flights, wait)
+        # a partition leaves once all its batches are claimed and no more are to come
+        self.open = [(cur, flights) for cur, flights in self.open if flights or flights is self.sending]
 
     def _send(self, cur: layout.RestoreCursor, batch: list[segments.StoredRecord], flights: deque[Flight]) -> None:
         """Produce a batch without waiting for it; settle the batches before it that are acknowledged."""
@@ -183,11 +209,11 @@ class Writer:
         self.producer.poll(0)
         # paced (rate limit): each batch is acknowledged and claimed before the next is due, as progress
         # should move with the pace; unpaced: batches stay in flight
-        self._settle(cur, flights, wait=bool(self.cfg.rate_limit))
+        self._settle_open(wait=bool(self.cfg.rate_limit))
         while self.in_flight > MAX_IN_FLIGHT:
             self.producer.poll(0.1)
             self.emitter.poll()
-            self._settle(cur, flights, wait=False)
+            self._settle_open(wait=False)
 
     def _settle(self, cur: layout.RestoreCursor, flights: deque[Flight], wait: bool) -> None:
         """Claim the acknowledged batches at the front, in order (with ``wait``, all of them)."""

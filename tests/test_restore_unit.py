@@ -162,7 +162,7 @@ class Produced:
         self.records[cur.partition] = list(records)
         cur.restored = cur.records
 
-    def checkpoint_progress(self) -> None:
+    def finish(self) -> None:
         pass
 
 
@@ -437,9 +437,9 @@ def test_the_restore_s_partitions_are_read_ahead_as_one_sequence(tmp_path):
 
 
 def test_a_finished_partition_is_checkpointed_on_the_cadence_and_a_stopped_one_at_once(tmp_path, monkeypatch):
-    """Each partition's batches are acknowledged before the next partition starts; the checkpoint (a
-    storage round trip) is written on its cadence, not at every partition's end, and always for what
-    a stop leaves (then the run ends, and the restore's end writes the rest)."""
+    """A partition's batches are claimed as they are acknowledged; the checkpoint (a storage round trip)
+    is written on its cadence, not at every partition's end, and always for what a stop leaves (then
+    the run ends, and the restore's end writes the rest)."""
     import io
     import threading
 
@@ -494,6 +494,83 @@ def test_a_finished_partition_is_checkpointed_on_the_cadence_and_a_stopped_one_a
         writer.restore_partition(cp.partitions[2], records(2))
     assert saves == [3, 4]  # a stop writes what is acknowledged at once: partition 1's last batch
     assert [f["restored_total"] for e, f in writer.emitter.events if e == "RestoreProgress"] == [3, 4]
+
+
+class AckedOnFlush:
+    """A producer whose records are acknowledged only by a flush (a broker still working through them),
+    each at its partition's next offset."""
+
+    def __init__(self) -> None:
+        self.queued: list = []
+        self.next: dict[int, int] = {}
+        self.flushes = 0
+
+    def produce(self, topic, value, key, partition, timestamp, headers, on_delivery):
+        self.queued.append((partition, on_delivery))
+
+    def poll(self, timeout=0):
+        return 0
+
+    def flush(self, timeout=0):
+        self.flushes += 1
+        queued, self.queued = self.queued, []
+        for partition, on_delivery in queued:
+            offset = self.next.get(partition, 0)
+            self.next[partition] = offset + 1
+            on_delivery(None, type("Msg", (), {"offset": lambda self, o=offset: o})())
+        return 0
+
+
+def pipelined_writer(partitions: int):
+    import io
+    import threading
+
+    from kafka_backup.producers.restore_writer import Pacer, Writer
+
+    saves: list[int] = []
+    cp = layout.RestoreCheckpoint("r", "bk", {"t": "t2"}, 2 * partitions)
+    cp.partitions = [layout.RestoreCursor("t", p, "t2", end_offset=2, records=2) for p in range(partitions)]
+    stopping = threading.Event()
+    writer = Writer("127.0.0.1:1", RestoreConfig(restore_id="r", backup_id="bk", batch_records=1), cp, Events(),
+                    Pacer(0, stopping), lambda: saves.append(cp.restored_total), lambda err: None, io.StringIO())
+    writer._producer = AckedOnFlush()  # type: ignore[assignment]
+    return writer, cp, saves, stopping
+
+
+def two_records():
+    from kafka_backup.producers.segments import StoredRecord
+
+    return iter([StoredRecord(o, 1, 1, None, b"v") for o in range(2)])
+
+
+def test_a_partition_s_end_does_not_wait_for_its_acknowledgements_the_run_s_end_does():
+    """The next partition is produced while the broker still works through the last one's batches (a
+    wait at each partition's end drained the producer while the segments' reading and decoding stood
+    still); the run's end waits for every partition, claims each batch at its exact target offsets,
+    and checkpoints once."""
+    writer, cp, saves, _stopping = pipelined_writer(3)
+    for cur in cp.partitions:
+        writer.restore_partition(cur, two_records())
+    assert [c.restored for c in cp.partitions] == [0, 0, 0] and writer.producer.flushes == 0  # type: ignore[attr-defined]
+    assert writer.in_flight == 6 and len(writer.open) == 3
+    writer.finish()
+    assert [(c.restored, c.next_offset, c.target_next) for c in cp.partitions] == [(2, 2, 2)] * 3
+    assert saves == [6] and writer.in_flight == 0 and writer.open == []
+    assert [f["restored_total"] for e, f in writer.emitter.events if e == "RestoreProgress"] == [6]
+
+
+def test_a_stop_waits_for_what_every_partition_sent_and_checkpoints_it():
+    """Partition 0 sent, not acknowledged; a stop as partition 1 starts: partition 0's batches are
+    acknowledged, claimed and checkpointed before the stop goes on."""
+    from kafka_backup.producers.restore_scope import RestoreInterrupted
+
+    writer, cp, saves, stopping = pipelined_writer(2)
+    writer.restore_partition(cp.partitions[0], two_records())
+    assert cp.partitions[0].restored == 0
+    stopping.set()
+    with pytest.raises(RestoreInterrupted):
+        writer.restore_partition(cp.partitions[1], two_records())
+    assert (cp.partitions[0].restored, cp.partitions[1].restored) == (2, 0) and saves == [2]
 
 
 @pytest.mark.e2e  # a fresh interpreter: whether tqdm gets imported
