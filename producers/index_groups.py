@@ -65,8 +65,8 @@ def _group(storage: Storage, backup_id: str, candidates: list[Partition], name: 
     has those read for an earlier group and left out of it), then the chosen ones' index chunks. Also
     the checkpoints read and left out, for the next group."""
     todo = [tp for tp in candidates if not held(tp) and tp not in heads]
-    heads = {**heads, **dict(zip(todo, storage.at_once(_checkpoint, [(storage, backup_id, *tp) for tp in todo], name),
-                                 strict=True))}
+    checkpoints = storage.at_once(layout.read_checkpoint, [(storage, backup_id, *tp, True) for tp in todo], name)
+    heads = {**heads, **dict(zip(todo, checkpoints, strict=True))}
     chosen: list[Partition] = []
     total = 0
     for tp in candidates:
@@ -78,18 +78,10 @@ def _group(storage: Storage, backup_id: str, candidates: list[Partition], name: 
         chosen.append(tp)
         total += count
     indexed = [tp for tp in chosen if tp in heads and _value(heads[tp]) is not None]
-    listed = dict(zip(indexed, storage.at_once(_segments, [(storage, backup_id, heads[tp].result())
-                                                           for tp in indexed], name), strict=True))
+    listed = dict(zip(indexed, storage.at_once(layout.indexed_segments, [(storage, backup_id, heads[tp].result())
+                                                                         for tp in indexed], name), strict=True))
     reads: Reads = [(tp, None if tp not in heads else _index(heads.pop(tp), listed.get(tp))) for tp in chosen]
     return reads, heads
-
-
-def _checkpoint(storage: Storage, backup_id: str, topic: str, partition: int) -> layout.Checkpoint | None:
-    return layout.read_checkpoint(storage, backup_id, topic, partition, report=True)
-
-
-def _segments(storage: Storage, backup_id: str, cp: layout.Checkpoint) -> list[layout.SegmentInfo]:
-    return layout.all_segments(cp, lambda key: storage.get(key, "index"), backup_id)
 
 
 def _value(read: Future[Any]) -> Any:

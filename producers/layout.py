@@ -482,7 +482,12 @@ def read_index(storage: Storage, backup_id: str, topic: str, partition: int) -> 
     cp = read_checkpoint(storage, backup_id, topic, partition, report=True)
     if cp is None:
         return None, []
-    return cp, all_segments(cp, lambda key: storage.get(key, "index"), backup_id)
+    return cp, indexed_segments(storage, backup_id, cp)
+
+
+def indexed_segments(storage: Storage, backup_id: str, cp: Checkpoint) -> list[SegmentInfo]:
+    """Every segment ``cp`` names, its sealed index chunks read (reported as ``index``): :func:`all_segments`."""
+    return all_segments(cp, lambda key: storage.get(key, "index"), backup_id)
 
 def read_segment(data: bytes, seg: SegmentInfo, topic: str, partition: int) -> list[segments.StoredRecord]:
     """The segment's records, after proving the object is the one the index names.

@@ -174,11 +174,10 @@ class RestoreWorker(Job):
             self.targets.create(missing, mapping, manifest)
             self.checkpoint = cp
             # a finished partition gets no more of our records: whatever follows them is not ours to check
-            unfinished = {(cur.topic, cur.partition): cur for cur in cp.partitions if cur.restored < cur.records}
-            ends = self.targets.high_watermarks([(cur.target_topic, cur.partition) for cur in unfinished.values()])
-            for group in self.reader.in_groups(list(unfinished)):
-                for tp in group:
-                    cur = unfinished[tp]
+            unfinished = [cur for cur in cp.partitions if cur.restored < cur.records]
+            ends = self.targets.high_watermarks([(cur.target_topic, cur.partition) for cur in unfinished])
+            for group in self.reader.cursors_in_groups(unfinished):
+                for cur in group:
                     found = self.targets.reconcile(cur, self.reader.records(cur, cur.next_offset),
                                                    lambda r: record_headers(r, cp.offset_header),
                                                    ends[cur.target_topic, cur.partition])
@@ -262,12 +261,10 @@ class RestoreWorker(Job):
         cp, writer = self.checkpoint, self.writer
         assert cp is not None and writer is not None
         try:
-            pending = {(cur.topic, cur.partition): cur for cur in cp.partitions if cur.restored < cur.records}
             self.reader.producing = True
-            for group in self.reader.in_groups(list(pending)):
-                curs = [pending[tp] for tp in group]
-                self.reader.plan((cur, cur.next_offset) for cur in curs)  # their segments, read ahead in order
-                for cur in curs:
+            for group in self.reader.cursors_in_groups([cur for cur in cp.partitions if cur.restored < cur.records]):
+                self.reader.plan((cur, cur.next_offset) for cur in group)  # their segments, read ahead in order
+                for cur in group:
                     writer.restore_partition(cur, self.reader.records(cur, cur.next_offset))
             writer.finish()  # every partition acknowledged, then checkpointed
         except RestoreInterrupted:

@@ -81,10 +81,8 @@ def plan_restore(worker: RestoreWorker) -> Plan:
             verdict = ("retention: keeps every record in scope" if not (lim.deleted or lim.refused) else
                        f"retention: would delete {lim.deleted:,} and reject {lim.refused:,} of the records in scope")
             plan.targets.append((target, f"{what}; {verdict}"))
-        cursors = {(cur.topic, cur.partition): cur for cur in cp.partitions}
-        for group in worker.reader.in_groups(list(cursors)):
-            for tp in group:
-                cur = cursors[tp]
+        for group in worker.reader.cursors_in_groups(cp.partitions):
+            for cur in group:
                 plan.rows.append((cur.topic, cur.partition, cur.target_topic, cur.records,
                                   sum(_bytes_in(worker, seg) for seg in worker.reader.segments(cur))))
         remaining = cp.total_records

@@ -58,7 +58,7 @@ class SegmentReader:
         """The partition's checkpoint in the backup, read (with its sealed index chunks) unless held."""
         key = (topic, partition)
         if key not in self.checkpoint_of:
-            self._keep(key, *self._read_checkpoint(topic, partition))
+            self._keep(key, *layout.read_index(self.storage, self.backup_id, topic, partition))
         return self.checkpoint_of[key]
 
     def in_groups(self, partitions: list[Partition]) -> Iterator[list[Partition]]:
@@ -68,14 +68,19 @@ class SegmentReader:
         ``INDEX_HELD_SEGMENTS`` segments are held: within that, each index is read once a run."""
         for reads in in_groups(self.storage, self.backup_id, partitions, "restore-indexes",
                                held=lambda tp: tp in self.checkpoint_of):
-            for (topic, partition), read in reads:
-                if read is not None and (topic, partition) not in self.checkpoint_of:
-                    cp, listed = read.result()
-                    self._keep((topic, partition), cp or layout.Checkpoint(topic, partition, 0), listed)
+            for tp, read in reads:
+                if read is not None and tp not in self.checkpoint_of:
+                    self._keep(tp, *read.result())
             group = [tp for tp, _ in reads]
             yield group
             if self.held_segments > index_groups.INDEX_HELD_SEGMENTS:
                 self.forget(group)
+
+    def cursors_in_groups(self, cursors: list[layout.RestoreCursor]) -> Iterator[list[layout.RestoreCursor]]:
+        """``cursors`` a group at a time, their partitions' indexes held while it is used (:meth:`in_groups`)."""
+        of = {(cur.topic, cur.partition): cur for cur in cursors}
+        for group in self.in_groups(list(of)):
+            yield [of[tp] for tp in group]
 
     def forget(self, partitions: Iterable[Partition]) -> None:
         """Drop the partitions' checkpoints and indexes (read again when next needed)."""
@@ -86,13 +91,9 @@ class SegmentReader:
             for seg in listed:
                 self.owner_of.pop(seg.key, None)
 
-    def _read_checkpoint(self, topic: str, partition: int) -> tuple[layout.Checkpoint, list[layout.SegmentInfo]]:
-        cp, listed = layout.read_index(self.storage, self.backup_id, topic, partition)
-        return cp or layout.Checkpoint(topic, partition, 0), listed  # never had a record: empty, not missing
-
-    def _keep(self, key: Partition, cp: layout.Checkpoint, listed: list[layout.SegmentInfo]) -> None:
+    def _keep(self, key: Partition, cp: layout.Checkpoint | None, listed: list[layout.SegmentInfo]) -> None:
         self.forget([key])
-        self.checkpoint_of[key] = cp
+        self.checkpoint_of[key] = cp or layout.Checkpoint(*key, 0)  # never had a record: empty, not missing
         self.segments_of[key] = sorted(listed, key=lambda s: s.start_offset)
         self.held_segments += len(listed)
         self.owner_of.update((seg.key, key) for seg in listed)

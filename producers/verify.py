@@ -96,10 +96,10 @@ class VerifyWorker(Job):
         # segments are fetched ahead in the order checked, across partitions. An error (a garbled
         # checkpoint, storage trouble) is met in partition order.
         for group in in_groups(self.storage, self.backup_id, partitions, "verify-indexes"):
-            indexes = [read for _, read in group if read is not None]  # none is held: each was read
-            self.ahead.extend(seg for read in itertools.takewhile(lambda r: r.exception() is None, indexes)
+            reads = [(tp, read) for tp, read in group if read is not None]  # verify holds none: each was read
+            self.ahead.extend(seg for _, read in itertools.takewhile(lambda r: r[1].exception() is None, reads)
                               for seg in read.result()[1])
-            for ((topic, partition), _), read in zip(group, indexes, strict=True):
+            for (topic, partition), read in reads:
                 self._partition(topic, partition, *read.result())
         self.complete = True
         if self.bad or self.gaps:
