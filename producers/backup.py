@@ -5,8 +5,9 @@ it (the commit point), then the consumer-group offset commit. Only after the
 checkpoint is written is a ``SegmentStored`` event emitted, so
 ``kafka_backup_records_total`` counts only what a restore can read back. The
 checkpoint also records how far those events were acknowledged by the
-telemetry cluster, so the next worker reports again what a killed one may have
-lost, and the total catches up with the checkpoint.
+telemetry cluster when it was written, so the next worker reports again what a
+killed one may have lost (and, routinely, the last segments of the run before,
+acknowledged after their checkpoint), and the total catches up with the checkpoint.
 
 One poll cycle (``poll_interval_ms``) = one ``consume()`` batch and one
 ``Progress`` event carrying every assigned partition: few, dense events keep
@@ -119,6 +120,7 @@ class PartitionWork:
     sealed_checkpoint: layout.Checkpoint = field(init=False)
     sealed_next: int = field(init=False)
     sealing: Future[Sealed] | None = None  # the loop's: its last segment handed to the sealing threads
+    stored: bool = False  # the loop's: a segment of this run completed (its checkpoint carries the reported mark)
 
     def __post_init__(self) -> None:
         self.sealed_checkpoint, self.sealed_next = self.checkpoint, self.next_offset
@@ -265,16 +267,14 @@ class BackupWorker(Job):
         partitions = [(topic, p) for topic, n in counts.items() for p in range(n)]
         checkpoints = self._read_checkpoints(partitions)
         marks = watermarks(admin, partitions)
-        for topic, n in counts.items():
-            for p in range(n):
-                work = self._load_partition(topic, p, checkpoints[topic, p])
-                low, high = marks[topic, p]
-                work.target = work.high_watermark = high
-                # An explicit offset, not OFFSET_BEGINNING: resolving "beginning" raced with
-                # fresh data on the dev broker and could land at the end, skipping records.
-                resume = self._resume_offset(work, low)
-                work.position = resume
-                assignment.append(TopicPartition(topic, p, resume))
+        for work in self._load_partitions(checkpoints):
+            low, high = marks[work.topic, work.partition]
+            work.target = work.high_watermark = high
+            # An explicit offset, not OFFSET_BEGINNING: resolving "beginning" raced with
+            # fresh data on the dev broker and could land at the end, skipping records.
+            resume = self._resume_offset(work, low)
+            work.position = resume
+            assignment.append(TopicPartition(work.topic, work.partition, resume))
         self.consumer.assign(assignment)
 
     def _read_checkpoints(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], layout.Checkpoint | None]:
@@ -284,22 +284,28 @@ class BackupWorker(Job):
                                      "checkpoints")
         return {tp: read.result() for tp, read in zip(partitions, reads, strict=True)}
 
-    def _load_partition(self, topic: str, partition: int, cp: layout.Checkpoint | None) -> PartitionWork:
-        """``cp``: the partition's checkpoint as read from storage (None: it never had a record)."""
-        cp = cp or layout.Checkpoint(topic, partition, 0)
-        work = PartitionWork(topic, partition, cp.next_offset, cp,
-                             PartitionReports(topic, partition, cp.reported_offset))
-        work.newest_stored_ts = cp.max_ts
-        self.parts[work.tp] = work
-        self.reporter.report_unconfirmed(work.reports, cp, self._read_index, self.id)
-        return work
+    def _load_partitions(self, checkpoints: dict[tuple[str, int], layout.Checkpoint | None]) -> list[PartitionWork]:
+        """Each partition's work from its checkpoint as read from storage (None: it never had a record),
+        its unacknowledged reports sent again."""
+        loaded, again = [], 0
+        for (topic, partition), cp in checkpoints.items():
+            cp = cp or layout.Checkpoint(topic, partition, 0)
+            work = PartitionWork(topic, partition, cp.next_offset, cp,
+                                 PartitionReports(topic, partition, cp.reported_offset))
+            work.newest_stored_ts = cp.max_ts
+            self.parts[work.tp] = work
+            again += self.reporter.report_unconfirmed(work.reports, cp, self._read_index, self.id)
+            loaded.append(work)
+        if again:
+            log.info("reporting %d stored segment(s) again, acknowledged after their checkpoint was written or "
+                     "never (a run's last segments, or a killed worker's)", again)
+        return loaded
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         checkpoints = self._read_checkpoints([(tp.topic, tp.partition) for tp in partitions])
         assert self._admin is not None  # made in _start, before the subscription
         marks = watermarks(self._admin, [(tp.topic, tp.partition) for tp in partitions])
-        for tp in partitions:
-            work = self._load_partition(tp.topic, tp.partition, checkpoints[tp.topic, tp.partition])
+        for tp, work in zip(partitions, self._load_partitions(checkpoints), strict=True):
             tp.offset = self._resume_offset(work, marks[tp.topic, tp.partition][0])
         consumer.assign(partitions)
         self.emitter.emit(ev.Rebalance, assigned=[f"{tp.topic}/{tp.partition}" for tp in partitions])
@@ -548,7 +554,7 @@ class BackupWorker(Job):
                     raise sealed.error
                 work, info = sealed.work, sealed.info
                 assert info is not None and sealed.head is not None
-                work.checkpoint, work.next_offset = sealed.head, info.end_offset
+                work.checkpoint, work.next_offset, work.stored = sealed.head, info.end_offset, True
                 work.newest_stored_ts = max(work.newest_stored_ts or 0, info.max_ts or 0)
                 self.reporter.report(work.reports, info, sealed.covers_from)
                 self._uncommitted[work.tp] = work
@@ -560,16 +566,24 @@ class BackupWorker(Job):
             self._commit()
 
     def _save_confirmations(self) -> None:
-        """At the end of a run, record in each checkpoint how far its reports were acknowledged.
+        """At the end of a run, wait for the reports to be acknowledged, then record how far they were
+        in the checkpoints of the partitions that stored nothing in this run.
 
-        Otherwise the next run would report the last segments again (harmless, deduplicated,
-        but a run with nothing new to back up would never move the mark). A failed run
-        leaves its checkpoints as they are.
+        A partition that stored a segment in this run keeps its checkpoint as sealed: its reported
+        mark trails by the segments whose acknowledgement came after their checkpoint (normally the
+        last), and its next run reports those again (the aggregator counts an offset range once) and
+        moves the mark with its first segment. Rewriting every checkpoint at the end of every run
+        cost two fsyncs and a new file a partition, or a PUT each on S3, for what the next run
+        carries anyway. A partition that stored nothing has no later segment to carry the mark: its
+        checkpoint is rewritten once the reports sent again (``report_unconfirmed``) are acknowledged,
+        so a run with nothing new moves the mark, and the run after it reports nothing again.
+        A failed run leaves its checkpoints as they are.
         """
         self.reporter.confirm(CONFIRM_WAIT_S)
         moved = [(work, msgspec.structs.replace(work.checkpoint, reported_offset=work.reports.reported_offset))
                  for work in self.parts.values()
-                 if work.reports.reported_offset > work.checkpoint.reported_offset and work.checkpoint.segment_count]
+                 if not work.stored and work.checkpoint.segment_count
+                 and work.reports.reported_offset > work.checkpoint.reported_offset]
         if not moved:
             return
         writes = zip([work for work, _ in moved], self.storage.at_once(self._write_checkpoint, moved, "confirm"),

@@ -118,9 +118,11 @@ class Checkpoint(msgspec.Struct):
     newest sealed chunk (``None`` before the first). In layout 1 ``segments`` held every segment.
 
     ``reported_offset``: the telemetry cluster acknowledged the ``SegmentStored``
-    event of every segment ending at or below it. A worker that loads the checkpoint
-    reports the segments above it again: their events may have died with a killed
-    worker's in-memory queue (the aggregator counts an offset range once).
+    event of every segment ending at or below it, when the checkpoint was written. A
+    worker that loads the checkpoint reports the segments above it again: their events
+    may have died with a killed worker's in-memory queue, or (routinely: a run does not
+    rewrite the checkpoints it stored segments in) been acknowledged after it was written.
+    The aggregator counts an offset range once.
     """
 
     topic: TopicName

@@ -70,13 +70,15 @@ class SegmentReporter:
                           max_ts=info.max_ts, covers_from=covers_from)
 
     def report_unconfirmed(self, reports: PartitionReports, cp: layout.Checkpoint,
-                           read_index: Callable[[str], bytes], backup_id: str) -> None:
-        """Report again the checkpointed segments whose SegmentStored was never acknowledged.
+                           read_index: Callable[[str], bytes], backup_id: str) -> int:
+        """Report again the checkpointed segments whose SegmentStored was not acknowledged when the
+        checkpoint was written; return how many.
 
         A killed worker loses the events still in its producer queue, though their segments
         are durable; without this, ``records_total`` would stay short of the checkpoint for
         good. Normally this is the last segment of the previous run (its acknowledgement came
-        after its checkpoint was written); the aggregator counts an offset range once.
+        after its checkpoint was written, and a run does not rewrite the checkpoints it stored
+        segments in); the aggregator counts an offset range once.
         """
         listed = list(cp.segments)
         for chunk in layout.chunks(cp, read_index, backup_id, stop_below=reports.reported_offset):
@@ -89,10 +91,11 @@ class SegmentReporter:
                 again.append((covers_from, info))
             previous_end = info.end_offset
         if again:
-            log.info("%s: reporting %d stored segment(s) again, their telemetry was not confirmed",
-                     reports.tp, len(again))
+            log.debug("%s: reporting %d stored segment(s) again, their telemetry was not confirmed",
+                      reports.tp, len(again))
         for covers_from, info in again:
             self.report(reports, info, covers_from)
+        return len(again)
 
     def resend_lost(self, deadline: float = 0.0) -> None:
         """Send again the reports the emitter lost (queue full, telemetry cluster away past the delivery

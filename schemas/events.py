@@ -136,7 +136,9 @@ class SegmentStored(Event, tag="segment_stored"):
     the encoded segment before compression; ``stored_bytes`` the object's size.
     The offset range lets the aggregator count each range once even when the
     same segment is reported twice, or again by a later run of the worker
-    because the first report was never confirmed (a killed worker's queue).
+    because the first report was not acknowledged when its checkpoint was
+    written (routinely a partition's last segment of a run; or a killed
+    worker's queue).
 
     ``covers_from`` is where the segment's share of the partition's offset
     space begins: the checkpoint's next offset before it. It is at or below

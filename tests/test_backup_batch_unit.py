@@ -183,7 +183,7 @@ def sealing_worker(tmp_path, backend, **config):
     worker = BackupWorker("127.0.0.1:9", cfg, Storage(backend, backoff_s=0), emitter)  # type: ignore[arg-type]
     worker.consumer.close()
     worker.consumer = Commits()  # type: ignore[assignment]
-    worker._load_partition("t", 0, None)
+    worker._load_partitions({("t", 0): None})
     return worker, emitter, threading.get_ident()
 
 
@@ -246,7 +246,7 @@ def test_beyond_buffer_max_bytes_the_largest_buffers_are_cut_early_and_every_rec
     worker, _emitter, _loop = sealing_worker(tmp_path, FileBackend(str(tmp_path)), segment_max_records=1000,
                                              buffer_max_bytes=100)
     for p in range(1, 4):
-        worker._load_partition("t", p, None)
+        worker._load_partitions({("t", p): None})
     cuts: list[tuple[int, int, int]] = []  # partition, its buffered bytes, the largest other buffer's
     flush = worker._flush
 
@@ -283,7 +283,7 @@ def test_a_revoked_partition_s_buffer_leaves_the_buffered_total(tmp_path):
     from kafka_backup.producers.storage import FileBackend
 
     worker, _emitter, _loop = sealing_worker(tmp_path, FileBackend(str(tmp_path)), segment_max_records=1000)
-    worker._load_partition("t", 1, None)
+    worker._load_partitions({("t", 1): None})
     worker._take([FakeMessage("t", p, o, key=b"k", value=b"v" * 9) for p in range(2) for o in range(5)])
     assert worker._buffered_bytes == 100
     worker._on_revoke(worker.consumer, [TopicPartition("t", 1)])
@@ -321,7 +321,7 @@ def test_a_commit_a_partition_refuses_is_reported_and_retried_for_that_partition
                                     error=refused if tp.partition in answer else None) for tp in offsets]
 
     worker, emitter, _loop = sealing_worker(tmp_path, FileBackend(str(tmp_path)))
-    worker._load_partition("t", 1, None)
+    worker._load_partitions({("t", 1): None})
     worker.consumer = Refusing([{1}, set()])  # type: ignore[assignment]
     worker._take([FakeMessage("t", p, o) for p in range(2) for o in range(2)])
     worker._flush_all()
@@ -364,7 +364,7 @@ def test_while_the_loop_runs_completed_partitions_are_committed_at_most_once_a_p
     monkeypatch.setattr(backup, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=lambda s: None))
     worker, emitter, _loop = sealing_worker(tmp_path, FileBackend(str(tmp_path)))
     for p in (1, 2, 3):
-        worker._load_partition("t", p, None)
+        worker._load_partitions({("t", p): None})
 
     def loop_pass(at: float, partition: int | None = None) -> list[list[tuple[str, int, int]]]:
         """A pass of the fetch loop at ``at``, in which ``partition``'s segment (two records) is cut
@@ -449,7 +449,7 @@ def test_segments_of_different_partitions_are_sealed_at_once_and_each_partition_
 
     worker, emitter, _loop = sealing_worker(tmp_path, Together(str(tmp_path)))
     for p in range(1, 4):
-        worker._load_partition("t", p, None)
+        worker._load_partitions({("t", p): None})
     worker._take([FakeMessage("t", p, o) for p in range(4) for o in range(4)])  # cut at 2 records each
     worker._flush_all()
     for p in range(4):
@@ -501,7 +501,7 @@ def test_the_storage_s_concurrency_is_how_many_segments_are_sealed_and_checkpoin
     worker, _emitter, _loop = sealing_worker(tmp_path, Three(str(tmp_path), concurrency=3))
     assert worker._read_checkpoints([("t", p) for p in range(6)]) == {("t", p): None for p in range(6)}
     for p in range(1, 6):
-        worker._load_partition("t", p, None)
+        worker._load_partitions({("t", p): None})
     worker._take([FakeMessage("t", p, o) for p in range(6) for o in range(2)])  # a segment each
     worker._flush_all()
     assert under_way == {"get": [0, 3], "put": [0, 3]}
@@ -581,3 +581,63 @@ def test_checkpoints_are_read_several_at_a_time_each_for_its_own_partition(tmp_p
     assert {tp: (cp.topic, cp.partition, cp.next_offset) for tp, cp in found.items() if cp} == {
         ("t", p): ("t", p, 100 + p) for p in range(4)}
     assert worker._read_checkpoints([("t", 9), ("t", 8)]) == {("t", 9): None, ("t", 8): None}
+
+
+class Acknowledging(SealingEmitter):
+    """A telemetry cluster that acknowledges every event as it is sent (the end of a run waits on it)."""
+
+    def emit(self, event_type, on_delivered=None, **fields) -> None:
+        super().emit(event_type, on_delivered, **fields)
+        if on_delivered is not None:
+            on_delivered(True)
+
+    def flush(self, timeout: float) -> None:
+        pass
+
+    def room(self) -> int:
+        return 1000
+
+
+def test_a_run_rewrites_only_the_checkpoints_it_stored_nothing_in_with_the_acknowledged_mark(tmp_path):
+    """Run 1 stores two segments in partition 0 and none in partition 1 (a checkpoint of an earlier run,
+    whose report was acknowledged after it was written): partition 0's checkpoint stays as sealed (its mark
+    trails its last segment, which the next run reports again), partition 1's is rewritten with the mark.
+    Run 2, nothing new: it reports partition 0's unacknowledged segment again, then records the mark. Run 3
+    reports nothing again and writes nothing."""
+    from kafka_backup.producers import layout
+    from kafka_backup.producers.storage import FileBackend, Storage
+
+    store = Storage(FileBackend(str(tmp_path)))
+    old = layout.SegmentInfo(key=layout.segment_key("b1", "t", 1, 0, "none"), start_offset=0, end_offset=5,
+                             records=5, bytes=50, uncompressed_bytes=80, stored_bytes=80, algorithm="none",
+                             covers_from=0)
+    store.put(old.key, b"x" * 80, "segment")
+    store.put(layout.checkpoint_key("b1", "t", 1), layout.encode(layout.append("b1", layout.Checkpoint("t", 1, 0),
+                                                                                old, 0)[0]), "checkpoint")
+
+    def run(records: int) -> tuple[list[tuple[str, int, int]], list[str]]:
+        backend = Recording(str(tmp_path))
+        worker, _emitter, _loop = sealing_worker(tmp_path, backend)
+        worker.emitter = worker.reporter.emitter = Acknowledging()
+        worker.parts.clear()
+        worker._load_partitions(worker._read_checkpoints([("t", 0), ("t", 1)]))
+        worker._take([FakeMessage("t", 0, o) for o in range(records)])
+        worker._flush_all()
+        worker._save_confirmations()
+        reported = [(f["partition"], f["start_offset"], f["end_offset"]) for name, f, _ in worker.emitter.events
+                    if name == "SegmentStored"]
+        return reported, [key for key, _ in backend.puts if key.endswith("checkpoint.json")]
+
+    def marks() -> list[tuple[int, int]]:
+        cps = [layout.read_checkpoint(store, "b1", "t", p) for p in (0, 1)]
+        return [(cp.next_offset, cp.reported_offset) for cp in cps if cp is not None]
+
+    reported, rewritten = run(4)
+    assert reported == [(1, 0, 5), (0, 0, 2), (0, 2, 4)]
+    assert rewritten == ["checkpoint.json", "checkpoint.json", "b1/topics/t/1/checkpoint.json"]  # 2 seals, 1 mark
+    (next0, mark0), (next1, mark1) = marks()
+    assert next0 == 4 and mark0 in (0, 2) and (next1, mark1) == (5, 5)
+    reported, rewritten = run(0)
+    assert reported == [(0, s, e) for s, e in ((0, 2), (2, 4)) if e > mark0]
+    assert rewritten == ["checkpoint.json"] and marks() == [(4, 4), (5, 5)]
+    assert run(0) == ([], [])
