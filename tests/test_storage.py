@@ -227,6 +227,33 @@ def test_a_file_put_syncs_the_file_then_its_name_and_the_directories_it_created(
     assert (tmp_path / "bk/topics/t/0/checkpoint.json").read_bytes() == b"{\"v\": 2}"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names synced files through /proc")
+def test_a_file_put_remakes_a_directory_removed_behind_its_back_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """The backend remembers the directories it made durable (no stat a write): one removed since (a
+    cleanup of the store while a worker runs) is made again. A write that fails (EIO at the file's
+    sync) leaves no temporary file behind and is a failed write."""
+    import shutil
+
+    backend = FileBackend(str(tmp_path))
+    backend.put("bk/topics/t/0/a.seg", b"one")
+    shutil.rmtree(tmp_path / "bk")
+    backend.put("bk/topics/t/0/b.seg", b"two")
+    assert sorted(os.listdir(tmp_path / "bk/topics/t/0")) == ["b.seg"]
+    assert backend.get("bk/topics/t/0/b.seg") == b"two"
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if not os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StorageError) as err:
+        backend.put("bk/topics/t/0/c.seg", b"three")
+    assert err.value.error_type == "unknown" and "c.seg" in str(err.value)
+    assert sorted(os.listdir(tmp_path / "bk/topics/t/0")) == ["b.seg"]
+
+
 @pytest.mark.parametrize("code, fails", [(errno.EINVAL, False), (errno.ENOTSUP, False), (errno.EIO, True)])
 def test_a_filesystem_that_cannot_sync_a_directory_still_takes_writes_but_a_failing_one_does_not(
         tmp_path, monkeypatch, code, fails):
