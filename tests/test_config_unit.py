@@ -99,7 +99,7 @@ def test_each_command_shows_its_own_settings_only():
 def test_raw_properties_reach_every_client_and_the_aggregator_or_are_refused(tmp_path):
     (tmp_path / "client.properties").write_text("# as for kafka-consumer-groups --command-config\n"
                                                 "sasl.username=from-file\nsasl.password=pw\n"
-                                                "socket.keepalive.enable=true\n")
+                                                "socket.keepalive.enable=true\nreconnect.backoff.ms=100\n")
     cfg = load(None, {"kafka.properties": {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-256"},
                       "kafka.properties_file": str(tmp_path / "client.properties")}, environ={})
     sec = kafka_admin.source_security(cfg.kafka)  # the credentials in the file satisfy the SASL check
@@ -107,6 +107,7 @@ def test_raw_properties_reach_every_client_and_the_aggregator_or_are_refused(tmp
     conf = kafka_admin.client_config("props:9092", **{"group.id": "g"})
     assert (conf["security.protocol"], conf["sasl.mechanism"], conf["sasl.username"], conf["socket.keepalive.enable"],
             conf["group.id"]) == ("SASL_PLAINTEXT", "SCRAM-SHA-256", "from-file", "true", "g")
+    assert conf["reconnect.backoff.ms"] == "100"  # a raw property wins over our default (20)
     creds = faust_credentials(sec)
     assert (creds.username, creds.password, str(creds.mechanism.value)) == ("from-file", "pw", "SCRAM-SHA-256")
 

@@ -20,14 +20,15 @@ def test_source_and_telemetry_clusters_get_their_own_settings():
     kafka_admin.register(cfg.kafka.telemetry_bootstrap_servers, kafka_admin.telemetry_security(cfg.kafka))
     src = kafka_admin.client_config("src:9093", **{"group.id": "g"})
     assert src.pop("logger") is kafka_admin.LIBRDKAFKA_LOGGER  # librdkafka's lines go through Python logging
-    assert src == {"bootstrap.servers": "src:9093", "security.protocol": "sasl_ssl",
+    assert src == {"bootstrap.servers": "src:9093", "reconnect.backoff.ms": 20, "security.protocol": "sasl_ssl",
                    "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "backup", "sasl.password": "pw",
                    "group.id": "g"}
     tele = kafka_admin.client_config("tele:9092")
     assert tele["security.protocol"] == "sasl_plaintext"
     # a separate telemetry cluster does not inherit the source's mechanism or credentials
     assert (tele["sasl.mechanism"], tele["sasl.username"]) == ("PLAIN", "tele")
-    assert kafka_admin.client_config("other:1") == {"bootstrap.servers": "other:1", "security.protocol": "plaintext",
+    assert kafka_admin.client_config("other:1") == {"bootstrap.servers": "other:1", "reconnect.backoff.ms": 20,
+                                                    "security.protocol": "plaintext",
                                                     "logger": kafka_admin.LIBRDKAFKA_LOGGER}
 
 
