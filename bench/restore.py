@@ -4,7 +4,9 @@ Fills a topic and backs it up (zstd, file storage), then alternates, ``repeats``
 
 * ``bare``: one process producing the same records (key, value, one header, same
   partitions) from memory with an idempotent producer (``linger.ms`` 5, as the restore), one
-  ``flush()`` at the end: the ceiling of any restore;
+  ``flush()`` at the end: the ceiling of any restore. Like ours, it is connected to a named broker
+  before its first send (two metadata requests): made and sent to at once, an idempotent producer
+  holds its records until its producer-id timer fires, 0.5-1.0 s later;
 * ``bare-dr``: the same producer with a delivery report per record that keeps its offset (what a
   restore that resumes exactly once needs: which records landed, and where): librdkafka then
   hands Python a message object per record, a cost no such restore can skip;
@@ -40,7 +42,10 @@ admin = AdminClient({"bootstrap.servers": bootstrap})
 admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(15)
 records = [(b"key-%d" % i, b"value-%d-" % i + b"x" * (150 + i % 100), i % partitions, [("h", b"%d" % (i % 7))])
            for i in range(n)]  # what bench.backup.fill wrote
-p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5,
+              "reconnect.backoff.ms": 20})
+for _ in range(2):  # connected to a named broker before the first send, as ours is (kafka_admin.connect_producer)
+    p.list_topics(topic, timeout=10)
 offsets = []
 report = (lambda err, msg: offsets.append(msg.offset())) if sys.argv[5] == "dr" else None
 for key, value, part, headers in records:

@@ -33,7 +33,7 @@ from kafka_backup.producers.storage import StorageError
 from kafka_backup.producers.telemetry import classify_kafka_error
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import RestoreConfig
-from kafka_backup.schemas.kafka_admin import client_config
+from kafka_backup.schemas.kafka_admin import client_config, connect_producer
 from kafka_backup.schemas.signing import ProducedHeaders
 
 CHECKPOINT_EVERY_S = 1.0  # acknowledged batches are checkpointed at least this often ...
@@ -195,6 +195,8 @@ class Writer:
         flight = Flight(batch)
         flights.append(flight)
         self.in_flight += len(batch)
+        if self._producer is None:  # the first batch: the producer made, and connected before it sends
+            connect_producer(self.producer, cur.target_topic)
         produce, delivered = self.producer.produce, flight.delivered
         topic, partition = cur.target_topic, cur.partition
         for r in batch:

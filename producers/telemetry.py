@@ -39,7 +39,7 @@ from kafka_backup.producers.storage import OpReport, StorageError
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas import logs, signing
 from kafka_backup.schemas.config import TelemetryConfig
-from kafka_backup.schemas.kafka_admin import client_config, ensure_telemetry_topic
+from kafka_backup.schemas.kafka_admin import client_config, connect_producer, ensure_telemetry_topic
 
 log = logging.getLogger("kafka_backup.telemetry")
 
@@ -149,22 +149,10 @@ class Emitter:
             self._readers.start()
 
     def _connect_early(self) -> None:
-        """Connect the producer to a broker now, so its producer id is there by its first send.
-
-        The idempotent producer sends nothing before it holds a producer id, and asks for one only
-        of a broker it is connected to. It connects first to the bootstrap address and drops that
-        connection once metadata names the brokers; with sparse connections it then connects to a
-        named broker only on its id timer, 0.5-1.0 s after it was made: a short run (a small topic)
-        spent that long at its end waiting for its events to be delivered. A second metadata
-        request connects a named broker at once, and the id follows within milliseconds.
-        In a thread of its own: a telemetry cluster that does not answer delays nothing.
-        """
-        for _ in range(2):
-            try:
-                self._producer.list_topics(self.topic, timeout=10)
-            except KafkaException as err:
-                log.debug("telemetry: no early connection (%s)", err)
-                return
+        """In a thread of its own (``connect_producer``): a telemetry cluster that does not answer
+        delays nothing; a short run (a small topic) spent 0.5-1.0 s at its end without it, waiting for
+        its events to be delivered."""
+        connect_producer(self._producer, self.topic)
 
     def emit(self, event_type: type[ev.Event], on_delivered: Callable[[bool], None] | None = None,
              **fields: Any) -> None:

@@ -69,6 +69,7 @@ class Security(msgspec.Struct, frozen=True):
 # librdkafka's own log lines (connection failures, ...) go through this logger, so they get the
 # process's log format (text or JSON) instead of librdkafka's own lines on stderr.
 LIBRDKAFKA_LOGGER = logging.getLogger("librdkafka")
+log = logging.getLogger("kafka_backup.kafka")
 
 
 _REGISTRY: dict[str, Security] = {}
@@ -171,6 +172,26 @@ def arrived(consumer: Any, most: int, timeout: float) -> list[Any]:
     if first is None:
         return []
     return [first, *consumer.consume(most - 1, 0)] if most > 1 else [first]
+
+
+def connect_producer(producer: Any, topic: str, timeout: float = 10.0) -> bool:
+    """Connect an idempotent producer to a broker now, so its producer id is there by its first send;
+    whether it answered.
+
+    The idempotent producer sends nothing before it holds a producer id, and asks for one only of a
+    broker it is connected to. It connects first to the bootstrap address and drops that connection
+    once metadata names the brokers; with sparse connections it then connects to a named broker only
+    on its id timer, 0.5-1.0 s after it was made (a record produced at once was acknowledged after
+    503 ms). A second metadata request connects a named broker at once, and the id follows within
+    milliseconds (14 ms in all with ``RECONNECT_BACKOFF_MS``). A cluster that does not answer is no
+    failure here: the producer's own retries take over."""
+    for _ in range(2):
+        try:
+            producer.list_topics(topic, timeout=timeout)
+        except KafkaException as err:
+            log.debug("producer: no early connection (%s)", err)
+            return False
+    return True
 
 
 def serve_logs(client: Any) -> None:

@@ -601,3 +601,55 @@ print(type(bar).__name__, "restore r:  30%" in term.getvalue())
 '''
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:2] == ["NoBar False", "tqdm True"]
+
+
+def test_the_restore_producer_is_connected_to_a_named_broker_before_its_first_send(monkeypatch):
+    """An idempotent producer holds its first records until it has a producer id, which it asks only
+    of a connected broker: made and sent to at once, its first record was acknowledged 0.5 s later
+    (the id timer), 14 ms with two metadata requests first (``kafka_admin.connect_producer``). The
+    writer makes them before its first batch, once; a cluster that does not answer them is left to
+    the producer's own retries."""
+    import io
+    import threading
+    from collections import deque
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    from kafka_backup.producers import restore_writer
+    from kafka_backup.producers.restore_writer import Pacer, Writer
+    from kafka_backup.producers.segments import StoredRecord
+    from kafka_backup.schemas import kafka_admin
+
+    calls: list[tuple] = []
+
+    class Recorded:
+        answering = True
+
+        def __init__(self, conf) -> None:
+            assert conf["enable.idempotence"] is True
+            calls.append(("made",))
+
+        def list_topics(self, topic=None, timeout=-1):
+            calls.append(("metadata", topic))
+            if not self.answering:
+                raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+        def produce(self, topic, value, key, partition, timestamp, headers, on_delivery):
+            calls.append(("produce", topic))
+
+        def poll(self, timeout=0):
+            return 0
+
+    monkeypatch.setattr(restore_writer, "Producer", Recorded)
+    cp = layout.RestoreCheckpoint("r", "bk", {"t": "t2"}, 6)
+    cur = layout.RestoreCursor("t", 0, "t2", end_offset=4, records=4)
+    writer = Writer("127.0.0.1:1", RestoreConfig(restore_id="r", backup_id="bk", batch_records=2), cp, Events(),
+                    Pacer(0, threading.Event()), lambda: None, lambda err: None, io.StringIO())
+    flights: deque = deque()
+    for start in (0, 2):
+        writer._send(cur, [StoredRecord(o, 1, 1, None, b"v") for o in (start, start + 1)], flights)
+    assert calls == [("made",), ("metadata", "t2"), ("metadata", "t2")] + [("produce", "t2")] * 4
+    Recorded.answering = False
+    calls.clear()
+    assert kafka_admin.connect_producer(Recorded({"enable.idempotence": True}), "t2", timeout=0.1) is False
+    assert calls == [("made",), ("metadata", "t2")]  # the first unanswered request ends it
