@@ -65,12 +65,14 @@ def precompiled() -> None:
                    check=True, stdout=subprocess.DEVNULL)
 
 
-def timed(cmd: list[str], log_path: str) -> dict[str, float]:
-    """Run ``cmd`` to completion: wall seconds and the process's CPU seconds (user + system)."""
+def timed(cmd: list[str], log_path: str, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Run ``cmd`` to completion (in ``env``, else this process's environment): wall seconds and the
+    process's CPU seconds (user + system)."""
     precompiled()
     with open(log_path, "ab") as log:
         start = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.monotonic() - start
     code = os.waitstatus_to_exitcode(status)
