@@ -9,6 +9,7 @@ without seeing each other's data.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -73,6 +74,16 @@ def pytest_configure(config):
         real_init(self, args, *rest, **kwargs)
 
     subprocess.Popen.__init__ = guarded_init
+
+
+@pytest.fixture(autouse=True)
+def _collector_as_it_was():
+    """A job run in the test's own process (``run.collect_rarely``) freezes what exists and raises the
+    collector's threshold for the whole process: both put back after the test."""
+    threshold = gc.get_threshold()
+    yield
+    gc.set_threshold(*threshold)
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -86,3 +86,26 @@ def test_a_programming_error_is_not_a_job_failure():
     with pytest.raises(TypeError):
         job.run()
     assert ended(job) == ("failure", "")
+
+
+def test_a_job_s_loops_run_with_what_exists_frozen_and_young_objects_collected_rarely(monkeypatch):
+    """The backup collects rarely from its fetch loop on (run.collect_rarely): its loop runs with the
+    threshold raised and the start-up's objects frozen out of the collector's walks."""
+    import gc
+
+    from kafka_backup.producers import backup, run
+
+    seen: list[tuple[int, int]] = []
+    worker = backup.BackupWorker.__new__(backup.BackupWorker)
+    worker.parts, worker.stopping, worker.cfg = {}, False, None
+    monkeypatch.setattr(worker, "_start", lambda: seen.append((gc.get_threshold()[0], gc.get_freeze_count())))
+    monkeypatch.setattr(worker, "_loop", lambda: seen.append((gc.get_threshold()[0], gc.get_freeze_count())))
+    for step in ("_stop_fetching", "_flush_all", "_record_groups"):
+        monkeypatch.setattr(worker, step, lambda: None)
+    gc.set_threshold(700, 10, 10)
+    gc.unfreeze()
+    worker.work()
+    (before, frozen_before), (during, frozen_during) = seen
+    assert (before, frozen_before) == (700, 0)
+    assert during == run.GC_THRESHOLD > 700 and frozen_during > 0
+    assert gc.get_threshold()[1:] == (10, 10)  # the older generations' thresholds as they were
