@@ -29,6 +29,9 @@ TRANSIENT = frozenset({"timeout", "quota", "unknown"})
 # write to one root: a fleet's workers on a shared mount; O_EXCL refuses a name in use all the same)
 _TMP_TOKEN = secrets.token_hex(6)
 _TMP_SERIAL = itertools.count()
+# a new file, written bytes as they are (O_BINARY: no newline translation where there is one, Windows)
+_NEW_FILE = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_BINARY", 0))
 T = TypeVar("T")
 
 
@@ -131,7 +134,7 @@ class FileBackend:
             _makedirs_durably(directory)
             self._durable_dirs.add(directory)
         tmp = os.path.join(directory, f".tmp-{_TMP_TOKEN}-{next(_TMP_SERIAL)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(tmp, _NEW_FILE, 0o600)
         try:
             try:
                 with memoryview(data) as view:
