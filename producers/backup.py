@@ -53,13 +53,14 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from kafka_backup.producers import group_offsets, layout, segments, topic_configs
-from kafka_backup.producers.run import Job, JobFailed, JobInterrupted, Outcome, collect_rarely, run_reporting
+from kafka_backup.producers.run import Job, JobFailed, JobInterrupted, Outcome, run_reporting
 from kafka_backup.producers.segment_reports import PartitionReports, SegmentReporter
 from kafka_backup.producers.storage import OpReport, Storage, StorageError
 from kafka_backup.producers.telemetry import Emitter, classify_kafka_error
 from kafka_backup.producers.threads import in_daemon_thread
 from kafka_backup.producers.watermarks import watermarks
 from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.collector import collect_rarely
 from kafka_backup.schemas.config import BackupConfig, ConfigError, TelemetryConfig
 from kafka_backup.schemas.kafka_admin import arrived, client_config, close_admin
 from kafka_backup.schemas.topics import AGGREGATOR_APP_ID, consumer_group

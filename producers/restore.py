@@ -78,10 +78,11 @@ from kafka_backup.producers.restore_scope import (
 )
 from kafka_backup.producers.restore_targets import TargetLimits, Targets
 from kafka_backup.producers.restore_writer import Pacer, Writer, record_headers
-from kafka_backup.producers.run import Job, Outcome, Reporter, collect_rarely, run_reporting
+from kafka_backup.producers.run import Job, Outcome, Reporter, run_reporting
 from kafka_backup.producers.storage import OpReport, Storage
 from kafka_backup.producers.telemetry import Emitter
 from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.collector import collect_rarely
 from kafka_backup.schemas.config import ConfigError, RestoreConfig, TelemetryConfig
 from kafka_backup.schemas.topics import AGGREGATOR_APP_ID
 
@@ -123,7 +124,7 @@ class RestoreWorker(Job):
 
     def work(self) -> None:
         self._prepare()
-        collect_rarely()  # the records decoded by the segment are walked no more (run.collect_rarely)
+        collect_rarely()  # the records decoded by the segment are walked no more (schemas/collector.py)
         self._restore_all()
         self._complete()
 

@@ -16,7 +16,6 @@ wait) at the end, saying what was lost.
 
 from __future__ import annotations
 
-import gc
 import logging
 import signal
 import time
@@ -31,27 +30,6 @@ from kafka_backup.schemas import events as ev
 from kafka_backup.schemas.config import ConfigError
 
 log = logging.getLogger("kafka_backup.telemetry")  # where the lost-telemetry line always was
-
-
-# Allocations of container objects between two collections of the youngest generation, while a job's
-# loops run (``collect_rarely``); Python's default is 700.
-GC_THRESHOLD = 20_000
-
-
-def collect_rarely() -> None:
-    """Put what a job has built so far out of the collector's sight, and collect young objects every
-    ``GC_THRESHOLD`` allocations instead of 700.
-
-    The jobs' loops allocate container objects by the thousand, every one freed by its reference count:
-    a backup's fetched messages, their rows and headers lists; a restore's or a verify's decoded records.
-    At the default threshold the collector ran several times a batch, each time walking what the batch
-    still held: 6-9% of a backup's run (bench/alternate.py), and decoding a 50,000-record segment took
-    1,155 ns a record against 438 (its records, alive until the segment is done, walked again and again
-    as they aged through the generations). What lives as long as the process (modules, configuration,
-    clients) is frozen out of the walks. Cyclic garbage, which the loops do not make, is still collected.
-    """
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 class JobFailed(Exception):

@@ -39,12 +39,12 @@ from kafka_backup.producers.run import (
     NullEmitter,
     Outcome,
     Reporter,
-    collect_rarely,
     run_reporting,
 )
 from kafka_backup.producers.storage import READ_AHEAD_BYTES, Missing, OpReport, Storage, StorageError
 from kafka_backup.producers.threads import ReadAhead
 from kafka_backup.schemas import events as ev
+from kafka_backup.schemas.collector import collect_rarely
 from kafka_backup.schemas.config import TelemetryConfig, VerifyConfig
 
 log = logging.getLogger("kafka_backup.verify")
@@ -90,7 +90,7 @@ class VerifyWorker(Job):
         self.emitter.emit(ev.JobStarted, backend=self.storage.name, backup_id=self.backup_id)
 
     def work(self) -> None:
-        collect_rarely()  # the records decoded by the segment are walked no more (run.collect_rarely)
+        collect_rarely()  # the records decoded by the segment are walked no more (schemas/collector.py)
         manifest = layout.read_manifest(self.storage, self.backup_id, "verify", self.cfg.storage)
         partitions = [(topic, p) for topic, count in sorted(manifest.topics.items()) for p in range(count)]
         # The partitions' checkpoints and indexes are read a group at a time (index_groups: the next group

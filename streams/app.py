@@ -36,6 +36,7 @@ from faust.types.auth import CredentialsT
 
 from kafka_backup.schemas import events as ev
 from kafka_backup.schemas import logs, signing
+from kafka_backup.schemas.collector import collect_rarely
 from kafka_backup.schemas.config import Config, ConfigError
 from kafka_backup.schemas.kafka_admin import (
     Security,
@@ -459,4 +460,5 @@ def run(cfg: Config, logging_config: dict[str, Any] | None = None) -> None:
                           logging_config=copy.deepcopy(logging_config))  # dictConfig consumes it
     worker.spinner = None  # a terminal spinner's escape codes would garble the shared console of `up`
     recovery_watchdog(app, cfg.aggregator.recovery_stall_s)
+    collect_rarely()  # events and Faust's envelopes by the thousand a second (schemas/collector.py)
     worker.execute_from_commandline()

@@ -78,7 +78,7 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def _collector_as_it_was():
-    """A job run in the test's own process (``run.collect_rarely``) freezes what exists and raises the
+    """A job run in the test's own process (``schemas.collector.collect_rarely``) freezes what exists and raises the
     collector's threshold for the whole process: both put back after the test."""
     threshold = gc.get_threshold()
     yield

@@ -89,11 +89,12 @@ def test_a_programming_error_is_not_a_job_failure():
 
 
 def test_a_job_s_loops_run_with_what_exists_frozen_and_young_objects_collected_rarely(monkeypatch):
-    """The backup collects rarely from its fetch loop on (run.collect_rarely): its loop runs with the
+    """The backup collects rarely from its fetch loop on (schemas.collector.collect_rarely): its loop runs with the
     threshold raised and the start-up's objects frozen out of the collector's walks."""
     import gc
 
-    from kafka_backup.producers import backup, run
+    from kafka_backup.producers import backup
+    from kafka_backup.schemas import collector
 
     seen: list[tuple[int, int]] = []
     worker = backup.BackupWorker.__new__(backup.BackupWorker)
@@ -107,5 +108,5 @@ def test_a_job_s_loops_run_with_what_exists_frozen_and_young_objects_collected_r
     worker.work()
     (before, frozen_before), (during, frozen_during) = seen
     assert (before, frozen_before) == (700, 0)
-    assert during == run.GC_THRESHOLD > 700 and frozen_during > 0
+    assert during == collector.GC_THRESHOLD > 700 and frozen_during > 0
     assert gc.get_threshold()[1:] == (10, 10)  # the older generations' thresholds as they were
