@@ -143,16 +143,14 @@ class Emitter:
                 "error_cb": self._on_error,
             },
         ))
-        threading.Thread(target=self._connect_early, name="telemetry-connect", daemon=True).start()
+        # its producer id there by its first send (kafka_admin.connect_producer: else a short run spent 0.5-1.0 s
+        # at its end waiting for its events to be delivered); in a thread of its own, so that a telemetry
+        # cluster that does not answer delays nothing
+        threading.Thread(target=connect_producer, args=(self._producer, self.topic), name="telemetry-connect",
+                         daemon=True).start()
         if tcfg.batch_events == "auto" and aggregator_group:
             self._readers = BatchReaders(bootstrap_servers, aggregator_group, self._set_batching)
             self._readers.start()
-
-    def _connect_early(self) -> None:
-        """In a thread of its own (``connect_producer``): a telemetry cluster that does not answer
-        delays nothing; a short run (a small topic) spent 0.5-1.0 s at its end without it, waiting for
-        its events to be delivered."""
-        connect_producer(self._producer, self.topic)
 
     def emit(self, event_type: type[ev.Event], on_delivered: Callable[[bool], None] | None = None,
              **fields: Any) -> None:
